@@ -1,0 +1,763 @@
+//! Batches and jobs: submission, queries, and every state transition.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use flowfarm_core::{JobState, ResolvedJob, Transition};
+use sqlx::postgres::PgRow;
+use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
+use uuid::Uuid;
+
+use crate::rows::{labels_from_json, parse_state, JobResultRow, JOB_COLUMNS};
+use crate::{BatchRow, EventRow, JobCounts, JobRow, ModelStats, PgStore, QueuePause, StoreError};
+
+/// A batch about to be stored.
+#[derive(Debug, Clone)]
+pub struct NewBatch {
+    pub submitter: String,
+    pub idempotency_key: Option<String>,
+    /// Hash of the canonical request: equal requests give equal hashes.
+    pub content_hash: Vec<u8>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// What [`PgStore::submit_batch`] did.
+#[derive(Debug, Clone)]
+pub struct SubmitOutcome {
+    pub batch: BatchRow,
+    /// False when the idempotency key matched an earlier, identical batch.
+    pub created: bool,
+}
+
+/// Which jobs an operation applies to.
+#[derive(Debug, Clone)]
+pub enum JobSelector {
+    Ids(Vec<Uuid>),
+    Batch(Uuid),
+}
+
+/// ListJobs filters; `None` or empty matches everything.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub batch_id: Option<Uuid>,
+    pub states: Vec<JobState>,
+    /// (key, value): jobs whose labels hold that pair.
+    pub label: Option<(String, String)>,
+    pub model: Option<String>,
+}
+
+/// One report's identity: the job, the attempt it is about, and the worker.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fence {
+    job_id: Uuid,
+    attempt: u32,
+    worker_id: Uuid,
+}
+
+/// A state change applied to every selected row in one statement, with one
+/// `job_events` row per job moved.
+struct Move<'a> {
+    transition: Transition,
+    actor: &'a str,
+    reason: &'a str,
+}
+
+impl Move<'_> {
+    /// Runs the move. `select` appends the WHERE conditions (after `AND`),
+    /// `set` appends extra `, column = value` assignments, `tail` appends
+    /// ORDER BY / LIMIT for the target scan.
+    async fn run(
+        &self,
+        conn: &mut PgConnection,
+        select: impl FnOnce(&mut QueryBuilder<'_, Postgres>),
+        set: impl FnOnce(&mut QueryBuilder<'_, Postgres>),
+        tail: &str,
+        skip_locked: bool,
+    ) -> Result<Vec<JobRow>, StoreError> {
+        let from: Vec<&str> = self.transition.from_states().iter().map(|s| s.as_str()).collect();
+        let to = self.transition.to_state().as_str();
+        let mut qb = QueryBuilder::new("WITH target AS (SELECT id, state AS from_state FROM jobs WHERE state = ANY(");
+        qb.push_bind(from).push(") AND ");
+        select(&mut qb);
+        qb.push(" ").push(tail).push(" FOR UPDATE");
+        if skip_locked {
+            qb.push(" SKIP LOCKED");
+        }
+        qb.push("), upd AS (UPDATE jobs j SET state = ").push_bind(to);
+        if self.transition.starts_new_attempt() {
+            qb.push(", attempt = j.attempt + 1, progress_step = 0");
+        }
+        qb.push(", updated_at = now()");
+        set(&mut qb);
+        qb.push(" FROM target t WHERE j.id = t.id RETURNING j.*, t.from_state), ev AS (");
+        qb.push("INSERT INTO job_events (job_id, batch_id, from_state, to_state, attempt, actor, reason) ");
+        qb.push("SELECT id, batch_id, from_state, state, attempt, ").push_bind(self.actor.to_owned());
+        qb.push(", ").push_bind(self.reason.to_owned()).push(" FROM upd) SELECT ");
+        qb.push(JOB_COLUMNS).push(" FROM upd ORDER BY id");
+        let rows = qb.build().fetch_all(&mut *conn).await?;
+        rows.iter().map(JobRow::from_row).collect()
+    }
+}
+
+fn push_selector(qb: &mut QueryBuilder<'_, Postgres>, selector: &JobSelector) {
+    match selector {
+        JobSelector::Ids(ids) => qb.push("id = ANY(").push_bind(ids.clone()).push(")"),
+        JobSelector::Batch(batch) => qb.push("batch_id = ").push_bind(*batch),
+    };
+}
+
+fn push_fence(qb: &mut QueryBuilder<'_, Postgres>, fence: Fence) {
+    qb.push("id = ").push_bind(fence.job_id);
+    qb.push(" AND attempt = ").push_bind(fence.attempt as i32);
+    qb.push(" AND worker_id = ").push_bind(fence.worker_id);
+}
+
+fn lease_interval(lease: Duration) -> f64 {
+    lease.as_secs_f64()
+}
+
+impl PgStore {
+    /// Stores a batch and all its jobs in one transaction; the jobs and their
+    /// creation events go in one statement (UNNEST over column arrays).
+    ///
+    /// With an idempotency key already used by the same submitter: identical
+    /// content returns the first batch (`created = false`), other content is
+    /// [`StoreError::IdempotencyConflict`]. Nothing is written on error.
+    ///
+    /// # Errors
+    /// [`StoreError::IdempotencyConflict`], or [`StoreError::Database`].
+    pub async fn submit_batch(&self, batch: &NewBatch, jobs: &[ResolvedJob]) -> Result<SubmitOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(key) = &batch.idempotency_key {
+            // Serialises submissions that share a key, so a concurrent replay
+            // waits for the first one and then sees it.
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || E'\\x1f' || $2, 0))")
+                .bind(&batch.submitter)
+                .bind(key)
+                .execute(&mut *tx)
+                .await?;
+            let existing = sqlx::query("SELECT id, content_hash FROM batches WHERE submitter = $1 AND idempotency_key = $2")
+                .bind(&batch.submitter)
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some(row) = existing {
+                let id: Uuid = row.try_get("id")?;
+                let hash: Vec<u8> = row.try_get("content_hash")?;
+                tx.rollback().await?;
+                if hash != batch.content_hash {
+                    return Err(StoreError::IdempotencyConflict { key: key.clone(), batch_id: id });
+                }
+                let batch = self.get_batch(id).await?;
+                return Ok(SubmitOutcome { batch, created: false });
+            }
+        }
+
+        let batch_id = Uuid::now_v7();
+        sqlx::query(
+            "INSERT INTO batches (id, submitter, idempotency_key, content_hash, labels, total_jobs) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(batch_id)
+        .bind(&batch.submitter)
+        .bind(&batch.idempotency_key)
+        .bind(&batch.content_hash)
+        .bind(serde_json::to_value(&batch.labels).map_err(|e| StoreError::Corrupt(e.to_string()))?)
+        .bind(jobs.len() as i32)
+        .execute(&mut *tx)
+        .await?;
+
+        let n = jobs.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut idx = Vec::with_capacity(n);
+        let (mut model, mut prompt, mut negative) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut width, mut height, mut steps) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut guidance, mut seed, mut shift) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut encoders, mut priority, mut attempts) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut labels = Vec::with_capacity(n);
+        for (i, job) in jobs.iter().enumerate() {
+            ids.push(Uuid::now_v7());
+            idx.push(i as i32);
+            model.push(job.model.as_str());
+            prompt.push(job.prompt.as_str());
+            negative.push(job.negative_prompt.as_str());
+            width.push(job.width as i32);
+            height.push(job.height as i32);
+            steps.push(job.steps as i32);
+            guidance.push(job.guidance);
+            seed.push(job.seed as i64);
+            shift.push(job.shift);
+            encoders.push(job.text_encoders.as_str());
+            priority.push(job.priority);
+            attempts.push(job.max_attempts as i32);
+            labels.push(serde_json::to_string(&job.labels).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        }
+        sqlx::query(
+            "WITH ins AS (
+                INSERT INTO jobs (id, batch_id, idx, model, prompt, negative_prompt, width, height, steps, guidance,
+                                  seed, shift, text_encoders, priority, max_attempts, labels, state)
+                SELECT u.id, $1, u.idx, u.model, u.prompt, u.neg, u.width, u.height, u.steps, u.guidance,
+                       u.seed, u.shift, u.enc, u.priority, u.attempts, u.labels::jsonb, 'queued'
+                FROM UNNEST($2::uuid[], $3::int4[], $4::text[], $5::text[], $6::text[], $7::int4[], $8::int4[],
+                            $9::int4[], $10::float4[], $11::int8[], $12::float8[], $13::text[], $14::int4[],
+                            $15::int4[], $16::text[])
+                     AS u(id, idx, model, prompt, neg, width, height, steps, guidance, seed, shift, enc, priority,
+                          attempts, labels)
+                RETURNING id, attempt
+             )
+             INSERT INTO job_events (job_id, batch_id, from_state, to_state, attempt, actor, reason)
+             SELECT id, $1, NULL, 'queued', attempt, $17, 'submitted' FROM ins",
+        )
+        .bind(batch_id)
+        .bind(&ids)
+        .bind(&idx)
+        .bind(&model)
+        .bind(&prompt)
+        .bind(&negative)
+        .bind(&width)
+        .bind(&height)
+        .bind(&steps)
+        .bind(&guidance)
+        .bind(&seed)
+        .bind(&shift)
+        .bind(&encoders)
+        .bind(&priority)
+        .bind(&attempts)
+        .bind(&labels)
+        .bind(format!("submitter:{}", batch.submitter))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+
+        let batch = self.get_batch(batch_id).await?;
+        Ok(SubmitOutcome { batch, created: true })
+    }
+
+    /// The batch with its per-state counts.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] if there is no such batch.
+    pub async fn get_batch(&self, id: Uuid) -> Result<BatchRow, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, submitter, idempotency_key, labels, total_jobs, created_at FROM batches WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StoreError::NotFound { what: "batch", id })?;
+        let counts = self.batch_counts(id).await?;
+        Ok(BatchRow {
+            id: row.try_get("id")?,
+            submitter: row.try_get("submitter")?,
+            idempotency_key: row.try_get("idempotency_key")?,
+            labels: labels_from_json(row.try_get("labels")?)?,
+            total_jobs: row.try_get::<i32, _>("total_jobs")? as u64,
+            created_at: row.try_get("created_at")?,
+            counts,
+        })
+    }
+
+    /// Jobs of a batch in each state.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn batch_counts(&self, batch_id: Uuid) -> Result<JobCounts, StoreError> {
+        let rows = sqlx::query("SELECT state, count(*) AS n FROM jobs WHERE batch_id = $1 GROUP BY state")
+            .bind(batch_id)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut counts = JobCounts::default();
+        for row in rows {
+            counts.add(parse_state(row.try_get("state")?)?, row.try_get::<i64, _>("n")? as u64);
+        }
+        Ok(counts)
+    }
+
+    /// One job.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] if there is no such job.
+    pub async fn get_job(&self, id: Uuid) -> Result<JobRow, StoreError> {
+        let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NotFound { what: "job", id })?;
+        JobRow::from_row(&row)
+    }
+
+    /// Up to `limit` jobs matching `filter` with ids above `after`, in id order.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn list_jobs(&self, filter: &JobFilter, after: Option<Uuid>, limit: u32) -> Result<Vec<JobRow>, StoreError> {
+        let mut qb = QueryBuilder::new(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE TRUE"));
+        if let Some(batch) = filter.batch_id {
+            qb.push(" AND batch_id = ").push_bind(batch);
+        }
+        if !filter.states.is_empty() {
+            let states: Vec<&str> = filter.states.iter().map(|s| s.as_str()).collect();
+            qb.push(" AND state = ANY(").push_bind(states).push(")");
+        }
+        if let Some((key, value)) = &filter.label {
+            let pair = serde_json::json!({ key: value });
+            qb.push(" AND labels @> ").push_bind(pair);
+        }
+        if let Some(model) = &filter.model {
+            qb.push(" AND model = ").push_bind(model.clone());
+        }
+        if let Some(after) = after {
+            qb.push(" AND id > ").push_bind(after);
+        }
+        qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(limit));
+        let rows = qb.build().fetch_all(&self.pool).await?;
+        rows.iter().map(JobRow::from_row).collect()
+    }
+
+    /// Events of a batch with ids above `after`, oldest first, at most `limit`.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn batch_events(&self, batch_id: Uuid, after: i64, limit: u32) -> Result<Vec<EventRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, job_id, batch_id, from_state, to_state, attempt, actor, reason, at FROM job_events \
+             WHERE batch_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+        )
+        .bind(batch_id)
+        .bind(after)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(EventRow::from_row).collect()
+    }
+
+    /// Every event of one job, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn job_events(&self, job_id: Uuid) -> Result<Vec<EventRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, job_id, batch_id, from_state, to_state, attempt, actor, reason, at FROM job_events \
+             WHERE job_id = $1 ORDER BY id",
+        )
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(EventRow::from_row).collect()
+    }
+
+    /// Cancels the selected jobs that are queued, dispatched or running.
+    /// Returns the jobs cancelled.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn cancel_jobs(&self, selector: &JobSelector, actor: &str, reason: &str) -> Result<Vec<JobRow>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        Move { transition: Transition::Cancel, actor, reason }
+            .run(&mut conn, |qb| push_selector(qb, selector), |qb| { qb.push(", lease_expires_at = NULL"); }, "", false)
+            .await
+    }
+
+    /// Puts failed, cancelled and dead jobs back in the queue with one more
+    /// attempt than they have used.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn retry_jobs(&self, selector: &JobSelector, actor: &str, reason: &str) -> Result<Vec<JobRow>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        Move { transition: Transition::Resubmit, actor, reason }
+            .run(
+                &mut conn,
+                |qb| push_selector(qb, selector),
+                |qb| { qb.push(", max_attempts = GREATEST(j.max_attempts, j.attempt + 1), lease_expires_at = NULL"); },
+                "",
+                false,
+            )
+            .await
+    }
+
+    /// Takes dispatched and running jobs back to the queue (attempt + 1), so
+    /// the old attempt's reports are refused.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn requeue_jobs(&self, selector: &JobSelector, actor: &str, reason: &str) -> Result<Vec<JobRow>, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        Move { transition: Transition::Requeue, actor, reason }
+            .run(
+                &mut conn,
+                |qb| push_selector(qb, selector),
+                |qb| { qb.push(", max_attempts = GREATEST(j.max_attempts, j.attempt + 1), lease_expires_at = NULL"); },
+                "",
+                false,
+            )
+            .await
+    }
+
+    /// Sets the priority of the selected jobs that are still queued; returns how many.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn set_priority(&self, selector: &JobSelector, priority: i32) -> Result<u64, StoreError> {
+        let mut qb = QueryBuilder::new("UPDATE jobs SET priority = ");
+        qb.push_bind(priority).push(", updated_at = now() WHERE state = 'queued' AND ");
+        push_selector(&mut qb, selector);
+        Ok(qb.build().execute(&self.pool).await?.rows_affected())
+    }
+
+    /// Deletes terminal jobs (and, by cascade, their events) that are selected,
+    /// or, without a selector, that were last updated before `older_than`.
+    /// Batches left without jobs are deleted too. Returns the jobs deleted.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn purge_jobs(&self, selector: Option<&JobSelector>, older_than: Option<DateTime<Utc>>) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let mut qb = QueryBuilder::new(
+            "WITH del AS (DELETE FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled', 'dead')",
+        );
+        if let Some(selector) = selector {
+            qb.push(" AND ");
+            push_selector(&mut qb, selector);
+        }
+        if let Some(cutoff) = older_than {
+            qb.push(" AND updated_at < ").push_bind(cutoff);
+        }
+        qb.push(" RETURNING batch_id) SELECT batch_id, count(*) AS n FROM del GROUP BY batch_id");
+        let rows = qb.build().fetch_all(&mut *tx).await?;
+        let mut deleted = 0u64;
+        let mut batches = Vec::with_capacity(rows.len());
+        for row in &rows {
+            deleted += row.try_get::<i64, _>("n")? as u64;
+            batches.push(row.try_get::<Uuid, _>("batch_id")?);
+        }
+        sqlx::query("DELETE FROM batches b WHERE b.id = ANY($1) AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.batch_id = b.id)")
+            .bind(&batches)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
+    /// Moves up to `limit` queued jobs of `model` to dispatched, highest
+    /// priority then oldest first, skipping rows another coordinator holds.
+    /// Returns nothing while the queue (global or the model's) is paused.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn dispatch_jobs(&self, model: &str, limit: u32, actor: &str) -> Result<Vec<JobRow>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let paused: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM queue_state WHERE paused AND (model = '' OR model = $1))",
+        )
+        .bind(model)
+        .fetch_one(&mut *tx)
+        .await?;
+        if paused {
+            return Ok(Vec::new());
+        }
+        let rows = Move { transition: Transition::Dispatch, actor, reason: "dispatched" }
+            .run(
+                &mut tx,
+                |qb| { qb.push("model = ").push_bind(model.to_owned()); },
+                |_| {},
+                &format!("ORDER BY priority DESC, id LIMIT {limit}"),
+                true,
+            )
+            .await?;
+        tx.commit().await?;
+        Ok(rows)
+    }
+
+    /// Claims a dispatched job for `worker_id`: running, with a lease of
+    /// `lease` from now. The attempt number is the job's.
+    ///
+    /// # Errors
+    /// [`StoreError::WorkerUnavailable`] if the worker is not active;
+    /// [`StoreError::WrongState`] if the job is not dispatched (a duplicate
+    /// message, say); [`StoreError::NotFound`].
+    pub async fn start_job(&self, job_id: Uuid, worker_id: Uuid, lease: Duration) -> Result<JobRow, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let worker_state: Option<String> = sqlx::query_scalar("SELECT state FROM workers WHERE id = $1 FOR SHARE")
+            .bind(worker_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        match worker_state.as_deref() {
+            None => return Err(StoreError::NotFound { what: "worker", id: worker_id }),
+            Some("active") => {}
+            Some(state) => {
+                return Err(StoreError::WorkerUnavailable {
+                    worker_id,
+                    state: state.to_owned(),
+                    why: "only active workers may start jobs".into(),
+                })
+            }
+        }
+        let mut rows = Move { transition: Transition::Start, actor: &format!("worker:{worker_id}"), reason: "started" }
+            .run(
+                &mut tx,
+                |qb| { qb.push("id = ").push_bind(job_id); },
+                |qb| {
+                    qb.push(", worker_id = ").push_bind(worker_id);
+                    qb.push(", lease_expires_at = now() + make_interval(secs => ").push_bind(lease_interval(lease)).push(")");
+                    qb.push(", progress_step = 0");
+                },
+                "",
+                false,
+            )
+            .await?;
+        tx.commit().await?;
+        match rows.pop() {
+            Some(row) => Ok(row),
+            None => Err(self.wrong_state(job_id, "only a dispatched job can be started").await),
+        }
+    }
+
+    /// Records step progress of a running attempt and renews its lease.
+    /// Returns the new lease expiry.
+    ///
+    /// # Errors
+    /// [`StoreError::WrongState`] if that attempt no longer holds the job.
+    pub async fn report_progress(
+        &self,
+        job_id: Uuid,
+        attempt: u32,
+        worker_id: Uuid,
+        step: u32,
+        lease: Duration,
+    ) -> Result<DateTime<Utc>, StoreError> {
+        let expiry: Option<DateTime<Utc>> = sqlx::query_scalar(
+            "UPDATE jobs SET progress_step = $4, lease_expires_at = now() + make_interval(secs => $5), updated_at = now() \
+             WHERE id = $1 AND attempt = $2 AND worker_id = $3 AND state = 'running' RETURNING lease_expires_at",
+        )
+        .bind(job_id)
+        .bind(attempt as i32)
+        .bind(worker_id)
+        .bind(step as i32)
+        .bind(lease_interval(lease))
+        .fetch_optional(&self.pool)
+        .await?
+        .flatten();
+        match expiry {
+            Some(at) => Ok(at),
+            None => Err(self.wrong_state(job_id, &format!("attempt {attempt} of worker {worker_id} no longer holds it")).await),
+        }
+    }
+
+    /// Marks a running attempt succeeded with its result, and credits the
+    /// worker, in one transaction. Repeating the same completion is a no-op.
+    ///
+    /// # Errors
+    /// [`StoreError::WrongState`] if that attempt no longer holds the job.
+    pub async fn complete_job(
+        &self,
+        job_id: Uuid,
+        attempt: u32,
+        worker_id: Uuid,
+        result: &JobResultRow,
+        gpu_seconds: f64,
+    ) -> Result<(), StoreError> {
+        let fence = Fence { job_id, attempt, worker_id };
+        let mut tx = self.pool.begin().await?;
+        let rows = Move { transition: Transition::Succeed, actor: &format!("worker:{worker_id}"), reason: "completed" }
+            .run(
+                &mut tx,
+                |qb| push_fence(qb, fence),
+                |qb| {
+                    qb.push(", lease_expires_at = NULL, error = NULL, progress_step = j.steps");
+                    qb.push(", result_key = ").push_bind(result.key.clone());
+                    qb.push(", result_sha256 = ").push_bind(result.sha256.clone());
+                    qb.push(", result_size = ").push_bind(result.size_bytes as i64);
+                    qb.push(", result_content_type = ").push_bind(result.content_type.clone());
+                },
+                "",
+                false,
+            )
+            .await?;
+        if rows.is_empty() {
+            tx.rollback().await?;
+            let job = self.get_job(job_id).await?;
+            let same = job.state == JobState::Succeeded
+                && job.attempt == attempt
+                && job.worker_id == Some(worker_id)
+                && job.result.as_ref().map(|r| &r.key) == Some(&result.key);
+            if same {
+                return Ok(());
+            }
+            return Err(wrong_state_of(&job, &format!("attempt {attempt} of worker {worker_id} no longer holds it")));
+        }
+        sqlx::query("UPDATE workers SET images_done = images_done + 1, gpu_seconds = gpu_seconds + $2 WHERE id = $1")
+            .bind(worker_id)
+            .bind(gpu_seconds.max(0.0))
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records a failed attempt: a non-retryable error fails the job for
+    /// good; a retryable one requeues it (attempt + 1) while attempts remain,
+    /// else it is dead. Returns the job's new state.
+    ///
+    /// # Errors
+    /// [`StoreError::WrongState`] if that attempt no longer holds the job.
+    pub async fn fail_job(
+        &self,
+        job_id: Uuid,
+        attempt: u32,
+        worker_id: Uuid,
+        error: &str,
+        retryable: bool,
+    ) -> Result<JobState, StoreError> {
+        let fence = Fence { job_id, attempt, worker_id };
+        let actor = format!("worker:{worker_id}");
+        let set_error = |qb: &mut QueryBuilder<'_, Postgres>| {
+            qb.push(", lease_expires_at = NULL, error = ").push_bind(error.to_owned());
+        };
+        let mut tx = self.pool.begin().await?;
+        let mut moved = if retryable {
+            let retried = Move { transition: Transition::Retry, actor: &actor, reason: error }
+                .run(
+                    &mut tx,
+                    |qb| {
+                        push_fence(qb, fence);
+                        qb.push(" AND state = 'running' AND attempt < max_attempts");
+                    },
+                    set_error,
+                    "",
+                    false,
+                )
+                .await?;
+            if retried.is_empty() {
+                Move { transition: Transition::Die, actor: &actor, reason: error }
+                    .run(&mut tx, |qb| { push_fence(qb, fence); qb.push(" AND state = 'running'"); }, set_error, "", false)
+                    .await?
+            } else {
+                retried
+            }
+        } else {
+            Move { transition: Transition::Fail, actor: &actor, reason: error }
+                .run(&mut tx, |qb| push_fence(qb, fence), set_error, "", false)
+                .await?
+        };
+        tx.commit().await?;
+        match moved.pop() {
+            Some(job) => Ok(job.state),
+            None => Err(self.wrong_state(job_id, &format!("attempt {attempt} of worker {worker_id} no longer holds it")).await),
+        }
+    }
+
+    /// Returns running jobs whose lease has expired to the queue (attempt + 1)
+    /// or, on their last attempt, marks them dead. Returns the jobs moved.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn reap_expired_leases(&self) -> Result<Vec<JobRow>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let expired = |qb: &mut QueryBuilder<'_, Postgres>| {
+            qb.push("state = 'running' AND lease_expires_at < now()");
+        };
+        let clear = |qb: &mut QueryBuilder<'_, Postgres>| {
+            qb.push(", lease_expires_at = NULL, error = 'lease expired'");
+        };
+        let mut moved = Move { transition: Transition::Retry, actor: "reaper", reason: "lease expired" }
+            .run(&mut tx, |qb| { expired(qb); qb.push(" AND attempt < max_attempts"); }, clear, "", true)
+            .await?;
+        moved.extend(
+            Move { transition: Transition::Die, actor: "reaper", reason: "lease expired on the last attempt" }
+                .run(&mut tx, expired, clear, "", true)
+                .await?,
+        );
+        tx.commit().await?;
+        Ok(moved)
+    }
+
+    /// Sets or clears a pause; `model` empty is the global switch.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn set_paused(&self, model: &str, paused: bool, reason: &str, by: &str) -> Result<QueuePause, StoreError> {
+        let row = sqlx::query(
+            "INSERT INTO queue_state (model, paused, reason, updated_by) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (model) DO UPDATE SET paused = $2, reason = $3, updated_by = $4, updated_at = now() \
+             RETURNING model, paused, reason, updated_by, updated_at",
+        )
+        .bind(model)
+        .bind(paused)
+        .bind(reason)
+        .bind(by)
+        .fetch_one(&self.pool)
+        .await?;
+        pause_from_row(&row)
+    }
+
+    /// Every pause switch ever set.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn pauses(&self) -> Result<Vec<QueuePause>, StoreError> {
+        let rows = sqlx::query("SELECT model, paused, reason, updated_by, updated_at FROM queue_state ORDER BY model")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(pause_from_row).collect()
+    }
+
+    /// Per-model job counts, pauses and oldest queued age.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn queue_stats(&self, model: Option<&str>) -> Result<Vec<ModelStats>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT model, state, count(*) AS n, \
+                    COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)) FILTER (WHERE state = 'queued'), 0)::float8 AS oldest \
+             FROM jobs WHERE ($1::text IS NULL OR model = $1) GROUP BY model, state ORDER BY model",
+        )
+        .bind(model)
+        .fetch_all(&self.pool)
+        .await?;
+        let pauses = self.pauses().await?;
+        let mut stats: Vec<ModelStats> = Vec::new();
+        for row in rows {
+            let name: String = row.try_get("model")?;
+            if stats.last().map(|s| &s.model) != Some(&name) {
+                let paused = pauses.iter().any(|p| p.paused && p.model == name);
+                stats.push(ModelStats { model: name, counts: JobCounts::default(), paused, oldest_queued_seconds: 0.0 });
+            }
+            let entry = stats.last_mut().expect("pushed above");
+            let state = parse_state(row.try_get("state")?)?;
+            entry.counts.add(state, row.try_get::<i64, _>("n")? as u64);
+            if state == JobState::Queued {
+                entry.oldest_queued_seconds = row.try_get("oldest")?;
+            }
+        }
+        Ok(stats)
+    }
+
+    async fn wrong_state(&self, job_id: Uuid, why: &str) -> StoreError {
+        match self.get_job(job_id).await {
+            Ok(job) => wrong_state_of(&job, why),
+            Err(e) => e,
+        }
+    }
+}
+
+fn wrong_state_of(job: &JobRow, why: &str) -> StoreError {
+    StoreError::WrongState {
+        job_id: job.id,
+        state: job.state,
+        attempt: job.attempt,
+        holder: job.worker_id.map(|w| format!(", worker {w}")).unwrap_or_default(),
+        why: why.to_owned(),
+    }
+}
+
+fn pause_from_row(row: &PgRow) -> Result<QueuePause, StoreError> {
+    Ok(QueuePause {
+        model: row.try_get("model")?,
+        paused: row.try_get("paused")?,
+        reason: row.try_get("reason")?,
+        updated_by: row.try_get("updated_by")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}

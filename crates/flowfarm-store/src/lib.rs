@@ -1,0 +1,76 @@
+//! Postgres persistence for flowfarm: batches, jobs, job events, workers,
+//! queue pauses and API tokens.
+//!
+//! [`PgStore`] is the only way the coordinator touches the database. Every job
+//! state change goes through one SQL statement that moves the rows *and*
+//! writes their `job_events` rows, and it only touches rows whose current state
+//! the [`Transition`](flowfarm_core::Transition) allows, so the state machine
+//! holds whatever callers do.
+//!
+//! Schema changes live in `migrations/` and are embedded in the binary;
+//! [`PgStore::migrate`] applies them.
+
+mod error;
+mod jobs;
+mod rows;
+mod tokens;
+mod workers;
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+pub use error::StoreError;
+pub use jobs::{JobFilter, JobSelector, NewBatch, SubmitOutcome};
+pub use rows::{BatchRow, EventRow, JobCounts, JobResultRow, JobRow, ModelStats, QueuePause, WorkerRow};
+pub use tokens::TokenInfo;
+pub use workers::{HeartbeatOutcome, NewWorker};
+
+/// The embedded migrations of `migrations/`.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Handle to the farm's Postgres database; cheap to clone (a connection pool).
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects a pool of at most `max_connections` to `url`
+    /// (`postgres://user@host:port/db`).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if the URL is malformed or the server cannot be reached
+    /// within 10 seconds.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
+        let options: PgConnectOptions = url.parse()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        Ok(PgStore { pool })
+    }
+
+    /// Wraps an existing pool.
+    pub fn from_pool(pool: PgPool) -> Self {
+        PgStore { pool }
+    }
+
+    /// The underlying pool, for tests and tools.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies every migration not applied yet; safe to run concurrently
+    /// (sqlx takes an advisory lock).
+    ///
+    /// # Errors
+    /// [`StoreError::Migrate`] if a migration fails or the database holds a
+    /// migration this build does not know.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,197 @@
+//! The worker fleet: registration, heartbeats, operator states, lost workers.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use flowfarm_core::{TextEncoderSet, WorkerState};
+use sqlx::Row;
+use uuid::Uuid;
+
+use crate::{PgStore, StoreError, WorkerRow};
+
+const WORKER_COLUMNS: &str = "w.id, w.name, w.hostname, w.state, w.devices, w.models, w.text_encoder_sets, w.capacity, \
+    w.version, w.images_done, w.gpu_seconds, w.registered_at, w.last_heartbeat_at, \
+    ARRAY(SELECT j.id FROM jobs j WHERE j.worker_id = w.id AND j.state = 'running' ORDER BY j.id) AS current_job_ids";
+
+/// A worker announcing itself.
+#[derive(Debug, Clone)]
+pub struct NewWorker {
+    pub name: String,
+    pub hostname: String,
+    /// `[{"name": …, "memory_bytes": …}]`
+    pub devices: serde_json::Value,
+    pub models: Vec<String>,
+    pub text_encoder_sets: Vec<TextEncoderSet>,
+    pub capacity: u32,
+    pub version: String,
+}
+
+/// What a heartbeat tells the worker.
+#[derive(Debug, Clone)]
+pub struct HeartbeatOutcome {
+    pub state: WorkerState,
+    /// Jobs the worker reported running that it no longer holds.
+    pub revoked: Vec<Uuid>,
+    /// New expiry of the leases of the jobs it still holds.
+    pub lease_expires_at: DateTime<Utc>,
+}
+
+impl PgStore {
+    /// Registers a worker in state `active`.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed insert.
+    pub async fn register_worker(&self, worker: &NewWorker) -> Result<WorkerRow, StoreError> {
+        let id = Uuid::now_v7();
+        let sets: Vec<&str> = worker.text_encoder_sets.iter().map(|s| s.as_str()).collect();
+        sqlx::query(
+            "INSERT INTO workers (id, name, hostname, state, devices, models, text_encoder_sets, capacity, version) \
+             VALUES ($1, $2, $3, 'active', $4, $5, $6, $7, $8)",
+        )
+        .bind(id)
+        .bind(&worker.name)
+        .bind(&worker.hostname)
+        .bind(&worker.devices)
+        .bind(&worker.models)
+        .bind(&sets)
+        .bind(worker.capacity as i32)
+        .bind(&worker.version)
+        .execute(&self.pool)
+        .await?;
+        self.get_worker(id).await
+    }
+
+    /// One worker.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] if there is no such worker.
+    pub async fn get_worker(&self, id: Uuid) -> Result<WorkerRow, StoreError> {
+        let row = sqlx::query(&format!("SELECT {WORKER_COLUMNS} FROM workers w WHERE w.id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NotFound { what: "worker", id })?;
+        WorkerRow::from_row(&row)
+    }
+
+    /// Workers in registration order; gone ones only if asked.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn list_workers(&self, include_gone: bool) -> Result<Vec<WorkerRow>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT {WORKER_COLUMNS} FROM workers w WHERE $1 OR w.state <> 'gone' ORDER BY w.id"
+        ))
+        .bind(include_gone)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(WorkerRow::from_row).collect()
+    }
+
+    /// Records a heartbeat: renews the leases of every job the worker still
+    /// holds, adds its GPU time, brings a `lost` worker back to `active`, and
+    /// names the reported jobs it no longer holds.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] for an unknown worker;
+    /// [`StoreError::WorkerUnavailable`] for one that is gone.
+    pub async fn heartbeat(
+        &self,
+        worker_id: Uuid,
+        running: &[(Uuid, u32)],
+        gpu_seconds_delta: f64,
+        lease: Duration,
+    ) -> Result<HeartbeatOutcome, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let state: Option<String> = sqlx::query_scalar(
+            "UPDATE workers SET last_heartbeat_at = now(), gpu_seconds = gpu_seconds + $2, \
+                 state = CASE WHEN state = 'lost' THEN 'active' ELSE state END \
+             WHERE id = $1 RETURNING state",
+        )
+        .bind(worker_id)
+        .bind(gpu_seconds_delta.max(0.0))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let state = match state.as_deref().map(WorkerState::parse) {
+            None => return Err(StoreError::NotFound { what: "worker", id: worker_id }),
+            Some(None) => return Err(StoreError::Corrupt(format!("worker state {state:?}"))),
+            Some(Some(WorkerState::Gone)) => {
+                return Err(StoreError::WorkerUnavailable {
+                    worker_id,
+                    state: "gone".into(),
+                    why: "it deregistered; register again".into(),
+                })
+            }
+            Some(Some(state)) => state,
+        };
+        let lease_expires_at: DateTime<Utc> = sqlx::query_scalar(
+            "WITH renewed AS (UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $2) \
+                WHERE worker_id = $1 AND state = 'running') SELECT now() + make_interval(secs => $2)",
+        )
+        .bind(worker_id)
+        .bind(lease.as_secs_f64())
+        .fetch_one(&mut *tx)
+        .await?;
+        let ids: Vec<Uuid> = running.iter().map(|(id, _)| *id).collect();
+        let attempts: Vec<i32> = running.iter().map(|(_, a)| *a as i32).collect();
+        let revoked: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT r.id FROM UNNEST($2::uuid[], $3::int4[]) AS r(id, attempt) \
+             LEFT JOIN jobs j ON j.id = r.id AND j.attempt = r.attempt AND j.worker_id = $1 AND j.state = 'running' \
+             WHERE j.id IS NULL ORDER BY r.id",
+        )
+        .bind(worker_id)
+        .bind(&ids)
+        .bind(&attempts)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(HeartbeatOutcome { state, revoked, lease_expires_at })
+    }
+
+    /// Moves a worker to `draining`, `cordoned` or back to `active`, or to
+    /// `gone` when it deregisters.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`]; [`StoreError::WorkerUnavailable`] if it is
+    /// gone (or lost, for anything but gone).
+    pub async fn set_worker_state(&self, worker_id: Uuid, state: WorkerState) -> Result<WorkerRow, StoreError> {
+        let current = self.get_worker(worker_id).await?;
+        let allowed = match (current.state, state) {
+            (WorkerState::Gone, _) => false,
+            (_, WorkerState::Gone) => true,
+            (WorkerState::Lost, _) => false,
+            // A draining worker is on its way out; cordon or uncordon cannot stop that.
+            (WorkerState::Draining, WorkerState::Active | WorkerState::Cordoned) => false,
+            _ => true,
+        };
+        if !allowed {
+            return Err(StoreError::WorkerUnavailable {
+                worker_id,
+                state: current.state.as_str().into(),
+                why: format!("cannot become {}", state.as_str()),
+            });
+        }
+        sqlx::query("UPDATE workers SET state = $2 WHERE id = $1")
+            .bind(worker_id)
+            .bind(state.as_str())
+            .execute(&self.pool)
+            .await?;
+        self.get_worker(worker_id).await
+    }
+
+    /// Marks workers silent for longer than `timeout` as lost; returns their ids.
+    /// Their jobs are left to lease expiry.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn mark_lost_workers(&self, timeout: Duration) -> Result<Vec<Uuid>, StoreError> {
+        let ids = sqlx::query(
+            "UPDATE workers SET state = 'lost' WHERE state IN ('active', 'draining', 'cordoned') \
+             AND last_heartbeat_at < now() - make_interval(secs => $1) RETURNING id",
+        )
+        .bind(timeout.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await?;
+        ids.iter().map(|row| Ok(row.try_get("id")?)).collect()
+    }
+}
