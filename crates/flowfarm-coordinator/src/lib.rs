@@ -1,1 +1,80 @@
+//! flowfarm's coordinator: the three gRPC services (render, admin, worker),
+//! bearer-token auth, the lease reaper, and the config they run from.
+//!
+//! Every RPC checks its caller's role, validates its input (INVALID_ARGUMENT
+//! names the field), and goes to [`PgStore`], which keeps the whole truth.
+//! Nothing here holds job state in memory except step progress, which is
+//! fanned out to WatchBatch streams of the same coordinator.
+//!
+//! [`serve`] runs everything on a listener until a shutdown future resolves.
 
+pub mod auth;
+pub mod config;
+pub mod convert;
+mod admin;
+mod reaper;
+mod render;
+mod server;
+mod worker;
+
+use std::sync::Arc;
+
+use flowfarm_core::{Limits, ModelRegistry};
+use flowfarm_proto::v1 as pb;
+use flowfarm_store::PgStore;
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+pub use config::{Config, ConfigError};
+pub use reaper::{reap_once, run_reaper};
+pub use server::{serve, ServeError};
+
+use crate::auth::Authenticator;
+use crate::config::{LeaseConfig, ResultsConfig};
+
+/// Step progress of one job, fanned out to watchers.
+#[derive(Debug, Clone)]
+struct Progress {
+    batch_id: Uuid,
+    event: pb::JobProgress,
+}
+
+/// What every service shares.
+#[derive(Debug)]
+struct Shared {
+    store: PgStore,
+    registry: ModelRegistry,
+    limits: Limits,
+    leases: LeaseConfig,
+    results: ResultsConfig,
+    auth: Authenticator,
+    progress: broadcast::Sender<Progress>,
+}
+
+/// Handle to a coordinator's services; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Coordinator {
+    shared: Arc<Shared>,
+}
+
+impl Coordinator {
+    /// Builds the services over `store` with `config`'s registry and limits.
+    ///
+    /// # Errors
+    /// [`ConfigError`] if the config does not pass its checks.
+    pub fn new(config: &Config, store: PgStore) -> Result<Self, ConfigError> {
+        config.check()?;
+        let (progress, _) = broadcast::channel(4096);
+        Ok(Coordinator {
+            shared: Arc::new(Shared {
+                auth: Authenticator::new(store.clone()),
+                registry: config.registry()?,
+                limits: config.limits.clone(),
+                leases: config.leases.clone(),
+                results: config.results.clone(),
+                store,
+                progress,
+            }),
+        })
+    }
+}

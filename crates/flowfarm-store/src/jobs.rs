@@ -332,6 +332,17 @@ impl PgStore {
         rows.iter().map(EventRow::from_row).collect()
     }
 
+    /// Id of the newest event of a batch, 0 if none.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn latest_batch_event(&self, batch_id: Uuid) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM job_events WHERE batch_id = $1")
+            .bind(batch_id)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     /// Every event of one job, oldest first.
     ///
     /// # Errors
@@ -515,7 +526,7 @@ impl PgStore {
     }
 
     /// Records step progress of a running attempt and renews its lease.
-    /// Returns the new lease expiry.
+    /// Returns the new lease expiry and the job's batch.
     ///
     /// # Errors
     /// [`StoreError::WrongState`] if that attempt no longer holds the job.
@@ -526,10 +537,10 @@ impl PgStore {
         worker_id: Uuid,
         step: u32,
         lease: Duration,
-    ) -> Result<DateTime<Utc>, StoreError> {
-        let expiry: Option<DateTime<Utc>> = sqlx::query_scalar(
+    ) -> Result<(DateTime<Utc>, Uuid), StoreError> {
+        let renewed: Option<(DateTime<Utc>, Uuid)> = sqlx::query_as(
             "UPDATE jobs SET progress_step = $4, lease_expires_at = now() + make_interval(secs => $5), updated_at = now() \
-             WHERE id = $1 AND attempt = $2 AND worker_id = $3 AND state = 'running' RETURNING lease_expires_at",
+             WHERE id = $1 AND attempt = $2 AND worker_id = $3 AND state = 'running' RETURNING lease_expires_at, batch_id",
         )
         .bind(job_id)
         .bind(attempt as i32)
@@ -537,10 +548,9 @@ impl PgStore {
         .bind(step as i32)
         .bind(lease_interval(lease))
         .fetch_optional(&self.pool)
-        .await?
-        .flatten();
-        match expiry {
-            Some(at) => Ok(at),
+        .await?;
+        match renewed {
+            Some(renewed) => Ok(renewed),
             None => Err(self.wrong_state(job_id, &format!("attempt {attempt} of worker {worker_id} no longer holds it")).await),
         }
     }
@@ -710,7 +720,7 @@ impl PgStore {
     pub async fn queue_stats(&self, model: Option<&str>) -> Result<Vec<ModelStats>, StoreError> {
         let rows = sqlx::query(
             "SELECT model, state, count(*) AS n, \
-                    COALESCE(EXTRACT(EPOCH FROM now() - min(created_at)) FILTER (WHERE state = 'queued'), 0)::float8 AS oldest \
+                    EXTRACT(EPOCH FROM now() - min(created_at))::float8 AS oldest \
              FROM jobs WHERE ($1::text IS NULL OR model = $1) GROUP BY model, state ORDER BY model",
         )
         .bind(model)

@@ -53,6 +53,18 @@ impl PgStore {
         Ok(PgStore { pool })
     }
 
+    /// Creates the database named in `url` if it does not exist yet.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] if the server cannot be reached or refuses.
+    pub async fn create_database_if_missing(url: &str) -> Result<(), StoreError> {
+        use sqlx::migrate::MigrateDatabase;
+        if !sqlx::Postgres::database_exists(url).await? {
+            sqlx::Postgres::create_database(url).await?;
+        }
+        Ok(())
+    }
+
     /// Wraps an existing pool.
     pub fn from_pool(pool: PgPool) -> Self {
         PgStore { pool }

@@ -37,6 +37,17 @@ impl JobCounts {
         *slot += n;
     }
 
+    /// Adds every count of `other`.
+    pub fn merge(&mut self, other: &JobCounts) {
+        self.queued += other.queued;
+        self.dispatched += other.dispatched;
+        self.running += other.running;
+        self.succeeded += other.succeeded;
+        self.failed += other.failed;
+        self.cancelled += other.cancelled;
+        self.dead += other.dead;
+    }
+
     pub fn total(&self) -> u64 {
         self.queued + self.dispatched + self.running + self.succeeded + self.failed + self.cancelled + self.dead
     }

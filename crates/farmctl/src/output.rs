@@ -1,0 +1,147 @@
+//! Turning API messages into JSON (for `--json`) and into text lines.
+
+use flowfarm_proto::v1 as pb;
+use serde_json::{json, Value};
+
+fn time(ts: &Option<prost_types::Timestamp>) -> Value {
+    match ts {
+        Some(ts) => match chrono::DateTime::from_timestamp(ts.seconds, ts.nanos.max(0) as u32) {
+            Some(at) => Value::String(at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+            None => Value::Null,
+        },
+        None => Value::Null,
+    }
+}
+
+pub fn state_name(state: i32) -> &'static str {
+    match pb::JobState::try_from(state) {
+        Ok(pb::JobState::Queued) => "queued",
+        Ok(pb::JobState::Dispatched) => "dispatched",
+        Ok(pb::JobState::Running) => "running",
+        Ok(pb::JobState::Succeeded) => "succeeded",
+        Ok(pb::JobState::Failed) => "failed",
+        Ok(pb::JobState::Cancelled) => "cancelled",
+        Ok(pb::JobState::Dead) => "dead",
+        _ => "unspecified",
+    }
+}
+
+fn encoders_name(set: i32) -> &'static str {
+    match pb::TextEncoderSet::try_from(set) {
+        Ok(pb::TextEncoderSet::All) => "all",
+        Ok(pb::TextEncoderSet::ClipOnly) => "clip-only",
+        _ => "default",
+    }
+}
+
+pub fn worker_state_name(state: i32) -> &'static str {
+    match pb::WorkerState::try_from(state) {
+        Ok(pb::WorkerState::Active) => "active",
+        Ok(pb::WorkerState::Draining) => "draining",
+        Ok(pb::WorkerState::Cordoned) => "cordoned",
+        Ok(pb::WorkerState::Lost) => "lost",
+        Ok(pb::WorkerState::Gone) => "gone",
+        _ => "unspecified",
+    }
+}
+
+pub fn counts(c: &Option<pb::JobCounts>) -> Value {
+    let c = c.clone().unwrap_or_default();
+    json!({
+        "queued": c.queued, "dispatched": c.dispatched, "running": c.running, "succeeded": c.succeeded,
+        "failed": c.failed, "cancelled": c.cancelled, "dead": c.dead,
+    })
+}
+
+pub fn counts_line(c: &Option<pb::JobCounts>) -> String {
+    let c = c.clone().unwrap_or_default();
+    format!(
+        "queued {} · dispatched {} · running {} · succeeded {} · failed {} · cancelled {} · dead {}",
+        c.queued, c.dispatched, c.running, c.succeeded, c.failed, c.cancelled, c.dead
+    )
+}
+
+pub fn batch(b: &pb::Batch) -> Value {
+    json!({
+        "id": b.id, "idempotency_key": b.idempotency_key, "submitter": b.submitter, "labels": b.labels,
+        "created_at": time(&b.created_at), "total_jobs": b.total_jobs, "counts": counts(&b.counts),
+    })
+}
+
+pub fn job(j: &pb::Job) -> Value {
+    let s = j.spec.clone().unwrap_or_default();
+    json!({
+        "id": j.id, "batch_id": j.batch_id, "index": j.index, "state": state_name(j.state), "attempt": j.attempt,
+        "worker_id": j.worker_id, "lease_expires_at": time(&j.lease_expires_at), "progress_step": j.progress_step,
+        "error": j.error,
+        "result": j.result.as_ref().map(|r| json!({
+            "key": r.key, "sha256": r.sha256, "size_bytes": r.size_bytes, "content_type": r.content_type,
+        })),
+        "spec": {
+            "model": s.model, "prompt": s.prompt, "negative_prompt": s.negative_prompt, "width": s.width,
+            "height": s.height, "steps": s.steps, "guidance_scale": s.guidance_scale, "seed": s.seed,
+            "shift": s.shift, "text_encoders": encoders_name(s.text_encoders), "priority": s.priority,
+            "max_attempts": s.max_attempts, "labels": s.labels,
+        },
+        "created_at": time(&j.created_at), "updated_at": time(&j.updated_at),
+    })
+}
+
+pub fn job_line(j: &pb::Job) -> String {
+    let s = j.spec.clone().unwrap_or_default();
+    format!(
+        "{}  {:<10} attempt {}  {}×{} {} steps seed {}  {}",
+        j.id,
+        state_name(j.state),
+        j.attempt,
+        s.width,
+        s.height,
+        s.steps,
+        s.seed.unwrap_or(0),
+        truncate(&s.prompt, 48)
+    )
+}
+
+pub fn event(e: &pb::JobEvent) -> Value {
+    json!({
+        "id": e.id, "job_id": e.job_id, "from": state_name(e.from_state), "to": state_name(e.to_state),
+        "attempt": e.attempt, "actor": e.actor, "reason": e.reason, "at": time(&e.at),
+    })
+}
+
+pub fn worker(w: &pb::Worker) -> Value {
+    json!({
+        "id": w.id, "name": w.name, "hostname": w.hostname, "state": worker_state_name(w.state),
+        "devices": w.devices.iter().map(|d| json!({"name": d.name, "memory_bytes": d.memory_bytes})).collect::<Vec<_>>(),
+        "models": w.models, "capacity": w.capacity, "current_job_ids": w.current_job_ids,
+        "images_done": w.images_done, "gpu_seconds": w.gpu_seconds,
+        "registered_at": time(&w.registered_at), "last_heartbeat_at": time(&w.last_heartbeat_at),
+    })
+}
+
+pub fn queue_state(q: &pb::QueueState) -> Value {
+    json!({
+        "model": q.model, "paused": q.paused, "reason": q.reason, "updated_by": q.updated_by,
+        "updated_at": time(&q.updated_at),
+    })
+}
+
+pub fn queue_stats(s: &pb::QueueStats) -> Value {
+    json!({
+        "paused": s.paused,
+        "total": counts(&s.total),
+        "models": s.models.iter().map(|m| json!({
+            "model": m.model, "paused": m.paused, "counts": counts(&m.counts),
+            "oldest_queued_seconds": m.oldest_queued_seconds,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_owned()
+    } else {
+        let cut: String = s.chars().take(max - 1).collect();
+        format!("{cut}…")
+    }
+}

@@ -1,0 +1,98 @@
+//! Bearer-token authentication and role checks for every RPC.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use flowfarm_core::Role;
+use flowfarm_store::{PgStore, TokenInfo};
+use tonic::metadata::MetadataMap;
+use tonic::Status;
+
+use crate::convert::store_status;
+
+/// How long a verified token is trusted without asking the database again;
+/// a revoked token keeps working at most this long on each coordinator.
+const CACHE_TTL: Duration = Duration::from_secs(10);
+
+/// Who is calling, once authenticated.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub name: String,
+    pub role: Role,
+}
+
+impl Caller {
+    /// `role:name`, as written in job events.
+    pub fn actor(&self) -> String {
+        let kind = match self.role {
+            Role::Submit => "submitter",
+            Role::Admin => "admin",
+            Role::Worker => "worker",
+        };
+        format!("{kind}:{}", self.name)
+    }
+}
+
+/// Checks `authorization: Bearer <token>` against the token table, with a
+/// short positive cache so hot RPCs (progress reports) skip the database.
+#[derive(Debug)]
+pub struct Authenticator {
+    store: PgStore,
+    cache: Mutex<HashMap<String, (TokenInfo, Instant)>>,
+}
+
+impl Authenticator {
+    pub fn new(store: PgStore) -> Self {
+        Authenticator { store, cache: Mutex::new(HashMap::new()) }
+    }
+
+    /// The caller, if its token is valid and its role is one of `allowed`.
+    ///
+    /// # Errors
+    /// UNAUTHENTICATED without a valid token; PERMISSION_DENIED for a role
+    /// not in `allowed`; UNAVAILABLE if the token table cannot be read.
+    pub async fn authorize(&self, metadata: &MetadataMap, allowed: &[Role]) -> Result<Caller, Status> {
+        let header = metadata
+            .get("authorization")
+            .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>` header"))?;
+        let secret = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| Status::unauthenticated("authorization header must be `Bearer <token>`"))?;
+        let info = self.lookup(secret).await?;
+        if !allowed.contains(&info.role) {
+            let wanted: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
+            return Err(Status::permission_denied(format!(
+                "token `{}` has role {}; this call needs {}",
+                info.name,
+                info.role.as_str(),
+                wanted.join(" or ")
+            )));
+        }
+        Ok(Caller { name: info.name, role: info.role })
+    }
+
+    async fn lookup(&self, secret: &str) -> Result<TokenInfo, Status> {
+        if let Some((info, at)) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(secret) {
+            if at.elapsed() < CACHE_TTL {
+                return Ok(info.clone());
+            }
+        }
+        let info = self
+            .store
+            .authenticate(secret)
+            .await
+            .map_err(store_status)?
+            .ok_or_else(|| Status::unauthenticated("unknown or revoked token"))?;
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() > 10_000 {
+            cache.clear();
+        }
+        cache.insert(secret.to_owned(), (info.clone(), Instant::now()));
+        Ok(info)
+    }
+}

@@ -1,0 +1,52 @@
+//! The lease reaper: returns jobs whose lease expired to the queue (or marks
+//! them dead on their last attempt) and marks silent workers lost.
+
+use std::time::Duration;
+
+use flowfarm_store::{PgStore, StoreError};
+
+use crate::config::LeaseConfig;
+
+/// What one pass of the reaper did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReapReport {
+    pub requeued: usize,
+    pub dead: usize,
+    pub lost_workers: usize,
+}
+
+/// One pass: expired leases, then silent workers. Safe to run on several
+/// coordinators at once (rows are claimed with SKIP LOCKED).
+///
+/// # Errors
+/// [`StoreError`] from the database.
+pub async fn reap_once(store: &PgStore, leases: &LeaseConfig) -> Result<ReapReport, StoreError> {
+    let moved = store.reap_expired_leases().await?;
+    let dead = moved.iter().filter(|j| j.state == flowfarm_core::JobState::Dead).count();
+    let lost = store.mark_lost_workers(Duration::from_secs(u64::from(leases.worker_timeout_seconds))).await?;
+    for job in &moved {
+        tracing::warn!(job = %job.id, attempt = job.attempt, state = %job.state, "lease expired");
+    }
+    for worker in &lost {
+        tracing::warn!(worker = %worker, "worker lost: no heartbeat");
+    }
+    Ok(ReapReport { requeued: moved.len() - dead, dead, lost_workers: lost.len() })
+}
+
+/// Runs [`reap_once`] every `leases.reaper_interval_seconds` until
+/// `shutdown` resolves. Database errors are logged and retried next tick.
+pub async fn run_reaper(store: PgStore, leases: LeaseConfig, shutdown: impl std::future::Future<Output = ()>) {
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(leases.reaper_interval_seconds));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = tick.tick() => {
+                if let Err(e) = reap_once(&store, &leases).await {
+                    tracing::error!(error = %e, "reaper pass failed");
+                }
+            }
+        }
+    }
+}

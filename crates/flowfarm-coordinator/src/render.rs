@@ -1,0 +1,228 @@
+//! RenderService: submitting, querying, watching and cancelling batches.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use flowfarm_core::spec::{check_idempotency_key, check_labels, resolve_jobs};
+use flowfarm_core::{JobState, Role};
+use flowfarm_proto::v1 as pb;
+use flowfarm_proto::v1::render_service_server::RenderService;
+use flowfarm_store::{JobFilter, NewBatch};
+use prost::Message;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::convert::*;
+use crate::Coordinator;
+
+const SUBMITTERS: &[Role] = &[Role::Submit, Role::Admin];
+const DEFAULT_PAGE_SIZE: u32 = 100;
+const MAX_PAGE_SIZE: u32 = 1000;
+const WATCH_POLL: Duration = Duration::from_millis(200);
+const RESULT_CHUNK: usize = 64 * 1024;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl RenderService for Coordinator {
+    async fn submit_batch(
+        &self,
+        request: Request<pb::SubmitBatchRequest>,
+    ) -> Result<Response<pb::SubmitBatchResponse>, Status> {
+        let caller = self.shared.auth.authorize(request.metadata(), SUBMITTERS).await?;
+        let req = request.into_inner();
+        check_idempotency_key(&req.idempotency_key).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut label_errors = Vec::new();
+        check_labels("labels", &req.labels, &mut label_errors);
+        if let Some(first) = label_errors.into_iter().next() {
+            return Err(Status::invalid_argument(first.to_string()));
+        }
+        let shared = &self.shared;
+        let mut pick_seed = || rand::random::<u64>() >> 1;
+        let jobs = match (req.jobs.is_empty(), &req.grid) {
+            (false, Some(_)) => return Err(invalid("grid", "give jobs or a grid, not both")),
+            (true, None) => return Err(invalid("jobs", "a batch needs at least one job (or a grid)")),
+            (false, None) => resolve_jobs(&job_requests(&req.jobs)?, &shared.registry, &shared.limits, &mut pick_seed),
+            (true, Some(grid)) => grid_request(grid)?.resolve(&shared.registry, &shared.limits, &mut pick_seed),
+        }
+        .map_err(|e| validation_status(&e))?;
+
+        let batch = NewBatch {
+            submitter: caller.name.clone(),
+            idempotency_key: (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone()),
+            content_hash: Sha256::digest(req.encode_to_vec()).to_vec(),
+            labels: req.labels.clone(),
+        };
+        let outcome = shared.store.submit_batch(&batch, &jobs).await.map_err(store_status)?;
+        tracing::info!(batch = %outcome.batch.id, jobs = jobs.len(), created = outcome.created, submitter = %caller.name, "batch submitted");
+        Ok(Response::new(pb::SubmitBatchResponse {
+            batch: Some(batch_to_proto(&outcome.batch)),
+            created: outcome.created,
+        }))
+    }
+
+    async fn get_batch(&self, request: Request<pb::GetBatchRequest>) -> Result<Response<pb::Batch>, Status> {
+        self.shared.auth.authorize(request.metadata(), SUBMITTERS).await?;
+        let id = parse_id("batch_id", &request.get_ref().batch_id)?;
+        let batch = self.shared.store.get_batch(id).await.map_err(store_status)?;
+        Ok(Response::new(batch_to_proto(&batch)))
+    }
+
+    async fn get_job(&self, request: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
+        self.shared.auth.authorize(request.metadata(), SUBMITTERS).await?;
+        let id = parse_id("job_id", &request.get_ref().job_id)?;
+        let job = self.shared.store.get_job(id).await.map_err(store_status)?;
+        Ok(Response::new(job_to_proto(&job)))
+    }
+
+    async fn list_jobs(&self, request: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+        self.shared.auth.authorize(request.metadata(), SUBMITTERS).await?;
+        let req = request.into_inner();
+        let page_size = match req.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n > MAX_PAGE_SIZE => return Err(invalid("page_size", format!("{n} is above the maximum of {MAX_PAGE_SIZE}"))),
+            n => n,
+        };
+        let filter = JobFilter {
+            batch_id: (!req.batch_id.is_empty()).then(|| parse_id("batch_id", &req.batch_id)).transpose()?,
+            states: req
+                .states
+                .iter()
+                .enumerate()
+                .map(|(i, s)| state_from_proto(&format!("states[{i}]"), *s))
+                .collect::<Result<_, _>>()?,
+            label: (!req.label.is_empty())
+                .then(|| {
+                    req.label
+                        .split_once('=')
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .ok_or_else(|| invalid("label", format!("`{}` is not key=value", req.label)))
+                })
+                .transpose()?,
+            model: (!req.model.is_empty()).then(|| req.model.clone()),
+        };
+        let after = (!req.page_token.is_empty())
+            .then(|| {
+                Uuid::parse_str(&req.page_token)
+                    .map_err(|_| invalid("page_token", "not a token this server issued; start again without one"))
+            })
+            .transpose()?;
+        let mut jobs = self.shared.store.list_jobs(&filter, after, page_size + 1).await.map_err(store_status)?;
+        let next_page_token = if jobs.len() > page_size as usize {
+            jobs.truncate(page_size as usize);
+            jobs.last().map(|j| j.id.to_string()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListJobsResponse { jobs: jobs.iter().map(job_to_proto).collect(), next_page_token }))
+    }
+
+    type WatchBatchStream = BoxStream<pb::WatchBatchEvent>;
+
+    async fn watch_batch(&self, request: Request<pb::WatchBatchRequest>) -> Result<Response<Self::WatchBatchStream>, Status> {
+        self.shared.auth.authorize(request.metadata(), SUBMITTERS).await?;
+        let batch_id = parse_id("batch_id", &request.get_ref().batch_id)?;
+        let store = self.shared.store.clone();
+        // Subscribe before the snapshot so no progress between the two is lost.
+        let mut progress = self.shared.progress.subscribe();
+        let cursor = store.latest_batch_event(batch_id).await.map_err(store_status)?;
+        let batch = store.get_batch(batch_id).await.map_err(store_status)?;
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            let snapshot = |b| pb::WatchBatchEvent { event: Some(pb::watch_batch_event::Event::Snapshot(batch_to_proto(&b))) };
+            let finished = batch.counts.finished() == batch.counts.total();
+            if tx.send(Ok(snapshot(batch))).await.is_err() || finished {
+                return;
+            }
+            let mut cursor = cursor;
+            let mut tick = tokio::time::interval(WATCH_POLL);
+            loop {
+                tokio::select! {
+                    msg = progress.recv() => match msg {
+                        Ok(p) if p.batch_id == batch_id => {
+                            let event = pb::WatchBatchEvent { event: Some(pb::watch_batch_event::Event::Progress(p.event)) };
+                            if tx.send(Ok(event)).await.is_err() { return; }
+                        }
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                    _ = tick.tick() => {
+                        let events = match store.batch_events(batch_id, cursor, 1000).await {
+                            Ok(events) => events,
+                            Err(e) => { let _ = tx.send(Err(store_status(e))).await; return; }
+                        };
+                        if events.is_empty() { continue; }
+                        let mut terminal_seen = false;
+                        for e in &events {
+                            cursor = cursor.max(e.id);
+                            terminal_seen |= e.to_state.is_terminal();
+                            let event = pb::WatchBatchEvent { event: Some(pb::watch_batch_event::Event::StateChange(event_to_proto(e))) };
+                            if tx.send(Ok(event)).await.is_err() { return; }
+                        }
+                        if terminal_seen {
+                            match store.get_batch(batch_id).await {
+                                Ok(b) if b.counts.finished() == b.counts.total() => {
+                                    let _ = tx.send(Ok(snapshot(b))).await;
+                                    return;
+                                }
+                                Ok(_) => {}
+                                Err(e) => { let _ = tx.send(Err(store_status(e))).await; return; }
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn cancel_jobs(&self, request: Request<pb::CancelJobsRequest>) -> Result<Response<pb::CancelJobsResponse>, Status> {
+        let caller = self.shared.auth.authorize(request.metadata(), SUBMITTERS).await?;
+        let req = request.into_inner();
+        let selector = selector("request", &req.job_ids, &req.batch_id)?;
+        let reason = if req.reason.is_empty() { "cancelled" } else { req.reason.as_str() };
+        let cancelled = self.shared.store.cancel_jobs(&selector, &caller.actor(), reason).await.map_err(store_status)?;
+        Ok(Response::new(pb::CancelJobsResponse { cancelled: cancelled.len() as u64 }))
+    }
+
+    type GetResultStream = BoxStream<pb::ResultChunk>;
+
+    async fn get_result(&self, request: Request<pb::GetResultRequest>) -> Result<Response<Self::GetResultStream>, Status> {
+        self.shared.auth.authorize(request.metadata(), SUBMITTERS).await?;
+        let id = parse_id("job_id", &request.get_ref().job_id)?;
+        let job = self.shared.store.get_job(id).await.map_err(store_status)?;
+        let result = match (&job.result, job.state) {
+            (Some(result), JobState::Succeeded) => result.clone(),
+            _ => return Err(Status::failed_precondition(format!("job {id} is {}, it has no result", job.state))),
+        };
+        let path = self.shared.results.dir.join(&result.key);
+        let mut file = tokio::fs::File::open(&path).await.map_err(|e| {
+            Status::not_found(format!("result object `{}` of job {id} is missing from the results store: {e}", result.key))
+        })?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut first = true;
+            let mut buf = vec![0u8; RESULT_CHUNK];
+            loop {
+                let n = match file.read(&mut buf).await {
+                    Ok(0) => return,
+                    Ok(n) => n,
+                    Err(e) => { let _ = tx.send(Err(Status::internal(format!("reading result: {e}")))).await; return; }
+                };
+                let chunk = pb::ResultChunk {
+                    content_type: if first { result.content_type.clone() } else { String::new() },
+                    total_size: if first { result.size_bytes } else { 0 },
+                    data: buf[..n].to_vec(),
+                };
+                first = false;
+                if tx.send(Ok(chunk)).await.is_err() { return; }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,70 @@
+//! Assembling the gRPC server: the three services, health and reflection.
+
+use std::future::Future;
+
+use flowfarm_proto::v1::admin_service_server::AdminServiceServer;
+use flowfarm_proto::v1::render_service_server::RenderServiceServer;
+use flowfarm_proto::v1::worker_service_server::WorkerServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::{run_reaper, Coordinator};
+
+/// Largest request accepted: a batch of 100,000 explicit jobs fits.
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Why the server stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("building reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves RenderService, AdminService, WorkerService, grpc.health.v1 and
+/// server reflection on `listener`, and runs the lease reaper, until
+/// `shutdown` resolves; then stops accepting calls and lets running ones end.
+///
+/// # Errors
+/// [`ServeError`] if the server cannot be built or the transport fails.
+pub async fn serve(
+    coordinator: Coordinator,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<RenderServiceServer<Coordinator>>().await;
+    health.set_serving::<AdminServiceServer<Coordinator>>().await;
+    health.set_serving::<WorkerServiceServer<Coordinator>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(flowfarm_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let reaper = {
+        let mut stop = stop_rx.clone();
+        tokio::spawn(run_reaper(coordinator.shared.store.clone(), coordinator.shared.leases.clone(), async move {
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        }))
+    };
+
+    let render = RenderServiceServer::new(coordinator.clone())
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let admin = AdminServiceServer::new(coordinator.clone());
+    let worker = WorkerServiceServer::new(coordinator);
+    let result = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(render)
+        .add_service(admin)
+        .add_service(worker)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await;
+    let _ = stop_tx.send(true);
+    let _ = reaper.await;
+    result?;
+    Ok(())
+}

@@ -1,0 +1,217 @@
+//! WorkerService: the coordinator's side of the worker daemons' protocol.
+//! Every report is fenced by (job, attempt, worker); a stale one is refused
+//! with FAILED_PRECONDITION.
+
+use std::path::{Component, Path};
+
+use flowfarm_core::{Role, TextEncoderSet};
+use flowfarm_proto::v1 as pb;
+use flowfarm_proto::v1::worker_service_server::WorkerService;
+use flowfarm_store::{JobResultRow, NewWorker};
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use crate::convert::*;
+use crate::{Coordinator, Progress};
+
+const WORKERS: &[Role] = &[Role::Worker];
+const MAX_ERROR_CHARS: usize = 4096;
+const MAX_CAPACITY: u32 = 64;
+const MAX_RESULT_KEY_CHARS: usize = 1024;
+
+fn attempt_of(value: u32) -> Result<u32, Status> {
+    if value == 0 {
+        return Err(invalid("attempt", "required: the attempt StartJob returned"));
+    }
+    Ok(value)
+}
+
+/// A result key must stay inside the results store: relative, no `..`.
+fn check_result_key(key: &str) -> Result<(), Status> {
+    if key.is_empty() || key.chars().count() > MAX_RESULT_KEY_CHARS {
+        return Err(invalid("result.key", format!("must be 1 to {MAX_RESULT_KEY_CHARS} characters")));
+    }
+    let inside = Path::new(key).components().all(|c| matches!(c, Component::Normal(_)));
+    if !inside || key.contains('\0') {
+        return Err(invalid("result.key", format!("`{key}` must be a relative path without `..`")));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl WorkerService for Coordinator {
+    async fn register_worker(
+        &self,
+        request: Request<pb::RegisterWorkerRequest>,
+    ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
+        self.shared.auth.authorize(request.metadata(), WORKERS).await?;
+        let req = request.into_inner();
+        if req.name.trim().is_empty() || req.name.chars().count() > 128 {
+            return Err(invalid("name", "must be 1 to 128 characters"));
+        }
+        if req.models.is_empty() {
+            return Err(invalid("models", "a worker must serve at least one model"));
+        }
+        for (i, model) in req.models.iter().enumerate() {
+            if self.shared.registry.get(model).is_none() {
+                return Err(invalid(&format!("models[{i}]"), format!("unknown model `{model}`")));
+            }
+        }
+        if req.capacity == 0 || req.capacity > MAX_CAPACITY {
+            return Err(invalid("capacity", format!("{} is outside 1..={MAX_CAPACITY}", req.capacity)));
+        }
+        let mut sets = Vec::new();
+        for (i, set) in req.text_encoder_sets.iter().enumerate() {
+            let field = format!("text_encoder_sets[{i}]");
+            match encoders_from_proto(&field, *set).map_err(|e| Status::invalid_argument(e.to_string()))? {
+                Some(set) => sets.push(set),
+                None => return Err(invalid(&field, "must be ALL or CLIP_ONLY")),
+            }
+        }
+        if sets.is_empty() {
+            sets = vec![TextEncoderSet::All, TextEncoderSet::ClipOnly];
+        }
+        let devices = serde_json::Value::Array(
+            req.devices
+                .iter()
+                .map(|d| serde_json::json!({ "name": d.name, "memory_bytes": d.memory_bytes }))
+                .collect(),
+        );
+        let worker = self
+            .shared
+            .store
+            .register_worker(&NewWorker {
+                name: req.name,
+                hostname: req.hostname,
+                devices,
+                models: req.models,
+                text_encoder_sets: sets,
+                capacity: req.capacity,
+                version: req.version,
+            })
+            .await
+            .map_err(store_status)?;
+        tracing::info!(worker = %worker.id, name = %worker.name, "worker registered");
+        let leases = &self.shared.leases;
+        Ok(Response::new(pb::RegisterWorkerResponse {
+            worker_id: worker.id.to_string(),
+            heartbeat_interval_seconds: leases.heartbeat_interval_seconds,
+            lease_seconds: leases.lease_seconds,
+        }))
+    }
+
+    async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.shared.auth.authorize(request.metadata(), WORKERS).await?;
+        let req = request.into_inner();
+        let worker_id = parse_id("worker_id", &req.worker_id)?;
+        if !(req.gpu_seconds_delta.is_finite() && req.gpu_seconds_delta >= 0.0) {
+            return Err(invalid("gpu_seconds_delta", format!("{} is not a non-negative number", req.gpu_seconds_delta)));
+        }
+        let running = req
+            .running
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Ok((parse_id(&format!("running[{i}].job_id"), &r.job_id)?, r.attempt)))
+            .collect::<Result<Vec<(Uuid, u32)>, Status>>()?;
+        let outcome = self
+            .shared
+            .store
+            .heartbeat(worker_id, &running, req.gpu_seconds_delta, self.shared.leases.lease())
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(pb::HeartbeatResponse {
+            state: worker_state_to_proto(outcome.state) as i32,
+            revoked_job_ids: outcome.revoked.iter().map(Uuid::to_string).collect(),
+            lease_expires_at: Some(timestamp(outcome.lease_expires_at)),
+        }))
+    }
+
+    async fn start_job(&self, request: Request<pb::StartJobRequest>) -> Result<Response<pb::StartJobResponse>, Status> {
+        self.shared.auth.authorize(request.metadata(), WORKERS).await?;
+        let req = request.into_inner();
+        let worker_id = parse_id("worker_id", &req.worker_id)?;
+        let job_id = parse_id("job_id", &req.job_id)?;
+        let job = self.shared.store.start_job(job_id, worker_id, self.shared.leases.lease()).await.map_err(store_status)?;
+        Ok(Response::new(pb::StartJobResponse {
+            attempt: job.attempt,
+            lease_expires_at: job.lease_expires_at.map(timestamp),
+            job: Some(job_to_proto(&job)),
+        }))
+    }
+
+    async fn report_progress(
+        &self,
+        request: Request<pb::ReportProgressRequest>,
+    ) -> Result<Response<pb::ReportProgressResponse>, Status> {
+        self.shared.auth.authorize(request.metadata(), WORKERS).await?;
+        let req = request.into_inner();
+        let worker_id = parse_id("worker_id", &req.worker_id)?;
+        let job_id = parse_id("job_id", &req.job_id)?;
+        let attempt = attempt_of(req.attempt)?;
+        if req.step > req.total_steps {
+            return Err(invalid("step", format!("{} is beyond total_steps {}", req.step, req.total_steps)));
+        }
+        let (lease_expires_at, batch_id) = self
+            .shared
+            .store
+            .report_progress(job_id, attempt, worker_id, req.step, self.shared.leases.lease())
+            .await
+            .map_err(store_status)?;
+        // Nobody watching is fine: send only fails without receivers.
+        let _ = self.shared.progress.send(Progress {
+            batch_id,
+            event: pb::JobProgress { job_id: req.job_id, attempt, step: req.step, total_steps: req.total_steps },
+        });
+        Ok(Response::new(pb::ReportProgressResponse { lease_expires_at: Some(timestamp(lease_expires_at)) }))
+    }
+
+    async fn complete_job(&self, request: Request<pb::CompleteJobRequest>) -> Result<Response<pb::CompleteJobResponse>, Status> {
+        self.shared.auth.authorize(request.metadata(), WORKERS).await?;
+        let req = request.into_inner();
+        let worker_id = parse_id("worker_id", &req.worker_id)?;
+        let job_id = parse_id("job_id", &req.job_id)?;
+        let attempt = attempt_of(req.attempt)?;
+        let result = req.result.ok_or_else(|| invalid("result", "required"))?;
+        check_result_key(&result.key)?;
+        if result.sha256.len() != 64 || !result.sha256.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()) {
+            return Err(invalid("result.sha256", "must be 64 lower-case hex digits"));
+        }
+        if result.content_type.is_empty() {
+            return Err(invalid("result.content_type", "required"));
+        }
+        if !(req.gpu_seconds.is_finite() && req.gpu_seconds >= 0.0) {
+            return Err(invalid("gpu_seconds", format!("{} is not a non-negative number", req.gpu_seconds)));
+        }
+        let row = JobResultRow {
+            key: result.key,
+            sha256: result.sha256,
+            size_bytes: result.size_bytes,
+            content_type: result.content_type,
+        };
+        self.shared
+            .store
+            .complete_job(job_id, attempt, worker_id, &row, req.gpu_seconds)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(pb::CompleteJobResponse {}))
+    }
+
+    async fn fail_job(&self, request: Request<pb::FailJobRequest>) -> Result<Response<pb::FailJobResponse>, Status> {
+        self.shared.auth.authorize(request.metadata(), WORKERS).await?;
+        let req = request.into_inner();
+        let worker_id = parse_id("worker_id", &req.worker_id)?;
+        let job_id = parse_id("job_id", &req.job_id)?;
+        let attempt = attempt_of(req.attempt)?;
+        let mut error: String = req.error.chars().filter(|&c| c != '\0').take(MAX_ERROR_CHARS).collect();
+        if error.trim().is_empty() {
+            error = "unspecified worker error".into();
+        }
+        let state = self
+            .shared
+            .store
+            .fail_job(job_id, attempt, worker_id, &error, req.retryable)
+            .await
+            .map_err(store_status)?;
+        Ok(Response::new(pb::FailJobResponse { state: state_to_proto(state) as i32 }))
+    }
+}
