@@ -3,10 +3,6 @@
 //! Exit status: 0 on success, 1 on any error (the message says what to do),
 //! 2 on a usage error, 3 when `watch` ends with jobs that did not succeed.
 
-mod client;
-mod input;
-mod output;
-
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -20,7 +16,8 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use tokio_stream::StreamExt;
 
-use client::Farm;
+use farmctl::client::Farm;
+use farmctl::{input, output};
 
 #[derive(Parser)]
 #[command(name = "farmctl", version, about = "Submit, watch and operate flowfarm render batches")]

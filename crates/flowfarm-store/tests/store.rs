@@ -1,0 +1,278 @@
+//! The store against a real Postgres: submission, the state machine, leases,
+//! fencing, dispatch without doubles.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use flowfarm_core::{JobState, ResolvedJob, Role, TextEncoderSet, WorkerState};
+use flowfarm_store::{JobFilter, JobResultRow, JobSelector, NewBatch, NewWorker, PgStore, StoreError};
+use flowfarm_testkit::TestDb;
+use uuid::Uuid;
+
+fn job(i: usize) -> ResolvedJob {
+    ResolvedJob {
+        model: "sd3".into(),
+        prompt: format!("prompt {i}"),
+        negative_prompt: String::new(),
+        width: 1024,
+        height: 1024,
+        steps: 28,
+        guidance: 7.0,
+        seed: i as u64,
+        shift: 3.0,
+        text_encoders: TextEncoderSet::All,
+        priority: 0,
+        max_attempts: 2,
+        labels: BTreeMap::from([("i".to_string(), i.to_string())]),
+    }
+}
+
+fn batch(key: Option<&str>, hash: u8) -> NewBatch {
+    NewBatch {
+        submitter: "tester".into(),
+        idempotency_key: key.map(str::to_owned),
+        content_hash: vec![hash; 32],
+        labels: BTreeMap::new(),
+    }
+}
+
+async fn submit(store: &PgStore, n: usize) -> Uuid {
+    let jobs: Vec<_> = (0..n).map(job).collect();
+    store.submit_batch(&batch(None, 0), &jobs).await.unwrap().batch.id
+}
+
+async fn worker(store: &PgStore) -> Uuid {
+    store
+        .register_worker(&NewWorker {
+            name: "w".into(),
+            hostname: "h".into(),
+            devices: serde_json::json!([]),
+            models: vec!["sd3".into()],
+            text_encoder_sets: vec![TextEncoderSet::All],
+            capacity: 2,
+            version: "test".into(),
+        })
+        .await
+        .unwrap()
+        .id
+}
+
+fn result(key: &str) -> JobResultRow {
+    JobResultRow { key: key.into(), sha256: "0".repeat(64), size_bytes: 10, content_type: "image/png".into() }
+}
+
+async fn count(store: &PgStore, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(store.pool()).await.unwrap()
+}
+
+#[tokio::test]
+async fn submit_stores_jobs_with_one_creation_event_each() {
+    let db = TestDb::new().await;
+    let id = submit(&db.store, 50).await;
+    let b = db.store.get_batch(id).await.unwrap();
+    assert_eq!((b.total_jobs, b.counts.queued), (50, 50));
+    assert_eq!(count(&db.store, "SELECT count(*) FROM job_events WHERE from_state IS NULL AND to_state = 'queued'").await, 50);
+    let jobs = db.store.list_jobs(&JobFilter { batch_id: Some(id), ..Default::default() }, None, 100).await.unwrap();
+    assert_eq!(jobs.iter().map(|j| j.index).collect::<Vec<_>>(), (0..50).collect::<Vec<_>>(), "id order is index order");
+    assert_eq!(jobs[7].spec, job(7), "the resolved spec round-trips");
+}
+
+#[tokio::test]
+async fn idempotency_key_replays_or_conflicts() {
+    let db = TestDb::new().await;
+    let jobs = vec![job(0)];
+    let first = db.store.submit_batch(&batch(Some("k"), 1), &jobs).await.unwrap();
+    let again = db.store.submit_batch(&batch(Some("k"), 1), &jobs).await.unwrap();
+    assert!(first.created && !again.created);
+    assert_eq!(first.batch.id, again.batch.id);
+    let err = db.store.submit_batch(&batch(Some("k"), 2), &jobs).await.unwrap_err();
+    assert!(matches!(err, StoreError::IdempotencyConflict { .. }), "{err}");
+    assert_eq!(count(&db.store, "SELECT count(*) FROM batches").await, 1);
+    assert_eq!(count(&db.store, "SELECT count(*) FROM jobs").await, 1);
+}
+
+#[tokio::test]
+async fn concurrent_replays_make_one_batch() {
+    let db = TestDb::new().await;
+    let jobs = vec![job(0), job(1)];
+    let request = batch(Some("same"), 3);
+    let tries = (0..8).map(|_| db.store.submit_batch(&request, &jobs));
+    let outcomes = futures::future::join_all(tries).await;
+    let ids: HashSet<Uuid> = outcomes.into_iter().map(|o| o.unwrap().batch.id).collect();
+    assert_eq!(ids.len(), 1);
+    assert_eq!(count(&db.store, "SELECT count(*) FROM jobs").await, 2);
+}
+
+#[tokio::test]
+async fn a_job_runs_start_progress_complete_and_completion_takes_effect_once() {
+    let db = TestDb::new().await;
+    let s = &db.store;
+    submit(s, 1).await;
+    let w = worker(s).await;
+    let job = s.dispatch_jobs("sd3", 10, "test").await.unwrap().remove(0);
+    assert_eq!(job.state, JobState::Dispatched);
+    let lease = Duration::from_secs(30);
+    let running = s.start_job(job.id, w, lease).await.unwrap();
+    assert_eq!((running.state, running.attempt, running.worker_id), (JobState::Running, 1, Some(w)));
+    // A duplicate queue message for the same job is refused.
+    assert!(matches!(s.start_job(job.id, w, lease).await, Err(StoreError::WrongState { .. })));
+    s.report_progress(job.id, 1, w, 14, lease).await.unwrap();
+    assert_eq!(s.get_job(job.id).await.unwrap().progress_step, 14);
+    s.complete_job(job.id, 1, w, &result("a.png"), 2.5).await.unwrap();
+    s.complete_job(job.id, 1, w, &result("a.png"), 2.5).await.unwrap();
+    let done = s.get_job(job.id).await.unwrap();
+    assert_eq!(done.state, JobState::Succeeded);
+    assert_eq!(done.result.unwrap().key, "a.png");
+    assert_eq!(count(s, "SELECT count(*) FROM job_events WHERE to_state = 'succeeded'").await, 1);
+    let wk = s.get_worker(w).await.unwrap();
+    assert_eq!((wk.images_done, wk.gpu_seconds), (1, 2.5), "credited once");
+    let events: Vec<_> = s.job_events(job.id).await.unwrap().iter().map(|e| e.to_state).collect();
+    assert_eq!(events, vec![JobState::Queued, JobState::Dispatched, JobState::Running, JobState::Succeeded]);
+}
+
+#[tokio::test]
+async fn expired_lease_requeues_with_next_attempt_and_fences_the_old_one() {
+    let db = TestDb::new().await;
+    let s = &db.store;
+    submit(s, 1).await;
+    let w = worker(s).await;
+    let job = s.dispatch_jobs("sd3", 1, "test").await.unwrap().remove(0);
+    s.start_job(job.id, w, Duration::from_secs(30)).await.unwrap();
+    // Let the lease lapse without waiting for it.
+    sqlx::query("UPDATE jobs SET lease_expires_at = now() - interval '1 second'").execute(s.pool()).await.unwrap();
+    let moved = s.reap_expired_leases().await.unwrap();
+    assert_eq!(moved.len(), 1);
+    assert_eq!((moved[0].state, moved[0].attempt), (JobState::Queued, 2));
+    let stale = s.report_progress(job.id, 1, w, 3, Duration::from_secs(30)).await.unwrap_err();
+    assert!(matches!(stale, StoreError::WrongState { .. }), "{stale}");
+    assert!(s.complete_job(job.id, 1, w, &result("x"), 0.0).await.is_err());
+
+    // Second and last attempt (max_attempts = 2) also lapses: dead.
+    s.dispatch_jobs("sd3", 1, "test").await.unwrap();
+    let second = s.start_job(job.id, w, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(second.attempt, 2);
+    sqlx::query("UPDATE jobs SET lease_expires_at = now() - interval '1 second'").execute(s.pool()).await.unwrap();
+    let moved = s.reap_expired_leases().await.unwrap();
+    assert_eq!(moved[0].state, JobState::Dead);
+}
+
+#[tokio::test]
+async fn retryable_failures_requeue_until_the_last_attempt_then_dead() {
+    let db = TestDb::new().await;
+    let s = &db.store;
+    submit(s, 2).await;
+    let w = worker(s).await;
+    let lease = Duration::from_secs(30);
+    let jobs = s.dispatch_jobs("sd3", 2, "t").await.unwrap();
+    let (a, b) = (jobs[0].id, jobs[1].id);
+    s.start_job(a, w, lease).await.unwrap();
+    assert_eq!(s.fail_job(a, 1, w, "CUDA out of memory", true).await.unwrap(), JobState::Queued);
+    s.dispatch_jobs("sd3", 1, "t").await.unwrap();
+    s.start_job(a, w, lease).await.unwrap();
+    assert_eq!(s.fail_job(a, 2, w, "CUDA out of memory", true).await.unwrap(), JobState::Dead);
+    assert_eq!(s.get_job(a).await.unwrap().error.as_deref(), Some("CUDA out of memory"));
+    // A non-retryable error fails at once.
+    s.start_job(b, w, lease).await.unwrap();
+    assert_eq!(s.fail_job(b, 1, w, "prompt refused", false).await.unwrap(), JobState::Failed);
+    // An operator retry gives one more attempt.
+    let retried = s.retry_jobs(&JobSelector::Ids(vec![a, b]), "admin:x", "again").await.unwrap();
+    assert_eq!(retried.len(), 2);
+    let a_now = s.get_job(a).await.unwrap();
+    assert_eq!((a_now.state, a_now.attempt, a_now.spec.max_attempts), (JobState::Queued, 3, 3));
+}
+
+#[tokio::test]
+async fn concurrent_dispatchers_never_take_the_same_job() {
+    let db = TestDb::new().await;
+    submit(&db.store, 400).await;
+    let runs = (0..8).map(|i| {
+        let s = db.store.clone();
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            loop {
+                let batch = s.dispatch_jobs("sd3", 25, &format!("d{i}")).await.unwrap();
+                if batch.is_empty() {
+                    return got;
+                }
+                got.extend(batch.into_iter().map(|j| j.id));
+            }
+        })
+    });
+    let all: Vec<Uuid> = futures::future::join_all(runs).await.into_iter().flat_map(|r| r.unwrap()).collect();
+    let unique: HashSet<_> = all.iter().collect();
+    assert_eq!((all.len(), unique.len()), (400, 400));
+}
+
+#[tokio::test]
+async fn dispatch_follows_priority_and_pauses() {
+    let db = TestDb::new().await;
+    let s = &db.store;
+    let id = submit(s, 3).await;
+    let jobs = s.list_jobs(&JobFilter { batch_id: Some(id), ..Default::default() }, None, 10).await.unwrap();
+    assert_eq!(s.set_priority(&JobSelector::Ids(vec![jobs[2].id]), 10).await.unwrap(), 1);
+    s.set_paused("", true, "maintenance", "admin:x").await.unwrap();
+    assert!(s.dispatch_jobs("sd3", 10, "t").await.unwrap().is_empty());
+    s.set_paused("", false, "", "admin:x").await.unwrap();
+    s.set_paused("sd3", true, "", "admin:x").await.unwrap();
+    assert!(s.dispatch_jobs("sd3", 10, "t").await.unwrap().is_empty());
+    s.set_paused("sd3", false, "", "admin:x").await.unwrap();
+    let first = s.dispatch_jobs("sd3", 1, "t").await.unwrap();
+    assert_eq!(first[0].id, jobs[2].id, "the raised priority goes first");
+}
+
+#[tokio::test]
+async fn cancel_and_purge_touch_only_what_they_may() {
+    let db = TestDb::new().await;
+    let s = &db.store;
+    let id = submit(s, 5).await;
+    let w = worker(s).await;
+    let j = s.dispatch_jobs("sd3", 1, "t").await.unwrap().remove(0);
+    s.start_job(j.id, w, Duration::from_secs(30)).await.unwrap();
+    s.complete_job(j.id, 1, w, &result("r"), 1.0).await.unwrap();
+    let cancelled = s.cancel_jobs(&JobSelector::Batch(id), "submitter:t", "no longer needed").await.unwrap();
+    assert_eq!(cancelled.len(), 4, "the succeeded job stays");
+    assert_eq!(count(s, "SELECT count(*) FROM job_events WHERE to_state = 'cancelled'").await, 4);
+    assert_eq!(s.purge_jobs(Some(&JobSelector::Batch(id)), None).await.unwrap(), 5);
+    assert!(matches!(s.get_batch(id).await, Err(StoreError::NotFound { .. })), "an empty batch goes too");
+}
+
+#[tokio::test]
+async fn heartbeats_renew_leases_and_name_revoked_jobs() {
+    let db = TestDb::new().await;
+    let s = &db.store;
+    submit(s, 2).await;
+    let w = worker(s).await;
+    let jobs = s.dispatch_jobs("sd3", 2, "t").await.unwrap();
+    let short = Duration::from_secs(1);
+    for j in &jobs {
+        s.start_job(j.id, w, short).await.unwrap();
+    }
+    s.cancel_jobs(&JobSelector::Ids(vec![jobs[1].id]), "submitter:t", "").await.unwrap();
+    let beat = s.heartbeat(w, &[(jobs[0].id, 1), (jobs[1].id, 1)], 3.0, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(beat.state, WorkerState::Active);
+    assert_eq!(beat.revoked, vec![jobs[1].id]);
+    let kept = s.get_job(jobs[0].id).await.unwrap();
+    assert!(kept.lease_expires_at.unwrap() > chrono::Utc::now() + chrono::Duration::seconds(30));
+
+    s.set_worker_state(w, WorkerState::Cordoned).await.unwrap();
+    submit(s, 1).await;
+    let next = s.dispatch_jobs("sd3", 1, "t").await.unwrap().remove(0);
+    assert!(matches!(s.start_job(next.id, w, short).await, Err(StoreError::WorkerUnavailable { .. })));
+
+    sqlx::query("UPDATE workers SET last_heartbeat_at = now() - interval '2 minutes'").execute(s.pool()).await.unwrap();
+    assert_eq!(s.mark_lost_workers(Duration::from_secs(60)).await.unwrap(), vec![w]);
+    assert_eq!(s.get_worker(w).await.unwrap().state, WorkerState::Lost);
+}
+
+#[tokio::test]
+async fn tokens_authenticate_until_revoked() {
+    let db = TestDb::new().await;
+    let s = &db.store;
+    let (info, secret) = s.create_token("ci", Role::Worker, [7; 32]).await.unwrap();
+    assert_eq!(s.authenticate(&secret).await.unwrap(), Some(info.clone()));
+    assert_eq!(s.authenticate("fft_nope").await.unwrap(), None);
+    let stored: Vec<u8> = sqlx::query_scalar("SELECT token_hash FROM api_tokens").fetch_one(s.pool()).await.unwrap();
+    assert_ne!(stored, secret.as_bytes(), "only the hash is stored");
+    s.revoke_token(info.id).await.unwrap();
+    assert_eq!(s.authenticate(&secret).await.unwrap(), None);
+}
