@@ -1,0 +1,158 @@
+//! An in-process coordinator on an ephemeral port over a throwaway database,
+//! with one token per role.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+
+use flowfarm_coordinator::{Config, Coordinator};
+use flowfarm_core::{ModelConfig, Role, ShiftPolicy, TextEncoderSet, Variant};
+use flowfarm_proto::v1::admin_service_client::AdminServiceClient;
+use flowfarm_proto::v1::render_service_client::RenderServiceClient;
+use flowfarm_proto::v1::worker_service_client::WorkerServiceClient;
+use flowfarm_testkit::TestDb;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+pub fn test_config() -> Config {
+    let mut config: Config = toml::from_str("").expect("empty config parses to defaults");
+    config.models = vec![
+        ModelConfig {
+            name: "sd3".into(),
+            variant: Variant::Sd3Medium,
+            default_steps: 28,
+            default_guidance: 7.0,
+            default_width: 1024,
+            default_height: 1024,
+            max_side_px: 2048,
+            shift: ShiftPolicy::Fixed { alpha: 3.0 },
+            text_encoder_sets: vec![TextEncoderSet::All, TextEncoderSet::ClipOnly],
+        },
+        ModelConfig {
+            name: "tiny".into(),
+            variant: Variant::Sd35Medium,
+            default_steps: 8,
+            default_guidance: 4.0,
+            default_width: 256,
+            default_height: 256,
+            max_side_px: 512,
+            shift: ShiftPolicy::Resolution { alpha_ref: 3.0, ref_width: 256, ref_height: 256 },
+            text_encoder_sets: vec![TextEncoderSet::ClipOnly],
+        },
+    ];
+    config
+}
+
+#[derive(Clone)]
+pub struct Auth(Option<String>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            let value: MetadataValue<_> = format!("Bearer {token}").parse().map_err(|_| Status::internal("bad token"))?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+}
+
+pub type Render = RenderServiceClient<InterceptedService<Channel, Auth>>;
+pub type Admin = AdminServiceClient<InterceptedService<Channel, Auth>>;
+pub type Worker = WorkerServiceClient<InterceptedService<Channel, Auth>>;
+
+pub struct Harness {
+    pub db: TestDb,
+    pub addr: SocketAddr,
+    pub channel: Channel,
+    pub submit_token: String,
+    pub admin_token: String,
+    pub worker_token: String,
+    pub results_dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Harness {
+    pub async fn start() -> Harness {
+        Harness::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Harness {
+        let db = TestDb::new().await;
+        let results_dir = tempfile::tempdir().expect("temp dir");
+        let mut config = test_config();
+        config.results.dir = results_dir.path().to_owned();
+        tweak(&mut config);
+        let token = |role: Role, name: &'static str| {
+            let store = db.store.clone();
+            async move { store.create_token(name, role, rand::random()).await.expect("token").1 }
+        };
+        let submit_token = token(Role::Submit, "sub").await;
+        let admin_token = token(Role::Admin, "adm").await;
+        let worker_token = token(Role::Worker, "wrk").await;
+        let coordinator = Coordinator::new(&config, db.store.clone()).expect("coordinator");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            flowfarm_coordinator::serve(coordinator, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("serve");
+        });
+        let channel = Channel::from_shared(format!("http://{addr}")).expect("uri").connect_lazy();
+        Harness {
+            db,
+            addr,
+            channel,
+            submit_token,
+            admin_token,
+            worker_token,
+            results_dir,
+            stop: Some(stop),
+            server: Some(server),
+        }
+    }
+
+    pub fn render_as(&self, token: Option<&str>) -> Render {
+        RenderServiceClient::with_interceptor(self.channel.clone(), Auth(token.map(str::to_owned)))
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+    pub fn admin_as(&self, token: Option<&str>) -> Admin {
+        AdminServiceClient::with_interceptor(self.channel.clone(), Auth(token.map(str::to_owned)))
+    }
+    pub fn worker_as(&self, token: Option<&str>) -> Worker {
+        WorkerServiceClient::with_interceptor(self.channel.clone(), Auth(token.map(str::to_owned)))
+    }
+    pub fn render(&self) -> Render {
+        self.render_as(Some(&self.submit_token))
+    }
+    pub fn admin(&self) -> Admin {
+        self.admin_as(Some(&self.admin_token))
+    }
+    pub fn worker(&self) -> Worker {
+        self.worker_as(Some(&self.worker_token))
+    }
+
+    pub async fn rows(&self) -> (i64, i64, i64) {
+        let q = |sql: &'static str| sqlx::query_scalar::<_, i64>(sql).fetch_one(self.db.store.pool());
+        (
+            q("SELECT count(*) FROM batches").await.expect("count"),
+            q("SELECT count(*) FROM jobs").await.expect("count"),
+            q("SELECT count(*) FROM job_events").await.expect("count"),
+        )
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
+    }
+}
