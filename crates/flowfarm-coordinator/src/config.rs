@@ -32,11 +32,20 @@ pub struct Config {
 pub struct ServerConfig {
     /// Address the gRPC server listens on. Env: `FLOWFARM_LISTEN`.
     pub listen: SocketAddr,
+    /// On shutdown, how long running calls and open streams may go on
+    /// before their connections are closed.
+    pub shutdown_grace_seconds: f64,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { listen: SocketAddr::from(([127, 0, 0, 1], 7070)) }
+        ServerConfig { listen: SocketAddr::from(([127, 0, 0, 1], 7070)), shutdown_grace_seconds: 10.0 }
+    }
+}
+
+impl ServerConfig {
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs_f64(self.shutdown_grace_seconds)
     }
 }
 
@@ -175,6 +184,10 @@ impl Config {
         }
         if !(limits.min_guidance <= limits.max_guidance) {
             return Err(ConfigError::Invalid("limits.min_guidance must not exceed limits.max_guidance".into()));
+        }
+        let grace = self.server.shutdown_grace_seconds;
+        if !(grace.is_finite() && (0.0..=3600.0).contains(&grace)) {
+            return Err(ConfigError::Invalid("server.shutdown_grace_seconds must be within 0..=3600".into()));
         }
         if self.database.max_connections == 0 {
             return Err(ConfigError::Invalid("database.max_connections must be positive".into()));

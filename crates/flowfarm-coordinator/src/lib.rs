@@ -47,6 +47,7 @@ struct Shared {
     limits: Limits,
     leases: LeaseConfig,
     results: ResultsConfig,
+    shutdown_grace: std::time::Duration,
     auth: Authenticator,
     progress: broadcast::Sender<Progress>,
 }
@@ -72,6 +73,7 @@ impl Coordinator {
                 limits: config.limits.clone(),
                 leases: config.leases.clone(),
                 results: config.results.clone(),
+                shutdown_grace: config.server.shutdown_grace(),
                 store,
                 progress,
             }),

@@ -24,7 +24,9 @@ pub enum ServeError {
 
 /// Serves RenderService, AdminService, WorkerService, grpc.health.v1 and
 /// server reflection on `listener`, and runs the lease reaper, until
-/// `shutdown` resolves; then stops accepting calls and lets running ones end.
+/// `shutdown` resolves; then stops accepting calls and lets running ones end
+/// for at most `server.shutdown_grace_seconds` (watch streams and idle
+/// clients would otherwise hold it open forever).
 ///
 /// # Errors
 /// [`ServeError`] if the server cannot be built or the transport fails.
@@ -54,15 +56,33 @@ pub async fn serve(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let admin = AdminServiceServer::new(coordinator.clone());
+    let grace = coordinator.shared.shutdown_grace;
     let worker = WorkerServiceServer::new(coordinator);
-    let result = tonic::transport::Server::builder()
+    let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(render)
         .add_service(admin)
         .add_service(worker)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            shutdown.await;
+            let _ = draining_tx.send(());
+        });
+    let deadline = async move {
+        if draining_rx.await.is_ok() {
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let result = tokio::select! {
+        result = server => result,
+        _ = deadline => {
+            tracing::warn!(grace_seconds = grace.as_secs_f64(), "shutdown grace period over; closing the remaining connections");
+            Ok(())
+        }
+    };
     let _ = stop_tx.send(true);
     let _ = reaper.await;
     result?;
