@@ -2,12 +2,10 @@
 //! validation, the worker protocol with leases and fencing, big batches,
 //! watching, results, health and reflection.
 
-mod common;
-
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use common::Harness;
+use flowfarm_testkit::Harness;
 use flowfarm_proto::v1 as pb;
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -273,7 +271,7 @@ async fn idempotent_resubmission_returns_the_first_batch() {
     h.stop().await;
 }
 
-async fn register(w: &mut common::Worker) -> String {
+async fn register(w: &mut flowfarm_testkit::Worker) -> String {
     w.register_worker(pb::RegisterWorkerRequest {
         name: "gpu-box-1".into(),
         hostname: "gpu-box-1".into(),

@@ -417,7 +417,7 @@ impl PgStore {
         Ok(qb.build().execute(&self.pool).await?.rows_affected())
     }
 
-    /// Deletes terminal jobs (and, by cascade, their events) that are selected,
+    /// Deletes terminal jobs and their events that are selected,
     /// or, without a selector, that were last updated before `older_than`.
     /// Batches left without jobs are deleted too. Returns the jobs deleted.
     ///
@@ -435,7 +435,8 @@ impl PgStore {
         if let Some(cutoff) = older_than {
             qb.push(" AND updated_at < ").push_bind(cutoff);
         }
-        qb.push(" RETURNING batch_id) SELECT batch_id, count(*) AS n FROM del GROUP BY batch_id");
+        qb.push(" RETURNING id, batch_id), ev AS (DELETE FROM job_events WHERE job_id IN (SELECT id FROM del))");
+        qb.push(" SELECT batch_id, count(*) AS n FROM del GROUP BY batch_id");
         let rows = qb.build().fetch_all(&mut *tx).await?;
         let mut deleted = 0u64;
         let mut batches = Vec::with_capacity(rows.len());

@@ -233,6 +233,7 @@ async fn cancel_and_purge_touch_only_what_they_may() {
     assert_eq!(cancelled.len(), 4, "the succeeded job stays");
     assert_eq!(count(s, "SELECT count(*) FROM job_events WHERE to_state = 'cancelled'").await, 4);
     assert_eq!(s.purge_jobs(Some(&JobSelector::Batch(id)), None).await.unwrap(), 5);
+    assert_eq!(count(s, "SELECT count(*) FROM job_events").await, 0, "events go with their jobs");
     assert!(matches!(s.get_batch(id).await, Err(StoreError::NotFound { .. })), "an empty batch goes too");
 }
 

@@ -1,11 +1,15 @@
-//! Test support: every test gets its own Postgres database, so tests run in
-//! parallel without seeing each other's rows.
+//! Test support: every test gets its own Postgres database ([`TestDb`]), so
+//! tests run in parallel without seeing each other's rows, and an in-process
+//! coordinator over it ([`Harness`]).
 //!
 //! The server comes from `FLOWFARM_TEST_DATABASE_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`); `scripts/test.sh` makes
 //! sure one is running.
 
+mod harness;
+
 use flowfarm_store::PgStore;
+pub use harness::{test_config, Admin, Auth, Harness, Render, Worker};
 use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 

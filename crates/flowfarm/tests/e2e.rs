@@ -10,7 +10,6 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
 
 use flowfarm_proto::v1 as pb;
 use flowfarm_testkit::TestDb;

@@ -1,8 +1,6 @@
 //! An in-process coordinator on an ephemeral port over a throwaway database,
 //! with one token per role.
 
-#![allow(dead_code)]
-
 use std::net::SocketAddr;
 
 use flowfarm_coordinator::{Config, Coordinator};
@@ -10,12 +8,14 @@ use flowfarm_core::{ModelConfig, Role, ShiftPolicy, TextEncoderSet, Variant};
 use flowfarm_proto::v1::admin_service_client::AdminServiceClient;
 use flowfarm_proto::v1::render_service_client::RenderServiceClient;
 use flowfarm_proto::v1::worker_service_client::WorkerServiceClient;
-use flowfarm_testkit::TestDb;
+use crate::TestDb;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Status};
 
+/// A coordinator config with two models: `sd3` (fixed shift 3.0, up to
+/// 2048 px) and `tiny` (resolution shift, CLIP-only, up to 512 px).
 pub fn test_config() -> Config {
     let mut config: Config = toml::from_str("").expect("empty config parses to defaults");
     config.models = vec![
@@ -45,6 +45,7 @@ pub fn test_config() -> Config {
     config
 }
 
+/// Adds a bearer token to every call.
 #[derive(Clone)]
 pub struct Auth(Option<String>);
 
@@ -62,6 +63,7 @@ pub type Render = RenderServiceClient<InterceptedService<Channel, Auth>>;
 pub type Admin = AdminServiceClient<InterceptedService<Channel, Auth>>;
 pub type Worker = WorkerServiceClient<InterceptedService<Channel, Auth>>;
 
+/// A running coordinator and its database; `stop` shuts it down.
 pub struct Harness {
     pub db: TestDb,
     pub addr: SocketAddr,

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Runs every flowfarm test from a clean clone: makes sure Postgres and Redis
+# run (starting them, or installing them from Debian packages when missing),
+# builds every binary, then runs the whole test suite.
+#
+# Environment:
+#   FLOWFARM_TEST_DATABASE_URL  Postgres server tests create their databases on
+#                               (default postgres://postgres@127.0.0.1:5432/postgres)
+#   FLOWFARM_TEST_REDIS_URL     Redis server (default redis://127.0.0.1:6379)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export FLOWFARM_TEST_DATABASE_URL=${FLOWFARM_TEST_DATABASE_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+export FLOWFARM_TEST_REDIS_URL=${FLOWFARM_TEST_REDIS_URL:-redis://127.0.0.1:6379}
+
+say() { printf '==> %s\n' "$*" >&2; }
+
+apt_install() {
+  if ! command -v apt-get >/dev/null; then
+    say "cannot install $* here (no apt-get): install it yourself, or point the FLOWFARM_TEST_* variables at running servers"
+    exit 1
+  fi
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  say "installing $* from Debian packages"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
+postgres_up() { pg_isready -q -d "$FLOWFARM_TEST_DATABASE_URL" 2>/dev/null; }
+
+ensure_postgres() {
+  command -v pg_isready >/dev/null || apt_install postgresql postgresql-client
+  if postgres_up; then return; fi
+  say "starting Postgres"
+  if command -v pg_ctlcluster >/dev/null && ls /etc/postgresql >/dev/null 2>&1 && [ -n "$(ls /etc/postgresql)" ]; then
+    local version
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  else
+    apt_install postgresql
+    version=$(ls /etc/postgresql | sort -V | tail -n 1)
+    pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+  fi
+  for _ in $(seq 1 30); do postgres_up && return; sleep 1; done
+  say "Postgres is not answering at $FLOWFARM_TEST_DATABASE_URL"
+  exit 1
+}
+
+redis_up() { redis-cli -u "$FLOWFARM_TEST_REDIS_URL" ping 2>/dev/null | grep -q PONG; }
+
+ensure_redis() {
+  command -v redis-cli >/dev/null || apt_install redis-server redis-tools
+  if redis_up; then return; fi
+  say "starting Redis"
+  command -v redis-server >/dev/null || apt_install redis-server
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no >/dev/null
+  for _ in $(seq 1 30); do redis_up && return; sleep 1; done
+  say "Redis is not answering at $FLOWFARM_TEST_REDIS_URL"
+  exit 1
+}
+
+ensure_postgres
+ensure_redis
+
+say "building (every binary: the end-to-end tests run them)"
+cargo build --locked --workspace --bins --tests
+
+say "testing"
+cargo test --locked --workspace
