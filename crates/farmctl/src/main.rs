@@ -484,7 +484,7 @@ async fn watch(farm: &Farm, batch_id: &str, json: bool) -> Result<ExitCode> {
                 if json {
                     println!("{}", json!({ "snapshot": output::batch(&batch) }));
                 }
-                let counts = batch.counts.clone().unwrap_or_default();
+                let counts = batch.counts.unwrap_or_default();
                 bar.set_length(batch.total_jobs);
                 bar.set_position(counts.succeeded + counts.failed + counts.cancelled + counts.dead);
                 last = Some(batch);
@@ -522,7 +522,7 @@ async fn watch(farm: &Farm, batch_id: &str, json: bool) -> Result<ExitCode> {
     }
     bar.finish_and_clear();
     let batch = last.context("the watch stream ended before sending the batch")?;
-    let counts = batch.counts.clone().unwrap_or_default();
+    let counts = batch.counts.unwrap_or_default();
     let unsuccessful = counts.failed + counts.cancelled + counts.dead;
     if !json {
         println!("batch {}: {}", batch.id, output::counts_line(&batch.counts));

@@ -46,7 +46,7 @@ pub fn worker_state_name(state: i32) -> &'static str {
 }
 
 pub fn counts(c: &Option<pb::JobCounts>) -> Value {
-    let c = c.clone().unwrap_or_default();
+    let c = c.unwrap_or_default();
     json!({
         "queued": c.queued, "dispatched": c.dispatched, "running": c.running, "succeeded": c.succeeded,
         "failed": c.failed, "cancelled": c.cancelled, "dead": c.dead,
@@ -54,7 +54,7 @@ pub fn counts(c: &Option<pb::JobCounts>) -> Value {
 }
 
 pub fn counts_line(c: &Option<pb::JobCounts>) -> String {
-    let c = c.clone().unwrap_or_default();
+    let c = c.unwrap_or_default();
     format!(
         "queued {} · dispatched {} · running {} · succeeded {} · failed {} · cancelled {} · dead {}",
         c.queued, c.dispatched, c.running, c.succeeded, c.failed, c.cancelled, c.dead

@@ -182,8 +182,10 @@ impl Config {
         if limits.max_batch_jobs == 0 || limits.max_steps == 0 || limits.max_attempts == 0 {
             return Err(ConfigError::Invalid("limits: max_batch_jobs, max_steps and max_attempts must be positive".into()));
         }
-        if !(limits.min_guidance <= limits.max_guidance) {
-            return Err(ConfigError::Invalid("limits.min_guidance must not exceed limits.max_guidance".into()));
+        let guidance_range_ok =
+            limits.min_guidance.is_finite() && limits.max_guidance.is_finite() && limits.min_guidance <= limits.max_guidance;
+        if !guidance_range_ok {
+            return Err(ConfigError::Invalid("limits.min_guidance and max_guidance must be finite, min ≤ max".into()));
         }
         let grace = self.server.shutdown_grace_seconds;
         if !(grace.is_finite() && (0.0..=3600.0).contains(&grace)) {

@@ -198,7 +198,7 @@ fn check_text(path: &str, text: &str, required: bool, limits: &Limits, errors: &
 }
 
 fn check_side(path: &str, side: u32, model: &ModelConfig, limits: &Limits, errors: &mut Vec<FieldError>) {
-    if side % 16 != 0 {
+    if !side.is_multiple_of(16) {
         errors.push(FieldError::new(path, format!("{side} is not a multiple of 16")));
     } else if side < limits.min_side_px {
         errors.push(FieldError::new(path, format!("{side} is below the minimum of {}", limits.min_side_px)));

@@ -136,7 +136,7 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let config = Config::load(&cli.config).with_context(|| {
-        format!("loading config (pass --config FILE or set FLOWFARM_CONFIG; config/flowfarm.toml is an example)")
+        "loading config (pass --config FILE or set FLOWFARM_CONFIG; config/flowfarm.toml is an example)".to_string()
     })?;
     match cli.command {
         Command::Coordinator => {
