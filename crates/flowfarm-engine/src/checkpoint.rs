@@ -1,0 +1,310 @@
+//! Reading MM-DiT checkpoints in either published layout.
+//!
+//! - **Single file** (Stability AI's layout): `model.diffusion_model.*` keys
+//!   (or the same keys without the prefix), fused `qkv` projections,
+//!   `joint_blocks.{i}.{x_block,context_block}`, and the final and last-context
+//!   modulations stored shift-then-scale.
+//! - **Diffusers folder**: `transformer/` with `diffusion_pytorch_model.safetensors`
+//!   or shards listed in `diffusion_pytorch_model.safetensors.index.json`, and
+//!   `config.json`.
+//!
+//! The layout is told from the keys, the architecture from the keys and shapes
+//! ([`MmDitConfig::detect`]). Files are memory-mapped; a tensor is read when
+//! the model asks for it, under its diffusers name, and converted on the fly.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+
+use crate::mmdit::{MmDit, MmDitConfig, WeightSource};
+use crate::EngineError;
+
+/// Key prefix of the transformer in Stability AI's single files.
+pub const SINGLE_FILE_PREFIX: &str = "model.diffusion_model.";
+/// Safetensors metadata key giving the head count, for checkpoints whose
+/// heads are not 64 channels wide and that carry no QK-norm (tiny test models).
+pub const HEADS_METADATA_KEY: &str = "num_heads";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    SingleFile,
+    Diffusers,
+}
+
+/// How a diffusers-named tensor is read from a single-file checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Transform {
+    Same,
+    /// Part `i` of 3 along dim 0 (q, k, v of a fused qkv).
+    Third(usize),
+    /// The two halves along dim 0 swapped (shift/scale ↔ scale/shift).
+    SwapHalves,
+}
+
+/// The single-file key and transform for a diffusers name. `last_block` is
+/// the index of the final joint block, whose context modulation is swapped.
+pub(crate) fn single_file_key(name: &str, last_block: usize) -> Option<(String, Transform)> {
+    use Transform::*;
+    let fixed = match name {
+        "pos_embed.pos_embed" => Some("pos_embed"),
+        "pos_embed.proj.weight" => Some("x_embedder.proj.weight"),
+        "pos_embed.proj.bias" => Some("x_embedder.proj.bias"),
+        _ => None,
+    };
+    if let Some(key) = fixed {
+        return Some((key.to_owned(), Same));
+    }
+    let (stem, kind) = name.rsplit_once('.')?;
+    let simple = |key: &str| Some((format!("{key}.{kind}"), Same));
+    match stem {
+        "time_text_embed.timestep_embedder.linear_1" => return simple("t_embedder.mlp.0"),
+        "time_text_embed.timestep_embedder.linear_2" => return simple("t_embedder.mlp.2"),
+        "time_text_embed.text_embedder.linear_1" => return simple("y_embedder.mlp.0"),
+        "time_text_embed.text_embedder.linear_2" => return simple("y_embedder.mlp.2"),
+        "context_embedder" => return simple("context_embedder"),
+        "proj_out" => return simple("final_layer.linear"),
+        "norm_out.linear" => return Some((format!("final_layer.adaLN_modulation.1.{kind}"), SwapHalves)),
+        _ => {}
+    }
+    let rest = stem.strip_prefix("transformer_blocks.")?;
+    let (index, part) = rest.split_once('.')?;
+    let i: usize = index.parse().ok()?;
+    let j = format!("joint_blocks.{i}");
+    let (key, transform) = match part {
+        "attn.to_q" => ("x_block.attn.qkv", Third(0)),
+        "attn.to_k" => ("x_block.attn.qkv", Third(1)),
+        "attn.to_v" => ("x_block.attn.qkv", Third(2)),
+        "attn.add_q_proj" => ("context_block.attn.qkv", Third(0)),
+        "attn.add_k_proj" => ("context_block.attn.qkv", Third(1)),
+        "attn.add_v_proj" => ("context_block.attn.qkv", Third(2)),
+        "attn.norm_q" => ("x_block.attn.ln_q", Same),
+        "attn.norm_k" => ("x_block.attn.ln_k", Same),
+        "attn.norm_added_q" => ("context_block.attn.ln_q", Same),
+        "attn.norm_added_k" => ("context_block.attn.ln_k", Same),
+        "attn.to_out.0" => ("x_block.attn.proj", Same),
+        "attn.to_add_out" => ("context_block.attn.proj", Same),
+        "attn2.to_q" => ("x_block.attn2.qkv", Third(0)),
+        "attn2.to_k" => ("x_block.attn2.qkv", Third(1)),
+        "attn2.to_v" => ("x_block.attn2.qkv", Third(2)),
+        "attn2.norm_q" => ("x_block.attn2.ln_q", Same),
+        "attn2.norm_k" => ("x_block.attn2.ln_k", Same),
+        "attn2.to_out.0" => ("x_block.attn2.proj", Same),
+        "norm1.linear" => ("x_block.adaLN_modulation.1", Same),
+        "norm1_context.linear" => ("context_block.adaLN_modulation.1", if i == last_block { SwapHalves } else { Same }),
+        "ff.net.0.proj" => ("x_block.mlp.fc1", Same),
+        "ff.net.2" => ("x_block.mlp.fc2", Same),
+        "ff_context.net.0.proj" => ("context_block.mlp.fc1", Same),
+        "ff_context.net.2" => ("context_block.mlp.fc2", Same),
+        _ => return None,
+    };
+    Some((format!("{j}.{key}.{kind}"), transform))
+}
+
+/// Applies `transform` to a single-file tensor.
+pub(crate) fn apply(transform: Transform, t: Tensor) -> candle_core::Result<Tensor> {
+    match transform {
+        Transform::Same => Ok(t),
+        Transform::Third(i) => {
+            let third = t.dim(0)? / 3;
+            t.narrow(0, i * third, third)
+        }
+        Transform::SwapHalves => {
+            let half = t.dim(0)? / 2;
+            Tensor::cat(&[t.narrow(0, half, half)?, t.narrow(0, 0, half)?], 0)
+        }
+    }
+}
+
+/// An opened checkpoint: memory-mapped files plus what was learnt from their keys.
+pub struct Checkpoint {
+    path: PathBuf,
+    layout: Layout,
+    prefix: String,
+    files: MmapedSafetensors,
+    /// Shapes by key as stored (prefix included).
+    shapes: HashMap<String, Vec<usize>>,
+    heads: Option<usize>,
+    last_block: usize,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
+    move |source| EngineError::Io { path: path.display().to_string(), source }
+}
+
+fn bad(path: &Path, reason: impl Into<String>) -> EngineError {
+    EngineError::Checkpoint { path: path.display().to_string(), reason: reason.into() }
+}
+
+/// The `__metadata__` map of a safetensors file, read from its header only.
+fn read_metadata(path: &Path) -> Result<HashMap<String, String>, EngineError> {
+    let mut file = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(io_err(path))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 * 1024 * 1024 {
+        return Err(bad(path, "safetensors header larger than 100 MiB"));
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header).map_err(io_err(path))?;
+    let header: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| bad(path, format!("unreadable safetensors header: {e}")))?;
+    Ok(header
+        .get("__metadata__")
+        .and_then(|m| m.as_object())
+        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned()))).collect())
+        .unwrap_or_default())
+}
+
+/// The safetensors files of a path: a file, a folder with `transformer/`, or
+/// a transformer folder (single file or shards with an index).
+fn weight_files(path: &Path) -> Result<(Vec<PathBuf>, Option<PathBuf>), EngineError> {
+    if path.is_file() {
+        return Ok((vec![path.to_owned()], None));
+    }
+    if !path.is_dir() {
+        return Err(bad(path, "no such file or folder"));
+    }
+    let dir = if path.join("transformer").is_dir() { path.join("transformer") } else { path.to_owned() };
+    let config = Some(dir.join("config.json")).filter(|c| c.is_file());
+    let index = dir.join("diffusion_pytorch_model.safetensors.index.json");
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&index, format!("not JSON: {e}")))?;
+        let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad(&index, "no weight_map"))?;
+        let mut shards: Vec<PathBuf> = map.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect();
+        shards.sort();
+        shards.dedup();
+        if let Some(missing) = shards.iter().find(|s| !s.is_file()) {
+            return Err(bad(&index, format!("lists shard {} which does not exist", missing.display())));
+        }
+        return Ok((shards, config));
+    }
+    let single = dir.join("diffusion_pytorch_model.safetensors");
+    if single.is_file() {
+        return Ok((vec![single], config));
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map_err(io_err(&dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    match found.len() {
+        1 => Ok((found.pop().expect("one"), config)).map(|(f, c)| (vec![f], c)),
+        0 => Err(bad(&dir, "no .safetensors files")),
+        _ => Err(bad(&dir, "several .safetensors files and no index.json; name the file")),
+    }
+}
+
+impl Checkpoint {
+    /// Opens a checkpoint file or folder and detects its layout.
+    ///
+    /// # Errors
+    /// [`EngineError::Checkpoint`] for files that are missing, unreadable or
+    /// hold no MM-DiT; [`EngineError::Io`].
+    pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint, EngineError> {
+        let path = path.as_ref();
+        let (files, config) = weight_files(path)?;
+        // SAFETY: the files are mapped read-only; flowfarm never writes a checkpoint it has open.
+        let mapped = unsafe { MmapedSafetensors::multi(&files) }
+            .map_err(|e| bad(path, format!("not a safetensors checkpoint: {e}")))?;
+        let shapes: HashMap<String, Vec<usize>> =
+            mapped.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect();
+        let has = |prefix: &str| shapes.keys().any(|k| k.starts_with(prefix));
+        let (layout, prefix) = if has(&format!("{SINGLE_FILE_PREFIX}joint_blocks.")) {
+            (Layout::SingleFile, SINGLE_FILE_PREFIX.to_owned())
+        } else if has("joint_blocks.") {
+            (Layout::SingleFile, String::new())
+        } else if has("transformer_blocks.") {
+            (Layout::Diffusers, String::new())
+        } else {
+            return Err(bad(path, "no MM-DiT weights (neither joint_blocks.* nor transformer_blocks.* keys)"));
+        };
+        let block_key = if layout == Layout::SingleFile { format!("{prefix}joint_blocks.") } else { "transformer_blocks.".into() };
+        let last_block = shapes
+            .keys()
+            .filter_map(|k| k.strip_prefix(&block_key)?.split('.').next()?.parse::<usize>().ok())
+            .max()
+            .unwrap_or(0);
+        let mut heads = None;
+        if let Some(config) = &config {
+            let text = std::fs::read_to_string(config).map_err(io_err(config))?;
+            let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(config, format!("not JSON: {e}")))?;
+            heads = json.get("num_attention_heads").and_then(|h| h.as_u64()).map(|h| h as usize);
+        }
+        for file in &files {
+            if let Some(h) = read_metadata(file)?.get(HEADS_METADATA_KEY) {
+                heads = Some(h.parse().map_err(|_| bad(file, format!("metadata {HEADS_METADATA_KEY}={h} is not a number")))?);
+            }
+        }
+        Ok(Checkpoint { path: path.to_owned(), layout, prefix, files: mapped, shapes, heads, last_block })
+    }
+
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The architecture, read off the weights.
+    ///
+    /// # Errors
+    /// [`EngineError::Checkpoint`] when the weights do not describe an MM-DiT.
+    pub fn config(&self) -> Result<MmDitConfig, EngineError> {
+        MmDitConfig::detect(self, self.heads).map_err(|e| match e {
+            EngineError::Checkpoint { reason, .. } => bad(&self.path, reason),
+            other => other,
+        })
+    }
+
+    /// Builds the model in `dtype` on `device`.
+    ///
+    /// # Errors
+    /// As [`Checkpoint::config`] and [`MmDit::load`].
+    pub fn load_model(&self, dtype: DType, device: &Device) -> Result<MmDit, EngineError> {
+        MmDit::load(self.config()?, self, dtype, device)
+    }
+
+    fn source(&self, name: &str) -> Option<(String, Transform)> {
+        match self.layout {
+            Layout::Diffusers => Some((name.to_owned(), Transform::Same)),
+            Layout::SingleFile => {
+                single_file_key(name, self.last_block).map(|(key, t)| (format!("{}{key}", self.prefix), t))
+            }
+        }
+    }
+}
+
+impl WeightSource for Checkpoint {
+    fn tensor(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor, EngineError> {
+        let missing = || EngineError::MissingTensor { key: name.to_owned() };
+        let (key, transform) = self.source(name).ok_or_else(missing)?;
+        if !self.shapes.contains_key(&key) {
+            return Err(if key == name { missing() } else { EngineError::MissingTensor { key: format!("{key} (for {name})") } });
+        }
+        let found = self.shape(name).ok_or_else(missing)?;
+        if found != shape {
+            let key = if key == name { key } else { format!("{key} (for {name})") };
+            return Err(EngineError::ShapeMismatch { key, expected: shape.to_vec(), found });
+        }
+        let raw = self.files.load(&key, device)?;
+        Ok(apply(transform, raw)?.to_dtype(dtype)?.contiguous()?)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.source(name).is_some_and(|(key, _)| self.shapes.contains_key(&key))
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let (key, transform) = self.source(name)?;
+        let mut shape = self.shapes.get(&key)?.clone();
+        if let (Transform::Third(_), Some(first)) = (transform, shape.first_mut()) {
+            *first /= 3;
+        }
+        Some(shape)
+    }
+}

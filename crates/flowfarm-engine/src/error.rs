@@ -1,0 +1,26 @@
+/// What can go wrong loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    /// The files are not a checkpoint this engine can read.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint { path: String, reason: String },
+    /// A weight the model needs is absent.
+    #[error("checkpoint has no tensor `{key}`")]
+    MissingTensor { key: String },
+    /// A weight has another shape than the model built from the checkpoint expects.
+    #[error("tensor `{key}` has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch { key: String, expected: Vec<usize>, found: Vec<usize> },
+    /// The image is larger than the position-embedding grid allows.
+    #[error("latent of {height}×{width} is {h_patches}×{w_patches} patches; this model's position embedding covers at most {max}×{max} ({max_px} pixels a side)")]
+    TooLarge { height: usize, width: usize, h_patches: usize, w_patches: usize, max: usize, max_px: usize },
+    /// Inputs that do not fit together (batch sizes, channels, steps).
+    #[error("invalid input: {0}")]
+    Input(String),
+    /// The per-step callback asked to stop.
+    #[error("cancelled after step {step}")]
+    Cancelled { step: usize },
+}

@@ -1,0 +1,27 @@
+//! flowfarm's inference engine, part 1: the MM-DiT transformer of SD3-class
+//! models, its checkpoints, the rectified-flow Euler sampler and the seeded
+//! initial noise.
+//!
+//! - [`mmdit`]: the transformer (SD3-medium, SD3.5-medium with MMDiT-X dual
+//!   attention, SD3.5-large with QK RMSNorm), dtype-generic, `Send + Sync`,
+//!   runnable block by block.
+//! - [`checkpoint`]: the single-file (`model.diffusion_model.*`) and diffusers
+//!   (`transformer/`, sharded or not) layouts, detected from the keys, memory-mapped.
+//! - [`sampler`]: Euler flow matching with classifier-free guidance, each
+//!   sample of a batch with its own sigmas (shift) and guidance.
+//! - [`noise`]: the initial latent from a portable seeded RNG on the CPU.
+//! - [`tiny`]: random tiny models in both layouts, for tests and benchmarks.
+//!
+//! The timestep-shift math lives in `flowfarm_core::shift`, so the coordinator
+//! resolves the same sigmas the engine samples with.
+
+pub mod checkpoint;
+mod error;
+pub mod mmdit;
+pub mod noise;
+pub mod sampler;
+pub mod tiny;
+
+pub use checkpoint::{Checkpoint, Layout};
+pub use error::EngineError;
+pub use mmdit::{MmDit, MmDitConfig};

@@ -1,0 +1,187 @@
+//! The engine on tiny random models: both checkpoint layouts (and shards) for
+//! every variant, clear errors for broken checkpoints and oversize images,
+//! seeded noise, batching and cancellation.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use flowfarm_core::shift::flow_match_sigmas;
+use flowfarm_engine::mmdit::Variant;
+use flowfarm_engine::noise::initial_latent;
+use flowfarm_engine::sampler::{sample, SampleJob, SkipLayerGuidance};
+use flowfarm_engine::tiny::{random_weights, tiny_config, write_diffusers, write_single_file};
+use flowfarm_engine::{Checkpoint, EngineError, Layout, MmDit};
+
+const VARIANTS: [Variant; 3] = [Variant::Sd3Medium, Variant::Sd35Large, Variant::Sd35Medium];
+
+fn inputs(batch: usize, h: usize, w: usize, seed: u64) -> (Tensor, Tensor, Tensor, Tensor) {
+    let dev = Device::Cpu;
+    let latents = initial_latent(seed, &[batch, 16, h, w], &dev).unwrap();
+    let context = initial_latent(seed + 1, &[batch, 7, 48], &dev).unwrap();
+    let pooled = initial_latent(seed + 2, &[batch, 40], &dev).unwrap();
+    let t = Tensor::from_vec((0..batch).map(|i| 900.0 - 100.0 * i as f32).collect::<Vec<_>>(), batch, &dev).unwrap();
+    (latents, t, context, pooled)
+}
+
+fn equal(a: &Tensor, b: &Tensor) -> bool {
+    a.dims() == b.dims() && a.flatten_all().unwrap().to_vec1::<f32>().unwrap() == b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+#[test]
+fn generated_models_load_in_both_layouts_with_identical_outputs() {
+    for variant in VARIANTS {
+        let dir = tempfile::tempdir().unwrap();
+        let config = tiny_config(variant);
+        let weights = random_weights(&config, 7).unwrap();
+        write_diffusers(&config, &weights, &dir.path().join("diffusers")).unwrap();
+        write_single_file(&config, &weights, &dir.path().join("sd3.safetensors")).unwrap();
+        let a = Checkpoint::open(dir.path().join("diffusers")).unwrap();
+        let b = Checkpoint::open(dir.path().join("sd3.safetensors")).unwrap();
+        assert_eq!((a.layout(), b.layout()), (Layout::Diffusers, Layout::SingleFile));
+        assert_eq!(a.config().unwrap(), config, "{variant:?} detected from the diffusers folder");
+        assert_eq!(b.config().unwrap(), config, "{variant:?} detected from the single file");
+        let (x, t, c, y) = inputs(2, 16, 24, 1);
+        let out_a = a.load_model(DType::F32, &Device::Cpu).unwrap().forward(&x, &t, &c, &y, &[]).unwrap();
+        let out_b = b.load_model(DType::F32, &Device::Cpu).unwrap().forward(&x, &t, &c, &y, &[]).unwrap();
+        assert_eq!(out_a.dims(), &[2, 16, 16, 24]);
+        assert!(equal(&out_a, &out_b), "{variant:?}: layouts differ");
+    }
+}
+
+#[test]
+fn sharded_diffusers_checkpoints_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny_config(Variant::Sd35Large);
+    let weights = random_weights(&config, 3).unwrap();
+    write_diffusers(&config, &weights, dir.path()).unwrap();
+    let folder = dir.path().join("transformer");
+    let whole = Checkpoint::open(dir.path()).unwrap().load_model(DType::F32, &Device::Cpu).unwrap();
+    // Split the same weights over two shards with an index, as large models ship.
+    std::fs::remove_file(folder.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let mut names: Vec<&String> = weights.keys().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut map = serde_json::Map::new();
+    for (file, part) in [("diffusion_pytorch_model-00001-of-00002.safetensors", first), ("diffusion_pytorch_model-00002-of-00002.safetensors", second)] {
+        let shard: HashMap<String, Tensor> = part.iter().map(|n| ((*n).clone(), weights[*n].clone())).collect();
+        candle_core::safetensors::save(&shard, folder.join(file)).unwrap();
+        for n in part.iter() {
+            map.insert((*n).clone(), serde_json::Value::String(file.into()));
+        }
+    }
+    let index = serde_json::json!({ "metadata": {}, "weight_map": map });
+    std::fs::write(folder.join("diffusion_pytorch_model.safetensors.index.json"), index.to_string()).unwrap();
+    let sharded = Checkpoint::open(dir.path()).unwrap();
+    assert_eq!(sharded.layout(), Layout::Diffusers);
+    let sharded = sharded.load_model(DType::F32, &Device::Cpu).unwrap();
+    let (x, t, c, y) = inputs(1, 8, 8, 5);
+    assert!(equal(&whole.forward(&x, &t, &c, &y, &[]).unwrap(), &sharded.forward(&x, &t, &c, &y, &[]).unwrap()));
+}
+
+#[test]
+fn broken_checkpoints_name_the_key_and_shapes() {
+    let config = tiny_config(Variant::Sd3Medium);
+    let dir = tempfile::tempdir().unwrap();
+
+    let mut missing = random_weights(&config, 1).unwrap();
+    missing.remove("transformer_blocks.1.ff.net.2.weight");
+    write_diffusers(&config, &missing, &dir.path().join("missing")).unwrap();
+    let err = Checkpoint::open(dir.path().join("missing")).unwrap().load_model(DType::F32, &Device::Cpu).err().unwrap();
+    assert_eq!(err.to_string(), "checkpoint has no tensor `transformer_blocks.1.ff.net.2.weight`");
+
+    let mut wrong = random_weights(&config, 1).unwrap();
+    wrong.insert("transformer_blocks.0.attn.to_k.weight".into(), Tensor::zeros((32, 31), DType::F32, &Device::Cpu).unwrap());
+    write_single_file(&config, &wrong, &dir.path().join("wrong.safetensors")).ok();
+    write_diffusers(&config, &wrong, &dir.path().join("wrong")).unwrap();
+    let err = Checkpoint::open(dir.path().join("wrong")).unwrap().load_model(DType::F32, &Device::Cpu).err().unwrap();
+    assert_eq!(err.to_string(), "tensor `transformer_blocks.0.attn.to_k.weight` has shape [32, 31], expected [32, 32]");
+
+    let err = Checkpoint::open(dir.path().join("nothing-here")).err().unwrap();
+    assert!(err.to_string().contains("no such file or folder"), "{err}");
+    let junk = dir.path().join("junk.safetensors");
+    std::fs::write(&junk, b"not a checkpoint").unwrap();
+    assert!(matches!(Checkpoint::open(&junk), Err(EngineError::Checkpoint { .. })));
+}
+
+#[test]
+fn images_beyond_the_position_grid_are_refused_with_the_limit() {
+    let config = tiny_config(Variant::Sd3Medium);
+    let dir = tempfile::tempdir().unwrap();
+    write_diffusers(&config, &random_weights(&config, 1).unwrap(), dir.path()).unwrap();
+    let model = Checkpoint::open(dir.path()).unwrap().load_model(DType::F32, &Device::Cpu).unwrap();
+    // 24×24 patches of 2: latents up to 48 a side, any aspect ratio within.
+    let (x, t, c, y) = inputs(1, 48, 16, 1);
+    assert_eq!(model.forward(&x, &t, &c, &y, &[]).unwrap().dims(), &[1, 16, 48, 16]);
+    let (x, t, c, y) = inputs(1, 50, 16, 1);
+    let err = model.forward(&x, &t, &c, &y, &[]).err().unwrap();
+    assert!(matches!(err, EngineError::TooLarge { max: 24, .. }), "{err}");
+    assert!(err.to_string().contains("at most 24×24"), "{err}");
+}
+
+fn tiny_model(variant: Variant) -> MmDit {
+    let config = tiny_config(variant);
+    let dir = tempfile::tempdir().unwrap();
+    write_diffusers(&config, &random_weights(&config, 11).unwrap(), dir.path()).unwrap();
+    Checkpoint::open(dir.path()).unwrap().load_model(DType::F32, &Device::Cpu).unwrap()
+}
+
+fn job(seed: u64, shift: f64, guidance: f32) -> SampleJob {
+    let dev = Device::Cpu;
+    SampleJob {
+        latent: initial_latent(seed, &[1, 16, 8, 12], &dev).unwrap(),
+        context: initial_latent(seed ^ 0xc0, &[1, 7, 48], &dev).unwrap(),
+        pooled: initial_latent(seed ^ 0x90, &[1, 40], &dev).unwrap(),
+        negative_context: Tensor::zeros((1, 7, 48), DType::F32, &dev).unwrap(),
+        negative_pooled: Tensor::zeros((1, 40), DType::F32, &dev).unwrap(),
+        guidance,
+        sigmas: flow_match_sigmas(shift, 6),
+    }
+}
+
+#[test]
+fn same_seed_gives_the_same_latent_alone_or_in_a_batch() {
+    let model = tiny_model(Variant::Sd35Large);
+    let alone = sample(&model, &[job(42, 3.0, 5.0)], None, &mut |_, _| true).unwrap();
+    let again = sample(&model, &[job(42, 3.0, 5.0)], None, &mut |_, _| true).unwrap();
+    assert!(equal(&alone[0], &again[0]), "same seed, same latent");
+    // In a batch of 3 with other seeds, shifts and guidance (one without CFG).
+    let batch = sample(&model, &[job(7, 1.5, 1.0), job(42, 3.0, 5.0), job(9, 6.0, 7.5)], None, &mut |_, _| true).unwrap();
+    assert!(equal(&alone[0], &batch[1]), "the job's latent must not depend on its batch mates");
+    let other = sample(&model, &[job(43, 3.0, 5.0)], None, &mut |_, _| true).unwrap();
+    assert!(!equal(&alone[0], &other[0]));
+}
+
+#[test]
+fn the_step_callback_reports_progress_and_cancels() {
+    let model = tiny_model(Variant::Sd3Medium);
+    let mut seen = Vec::new();
+    let err = sample(&model, &[job(1, 3.0, 4.0)], None, &mut |step, total| {
+        seen.push((step, total));
+        step < 2
+    })
+    .err()
+    .unwrap();
+    assert!(matches!(err, EngineError::Cancelled { step: 2 }), "{err}");
+    assert_eq!(seen, vec![(1, 6), (2, 6)]);
+}
+
+#[test]
+fn skip_layer_guidance_changes_only_the_steps_in_its_window() {
+    let model = tiny_model(Variant::Sd35Medium);
+    let plain = sample(&model, &[job(5, 3.0, 4.0)], None, &mut |_, _| true).unwrap();
+    let outside = SkipLayerGuidance { layers: vec![1], scale: 2.8, start: 0.99, stop: 1.0 };
+    let unchanged = sample(&model, &[job(5, 3.0, 4.0)], Some(&outside), &mut |_, _| true).unwrap();
+    assert!(equal(&plain[0], &unchanged[0]), "no step falls in the window");
+    let inside = SkipLayerGuidance { layers: vec![1], scale: 2.8, start: 0.0, stop: 1.0 };
+    let guided = sample(&model, &[job(5, 3.0, 4.0)], Some(&inside), &mut |_, _| true).unwrap();
+    assert!(!equal(&plain[0], &guided[0]));
+}
+
+#[test]
+fn mismatched_batches_are_refused() {
+    let model = tiny_model(Variant::Sd3Medium);
+    let mut odd = job(2, 3.0, 4.0);
+    odd.sigmas = flow_match_sigmas(3.0, 4);
+    let err = sample(&model, &[job(1, 3.0, 4.0), odd], None, &mut |_, _| true).err().unwrap();
+    assert!(err.to_string().contains("job 1"), "{err}");
+}
