@@ -82,11 +82,7 @@ impl Linear {
 /// LayerNorm over the last dim without learned affine (elementwise_affine=False).
 pub fn layer_norm(x: &Tensor) -> candle_core::Result<Tensor> {
     let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
-    let mean = x.mean_keepdim(D::Minus1)?;
-    let centered = x.broadcast_sub(&mean)?;
-    let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-    centered.broadcast_div(&(var + NORM_EPS)?.sqrt()?)?.to_dtype(dtype)
+    super::kernels::layer_norm(&x.to_dtype(DType::F32)?, NORM_EPS)?.to_dtype(dtype)
 }
 
 /// x·(1 + scale) + shift, with (B, D) modulations broadcast over tokens.
@@ -133,9 +129,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> candle_cor
     let head_dim = d / heads;
     let split = |t: &Tensor, s: usize| t.reshape((b, s, heads, head_dim))?.transpose(1, 2)?.contiguous();
     let (q, k, v) = (split(q, sq)?, split(k, sk)?, split(v, sk)?);
-    let scale = 1.0 / (head_dim as f64).sqrt();
-    let scores = (matmul(&q, &k.t()?)? * scale)?; // (B, heads, Sq, Sk)
-    let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+    // Scaling q costs Sq·D multiplications; scaling the scores would cost Sq·Sk·heads.
+    let q = (q * (1.0 / (head_dim as f64).sqrt()))?;
+    let scores = matmul(&q, &k.t()?)?; // (B, heads, Sq, Sk)
+    let probs = super::kernels::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
     matmul(&probs, &v)?.transpose(1, 2)?.reshape((b, sq, d))
 }
 

@@ -8,6 +8,7 @@
 
 mod block;
 mod config;
+mod kernels;
 mod layers;
 mod model;
 
