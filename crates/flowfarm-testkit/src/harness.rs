@@ -49,6 +49,13 @@ pub fn test_config() -> Config {
 #[derive(Clone)]
 pub struct Auth(Option<String>);
 
+impl Auth {
+    /// Sends `authorization: Bearer <token>`.
+    pub fn bearer(token: &str) -> Self {
+        Auth(Some(token.to_owned()))
+    }
+}
+
 impl tonic::service::Interceptor for Auth {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
         if let Some(token) = &self.0 {

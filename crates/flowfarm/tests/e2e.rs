@@ -14,8 +14,7 @@ use std::process::{Child, Command, Output, Stdio};
 use flowfarm_proto::v1 as pb;
 use flowfarm_testkit::TestDb;
 use serde_json::Value;
-use tonic::metadata::MetadataValue;
-use tonic::Request;
+use flowfarm_proto::v1::worker_service_client::WorkerServiceClient;
 
 fn flowfarm_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_flowfarm"))
@@ -183,6 +182,19 @@ async fn farmctl_refuses_bad_batch_files_with_field_messages() {
     server.stop();
 }
 
+/// A worker-role client with a registered worker serving sd3-medium.
+async fn registered_worker(server: &Server, token: &str) -> (flowfarm_testkit::Worker, String) {
+    let channel = tonic::transport::Channel::from_shared(server.url()).unwrap().connect().await.unwrap();
+    let mut client = WorkerServiceClient::with_interceptor(channel, flowfarm_testkit::Auth::bearer(token));
+    let worker_id = client
+        .register_worker(pb::RegisterWorkerRequest { name: "w1".into(), models: vec!["sd3-medium".into()], capacity: 2, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id;
+    (client, worker_id)
+}
+
 fn snapshot(server: &str, admin: &str, batches: &[String]) -> Value {
     let mut state = BTreeMap::new();
     state.insert("jobs", ok_json(farmctl(server, admin, &["--json", "jobs", "list"])));
@@ -223,18 +235,7 @@ async fn coordinator_restart_loses_and_changes_nothing() {
     assert!(farmctl(&server.url(), &admin, &["queue", "pause", "--model", "sd3.5-large"]).status.success());
 
     // Drive some jobs into other states through the worker API.
-    let channel = tonic::transport::Channel::from_shared(server.url()).unwrap().connect().await.unwrap();
-    let bearer: MetadataValue<_> = format!("Bearer {worker}").parse().unwrap();
-    let mut w = flowfarm_proto::v1::worker_service_client::WorkerServiceClient::with_interceptor(channel, move |mut r: Request<()>| {
-        r.metadata_mut().insert("authorization", bearer.clone());
-        Ok(r)
-    });
-    let worker_id = w
-        .register_worker(pb::RegisterWorkerRequest { name: "w1".into(), models: vec!["sd3-medium".into()], capacity: 2, ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner()
-        .worker_id;
+    let (mut w, worker_id) = registered_worker(&server, &worker).await;
     let dispatched = db.store.dispatch_jobs("sd3-medium", 3, "test").await.unwrap();
     for job in &dispatched[..2] {
         w.start_job(pb::StartJobRequest { worker_id: worker_id.clone(), job_id: job.id.to_string() }).await.unwrap();
@@ -334,18 +335,7 @@ async fn farmctl_fetches_results_and_watch_succeeds() {
         .unwrap()
         .to_owned();
 
-    let channel = tonic::transport::Channel::from_shared(server.url()).unwrap().connect().await.unwrap();
-    let bearer: MetadataValue<_> = format!("Bearer {worker}").parse().unwrap();
-    let mut w = flowfarm_proto::v1::worker_service_client::WorkerServiceClient::with_interceptor(channel, move |mut r: Request<()>| {
-        r.metadata_mut().insert("authorization", bearer.clone());
-        Ok(r)
-    });
-    let worker_id = w
-        .register_worker(pb::RegisterWorkerRequest { name: "w1".into(), models: vec!["sd3-medium".into()], capacity: 2, ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner()
-        .worker_id;
+    let (mut w, worker_id) = registered_worker(&server, &worker).await;
     let mut images = Vec::new();
     for (i, job) in db.store.dispatch_jobs("sd3-medium", 2, "test").await.unwrap().iter().enumerate() {
         w.start_job(pb::StartJobRequest { worker_id: worker_id.clone(), job_id: job.id.to_string() }).await.unwrap();

@@ -33,23 +33,20 @@ impl JointBlock {
         let heads = config.heads;
         let last = index + 1 == config.depth;
         let dual = config.dual_attention_layers.contains(&index);
-        let norms = |a: String, b: String| config.qk_norm.then_some([a, b]);
-        let qk = norms(format!("{p}.attn.norm_q"), format!("{p}.attn.norm_k"));
-        let qkv = Qkv::load(
-            l,
-            [&format!("{p}.attn.to_q"), &format!("{p}.attn.to_k"), &format!("{p}.attn.to_v")],
-            qk.as_ref().map(|[a, b]| [a.as_str(), b.as_str()]),
-            d,
-            heads,
-        )?;
-        let cqk = norms(format!("{p}.attn.norm_added_q"), format!("{p}.attn.norm_added_k"));
-        let context_qkv = Qkv::load(
-            l,
-            [&format!("{p}.attn.add_q_proj"), &format!("{p}.attn.add_k_proj"), &format!("{p}.attn.add_v_proj")],
-            cqk.as_ref().map(|[a, b]| [a.as_str(), b.as_str()]),
-            d,
-            heads,
-        )?;
+        // q, k, v projections named `{stem}{q,k,v}{suffix}` and, with QK-norm, norms `{norm}{q,k}`.
+        let qkv = |stem: &str, suffix: &str, norm: &str| {
+            let names = ["q", "k", "v"].map(|x| format!("{p}.{stem}{x}{suffix}"));
+            let norms = ["q", "k"].map(|x| format!("{p}.{norm}{x}"));
+            Qkv::load(
+                l,
+                [&names[0], &names[1], &names[2]],
+                config.qk_norm.then(|| [norms[0].as_str(), norms[1].as_str()]),
+                d,
+                heads,
+            )
+        };
+        let image_qkv = qkv("attn.to_", "", "attn.norm_")?;
+        let context_qkv = qkv("attn.add_", "_proj", "attn.norm_added_")?;
         let context = if last {
             ContextStream::PreOnly { modulation: Modulation::load(l, &format!("{p}.norm1_context"), d, 2)? }
         } else {
@@ -60,22 +57,14 @@ impl JointBlock {
             }
         };
         let dual = if dual {
-            let qk2 = norms(format!("{p}.attn2.norm_q"), format!("{p}.attn2.norm_k"));
-            let qkv2 = Qkv::load(
-                l,
-                [&format!("{p}.attn2.to_q"), &format!("{p}.attn2.to_k"), &format!("{p}.attn2.to_v")],
-                qk2.as_ref().map(|[a, b]| [a.as_str(), b.as_str()]),
-                d,
-                heads,
-            )?;
-            Some((qkv2, l.linear(&format!("{p}.attn2.to_out.0"), d, d)?))
+            Some((qkv("attn2.to_", "", "attn2.norm_")?, l.linear(&format!("{p}.attn2.to_out.0"), d, d)?))
         } else {
             None
         };
         Ok(JointBlock {
             heads,
             modulation: Modulation::load(l, &format!("{p}.norm1"), d, if dual.is_some() { 9 } else { 6 })?,
-            qkv,
+            qkv: image_qkv,
             out: l.linear(&format!("{p}.attn.to_out.0"), d, d)?,
             ff: FeedForward::load(l, &format!("{p}.ff"), d)?,
             context_qkv,
