@@ -21,6 +21,7 @@ pub mod mmdit;
 pub mod noise;
 pub mod sampler;
 pub mod tiny;
+pub mod vae;
 
 pub use checkpoint::{Checkpoint, Layout};
 pub use error::EngineError;

@@ -1,0 +1,27 @@
+//! The VAE decoder against diffusers' AutoencoderKL (CPU, float32) on a tiny
+//! random model in SD3's latent format. Fixture: tools/parity/make_vae_fixtures.py.
+
+use candle_core::{DType, Device, Tensor};
+use flowfarm_engine::vae::{to_rgb8, Vae};
+
+#[test]
+fn decode_matches_diffusers() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let f = candle_core::safetensors::load(dir.join("vae-tiny_decode.safetensors"), &Device::Cpu).unwrap();
+    let vae = Vae::open(dir.join("vae-tiny"), DType::F32, &Device::Cpu).unwrap();
+    let image = vae.decode(&f["latent"]).unwrap();
+    let reference = &f["image"];
+    assert_eq!(image.dims(), reference.dims());
+    let diff = (&image - reference).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    println!("VAE decode: max abs error {diff:.2e}");
+    assert!(diff <= 1e-4, "max abs error {diff}");
+
+    let (w, h, ours) = to_rgb8(&image.squeeze(0).unwrap()).unwrap();
+    let (_, _, theirs) = to_rgb8(&reference.squeeze(0).unwrap()).unwrap();
+    assert_eq!((w, h), (24, 16));
+    let worst = ours.iter().zip(&theirs).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+    assert!(worst <= 1, "uint8 pixels differ by {worst} levels");
+
+    let wrong = Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap();
+    assert!(vae.decode(&wrong).unwrap_err().to_string().contains("4 channels"));
+}
