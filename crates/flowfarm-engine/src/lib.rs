@@ -11,6 +11,8 @@
 //!   sample of a batch with its own sigmas (shift) and guidance.
 //! - [`noise`]: the initial latent from a portable seeded RNG on the CPU.
 //! - [`tiny`]: random tiny models in both layouts, for tests and benchmarks.
+//! - [`vae`]: the 16-channel VAE decoder (diffusers layout), latents to pixels.
+//! - [`png_output`]: PNG bytes carrying the render parameters.
 //!
 //! The timestep-shift math lives in `flowfarm_core::shift`, so the coordinator
 //! resolves the same sigmas the engine samples with.
@@ -19,6 +21,7 @@ pub mod checkpoint;
 mod error;
 pub mod mmdit;
 pub mod noise;
+pub mod png_output;
 pub mod sampler;
 pub mod tiny;
 pub mod vae;
