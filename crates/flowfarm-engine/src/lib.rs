@@ -18,6 +18,7 @@
 //! resolves the same sigmas the engine samples with.
 
 pub mod checkpoint;
+pub mod clip;
 mod error;
 pub mod mmdit;
 pub mod noise;

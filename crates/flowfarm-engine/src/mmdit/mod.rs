@@ -8,8 +8,8 @@
 
 mod block;
 mod config;
-mod kernels;
-mod layers;
+pub(crate) mod kernels;
+pub(crate) mod layers;
 mod model;
 
 pub use config::{MmDitConfig, Variant};
