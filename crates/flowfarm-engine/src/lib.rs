@@ -24,6 +24,7 @@ pub mod mmdit;
 pub mod noise;
 pub mod png_output;
 pub mod sampler;
+pub mod t5;
 pub mod tiny;
 pub mod vae;
 
