@@ -26,6 +26,7 @@ pub mod png_output;
 pub mod sampler;
 pub mod t5;
 pub mod tiny;
+pub mod tokenize;
 pub mod vae;
 
 pub use checkpoint::{Checkpoint, Layout};
