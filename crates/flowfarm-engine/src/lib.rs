@@ -22,6 +22,7 @@ pub mod clip;
 mod error;
 pub mod mmdit;
 pub mod noise;
+pub mod pipeline;
 pub mod png_output;
 pub mod sampler;
 pub mod t5;

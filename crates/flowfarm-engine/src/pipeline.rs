@@ -1,0 +1,170 @@
+//! Prompt to pixels, as diffusers' StableDiffusion3Pipeline does it: the
+//! three text encoders' conditioning, the Euler flow-matching sampler, the
+//! VAE decoder.
+//!
+//! Conditioning (`encode_prompt` in the reference): CLIP-L and CLIP-G
+//! penultimate states side by side (77 tokens), zero-padded to T5's width,
+//! then T5's sequence appended (or zeros of the transformer's text width when
+//! T5 is left out); pooled = CLIP-L pooled ‖ CLIP-G pooled, both projected.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use flowfarm_core::shift::flow_match_sigmas;
+
+use crate::clip::ClipTextEncoder;
+use crate::sampler::{sample, SampleJob, StepCallback};
+use crate::t5::T5Encoder;
+use crate::tokenize::{PromptTokenizer, CLIP_MAX_LENGTH};
+use crate::vae::{to_rgb8, Vae};
+use crate::{Checkpoint, EngineError, MmDit};
+
+/// T5 tokens SD3 encodes by default.
+pub const DEFAULT_T5_LENGTH: usize = 256;
+
+/// One prompt's conditioning.
+#[derive(Debug, Clone)]
+pub struct Conditioning {
+    /// (1, 77 + T, joint width).
+    pub context: Tensor,
+    /// (1, pooled width).
+    pub pooled: Tensor,
+}
+
+/// The tokenizers and text encoders of a model; T5 may be absent (CLIP-only).
+pub struct TextEncoders {
+    clip_l: (PromptTokenizer, ClipTextEncoder),
+    clip_g: (PromptTokenizer, ClipTextEncoder),
+    t5: Option<(PromptTokenizer, T5Encoder)>,
+    t5_length: usize,
+}
+
+impl TextEncoders {
+    /// Opens `text_encoder{,_2,_3}` and `tokenizer{,_2,_3}` under a diffusers
+    /// model folder; T5 is optional (a folder without `text_encoder_3`).
+    ///
+    /// # Errors
+    /// [`EngineError::Checkpoint`] naming the part that is missing or malformed.
+    pub fn open(dir: &Path, t5_length: usize, dtype: DType, device: &Device) -> Result<Self, EngineError> {
+        let clip = |n: &str| -> Result<(PromptTokenizer, ClipTextEncoder), EngineError> {
+            Ok((
+                PromptTokenizer::open(dir.join(format!("tokenizer{n}")), CLIP_MAX_LENGTH)?,
+                ClipTextEncoder::open(dir.join(format!("text_encoder{n}")), dtype, device)?,
+            ))
+        };
+        let t5 = if dir.join("text_encoder_3").is_dir() {
+            Some((
+                PromptTokenizer::open(dir.join("tokenizer_3"), t5_length)?,
+                T5Encoder::open(dir.join("text_encoder_3"), dtype, device)?,
+            ))
+        } else {
+            None
+        };
+        Ok(TextEncoders { clip_l: clip("")?, clip_g: clip("_2")?, t5, t5_length })
+    }
+
+    /// Whether T5 weights were found.
+    pub fn has_t5(&self) -> bool {
+        self.t5.is_some()
+    }
+
+    /// Conditioning for `prompt`. With `use_t5` false (or no T5 weights) the
+    /// T5 part is zeros, `joint_width` wide, as SD3 allows.
+    ///
+    /// # Errors
+    /// [`EngineError::Input`] when the widths cannot be assembled, tokenizer errors.
+    pub fn encode(&self, prompt: &str, use_t5: bool, joint_width: usize, device: &Device) -> Result<Conditioning, EngineError> {
+        let run = |(tokenizer, encoder): &(PromptTokenizer, ClipTextEncoder)| -> Result<_, EngineError> {
+            let ids = Tensor::new(tokenizer.encode(prompt)?, device)?.unsqueeze(0)?;
+            encoder.encode(&ids)
+        };
+        let (l, g) = (run(&self.clip_l)?, run(&self.clip_g)?);
+        let clip = Tensor::cat(&[&l.penultimate.to_dtype(DType::F32)?, &g.penultimate.to_dtype(DType::F32)?], 2)?;
+        let t5 = match (&self.t5, use_t5) {
+            (Some((tokenizer, encoder)), true) => {
+                encoder.encode(&Tensor::new(tokenizer.encode(prompt)?, device)?.unsqueeze(0)?)?
+            }
+            _ => Tensor::zeros((1, self.t5_length, joint_width), DType::F32, device)?,
+        };
+        let width = t5.dim(2)?;
+        let clip_width = clip.dim(2)?;
+        if clip_width > width {
+            return Err(EngineError::Input(format!("CLIP states are {clip_width} wide, more than T5's {width}")));
+        }
+        let clip = clip.pad_with_zeros(2, 0, width - clip_width)?;
+        Ok(Conditioning { context: Tensor::cat(&[&clip, &t5], 1)?, pooled: Tensor::cat(&[&l.pooled, &g.pooled], 1)? })
+    }
+}
+
+/// What to render.
+#[derive(Debug, Clone)]
+pub struct RenderRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    /// (1, 16, h, w) initial noise.
+    pub initial_latent: Tensor,
+    pub steps: u32,
+    pub guidance: f32,
+    /// Timestep shift α.
+    pub shift: f64,
+    /// False: CLIP-only (T5 replaced by zeros).
+    pub use_t5: bool,
+}
+
+/// A rendered image.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    /// (1, 16, h, w) before decoding.
+    pub latent: Tensor,
+    pub width: usize,
+    pub height: usize,
+    /// Interleaved RGB, 8 bits.
+    pub rgb: Vec<u8>,
+}
+
+/// A whole model: transformer, VAE and text encoders.
+pub struct Pipeline {
+    pub transformer: MmDit,
+    pub vae: Vae,
+    pub encoders: TextEncoders,
+    device: Device,
+}
+
+impl Pipeline {
+    /// Opens a diffusers model folder.
+    ///
+    /// # Errors
+    /// As the parts' `open`.
+    pub fn open(dir: impl AsRef<Path>, t5_length: usize, dtype: DType, device: &Device) -> Result<Self, EngineError> {
+        let dir = dir.as_ref();
+        Ok(Pipeline {
+            transformer: Checkpoint::open(dir)?.load_model(dtype, device)?,
+            vae: Vae::open(dir, dtype, device)?,
+            encoders: TextEncoders::open(dir, t5_length, dtype, device)?,
+            device: device.clone(),
+        })
+    }
+
+    /// Renders one image; `on_step` sees every step and may cancel.
+    ///
+    /// # Errors
+    /// Encoder, sampler and decoder errors; [`EngineError::Cancelled`].
+    pub fn render(&self, request: &RenderRequest, on_step: &mut StepCallback) -> Result<Rendered, EngineError> {
+        let joint = self.transformer.config().joint_attention_dim;
+        let cond = self.encoders.encode(&request.prompt, request.use_t5, joint, &self.device)?;
+        let uncond = self.encoders.encode(&request.negative_prompt, request.use_t5, joint, &self.device)?;
+        let job = SampleJob {
+            latent: request.initial_latent.to_device(&self.device)?,
+            context: cond.context,
+            pooled: cond.pooled,
+            negative_context: uncond.context,
+            negative_pooled: uncond.pooled,
+            guidance: request.guidance,
+            sigmas: flow_match_sigmas(request.shift, request.steps),
+        };
+        let latent = sample(&self.transformer, &[job], None, on_step)?.remove(0);
+        let image = self.vae.decode(&latent)?;
+        let (width, height, rgb) = to_rgb8(&image.squeeze(0)?)?;
+        Ok(Rendered { latent, width, height, rgb })
+    }
+}

@@ -1,0 +1,64 @@
+//! Prompt to pixels against diffusers' StableDiffusion3Pipeline on a whole
+//! tiny random SD3 (three encoders, MM-DiT, VAE) from a given initial latent.
+//! Fixture: tools/parity/make_pipeline_fixtures.py.
+
+use candle_core::{DType, Device, Tensor};
+use flowfarm_engine::pipeline::{Pipeline, RenderRequest};
+
+fn rel(ours: &Tensor, reference: &Tensor) -> f32 {
+    let max = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    max(&(ours - reference).unwrap()) / max(reference)
+}
+
+#[test]
+fn whole_pipeline_matches_diffusers() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let f = candle_core::safetensors::load(dir.join("pipeline-tiny_render.safetensors"), &Device::Cpu).unwrap();
+    let spec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("pipeline-tiny_render.json")).unwrap()).unwrap();
+    let t5_length = spec["t5_length"].as_u64().unwrap() as usize;
+    let pipeline = Pipeline::open(dir.join("pipeline-tiny"), t5_length, DType::F32, &Device::Cpu).unwrap();
+    let (prompt, negative) = (spec["prompt"].as_str().unwrap(), spec["negative_prompt"].as_str().unwrap());
+
+    let cond = pipeline.encoders.encode(prompt, true, 48, &Device::Cpu).unwrap();
+    let uncond = pipeline.encoders.encode(negative, true, 48, &Device::Cpu).unwrap();
+    let errors = [
+        rel(&cond.context, &f["context"]),
+        rel(&cond.pooled, &f["pooled"]),
+        rel(&uncond.context, &f["negative_context"]),
+        rel(&uncond.pooled, &f["negative_pooled"]),
+    ];
+    println!("conditioning relative errors (context, pooled, negative context, negative pooled): {errors:?}");
+    assert!(errors.iter().all(|&e| e <= 1e-5), "{errors:?}");
+
+    let request = RenderRequest {
+        prompt: prompt.into(),
+        negative_prompt: negative.into(),
+        initial_latent: f["initial_latent"].clone(),
+        steps: spec["steps"].as_u64().unwrap() as u32,
+        guidance: spec["guidance"].as_f64().unwrap() as f32,
+        shift: spec["shift"].as_f64().unwrap(),
+        use_t5: true,
+    };
+    let rendered = pipeline.render(&request, &mut |_, _| true).unwrap();
+    let abs = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let latent_error = abs(&rendered.latent, &f["final_latent_precise_time"]);
+    let latent_error_shipped = abs(&rendered.latent, &f["final_latent"]);
+    let reference: Vec<u8> = f["rgb"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
+    let worst = rendered.rgb.iter().zip(&reference).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+    let differing = rendered.rgb.iter().zip(&reference).filter(|(a, b)| a != b).count();
+    println!(
+        "final latent max abs error {latent_error:.2e} ({latent_error_shipped:.2e} vs diffusers' float32 timestep sinusoid); \
+         pixels: worst {worst} level(s), {differing} of {} values differ",
+        reference.len()
+    );
+    assert!(latent_error <= 1e-4, "final latent differs by {latent_error}");
+    assert_eq!((rendered.width, rendered.height), (24, 16));
+    assert!(worst <= 1, "decoded pixels differ by {worst} levels");
+    let distinct: std::collections::BTreeSet<u8> = reference.iter().copied().collect();
+    assert!(distinct.len() > 50, "the reference image is nearly flat ({} levels): the comparison would prove little", distinct.len());
+
+    // CLIP-only: T5's place is zeros of the transformer's text width.
+    let clip_only = pipeline.encoders.encode(prompt, false, 48, &Device::Cpu).unwrap();
+    let t5_part = clip_only.context.narrow(1, 77, t5_length).unwrap();
+    assert_eq!(t5_part.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+}
