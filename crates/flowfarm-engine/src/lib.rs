@@ -17,6 +17,7 @@
 //! The timestep-shift math lives in `flowfarm_core::shift`, so the coordinator
 //! resolves the same sigmas the engine samples with.
 
+pub mod cache;
 pub mod checkpoint;
 pub mod clip;
 mod error;

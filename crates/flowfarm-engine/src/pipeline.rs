@@ -7,11 +7,15 @@
 //! then T5's sequence appended (or zeros of the transformer's text width when
 //! T5 is left out); pooled = CLIP-L pooled ‖ CLIP-G pooled, both projected.
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use flowfarm_core::shift::flow_match_sigmas;
 
+use crate::cache::{cache_key, weights_identity, EmbeddingCache};
 use crate::clip::ClipTextEncoder;
 use crate::sampler::{sample, SampleJob, StepCallback};
 use crate::t5::T5Encoder;
@@ -31,12 +35,63 @@ pub struct Conditioning {
     pub pooled: Tensor,
 }
 
+/// One encoder with its tokenizer, the identity of its weights (for the
+/// cache) and how many times it actually ran.
+struct Part<E> {
+    tokenizer: PromptTokenizer,
+    encoder: E,
+    identity: [u8; 32],
+    encodes: AtomicU64,
+}
+
+impl<E> Part<E> {
+    fn open(dir: &Path, n: &str, max_length: usize, open: impl FnOnce(&Path) -> Result<E, EngineError>) -> Result<Self, EngineError> {
+        let encoder_dir = dir.join(format!("text_encoder{n}"));
+        Ok(Part {
+            tokenizer: PromptTokenizer::open(dir.join(format!("tokenizer{n}")), max_length)?,
+            identity: weights_identity(&encoder_dir.join("model.safetensors"))?,
+            encoder: open(&encoder_dir)?,
+            encodes: AtomicU64::new(0),
+        })
+    }
+
+    /// The encoder's outputs for `prompt`, from the cache when it has them.
+    fn run(
+        &self,
+        prompt: &str,
+        dtype: DType,
+        cache: Option<&EmbeddingCache>,
+        device: &Device,
+        encode: impl FnOnce(&E, &Tensor) -> Result<Vec<Tensor>, EngineError>,
+    ) -> Result<Vec<Tensor>, EngineError> {
+        let ids = self.tokenizer.encode(prompt)?;
+        let compute = || {
+            self.encodes.fetch_add(1, Ordering::Relaxed);
+            encode(&self.encoder, &Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?)
+        };
+        match cache {
+            Some(cache) => cache.get_or_insert(cache_key(&self.identity, dtype, self.tokenizer.max_length(), &ids), compute),
+            None => compute(),
+        }
+    }
+}
+
+/// How many times each encoder actually ran (cache misses included, hits not).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EncodeCounts {
+    pub clip_l: u64,
+    pub clip_g: u64,
+    pub t5: u64,
+}
+
 /// The tokenizers and text encoders of a model; T5 may be absent (CLIP-only).
 pub struct TextEncoders {
-    clip_l: (PromptTokenizer, ClipTextEncoder),
-    clip_g: (PromptTokenizer, ClipTextEncoder),
-    t5: Option<(PromptTokenizer, T5Encoder)>,
+    clip_l: Part<ClipTextEncoder>,
+    clip_g: Part<ClipTextEncoder>,
+    t5: Option<Part<T5Encoder>>,
     t5_length: usize,
+    dtype: DType,
+    cache: Option<Arc<EmbeddingCache>>,
 }
 
 impl TextEncoders {
@@ -46,26 +101,33 @@ impl TextEncoders {
     /// # Errors
     /// [`EngineError::Checkpoint`] naming the part that is missing or malformed.
     pub fn open(dir: &Path, t5_length: usize, dtype: DType, device: &Device) -> Result<Self, EngineError> {
-        let clip = |n: &str| -> Result<(PromptTokenizer, ClipTextEncoder), EngineError> {
-            Ok((
-                PromptTokenizer::open(dir.join(format!("tokenizer{n}")), CLIP_MAX_LENGTH)?,
-                ClipTextEncoder::open(dir.join(format!("text_encoder{n}")), dtype, device)?,
-            ))
-        };
+        let clip = |n: &str| Part::open(dir, n, CLIP_MAX_LENGTH, |d| ClipTextEncoder::open(d, dtype, device));
         let t5 = if dir.join("text_encoder_3").is_dir() {
-            Some((
-                PromptTokenizer::open(dir.join("tokenizer_3"), t5_length)?,
-                T5Encoder::open(dir.join("text_encoder_3"), dtype, device)?,
-            ))
+            Some(Part::open(dir, "_3", t5_length, |d| T5Encoder::open(d, dtype, device))?)
         } else {
             None
         };
-        Ok(TextEncoders { clip_l: clip("")?, clip_g: clip("_2")?, t5, t5_length })
+        Ok(TextEncoders { clip_l: clip("")?, clip_g: clip("_2")?, t5, t5_length, dtype, cache: None })
+    }
+
+    /// Shares `cache` for every encoding from now on.
+    pub fn with_cache(mut self, cache: Arc<EmbeddingCache>) -> Self {
+        self.cache = Some(cache);
+        self
     }
 
     /// Whether T5 weights were found.
     pub fn has_t5(&self) -> bool {
         self.t5.is_some()
+    }
+
+    pub fn encode_counts(&self) -> EncodeCounts {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        EncodeCounts {
+            clip_l: get(&self.clip_l.encodes),
+            clip_g: get(&self.clip_g.encodes),
+            t5: self.t5.as_ref().map_or(0, |t| get(&t.encodes)),
+        }
     }
 
     /// Conditioning for `prompt`. With `use_t5` false (or no T5 weights) the
@@ -74,16 +136,17 @@ impl TextEncoders {
     /// # Errors
     /// [`EngineError::Input`] when the widths cannot be assembled, tokenizer errors.
     pub fn encode(&self, prompt: &str, use_t5: bool, joint_width: usize, device: &Device) -> Result<Conditioning, EngineError> {
-        let run = |(tokenizer, encoder): &(PromptTokenizer, ClipTextEncoder)| -> Result<_, EngineError> {
-            let ids = Tensor::new(tokenizer.encode(prompt)?, device)?.unsqueeze(0)?;
-            encoder.encode(&ids)
+        let cache = self.cache.as_deref();
+        let clip = |part: &Part<ClipTextEncoder>| {
+            part.run(prompt, self.dtype, cache, device, |e, ids| {
+                let out = e.encode(ids)?;
+                Ok(vec![out.penultimate.to_dtype(DType::F32)?, out.pooled])
+            })
         };
-        let (l, g) = (run(&self.clip_l)?, run(&self.clip_g)?);
-        let clip = Tensor::cat(&[&l.penultimate.to_dtype(DType::F32)?, &g.penultimate.to_dtype(DType::F32)?], 2)?;
+        let (l, g) = (clip(&self.clip_l)?, clip(&self.clip_g)?);
+        let clip = Tensor::cat(&[&l[0], &g[0]], 2)?;
         let t5 = match (&self.t5, use_t5) {
-            (Some((tokenizer, encoder)), true) => {
-                encoder.encode(&Tensor::new(tokenizer.encode(prompt)?, device)?.unsqueeze(0)?)?
-            }
+            (Some(part), true) => part.run(prompt, self.dtype, cache, device, |e, ids| Ok(vec![e.encode(ids)?]))?.remove(0),
             _ => Tensor::zeros((1, self.t5_length, joint_width), DType::F32, device)?,
         };
         let width = t5.dim(2)?;
@@ -92,7 +155,26 @@ impl TextEncoders {
             return Err(EngineError::Input(format!("CLIP states are {clip_width} wide, more than T5's {width}")));
         }
         let clip = clip.pad_with_zeros(2, 0, width - clip_width)?;
-        Ok(Conditioning { context: Tensor::cat(&[&clip, &t5], 1)?, pooled: Tensor::cat(&[&l.pooled, &g.pooled], 1)? })
+        Ok(Conditioning { context: Tensor::cat(&[&clip, &t5], 1)?, pooled: Tensor::cat(&[&l[1], &g[1]], 1)? })
+    }
+
+    /// Conditioning for several prompts; equal prompts are encoded once.
+    ///
+    /// # Errors
+    /// As [`TextEncoders::encode`].
+    pub fn encode_many(&self, prompts: &[&str], use_t5: bool, joint_width: usize, device: &Device) -> Result<Vec<Conditioning>, EngineError> {
+        let mut done: HashMap<&str, Conditioning> = HashMap::new();
+        prompts
+            .iter()
+            .map(|&p| {
+                if let Some(c) = done.get(p) {
+                    return Ok(c.clone());
+                }
+                let c = self.encode(p, use_t5, joint_width, device)?;
+                done.insert(p, c.clone());
+                Ok(c)
+            })
+            .collect()
     }
 }
 

@@ -62,3 +62,32 @@ fn whole_pipeline_matches_diffusers() {
     let t5_part = clip_only.context.narrow(1, 77, t5_length).unwrap();
     assert_eq!(t5_part.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
 }
+
+/// A 12-job batch of 3 distinct prompts: each encoder runs exactly 3 times,
+/// whether the batch dedupes or the cache does.
+#[test]
+fn equal_prompts_are_encoded_once_per_encoder() {
+    use flowfarm_engine::cache::EmbeddingCache;
+    use flowfarm_engine::pipeline::{EncodeCounts, TextEncoders};
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pipeline-tiny");
+    let prompts: Vec<&str> = ["a cat", "the mat", "dusk"].iter().cycle().take(12).copied().collect();
+
+    let deduped = TextEncoders::open(&dir, 16, DType::F32, &Device::Cpu).unwrap();
+    let out = deduped.encode_many(&prompts, true, 48, &Device::Cpu).unwrap();
+    assert_eq!(out.len(), 12);
+    assert_eq!(deduped.encode_counts(), EncodeCounts { clip_l: 3, clip_g: 3, t5: 3 });
+
+    let cache = std::sync::Arc::new(EmbeddingCache::new(64 << 20));
+    let cached = TextEncoders::open(&dir, 16, DType::F32, &Device::Cpu).unwrap().with_cache(cache.clone());
+    for prompt in &prompts {
+        cached.encode(prompt, true, 48, &Device::Cpu).unwrap();
+    }
+    assert_eq!(cached.encode_counts(), EncodeCounts { clip_l: 3, clip_g: 3, t5: 3 });
+    let stats = cache.stats();
+    assert_eq!((stats.misses, stats.hits, stats.entries), (9, 27, 9));
+    assert!(stats.bytes > 0);
+    // Cached conditioning is the same as freshly computed.
+    let again = cached.encode("a cat", true, 48, &Device::Cpu).unwrap();
+    let diff = (&again.context - &out[0].context).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    assert_eq!(diff, 0.0);
+}
