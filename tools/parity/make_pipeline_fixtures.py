@@ -1,4 +1,5 @@
-"""Writes a whole tiny SD3 pipeline in the diffusers folder layout and what diffusers'
+"""Writes flowfarm's bundled model (models/flowfarm-tiny: a whole tiny SD3 pipeline in the
+diffusers folder layout, random weights) and, as fixtures, what diffusers'
 StableDiffusion3Pipeline renders with it from a prompt, a negative prompt and a given
 initial latent: the tokens, the conditioning, the final latent and the decoded pixels.
 
@@ -7,7 +8,7 @@ CLIP-G (gelu, pads with "!") with projections, a T5 encoder, the MM-DiT, the 16-
 VAE, FlowMatchEulerDiscreteScheduler with shift 3.0. The T5 tokenizer is a small word-level
 tokenizer.json (the pipeline only needs ids; SD3's real one is a SentencePiece unigram).
 
-    .venv/bin/python tools/parity/make_pipeline_fixtures.py crates/flowfarm-engine/tests/fixtures
+    .venv/bin/python tools/parity/make_pipeline_fixtures.py crates/flowfarm-engine/tests/fixtures models/flowfarm-tiny
 """
 
 import json
@@ -51,8 +52,7 @@ def clip_files(tmp: Path):
     return len(vocab)
 
 
-def main(out: Path) -> None:
-    root = out / "pipeline-tiny"
+def main(out: Path, root: Path) -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -123,4 +123,7 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "crates/flowfarm-engine/tests/fixtures"))
+    main(
+        Path(sys.argv[1] if len(sys.argv) > 1 else "crates/flowfarm-engine/tests/fixtures"),
+        Path(sys.argv[2] if len(sys.argv) > 2 else "models/flowfarm-tiny"),
+    )

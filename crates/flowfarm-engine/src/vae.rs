@@ -49,6 +49,8 @@ fn three() -> usize {
 pub struct Vae {
     model: AutoEncoderKL,
     latent_channels: usize,
+    /// Pixels per latent cell a side: 2^(blocks − 1), 8 for SD3.
+    scale_factor: usize,
     scaling_factor: f64,
     shift_factor: f64,
     dtype: DType,
@@ -79,6 +81,7 @@ impl Vae {
         // SAFETY: mapped read-only; flowfarm never writes a checkpoint it has open.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, device) }
             .map_err(|e| bad(&weights, e.to_string()))?;
+        let scale_factor = 1usize << config.block_out_channels.len().saturating_sub(1);
         let kl = AutoEncoderKLConfig {
             block_out_channels: config.block_out_channels,
             layers_per_block: config.layers_per_block,
@@ -92,10 +95,20 @@ impl Vae {
         Ok(Vae {
             model,
             latent_channels: config.latent_channels,
+            scale_factor,
             scaling_factor: config.scaling_factor.unwrap_or(SD3_SCALING_FACTOR),
             shift_factor: config.shift_factor.unwrap_or(SD3_SHIFT_FACTOR),
             dtype,
         })
+    }
+
+    /// Pixels per latent cell a side (8 for SD3's VAE).
+    pub fn scale_factor(&self) -> usize {
+        self.scale_factor
+    }
+
+    pub fn latent_channels(&self) -> usize {
+        self.latent_channels
     }
 
     /// Decodes sampler latents (B, 16, h, w) to images (B, 3, 8h, 8w) in

@@ -1,9 +1,15 @@
 //! Prompt to pixels against diffusers' StableDiffusion3Pipeline on a whole
-//! tiny random SD3 (three encoders, MM-DiT, VAE) from a given initial latent.
+//! tiny random SD3 (the bundled models/flowfarm-tiny: three encoders, MM-DiT,
+//! VAE) from a given initial latent.
 //! Fixture: tools/parity/make_pipeline_fixtures.py.
 
 use candle_core::{DType, Device, Tensor};
 use flowfarm_engine::pipeline::{Pipeline, RenderRequest};
+
+/// The bundled model, models/flowfarm-tiny, which the fixture script writes too.
+fn bundled_model() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/flowfarm-tiny")
+}
 
 fn rel(ours: &Tensor, reference: &Tensor) -> f32 {
     let max = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
@@ -16,7 +22,7 @@ fn whole_pipeline_matches_diffusers() {
     let f = candle_core::safetensors::load(dir.join("pipeline-tiny_render.safetensors"), &Device::Cpu).unwrap();
     let spec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("pipeline-tiny_render.json")).unwrap()).unwrap();
     let t5_length = spec["t5_length"].as_u64().unwrap() as usize;
-    let pipeline = Pipeline::open(dir.join("pipeline-tiny"), t5_length, DType::F32, &Device::Cpu).unwrap();
+    let pipeline = Pipeline::open(bundled_model(), t5_length, DType::F32, &Device::Cpu).unwrap();
     let (prompt, negative) = (spec["prompt"].as_str().unwrap(), spec["negative_prompt"].as_str().unwrap());
 
     let cond = pipeline.encoders.encode(prompt, true, 48, &Device::Cpu).unwrap();
@@ -69,7 +75,7 @@ fn whole_pipeline_matches_diffusers() {
 fn equal_prompts_are_encoded_once_per_encoder() {
     use flowfarm_engine::cache::EmbeddingCache;
     use flowfarm_engine::pipeline::{EncodeCounts, TextEncoders};
-    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/pipeline-tiny");
+    let dir = bundled_model();
     let prompts: Vec<&str> = ["a cat", "the mat", "dusk"].iter().cycle().take(12).copied().collect();
 
     let deduped = TextEncoders::open(&dir, 16, DType::F32, &Device::Cpu).unwrap();

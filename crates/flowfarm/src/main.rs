@@ -3,6 +3,9 @@
 //! - `flowfarm coordinator`: migrate, then serve the gRPC API and run the reaper.
 //! - `flowfarm migrate`: apply database migrations and exit.
 //! - `flowfarm token create|list|revoke`: manage API tokens.
+//! - `flowfarm model inspect|render`: local work with a model folder.
+
+mod model;
 
 use std::path::PathBuf;
 
@@ -42,6 +45,11 @@ enum Command {
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+    },
+    /// Inspect a model or render with it locally (no farm needed).
+    Model {
+        #[command(subcommand)]
+        command: model::ModelCommand,
     },
 }
 
@@ -135,6 +143,9 @@ async fn shutdown_signal() {
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    if let Command::Model { command } = cli.command {
+        return model::run(command);
+    }
     let config = Config::load(&cli.config).with_context(|| {
         "loading config (pass --config FILE or set FLOWFARM_CONFIG; config/flowfarm.toml is an example)".to_string()
     })?;
@@ -178,6 +189,7 @@ async fn main() -> Result<()> {
                 }
             }
         }
+        Command::Model { .. } => unreachable!("handled before the config is loaded"),
     }
     Ok(())
 }

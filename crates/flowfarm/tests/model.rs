@@ -1,0 +1,96 @@
+//! `flowfarm model` with the bundled model (models/flowfarm-tiny), as a user runs it.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use flowfarm_engine::png_output::read_parameters;
+
+fn bundled() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/flowfarm-tiny")
+}
+
+fn render(model: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_flowfarm"))
+        .args(["model", "render", "--model"])
+        .arg(model)
+        .args(["--prompt", "the cat on the mat", "--negative", "blurry", "--width", "64", "--height", "48"])
+        .args(["--steps", "6", "--guidance", "4.5", "--seed", "1234", "--t5-length", "16", "--out"])
+        .arg(out)
+        .args(extra)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run flowfarm model render")
+}
+
+#[test]
+fn render_writes_a_png_whose_metadata_round_trips_and_bytes_repeat() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.png"), dir.path().join("b.png"));
+    let latent = dir.path().join("latent.safetensors");
+    for (out, extra) in [(&a, vec!["--save-latent", latent.to_str().unwrap()]), (&b, vec![])] {
+        let result = render(&bundled(), out, &extra);
+        assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    }
+    let bytes = std::fs::read(&a).unwrap();
+    assert_eq!(bytes, std::fs::read(&b).unwrap(), "the same command twice gives identical bytes");
+    let params = read_parameters(&bytes).unwrap().expect("render parameters in the PNG");
+    assert_eq!((params.prompt.as_str(), params.negative_prompt.as_str()), ("the cat on the mat", "blurry"));
+    assert_eq!((params.width, params.height, params.steps, params.seed), (64, 48, 6, 1234));
+    assert_eq!((params.guidance, params.shift, params.text_encoders.as_str()), (4.5, 3.0, "all"));
+
+    // The final latent is saved before decoding, as one 1×16×h×w tensor.
+    let saved = candle_core::safetensors::load(&latent, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(saved["latent"].dims(), &[1, 16, 24, 32]);
+
+    // Given the seed's own noise as --init-noise, the render is the same image.
+    let noise = dir.path().join("noise.safetensors");
+    let initial = flowfarm_engine::noise::initial_latent(1234, &[1, 16, 24, 32], &candle_core::Device::Cpu).unwrap();
+    candle_core::safetensors::save(&std::collections::HashMap::from([("noise".to_string(), initial)]), &noise).unwrap();
+    let c = dir.path().join("c.png");
+    let result = render(&bundled(), &c, &["--init-noise", noise.to_str().unwrap()]);
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    assert_eq!(std::fs::read(&c).unwrap(), bytes);
+}
+
+#[test]
+fn clip_only_renders_with_a_model_that_has_no_t5_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("no-t5");
+    copy_dir(&bundled(), &model);
+    std::fs::remove_dir_all(model.join("text_encoder_3")).unwrap();
+    std::fs::remove_dir_all(model.join("tokenizer_3")).unwrap();
+    let out = dir.path().join("clip.png");
+    let refused = render(&model, &out, &[]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("pass --clip-only"));
+    assert!(!out.exists(), "nothing written on error");
+    let result = render(&model, &out, &["--clip-only"]);
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let params = read_parameters(&std::fs::read(&out).unwrap()).unwrap().unwrap();
+    assert_eq!(params.text_encoders, "clip-only");
+}
+
+#[test]
+fn init_noise_of_the_wrong_shape_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let noise = dir.path().join("noise.safetensors");
+    let t = candle_core::Tensor::zeros((1, 16, 8, 8), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    candle_core::safetensors::save(&std::collections::HashMap::from([("x".to_string(), t)]), &noise).unwrap();
+    let out = dir.path().join("x.png");
+    let result = render(&bundled(), &out, &["--init-noise", noise.to_str().unwrap()]);
+    assert!(!result.status.success());
+    assert!(String::from_utf8_lossy(&result.stderr).contains("this render needs [1, 16, 24, 32]"), "{}", String::from_utf8_lossy(&result.stderr));
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
