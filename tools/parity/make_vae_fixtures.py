@@ -36,7 +36,14 @@ def main(out: Path) -> None:
     latent = torch.randn(1, 16, 8, 12, generator=gen)
     with torch.no_grad():
         image = vae.decode(latent / vae.config.scaling_factor + vae.config.shift_factor).sample
-    save_file({"latent": latent, "image": image.contiguous()}, str(out / "vae-tiny_decode.safetensors"))
+    # Square latents, which candle-transformers' AutoEncoderKL gets wrong at some sizes.
+    square = torch.randn(1, 16, 8, 8, generator=gen)
+    with torch.no_grad():
+        square_image = vae.decode(square / vae.config.scaling_factor + vae.config.shift_factor).sample
+    save_file(
+        {"latent": latent, "image": image.contiguous(), "square_latent": square, "square_image": square_image.contiguous()},
+        str(out / "vae-tiny_decode.safetensors"),
+    )
     print(f"VAE fixture written to {out}: image {tuple(image.shape)}")
 
 
