@@ -1,16 +1,18 @@
 //! The 16-channel AutoEncoderKL decoder of SD3-class models: latents to pixels.
 //!
-//! The network is candle-transformers' `AutoEncoderKL` (checked against
-//! diffusers in the tests); this module reads the diffusers `vae/` folder and
-//! applies SD3's latent format: z = latent / scaling_factor + shift_factor.
+//! Our own decoder, following diffusers' `Decoder` of `AutoencoderKL`, with
+//! our own convolutions: candle 0.9.2's CPU conv2d (its tiled im2col path)
+//! returns wrong values for some shapes (16→32 channels at 16×16, e.g.),
+//! which made whole square images decode wrongly;
+//! it reads the diffusers `vae/` folder and applies SD3's latent format:
+//! z = latent / scaling_factor + shift_factor.
 //! The single-file `first_stage_model.*` layout and tiled decoding are not
 //! read yet.
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{GroupNorm, VarBuilder};
 use serde::Deserialize;
 
 use crate::EngineError;
@@ -26,13 +28,9 @@ struct DiffusersVaeConfig {
     latent_channels: usize,
     norm_num_groups: usize,
     #[serde(default = "yes")]
-    use_quant_conv: bool,
-    #[serde(default = "yes")]
     use_post_quant_conv: bool,
     scaling_factor: Option<f64>,
     shift_factor: Option<f64>,
-    #[serde(default = "three")]
-    in_channels: usize,
     #[serde(default = "three")]
     out_channels: usize,
 }
@@ -45,9 +43,185 @@ fn three() -> usize {
     3
 }
 
+const NORM_EPS: f64 = 1e-6;
+
+/// A stride-1 convolution with "same" padding (1×1 or 3×3), computed as
+/// im2col (shifted copies of the padded input) and one product per sample.
+struct Conv2d {
+    /// (out, in·k·k)
+    weight: Tensor,
+    bias: Tensor,
+    kernel: usize,
+}
+
+impl Conv2d {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let columns = if self.kernel == 1 {
+            x.reshape((b, c, h * w))?
+        } else {
+            let pad = self.kernel / 2;
+            let padded = x.pad_with_zeros(2, pad, pad)?.pad_with_zeros(3, pad, pad)?;
+            // Order (c, ky, kx) to match the weight's (in, k, k) flattening.
+            let mut shifted = Vec::with_capacity(self.kernel * self.kernel);
+            for ky in 0..self.kernel {
+                for kx in 0..self.kernel {
+                    shifted.push(padded.narrow(2, ky, h)?.narrow(3, kx, w)?);
+                }
+            }
+            Tensor::stack(&shifted, 2)?.reshape((b, c * self.kernel * self.kernel, h * w))?
+        };
+        let out = crate::mmdit::layers::matmul(&self.weight.unsqueeze(0)?.broadcast_as((b, self.weight.dim(0)?, self.weight.dim(1)?))?.contiguous()?, &columns)?;
+        out.broadcast_add(&self.bias.reshape((1, (), 1))?)?.reshape((b, (), h, w))
+    }
+}
+
+fn conv(vb: &VarBuilder, name: &str, input: usize, output: usize, kernel: usize) -> candle_core::Result<Conv2d> {
+    let vb = vb.pp(name);
+    let weight = vb.get((output, input, kernel, kernel), "weight")?.reshape((output, input * kernel * kernel))?;
+    Ok(Conv2d { weight, bias: vb.get(output, "bias")?, kernel })
+}
+
+fn group_norm(vb: &VarBuilder, name: &str, groups: usize, channels: usize) -> candle_core::Result<GroupNorm> {
+    candle_nn::group_norm(groups, channels, NORM_EPS, vb.pp(name))
+}
+
+/// GroupNorm → SiLU → conv, twice, plus a (1×1-projected) shortcut.
+struct Resnet {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    shortcut: Option<Conv2d>,
+}
+
+impl Resnet {
+    fn load(vb: &VarBuilder, groups: usize, input: usize, output: usize) -> candle_core::Result<Self> {
+        Ok(Resnet {
+            norm1: group_norm(vb, "norm1", groups, input)?,
+            conv1: conv(vb, "conv1", input, output, 3)?,
+            norm2: group_norm(vb, "norm2", groups, output)?,
+            conv2: conv(vb, "conv2", output, output, 3)?,
+            shortcut: if input != output { Some(conv(vb, "conv_shortcut", input, output, 1)?) } else { None },
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let skip = match &self.shortcut {
+            Some(c) => c.forward(x)?,
+            None => x.clone(),
+        };
+        skip + h
+    }
+}
+
+/// Single-head self-attention over the pixels of the mid block.
+struct SpatialAttention {
+    norm: GroupNorm,
+    q: candle_nn::Linear,
+    k: candle_nn::Linear,
+    v: candle_nn::Linear,
+    out: candle_nn::Linear,
+}
+
+impl SpatialAttention {
+    fn load(vb: &VarBuilder, groups: usize, c: usize) -> candle_core::Result<Self> {
+        Ok(SpatialAttention {
+            norm: group_norm(vb, "group_norm", groups, c)?,
+            q: candle_nn::linear(c, c, vb.pp("to_q"))?,
+            k: candle_nn::linear(c, c, vb.pp("to_k"))?,
+            v: candle_nn::linear(c, c, vb.pp("to_v"))?,
+            out: candle_nn::linear(c, c, vb.pp("to_out.0"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        // (B, C, H, W) → (B, H·W, C), made contiguous before the products.
+        let tokens = self.norm.forward(x)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let (q, k, v) = (self.q.forward(&tokens)?, self.k.forward(&tokens)?, self.v.forward(&tokens)?);
+        let scores = (q.matmul(&k.t()?.contiguous()?)? / (c as f64).sqrt())?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+        let attended = self.out.forward(&probs.matmul(&v)?)?;
+        let back = attended.transpose(1, 2)?.contiguous()?.reshape((b, c, h, w))?;
+        back + x
+    }
+}
+
+/// diffusers' `Decoder`: conv_in, mid block (resnet, attention, resnet), up
+/// blocks (resnets, then nearest ×2 and a conv, except the last), norm, SiLU, conv_out.
+struct Decoder {
+    post_quant_conv: Option<Conv2d>,
+    conv_in: Conv2d,
+    mid: (Resnet, SpatialAttention, Resnet),
+    up: Vec<(Vec<Resnet>, Option<Conv2d>)>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl Decoder {
+    fn load(vb: &VarBuilder, config: &DiffusersVaeConfig) -> candle_core::Result<Self> {
+        let groups = config.norm_num_groups;
+        let channels = &config.block_out_channels;
+        let top = *channels.last().ok_or_else(|| candle_core::Error::Msg("block_out_channels is empty".into()))?;
+        let d = vb.pp("decoder");
+        let mid = d.pp("mid_block");
+        let mut up = Vec::new();
+        let mut previous = top;
+        for (i, &out) in channels.iter().rev().enumerate() {
+            let block = d.pp(format!("up_blocks.{i}"));
+            let resnets = (0..=config.layers_per_block)
+                .map(|j| Resnet::load(&block.pp(format!("resnets.{j}")), groups, if j == 0 { previous } else { out }, out))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            let upsample = if i + 1 < channels.len() { Some(conv(&block, "upsamplers.0.conv", out, out, 3)?) } else { None };
+            up.push((resnets, upsample));
+            previous = out;
+        }
+        Ok(Decoder {
+            post_quant_conv: if config.use_post_quant_conv {
+                Some(conv(vb, "post_quant_conv", config.latent_channels, config.latent_channels, 1)?)
+            } else {
+                None
+            },
+            conv_in: conv(&d, "conv_in", config.latent_channels, top, 3)?,
+            mid: (
+                Resnet::load(&mid.pp("resnets.0"), groups, top, top)?,
+                SpatialAttention::load(&mid.pp("attentions.0"), groups, top)?,
+                Resnet::load(&mid.pp("resnets.1"), groups, top, top)?,
+            ),
+            up,
+            norm_out: group_norm(&d, "conv_norm_out", groups, channels[0])?,
+            conv_out: conv(&d, "conv_out", channels[0], config.out_channels, 3)?,
+        })
+    }
+
+    fn forward(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        let z = match &self.post_quant_conv {
+            Some(c) => c.forward(z)?,
+            None => z.clone(),
+        };
+        let mut x = self.conv_in.forward(&z)?;
+        x = self.mid.0.forward(&x)?;
+        x = self.mid.1.forward(&x)?;
+        x = self.mid.2.forward(&x)?;
+        for (resnets, upsample) in &self.up {
+            for r in resnets {
+                x = r.forward(&x)?;
+            }
+            if let Some(c) = upsample {
+                let (_, _, h, w) = x.dims4()?;
+                x = c.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)?;
+            }
+        }
+        self.conv_out.forward(&self.norm_out.forward(&x)?.silu()?)
+    }
+}
+
 /// A loaded VAE.
 pub struct Vae {
-    model: AutoEncoderKL,
+    model: Decoder,
     latent_channels: usize,
     /// Pixels per latent cell a side: 2^(blocks − 1), 8 for SD3.
     scale_factor: usize,
@@ -82,16 +256,7 @@ impl Vae {
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, device) }
             .map_err(|e| bad(&weights, e.to_string()))?;
         let scale_factor = 1usize << config.block_out_channels.len().saturating_sub(1);
-        let kl = AutoEncoderKLConfig {
-            block_out_channels: config.block_out_channels,
-            layers_per_block: config.layers_per_block,
-            latent_channels: config.latent_channels,
-            norm_num_groups: config.norm_num_groups,
-            use_quant_conv: config.use_quant_conv,
-            use_post_quant_conv: config.use_post_quant_conv,
-        };
-        let model = AutoEncoderKL::new(vb, config.in_channels, config.out_channels, kl)
-            .map_err(|e| bad(&weights, format!("weights do not fit the config: {e}")))?;
+        let model = Decoder::load(&vb, &config).map_err(|e| bad(&weights, format!("weights do not fit the config: {e}")))?;
         Ok(Vae {
             model,
             latent_channels: config.latent_channels,
@@ -122,7 +287,7 @@ impl Vae {
             return Err(EngineError::Input(format!("latent has {c} channels; this VAE takes {}", self.latent_channels)));
         }
         let z = ((latent.to_dtype(DType::F32)? / self.scaling_factor)? + self.shift_factor)?;
-        Ok(self.model.decode(&z.to_dtype(self.dtype)?)?.to_dtype(DType::F32)?)
+        Ok(self.model.forward(&z.to_dtype(self.dtype)?)?.to_dtype(DType::F32)?)
     }
 }
 
@@ -139,4 +304,46 @@ pub fn to_rgb8(image: &Tensor) -> Result<(usize, usize, Vec<u8>), EngineError> {
     let pixels = ((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
     let hwc = pixels.permute((1, 2, 0))?.flatten_all()?.to_vec1::<f32>()?;
     Ok((w, h, hwc.iter().map(|v| (v * 255.0).round() as u8).collect()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(x: &[f32], k: &[f32], c: usize, o: usize, h: usize, w: usize) -> Vec<f32> {
+        let mut out = vec![0f32; o * h * w];
+        for oc in 0..o {
+            for y in 0..h {
+                for xx in 0..w {
+                    let mut sum = 0f32;
+                    for ic in 0..c {
+                        for ky in 0..3 {
+                            for kx in 0..3 {
+                                let (iy, ix) = (y as isize + ky as isize - 1, xx as isize + kx as isize - 1);
+                                if iy >= 0 && ix >= 0 && iy < h as isize && ix < w as isize {
+                                    sum += x[ic * h * w + iy as usize * w + ix as usize] * k[((oc * c + ic) * 3 + ky) * 3 + kx];
+                                }
+                            }
+                        }
+                    }
+                    out[oc * h * w + y * w + xx] = sum;
+                }
+            }
+        }
+        out
+    }
+
+    /// Including 16→32 channels at 16×16, which candle 0.9.2's conv2d gets wrong.
+    #[test]
+    fn convolution_matches_the_definition() {
+        for (c, o, h, w) in [(16, 32, 16, 16), (16, 32, 8, 8), (3, 5, 7, 9), (32, 16, 16, 16)] {
+            let x = Tensor::randn(0f32, 1.0, (1, c, h, w), &Device::Cpu).unwrap();
+            let k = Tensor::randn(0f32, 1.0, (o, c, 3, 3), &Device::Cpu).unwrap();
+            let conv = Conv2d { weight: k.reshape((o, c * 9)).unwrap(), bias: Tensor::zeros(o, DType::F32, &Device::Cpu).unwrap(), kernel: 3 };
+            let got = conv.forward(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let want = naive(&x.flatten_all().unwrap().to_vec1().unwrap(), &k.flatten_all().unwrap().to_vec1().unwrap(), c, o, h, w);
+            let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-3, "{c}→{o} at {h}×{w}: {worst}");
+        }
+    }
 }

@@ -26,13 +26,10 @@ fn decode_matches_diffusers() {
     assert!(vae.decode(&wrong).unwrap_err().to_string().contains("4 channels"));
 }
 
-/// Known failure, kept visible: candle-transformers 0.9.2's AutoEncoderKL
-/// decodes 8×8 and 16×16 latents differently from diffusers (max error ≈ 3),
-/// while 8×12, 12×8 and 10×10 match to 4e-6. Square power-of-two latents are
-/// what square images give (1024² → 128×128), so the VAE must be replaced by
-/// our own decoder before workers render with it.
+/// Square power-of-two latents (what square images give: 1024² → 128×128):
+/// candle 0.9.2's CPU conv2d got some of these shapes wrong, so the decoder
+/// uses its own convolutions; this keeps the case covered.
 #[test]
-#[ignore = "candle-transformers AutoEncoderKL differs from diffusers on 8x8 latents; own decoder needed"]
 fn decode_matches_diffusers_on_square_latents() {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let f = candle_core::safetensors::load(dir.join("vae-tiny_decode.safetensors"), &Device::Cpu).unwrap();
