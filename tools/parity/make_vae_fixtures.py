@@ -36,12 +36,20 @@ def main(out: Path) -> None:
     latent = torch.randn(1, 16, 8, 12, generator=gen)
     with torch.no_grad():
         image = vae.decode(latent / vae.config.scaling_factor + vae.config.shift_factor).sample
-    # Square latents, which candle-transformers' AutoEncoderKL gets wrong at some sizes.
+    # A square latent: candle 0.9.2's conv2d got some square shapes wrong.
     square = torch.randn(1, 16, 8, 8, generator=gen)
     with torch.no_grad():
         square_image = vae.decode(square / vae.config.scaling_factor + vae.config.shift_factor).sample
+    # A latent larger than a tile (sample_size 32 → 16 latent cells), decoded tiled.
+    big = torch.randn(1, 16, 40, 24, generator=gen)
+    vae.enable_tiling()
+    with torch.no_grad():
+        tiled = vae.decode(big / vae.config.scaling_factor + vae.config.shift_factor).sample
     save_file(
-        {"latent": latent, "image": image.contiguous(), "square_latent": square, "square_image": square_image.contiguous()},
+        {
+            "latent": latent, "image": image.contiguous(), "square_latent": square,
+            "square_image": square_image.contiguous(), "big_latent": big, "big_image_tiled": tiled.contiguous(),
+        },
         str(out / "vae-tiny_decode.safetensors"),
     )
     print(f"VAE fixture written to {out}: image {tuple(image.shape)}")

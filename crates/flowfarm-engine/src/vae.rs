@@ -5,7 +5,10 @@
 //! returns wrong values for some shapes (16→32 channels at 16×16, e.g.),
 //! which made whole square images decode wrongly;
 //! it reads the diffusers `vae/` folder and applies SD3's latent format:
-//! z = latent / scaling_factor + shift_factor.
+//! z = latent / scaling_factor + shift_factor. Latents larger than the VAE's
+//! tile (`sample_size` pixels) are decoded tile by tile with overlapping,
+//! linearly blended seams, as diffusers' `enable_tiling()` does, so memory
+//! stays bounded by the tile.
 //! The single-file `first_stage_model.*` layout and tiled decoding are not
 //! read yet.
 
@@ -31,6 +34,9 @@ struct DiffusersVaeConfig {
     use_post_quant_conv: bool,
     scaling_factor: Option<f64>,
     shift_factor: Option<f64>,
+    /// Pixels a side of a decoding tile.
+    #[serde(default = "default_sample_size")]
+    sample_size: usize,
     #[serde(default = "three")]
     out_channels: usize,
 }
@@ -42,6 +48,13 @@ fn yes() -> bool {
 fn three() -> usize {
     3
 }
+
+fn default_sample_size() -> usize {
+    1024
+}
+
+/// Fraction of a tile that overlaps its neighbour (diffusers' tile_overlap_factor).
+const TILE_OVERLAP: f64 = 0.25;
 
 const NORM_EPS: f64 = 1e-6;
 
@@ -227,6 +240,9 @@ pub struct Vae {
     scale_factor: usize,
     scaling_factor: f64,
     shift_factor: f64,
+    /// Tile side in latent cells and in pixels.
+    tile_latent: usize,
+    tile_pixels: usize,
     dtype: DType,
 }
 
@@ -261,6 +277,8 @@ impl Vae {
             model,
             latent_channels: config.latent_channels,
             scale_factor,
+            tile_latent: (config.sample_size / scale_factor).max(1),
+            tile_pixels: config.sample_size,
             scaling_factor: config.scaling_factor.unwrap_or(SD3_SCALING_FACTOR),
             shift_factor: config.shift_factor.unwrap_or(SD3_SHIFT_FACTOR),
             dtype,
@@ -286,9 +304,68 @@ impl Vae {
         if c != self.latent_channels {
             return Err(EngineError::Input(format!("latent has {c} channels; this VAE takes {}", self.latent_channels)));
         }
-        let z = ((latent.to_dtype(DType::F32)? / self.scaling_factor)? + self.shift_factor)?;
-        Ok(self.model.forward(&z.to_dtype(self.dtype)?)?.to_dtype(DType::F32)?)
+        let z = ((latent.to_dtype(DType::F32)? / self.scaling_factor)? + self.shift_factor)?.to_dtype(self.dtype)?;
+        let (_, _, h, w) = z.dims4()?;
+        let image = if h > self.tile_latent || w > self.tile_latent { self.decode_tiled(&z)? } else { self.model.forward(&z)? };
+        Ok(image.to_dtype(DType::F32)?)
     }
+
+    /// Tiles of `tile_latent` cells every `tile_latent·(1 − overlap)` cells;
+    /// each tile's top and left `tile_pixels·overlap` rows fade in from its
+    /// already blended neighbours, and the tiles' bottom-right remainders are
+    /// cut off. Same order of operations as the reference, blends included.
+    fn decode_tiled(&self, z: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, _, h, w) = z.dims4()?;
+        let step = ((self.tile_latent as f64) * (1.0 - TILE_OVERLAP)) as usize;
+        let blend = ((self.tile_pixels as f64) * TILE_OVERLAP) as usize;
+        let keep = self.tile_pixels - blend;
+        let starts = |len: usize| (0..len).step_by(step.max(1)).collect::<Vec<_>>();
+        let mut rows: Vec<Vec<Tensor>> = Vec::new();
+        for &i in &starts(h) {
+            let mut row = Vec::new();
+            for &j in &starts(w) {
+                let tile = z.narrow(2, i, self.tile_latent.min(h - i))?.narrow(3, j, self.tile_latent.min(w - j))?;
+                row.push(self.model.forward(&tile.contiguous()?)?);
+            }
+            rows.push(row);
+        }
+        // Blend in place, as the reference does: later tiles see earlier tiles' blended pixels.
+        let mut out_rows = Vec::with_capacity(rows.len());
+        for i in 0..rows.len() {
+            let mut out_row = Vec::with_capacity(rows[i].len());
+            for j in 0..rows[i].len() {
+                let mut tile = rows[i][j].clone();
+                if i > 0 {
+                    tile = blend_along(&rows[i - 1][j], &tile, blend, 2)?;
+                }
+                if j > 0 {
+                    tile = blend_along(&rows[i][j - 1], &tile, blend, 3)?;
+                }
+                rows[i][j] = tile.clone();
+                let (th, tw) = (tile.dim(2)?.min(keep), tile.dim(3)?.min(keep));
+                out_row.push(tile.narrow(2, 0, th)?.narrow(3, 0, tw)?);
+            }
+            out_rows.push(Tensor::cat(&out_row, 3)?);
+        }
+        Tensor::cat(&out_rows, 2)
+    }
+}
+
+/// `b` with its first `extent` rows (dim 2) or columns (dim 3) faded in from
+/// the last ones of `a`: b[y] = a[−extent + y]·(1 − y/extent) + b[y]·(y/extent).
+fn blend_along(a: &Tensor, b: &Tensor, extent: usize, dim: usize) -> candle_core::Result<Tensor> {
+    let extent = extent.min(a.dim(dim)?).min(b.dim(dim)?);
+    if extent == 0 {
+        return Ok(b.clone());
+    }
+    let (a_len, b_len) = (a.dim(dim)?, b.dim(dim)?);
+    let mut parts = Vec::with_capacity(extent + 1);
+    for y in 0..extent {
+        let t = y as f64 / extent as f64;
+        parts.push(((a.narrow(dim, a_len - extent + y, 1)? * (1.0 - t))? + (b.narrow(dim, y, 1)? * t)?)?);
+    }
+    parts.push(b.narrow(dim, extent, b_len - extent)?);
+    Tensor::cat(&parts, dim)
 }
 
 /// One image (3, H, W) in [-1, 1] as interleaved RGB bytes, rounded as the

@@ -22,6 +22,13 @@ fn decode_matches_diffusers() {
     let worst = ours.iter().zip(&theirs).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
     assert!(worst <= 1, "uint8 pixels differ by {worst} levels");
 
+    // Larger than a tile (16 latent cells): decoded in overlapping, blended tiles.
+    let tiled = vae.decode(&f["big_latent"]).unwrap();
+    assert_eq!(tiled.dims(), f["big_image_tiled"].dims());
+    let diff = (&tiled - &f["big_image_tiled"]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    println!("VAE tiled decode (40×24 latent, 16-cell tiles): max abs error {diff:.2e}");
+    assert!(diff <= 1e-4, "tiled decode differs by {diff}");
+
     let wrong = Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap();
     assert!(vae.decode(&wrong).unwrap_err().to_string().contains("4 channels"));
 }
