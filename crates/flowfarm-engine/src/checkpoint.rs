@@ -131,11 +131,11 @@ pub struct Checkpoint {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
-    move |source| EngineError::Io { path: path.display().to_string(), source }
+    move |source| EngineError::io(path, source)
 }
 
 fn bad(path: &Path, reason: impl Into<String>) -> EngineError {
-    EngineError::Checkpoint { path: path.display().to_string(), reason: reason.into() }
+    EngineError::checkpoint(path, reason)
 }
 
 /// The `__metadata__` map of a safetensors file, read from its header only.
@@ -171,8 +171,7 @@ fn weight_files(path: &Path) -> Result<(Vec<PathBuf>, Option<PathBuf>), EngineEr
     let config = Some(dir.join("config.json")).filter(|c| c.is_file());
     let index = dir.join("diffusion_pytorch_model.safetensors.index.json");
     if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(io_err(&index))?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&index, format!("not JSON: {e}")))?;
+        let json: serde_json::Value = crate::read_json(&index, "a shard index")?;
         let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad(&index, "no weight_map"))?;
         let mut shards: Vec<PathBuf> = map.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect();
         shards.sort();
@@ -230,8 +229,7 @@ impl Checkpoint {
             .unwrap_or(0);
         let mut heads = None;
         if let Some(config) = &config {
-            let text = std::fs::read_to_string(config).map_err(io_err(config))?;
-            let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(config, format!("not JSON: {e}")))?;
+            let json: serde_json::Value = crate::read_json(config, "a transformer config")?;
             heads = json.get("num_attention_heads").and_then(|h| h.as_u64()).map(|h| h as usize);
         }
         for file in &files {

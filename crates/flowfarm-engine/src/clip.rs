@@ -107,9 +107,6 @@ pub struct ClipOutput {
     pub pooled: Tensor,
 }
 
-fn bad(path: &Path, reason: impl Into<String>) -> EngineError {
-    EngineError::Checkpoint { path: path.display().to_string(), reason: reason.into() }
-}
 
 impl ClipTextEncoder {
     /// Opens a transformers/diffusers text-encoder folder (config.json +
@@ -120,23 +117,21 @@ impl ClipTextEncoder {
     pub fn open(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self, EngineError> {
         let dir = dir.as_ref();
         let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path)
-            .map_err(|source| EngineError::Io { path: config_path.display().to_string(), source })?;
-        let config: ClipConfig = serde_json::from_str(&text).map_err(|e| bad(&config_path, format!("not a CLIP config: {e}")))?;
+        let config: ClipConfig = crate::read_json(&config_path, "a CLIP config")?;
         if config.num_hidden_layers < 2
             || config.num_attention_heads == 0
             || !config.hidden_size.is_multiple_of(config.num_attention_heads)
         {
-            return Err(bad(&config_path, "needs at least 2 layers and a width divisible by the head count"));
+            return Err(EngineError::checkpoint(&config_path, "needs at least 2 layers and a width divisible by the head count"));
         }
         if !matches!(config.hidden_act.as_str(), "quick_gelu" | "gelu") {
-            return Err(bad(&config_path, format!("activation `{}` is not quick_gelu or gelu", config.hidden_act)));
+            return Err(EngineError::checkpoint(&config_path, format!("activation `{}` is not quick_gelu or gelu", config.hidden_act)));
         }
         let weights: PathBuf = dir.join("model.safetensors");
         // SAFETY: mapped read-only; flowfarm never writes a checkpoint it has open.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, device) }
-            .map_err(|e| bad(&weights, e.to_string()))?;
-        Self::load(config, &vb).map_err(|e| bad(&weights, e.to_string()))
+            .map_err(|e| EngineError::checkpoint(&weights, e.to_string()))?;
+        Self::load(config, &vb).map_err(|e| EngineError::checkpoint(&weights, e.to_string()))
     }
 
     fn load(config: ClipConfig, vb: &VarBuilder) -> candle_core::Result<Self> {

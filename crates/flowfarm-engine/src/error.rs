@@ -1,3 +1,7 @@
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+
 /// What can go wrong loading or running a model.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -23,4 +27,21 @@ pub enum EngineError {
     /// The per-step callback asked to stop.
     #[error("cancelled after step {step}")]
     Cancelled { step: usize },
+}
+
+impl EngineError {
+    /// A checkpoint file or folder that cannot be used, and why.
+    pub(crate) fn checkpoint(path: &Path, reason: impl Into<String>) -> Self {
+        EngineError::Checkpoint { path: path.display().to_string(), reason: reason.into() }
+    }
+
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        EngineError::Io { path: path.display().to_string(), source }
+    }
+}
+
+/// Reads a JSON config file; `what` names it in the error ("a CLIP config").
+pub(crate) fn read_json<T: DeserializeOwned>(path: &Path, what: &str) -> Result<T, EngineError> {
+    let text = std::fs::read_to_string(path).map_err(|e| EngineError::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| EngineError::checkpoint(path, format!("not {what}: {e}")))
 }

@@ -33,4 +33,5 @@ pub mod vae;
 
 pub use checkpoint::{Checkpoint, Layout};
 pub use error::EngineError;
+pub(crate) use error::read_json;
 pub use mmdit::{MmDit, MmDitConfig};

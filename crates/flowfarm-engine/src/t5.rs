@@ -19,9 +19,6 @@ pub struct T5Encoder {
     config: Config,
 }
 
-fn bad(path: &Path, reason: impl Into<String>) -> EngineError {
-    EngineError::Checkpoint { path: path.display().to_string(), reason: reason.into() }
-}
 
 impl T5Encoder {
     /// Opens a transformers/diffusers T5 folder (config.json + model.safetensors).
@@ -31,14 +28,12 @@ impl T5Encoder {
     pub fn open(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self, EngineError> {
         let dir = dir.as_ref();
         let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path)
-            .map_err(|source| EngineError::Io { path: config_path.display().to_string(), source })?;
-        let config: Config = serde_json::from_str(&text).map_err(|e| bad(&config_path, format!("not a T5 config: {e}")))?;
+        let config: Config = crate::read_json(&config_path, "a T5 config")?;
         let weights = dir.join("model.safetensors");
         // SAFETY: mapped read-only; flowfarm never writes a checkpoint it has open.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, device) }
-            .map_err(|e| bad(&weights, e.to_string()))?;
-        let model = T5EncoderModel::load(vb, &config).map_err(|e| bad(&weights, format!("weights do not fit the config: {e}")))?;
+            .map_err(|e| EngineError::checkpoint(&weights, e.to_string()))?;
+        let model = T5EncoderModel::load(vb, &config).map_err(|e| EngineError::checkpoint(&weights, format!("weights do not fit the config: {e}")))?;
         Ok(T5Encoder { model: Mutex::new(model), config })
     }
 

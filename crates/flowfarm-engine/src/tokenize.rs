@@ -20,14 +20,7 @@ pub struct PromptTokenizer {
     max_length: usize,
 }
 
-fn bad(path: &Path, reason: impl Into<String>) -> EngineError {
-    EngineError::Checkpoint { path: path.display().to_string(), reason: reason.into() }
-}
 
-fn read_json(path: &Path) -> Result<Value, EngineError> {
-    let text = std::fs::read_to_string(path).map_err(|source| EngineError::Io { path: path.display().to_string(), source })?;
-    serde_json::from_str(&text).map_err(|e| bad(path, format!("not JSON: {e}")))
-}
 
 /// CLIP's tokenizer pipeline around a BPE vocabulary and merges. The start,
 /// end and pad tokens are special tokens, matched before BPE, as
@@ -72,7 +65,7 @@ impl PromptTokenizer {
         let dir = dir.as_ref();
         let config_path = dir.join("tokenizer_config.json");
         let pad_token = if config_path.is_file() {
-            let config = read_json(&config_path)?;
+            let config: Value = crate::read_json(&config_path, "a tokenizer config")?;
             match config.get("pad_token") {
                 Some(Value::String(s)) => Some(s.clone()),
                 Some(Value::Object(o)) => o.get("content").and_then(Value::as_str).map(str::to_owned),
@@ -84,19 +77,19 @@ impl PromptTokenizer {
         let pad_token = pad_token.unwrap_or_else(|| "<|endoftext|>".to_owned());
         let json_path = dir.join("tokenizer.json");
         let mut inner = if json_path.is_file() {
-            Tokenizer::from_file(&json_path).map_err(|e| bad(&json_path, e.to_string()))?
+            Tokenizer::from_file(&json_path).map_err(|e| EngineError::checkpoint(&json_path, e.to_string()))?
         } else {
-            let vocab = read_json(&dir.join("vocab.json"))?;
+            let vocab = crate::read_json::<Value>(&dir.join("vocab.json"), "a vocabulary")?;
             let merges_path = dir.join("merges.txt");
             let merges = std::fs::read_to_string(&merges_path)
                 .map_err(|source| EngineError::Io { path: merges_path.display().to_string(), source })?;
             let merges: Vec<String> = merges.lines().filter(|l| !l.starts_with("#version") && !l.trim().is_empty()).map(str::to_owned).collect();
-            let spec = clip_tokenizer_json(vocab, merges, &pad_token).map_err(|e| bad(dir, e))?;
-            spec.to_string().parse::<Tokenizer>().map_err(|e| bad(dir, e.to_string()))?
+            let spec = clip_tokenizer_json(vocab, merges, &pad_token).map_err(|e| EngineError::checkpoint(dir, e))?;
+            spec.to_string().parse::<Tokenizer>().map_err(|e| EngineError::checkpoint(dir, e.to_string()))?
         };
         let pad_id = inner
             .token_to_id(&pad_token)
-            .ok_or_else(|| bad(dir, format!("pad token `{pad_token}` is not in the vocabulary")))?;
+            .ok_or_else(|| EngineError::checkpoint(dir, format!("pad token `{pad_token}` is not in the vocabulary")))?;
         inner
             .with_truncation(Some(TruncationParams {
                 max_length,
@@ -104,7 +97,7 @@ impl PromptTokenizer {
                 stride: 0,
                 direction: TruncationDirection::Right,
             }))
-            .map_err(|e| bad(dir, e.to_string()))?;
+            .map_err(|e| EngineError::checkpoint(dir, e.to_string()))?;
         inner.with_padding(Some(PaddingParams {
             strategy: PaddingStrategy::Fixed(max_length),
             direction: PaddingDirection::Right,

@@ -246,9 +246,6 @@ pub struct Vae {
     dtype: DType,
 }
 
-fn bad(path: &Path, reason: impl Into<String>) -> EngineError {
-    EngineError::Checkpoint { path: path.display().to_string(), reason: reason.into() }
-}
 
 impl Vae {
     /// Opens a diffusers VAE: a model folder with `vae/`, or the `vae/`
@@ -260,19 +257,16 @@ impl Vae {
         let path = path.as_ref();
         let dir: PathBuf = if path.join("vae").is_dir() { path.join("vae") } else { path.to_owned() };
         let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path)
-            .map_err(|source| EngineError::Io { path: config_path.display().to_string(), source })?;
-        let config: DiffusersVaeConfig =
-            serde_json::from_str(&text).map_err(|e| bad(&config_path, format!("not a VAE config: {e}")))?;
+        let config: DiffusersVaeConfig = crate::read_json(&config_path, "a VAE config")?;
         let weights = dir.join("diffusion_pytorch_model.safetensors");
         if !weights.is_file() {
-            return Err(bad(&dir, "no diffusion_pytorch_model.safetensors"));
+            return Err(EngineError::checkpoint(&dir, "no diffusion_pytorch_model.safetensors"));
         }
         // SAFETY: mapped read-only; flowfarm never writes a checkpoint it has open.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, device) }
-            .map_err(|e| bad(&weights, e.to_string()))?;
+            .map_err(|e| EngineError::checkpoint(&weights, e.to_string()))?;
         let scale_factor = 1usize << config.block_out_channels.len().saturating_sub(1);
-        let model = Decoder::load(&vb, &config).map_err(|e| bad(&weights, format!("weights do not fit the config: {e}")))?;
+        let model = Decoder::load(&vb, &config).map_err(|e| EngineError::checkpoint(&weights, format!("weights do not fit the config: {e}")))?;
         Ok(Vae {
             model,
             latent_channels: config.latent_channels,
