@@ -126,6 +126,8 @@ pub struct Checkpoint {
     files: MmapedSafetensors,
     /// Shapes by key as stored (prefix included).
     shapes: HashMap<String, Vec<usize>>,
+    /// Storage dtype of the weights (of the patch embedding, which every variant has).
+    dtype: Option<DType>,
     heads: Option<usize>,
     last_block: usize,
 }
@@ -209,8 +211,12 @@ impl Checkpoint {
         // SAFETY: the files are mapped read-only; flowfarm never writes a checkpoint it has open.
         let mapped = unsafe { MmapedSafetensors::multi(&files) }
             .map_err(|e| bad(path, format!("not a safetensors checkpoint: {e}")))?;
-        let shapes: HashMap<String, Vec<usize>> =
-            mapped.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect();
+        let views = mapped.tensors();
+        let shapes: HashMap<String, Vec<usize>> = views.iter().map(|(name, view)| (name.clone(), view.shape().to_vec())).collect();
+        let dtype = views
+            .iter()
+            .find(|(name, _)| name.ends_with("x_embedder.proj.weight") || name.ends_with("pos_embed.proj.weight"))
+            .and_then(|(_, view)| DType::try_from(view.dtype()).ok());
         let has = |prefix: &str| shapes.keys().any(|k| k.starts_with(prefix));
         let (layout, prefix) = if has(&format!("{SINGLE_FILE_PREFIX}joint_blocks.")) {
             (Layout::SingleFile, SINGLE_FILE_PREFIX.to_owned())
@@ -237,11 +243,16 @@ impl Checkpoint {
                 heads = Some(h.parse().map_err(|_| bad(file, format!("metadata {HEADS_METADATA_KEY}={h} is not a number")))?);
             }
         }
-        Ok(Checkpoint { path: path.to_owned(), layout, prefix, files: mapped, shapes, heads, last_block })
+        Ok(Checkpoint { path: path.to_owned(), layout, prefix, files: mapped, shapes, dtype, heads, last_block })
     }
 
     pub fn layout(&self) -> Layout {
         self.layout
+    }
+
+    /// The weights' storage dtype, when it could be read.
+    pub fn dtype(&self) -> Option<DType> {
+        self.dtype
     }
 
     pub fn path(&self) -> &Path {

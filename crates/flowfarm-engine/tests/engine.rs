@@ -38,6 +38,7 @@ fn generated_models_load_in_both_layouts_with_identical_outputs() {
         let a = Checkpoint::open(dir.path().join("diffusers")).unwrap();
         let b = Checkpoint::open(dir.path().join("sd3.safetensors")).unwrap();
         assert_eq!((a.layout(), b.layout()), (Layout::Diffusers, Layout::SingleFile));
+        assert_eq!((a.dtype(), b.dtype()), (Some(DType::F32), Some(DType::F32)));
         assert_eq!(a.config().unwrap(), config, "{variant:?} detected from the diffusers folder");
         assert_eq!(b.config().unwrap(), config, "{variant:?} detected from the single file");
         let (x, t, c, y) = inputs(2, 16, 24, 1);

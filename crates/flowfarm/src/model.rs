@@ -70,6 +70,7 @@ fn inspect(path: &Path) -> Result<()> {
     println!("path: {}", path.display());
     println!("layout: {:?}", checkpoint.layout());
     println!("variant: {:?}", config.variant);
+    println!("dtype: {}", checkpoint.dtype().map_or("unknown", |d| d.as_str()));
     println!(
         "transformer: {} blocks, hidden {}, {} heads, patch {}, text width {}, pooled width {}, position grid {}×{}",
         config.depth, config.hidden, config.heads, config.patch_size, config.joint_attention_dim, config.pooled_dim,
