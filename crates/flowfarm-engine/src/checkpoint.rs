@@ -141,7 +141,7 @@ fn bad(path: &Path, reason: impl Into<String>) -> EngineError {
 }
 
 /// The `__metadata__` map of a safetensors file, read from its header only.
-fn read_metadata(path: &Path) -> Result<HashMap<String, String>, EngineError> {
+pub(crate) fn read_metadata(path: &Path) -> Result<HashMap<String, String>, EngineError> {
     let mut file = std::fs::File::open(path).map_err(io_err(path))?;
     let mut len = [0u8; 8];
     file.read_exact(&mut len).map_err(io_err(path))?;

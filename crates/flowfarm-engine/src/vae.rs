@@ -9,6 +9,10 @@
 //! tile (`sample_size` pixels) are decoded tile by tile with overlapping,
 //! linearly blended seams, as diffusers' `enable_tiling()` does, so memory
 //! stays bounded by the tile.
+//!
+//! Two layouts: the diffusers `vae/` folder, and the decoder inside an SD3
+//! single file (`first_stage_model.decoder.*`, the original LDM names), whose
+//! sizes are read off the shapes.
 //! The single-file `first_stage_model.*` layout and tiled decoding are not
 //! read yet.
 
@@ -139,14 +143,21 @@ struct SpatialAttention {
     out: candle_nn::Linear,
 }
 
+/// A c×c projection stored as a linear (c, c) or, in LDM files, a 1×1 conv (c, c, 1, 1).
+fn projection(vb: &VarBuilder, name: &str, c: usize) -> candle_core::Result<candle_nn::Linear> {
+    let vb = vb.pp(name);
+    let weight = vb.get_unchecked("weight")?.reshape((c, c))?;
+    Ok(candle_nn::Linear::new(weight, Some(vb.get(c, "bias")?)))
+}
+
 impl SpatialAttention {
     fn load(vb: &VarBuilder, groups: usize, c: usize) -> candle_core::Result<Self> {
         Ok(SpatialAttention {
             norm: group_norm(vb, "group_norm", groups, c)?,
-            q: candle_nn::linear(c, c, vb.pp("to_q"))?,
-            k: candle_nn::linear(c, c, vb.pp("to_k"))?,
-            v: candle_nn::linear(c, c, vb.pp("to_v"))?,
-            out: candle_nn::linear(c, c, vb.pp("to_out.0"))?,
+            q: projection(vb, "to_q", c)?,
+            k: projection(vb, "to_k", c)?,
+            v: projection(vb, "to_v", c)?,
+            out: projection(vb, "to_out.0", c)?,
         })
     }
 
@@ -255,9 +266,11 @@ impl Vae {
     /// [`EngineError::Checkpoint`] naming what is missing or malformed.
     pub fn open(path: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Vae, EngineError> {
         let path = path.as_ref();
+        if path.is_file() {
+            return Self::open_single_file(path, dtype, device);
+        }
         let dir: PathBuf = if path.join("vae").is_dir() { path.join("vae") } else { path.to_owned() };
-        let config_path = dir.join("config.json");
-        let config: DiffusersVaeConfig = crate::read_json(&config_path, "a VAE config")?;
+        let config: DiffusersVaeConfig = crate::read_json(&dir.join("config.json"), "a VAE config")?;
         let weights = dir.join("diffusion_pytorch_model.safetensors");
         if !weights.is_file() {
             return Err(EngineError::checkpoint(&dir, "no diffusion_pytorch_model.safetensors"));
@@ -265,8 +278,68 @@ impl Vae {
         // SAFETY: mapped read-only; flowfarm never writes a checkpoint it has open.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, device) }
             .map_err(|e| EngineError::checkpoint(&weights, e.to_string()))?;
+        Self::build(config, vb, dtype, &weights)
+    }
+
+    /// The decoder of an SD3 single file: `first_stage_model.decoder.*` (or
+    /// `decoder.*`) in LDM names. Channel widths, depth and latent channels
+    /// come from the shapes; the group count (32 in SD3) and tile size
+    /// (1024) from the file's metadata when it has them.
+    fn open_single_file(path: &Path, dtype: DType, device: &Device) -> Result<Vae, EngineError> {
+        // SAFETY: as above.
+        let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
+            .map_err(|e| EngineError::checkpoint(path, format!("not a safetensors file: {e}")))?;
+        let shapes: std::collections::HashMap<String, Vec<usize>> =
+            mapped.tensors().into_iter().map(|(n, v)| (n, v.shape().to_vec())).collect();
+        let prefix = if shapes.keys().any(|k| k.starts_with("first_stage_model.decoder.")) {
+            "first_stage_model."
+        } else if shapes.keys().any(|k| k.starts_with("decoder.up.")) {
+            ""
+        } else {
+            return Err(EngineError::checkpoint(path, "no VAE decoder (first_stage_model.decoder.*) in this file"));
+        };
+        let shape = |key: &str| {
+            shapes.get(&format!("{prefix}{key}")).cloned().ok_or_else(|| EngineError::MissingTensor { key: format!("{prefix}{key}") })
+        };
+        let mut widths = Vec::new();
+        while let Ok(s) = shape(&format!("decoder.up.{}.block.0.conv1.weight", widths.len())) {
+            widths.push(s[0]);
+        }
+        let mut layers = 0;
+        while shapes.contains_key(&format!("{prefix}decoder.up.0.block.{}.conv1.weight", layers + 1)) {
+            layers += 1;
+        }
+        let metadata = crate::checkpoint::read_metadata(path)?;
+        let number = |key: &str, default: usize| -> Result<usize, EngineError> {
+            metadata.get(key).map_or(Ok(default), |v| v.parse().map_err(|_| EngineError::checkpoint(path, format!("metadata {key}={v} is not a number"))))
+        };
+        let config = DiffusersVaeConfig {
+            latent_channels: shape("decoder.conv_in.weight")?[1],
+            out_channels: shape("decoder.conv_out.weight")?[0],
+            block_out_channels: widths,
+            layers_per_block: layers,
+            norm_num_groups: number("norm_num_groups", 32)?,
+            use_post_quant_conv: shapes.contains_key(&format!("{prefix}post_quant_conv.weight")),
+            scaling_factor: None,
+            shift_factor: None,
+            sample_size: number("sample_size", 1024)?,
+        };
+        if config.block_out_channels.is_empty() {
+            return Err(EngineError::checkpoint(path, "no decoder up blocks"));
+        }
+        let up = config.block_out_channels.len();
+        let prefix = prefix.to_owned();
+        // SAFETY: as above.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }
+            .map_err(|e| EngineError::checkpoint(path, e.to_string()))?
+            .rename_f(move |name| format!("{prefix}{}", ldm_name(name, up)));
+        Self::build(config, vb, dtype, path)
+    }
+
+    fn build(config: DiffusersVaeConfig, vb: VarBuilder, dtype: DType, path: &Path) -> Result<Vae, EngineError> {
         let scale_factor = 1usize << config.block_out_channels.len().saturating_sub(1);
-        let model = Decoder::load(&vb, &config).map_err(|e| EngineError::checkpoint(&weights, format!("weights do not fit the config: {e}")))?;
+        let model = Decoder::load(&vb, &config)
+            .map_err(|e| EngineError::checkpoint(path, format!("weights do not fit the config: {e}")))?;
         Ok(Vae {
             model,
             latent_channels: config.latent_channels,
@@ -343,6 +416,26 @@ impl Vae {
         }
         Tensor::cat(&out_rows, 2)
     }
+}
+
+/// The LDM (single-file) name of a diffusers decoder weight; `up` is the
+/// number of up blocks, which LDM numbers from the bottom.
+fn ldm_name(name: &str, up: usize) -> String {
+    let mut n = name.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut");
+    for i in 0..2 {
+        n = n.replace(&format!("mid_block.resnets.{i}."), &format!("mid.block_{}.", i + 1));
+    }
+    if n.contains("mid_block.attentions.0.") {
+        n = n.replace("mid_block.attentions.0.", "mid.attn_1.");
+        for (a, b) in [("group_norm.", "norm."), ("to_q.", "q."), ("to_k.", "k."), ("to_v.", "v."), ("to_out.0.", "proj_out.")] {
+            n = n.replace(a, b);
+        }
+    }
+    for i in 0..up {
+        n = n.replace(&format!("up_blocks.{i}.resnets."), &format!("up.{}.block.", up - 1 - i));
+        n = n.replace(&format!("up_blocks.{i}.upsamplers.0."), &format!("up.{}.upsample.", up - 1 - i));
+    }
+    n
 }
 
 /// `b` with its first `extent` rows (dim 2) or columns (dim 3) faded in from

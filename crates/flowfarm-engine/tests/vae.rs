@@ -45,3 +45,18 @@ fn decode_matches_diffusers_on_square_latents() {
     let diff = (&image - &f["square_image"]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     assert!(diff <= 1e-4, "max abs error {diff}");
 }
+
+/// The same decoder read from an SD3-style single file (LDM names under
+/// `first_stage_model.`) decodes exactly as the diffusers folder does.
+#[test]
+fn single_file_decoder_equals_the_diffusers_folder() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let f = candle_core::safetensors::load(dir.join("vae-tiny_decode.safetensors"), &Device::Cpu).unwrap();
+    let folder = Vae::open(dir.join("vae-tiny"), DType::F32, &Device::Cpu).unwrap();
+    let single = Vae::open(dir.join("vae-tiny").join("single_file.safetensors"), DType::F32, &Device::Cpu).unwrap();
+    for latent in ["latent", "square_latent", "big_latent"] {
+        let (a, b) = (folder.decode(&f[latent]).unwrap(), single.decode(&f[latent]).unwrap());
+        let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0, "{latent}");
+    }
+}
