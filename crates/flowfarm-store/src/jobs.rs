@@ -376,16 +376,7 @@ impl PgStore {
     /// # Errors
     /// [`StoreError::Database`] on a failed query.
     pub async fn retry_jobs(&self, selector: &JobSelector, actor: &str, reason: &str) -> Result<Vec<JobRow>, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        Move { transition: Transition::Resubmit, actor, reason }
-            .run(
-                &mut conn,
-                |qb| push_selector(qb, selector),
-                |qb| { qb.push(", max_attempts = GREATEST(j.max_attempts, j.attempt + 1), lease_expires_at = NULL"); },
-                "",
-                false,
-            )
-            .await
+        self.reopen(Transition::Resubmit, selector, actor, reason).await
     }
 
     /// Takes dispatched and running jobs back to the queue (attempt + 1), so
@@ -394,8 +385,14 @@ impl PgStore {
     /// # Errors
     /// [`StoreError::Database`] on a failed query.
     pub async fn requeue_jobs(&self, selector: &JobSelector, actor: &str, reason: &str) -> Result<Vec<JobRow>, StoreError> {
+        self.reopen(Transition::Requeue, selector, actor, reason).await
+    }
+
+    /// An operator's move back to the queue: a new attempt, which is granted
+    /// even if the job had used all of its own.
+    async fn reopen(&self, transition: Transition, selector: &JobSelector, actor: &str, reason: &str) -> Result<Vec<JobRow>, StoreError> {
         let mut conn = self.pool.acquire().await?;
-        Move { transition: Transition::Requeue, actor, reason }
+        Move { transition, actor, reason }
             .run(
                 &mut conn,
                 |qb| push_selector(qb, selector),
