@@ -97,6 +97,9 @@ pub enum Transition {
     Resubmit,
     /// An operator took a dispatched or running job back (attempt + 1).
     Requeue,
+    /// A worker passed on a dispatched job it had failed before, so that
+    /// another worker can take it (same attempt).
+    Decline,
 }
 
 impl Transition {
@@ -111,6 +114,7 @@ impl Transition {
             Transition::Cancel => &[Queued, Dispatched, Running],
             Transition::Resubmit => &[Failed, Cancelled, Dead],
             Transition::Requeue => &[Dispatched, Running],
+            Transition::Decline => &[Dispatched],
         }
     }
 
@@ -121,7 +125,7 @@ impl Transition {
             Transition::Start => JobState::Running,
             Transition::Succeed => JobState::Succeeded,
             Transition::Fail => JobState::Failed,
-            Transition::Retry | Transition::Resubmit | Transition::Requeue => JobState::Queued,
+            Transition::Retry | Transition::Resubmit | Transition::Requeue | Transition::Decline => JobState::Queued,
             Transition::Die => JobState::Dead,
             Transition::Cancel => JobState::Cancelled,
         }
@@ -140,7 +144,7 @@ impl Transition {
     }
 }
 
-const ALL_TRANSITIONS: [Transition; 9] = [
+const ALL_TRANSITIONS: [Transition; 10] = [
     Transition::Dispatch,
     Transition::Start,
     Transition::Succeed,
@@ -150,6 +154,7 @@ const ALL_TRANSITIONS: [Transition; 9] = [
     Transition::Cancel,
     Transition::Resubmit,
     Transition::Requeue,
+    Transition::Decline,
 ];
 
 /// A worker's standing in the fleet.

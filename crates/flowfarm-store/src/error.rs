@@ -19,6 +19,10 @@ pub enum StoreError {
     /// StartJob, a report for an attempt that lost its lease, …).
     #[error("job {job_id} is {state} (attempt {attempt}{holder}): {why}")]
     WrongState { job_id: Uuid, state: JobState, attempt: u32, holder: String, why: String },
+    /// StartJob by a worker that failed the job before, while another worker
+    /// can take it: the job went back to the queue.
+    #[error("job {job_id} goes to another worker: worker {worker_id} failed it before")]
+    Declined { job_id: Uuid, worker_id: Uuid },
     /// A worker that was drained or lost.
     #[error("worker {worker_id} is {state}: {why}")]
     WorkerUnavailable { worker_id: Uuid, state: String, why: String },

@@ -113,6 +113,19 @@ fn push_fence(qb: &mut QueryBuilder<'_, Postgres>, fence: Fence) {
     qb.push(" AND worker_id = ").push_bind(fence.worker_id);
 }
 
+/// For a retry: remember the worker that failed, and hold the job back by
+/// the store's backoff (see [`crate::RetryBackoff`]). `j.attempt` is the
+/// attempt that just failed.
+fn push_retry_hold(qb: &mut QueryBuilder<'_, Postgres>, backoff: crate::RetryBackoff) {
+    qb.push(", failed_workers = CASE WHEN j.worker_id IS NULL OR j.worker_id = ANY(j.failed_workers) \
+        THEN j.failed_workers ELSE array_append(j.failed_workers, j.worker_id) END");
+    qb.push(", dispatched_at = NULL, not_before = now() + make_interval(secs => LEAST(")
+        .push_bind(backoff.max.as_secs_f64())
+        .push("::float8, ")
+        .push_bind(backoff.base.as_secs_f64())
+        .push("::float8 * power(2, j.attempt - 1)) * (0.5 + random() * 0.5))");
+}
+
 fn lease_interval(lease: Duration) -> f64 {
     lease.as_secs_f64()
 }
@@ -450,7 +463,8 @@ impl PgStore {
     }
 
     /// Moves up to `limit` queued jobs of `model` to dispatched, highest
-    /// priority then oldest first, skipping rows another coordinator holds.
+    /// priority then oldest first, skipping rows another coordinator holds
+    /// and jobs still in their retry backoff; returns them in that order.
     /// Returns nothing while the queue (global or the model's) is paused.
     ///
     /// # Errors
@@ -469,48 +483,134 @@ impl PgStore {
         let rows = Move { transition: Transition::Dispatch, actor, reason: "dispatched" }
             .run(
                 &mut tx,
-                |qb| { qb.push("model = ").push_bind(model.to_owned()); },
-                |_| {},
+                |qb| {
+                    qb.push("model = ").push_bind(model.to_owned());
+                    qb.push(" AND (not_before IS NULL OR not_before <= now())");
+                },
+                |qb| { qb.push(", dispatched_at = now(), not_before = NULL"); },
                 &format!("ORDER BY priority DESC, id LIMIT {limit}"),
                 true,
             )
             .await?;
         tx.commit().await?;
+        // In the order they are to run, for the work stream.
+        let mut rows = rows;
+        rows.sort_by(|a, b| b.spec.priority.cmp(&a.spec.priority).then(a.id.cmp(&b.id)));
         Ok(rows)
+    }
+
+    /// How many more jobs of `model` may be dispatched now: the free slots of
+    /// the active workers serving it (capacity minus dispatched and running
+    /// jobs) plus `lookahead_per_worker` per worker, so that workers never
+    /// wait on the dispatcher while the rest stays in Postgres, where
+    /// priority changes, pauses and cancels act on it.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn dispatch_window(&self, model: &str, lookahead_per_worker: u32) -> Result<u32, StoreError> {
+        let (capacity, workers, outstanding): (i64, i64, i64) = sqlx::query_as(
+            "SELECT COALESCE(sum(capacity), 0)::int8, count(*), \
+                 (SELECT count(*) FROM jobs WHERE model = $1 AND state IN ('dispatched', 'running')) \
+             FROM workers WHERE state = 'active' AND $1 = ANY(models)",
+        )
+        .bind(model)
+        .fetch_one(&self.pool)
+        .await?;
+        let window = capacity + workers * i64::from(lookahead_per_worker) - outstanding;
+        Ok(window.clamp(0, i64::from(u32::MAX)) as u32)
+    }
+
+    /// Dispatches again up to `limit` jobs that were dispatched more than
+    /// `older_than` ago and never started: their stream message may be lost
+    /// (Redis restarted or flushed). A duplicate message is harmless: the
+    /// second StartJob is refused. Each gets a `dispatched → dispatched` event.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn redispatch_stale(&self, older_than: Duration, limit: u32, actor: &str) -> Result<Vec<JobRow>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(&format!(
+            "WITH target AS (SELECT id FROM jobs WHERE state = 'dispatched' \
+                 AND dispatched_at < now() - make_interval(secs => $1) ORDER BY dispatched_at LIMIT $2 FOR UPDATE SKIP LOCKED), \
+             upd AS (UPDATE jobs j SET dispatched_at = now(), updated_at = now() FROM target t WHERE j.id = t.id RETURNING j.*), \
+             ev AS (INSERT INTO job_events (job_id, batch_id, from_state, to_state, attempt, actor, reason) \
+                 SELECT id, batch_id, 'dispatched', 'dispatched', attempt, $3, 'dispatched again: not started in time' FROM upd) \
+             SELECT {JOB_COLUMNS} FROM upd ORDER BY id"
+        ))
+        .bind(older_than.as_secs_f64())
+        .bind(i64::from(limit))
+        .bind(actor)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        rows.iter().map(JobRow::from_row).collect()
     }
 
     /// Claims a dispatched job for `worker_id`: running, with a lease of
     /// `lease` from now. The attempt number is the job's.
     ///
+    /// A worker that failed an earlier attempt of the job does not get it
+    /// again while another active worker serving the model could: the job
+    /// goes back to the queue (same attempt, held back one second so the
+    /// same worker does not pick it straight up again) and this is
+    /// [`StoreError::Declined`].
+    ///
     /// # Errors
-    /// [`StoreError::WorkerUnavailable`] if the worker is not active;
-    /// [`StoreError::WrongState`] if the job is not dispatched (a duplicate
-    /// message, say); [`StoreError::NotFound`].
+    /// [`StoreError::WorkerUnavailable`] if the worker is not active (the
+    /// job goes back to the queue); [`StoreError::WrongState`] if the job is
+    /// not dispatched (a duplicate message, say); [`StoreError::Declined`];
+    /// [`StoreError::NotFound`].
     pub async fn start_job(&self, job_id: Uuid, worker_id: Uuid, lease: Duration) -> Result<JobRow, StoreError> {
         let mut tx = self.pool.begin().await?;
         let worker_state: Option<String> = sqlx::query_scalar("SELECT state FROM workers WHERE id = $1 FOR SHARE")
             .bind(worker_id)
             .fetch_optional(&mut *tx)
             .await?;
+        let actor = format!("worker:{worker_id}");
         match worker_state.as_deref() {
             None => return Err(StoreError::NotFound { what: "worker", id: worker_id }),
             Some("active") => {}
             Some(state) => {
+                // The message is spent: put the job back so another worker gets it now.
+                Move { transition: Transition::Decline, actor: &actor, reason: "the worker takes no new work" }
+                    .run(&mut tx, |qb| { qb.push("id = ").push_bind(job_id); }, |qb| { qb.push(", dispatched_at = NULL"); }, "", false)
+                    .await?;
+                tx.commit().await?;
                 return Err(StoreError::WorkerUnavailable {
                     worker_id,
                     state: state.to_owned(),
-                    why: "only active workers may start jobs".into(),
-                })
+                    why: "only active workers may start jobs; the job went back to the queue".into(),
+                });
             }
         }
-        let mut rows = Move { transition: Transition::Start, actor: &format!("worker:{worker_id}"), reason: "started" }
+        let declined = Move { transition: Transition::Decline, actor: &actor, reason: "this worker failed it before" }
+            .run(
+                &mut tx,
+                |qb| {
+                    qb.push("id = ").push_bind(job_id);
+                    qb.push(" AND ").push_bind(worker_id).push(" = ANY(failed_workers)");
+                    qb.push(
+                        " AND EXISTS (SELECT 1 FROM workers w WHERE w.state = 'active' AND jobs.model = ANY(w.models) \
+                         AND NOT (w.id = ANY(jobs.failed_workers)))",
+                    );
+                },
+                |qb| { qb.push(", not_before = now() + interval '1 second', dispatched_at = NULL"); },
+                "",
+                false,
+            )
+            .await?;
+        if !declined.is_empty() {
+            tx.commit().await?;
+            return Err(StoreError::Declined { job_id, worker_id });
+        }
+        let mut rows = Move { transition: Transition::Start, actor: &actor, reason: "started" }
             .run(
                 &mut tx,
                 |qb| { qb.push("id = ").push_bind(job_id); },
                 |qb| {
                     qb.push(", worker_id = ").push_bind(worker_id);
                     qb.push(", lease_expires_at = now() + make_interval(secs => ").push_bind(lease_interval(lease)).push(")");
-                    qb.push(", progress_step = 0");
+                    qb.push(", progress_step = 0, started_at = now()");
                 },
                 "",
                 false,
@@ -623,6 +723,11 @@ impl PgStore {
         let set_error = |qb: &mut QueryBuilder<'_, Postgres>| {
             qb.push(", lease_expires_at = NULL, error = ").push_bind(error.to_owned());
         };
+        let backoff = self.backoff;
+        let set_retry = |qb: &mut QueryBuilder<'_, Postgres>| {
+            set_error(qb);
+            push_retry_hold(qb, backoff);
+        };
         let mut tx = self.pool.begin().await?;
         let mut moved = if retryable {
             let retried = Move { transition: Transition::Retry, actor: &actor, reason: error }
@@ -632,7 +737,7 @@ impl PgStore {
                         push_fence(qb, fence);
                         qb.push(" AND state = 'running' AND attempt < max_attempts");
                     },
-                    set_error,
+                    set_retry,
                     "",
                     false,
                 )
@@ -669,8 +774,13 @@ impl PgStore {
         let clear = |qb: &mut QueryBuilder<'_, Postgres>| {
             qb.push(", lease_expires_at = NULL, error = 'lease expired'");
         };
+        let backoff = self.backoff;
+        let retry = |qb: &mut QueryBuilder<'_, Postgres>| {
+            clear(qb);
+            push_retry_hold(qb, backoff);
+        };
         let mut moved = Move { transition: Transition::Retry, actor: "reaper", reason: "lease expired" }
-            .run(&mut tx, |qb| { expired(qb); qb.push(" AND attempt < max_attempts"); }, clear, "", true)
+            .run(&mut tx, |qb| { expired(qb); qb.push(" AND attempt < max_attempts"); }, retry, "", true)
             .await?;
         moved.extend(
             Move { transition: Transition::Die, actor: "reaper", reason: "lease expired on the last attempt" }

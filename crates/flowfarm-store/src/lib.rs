@@ -34,6 +34,21 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    backoff: RetryBackoff,
+}
+
+/// How long a retried job waits before it is dispatched again: `base · 2^(n−1)`
+/// after its n-th failed attempt, at most `max`, times a random factor in
+/// [0.5, 1] so that jobs failed together do not come back together.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryBackoff {
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl RetryBackoff {
+    /// Retried jobs may be dispatched at once.
+    pub const NONE: RetryBackoff = RetryBackoff { base: Duration::ZERO, max: Duration::ZERO };
 }
 
 impl PgStore {
@@ -50,7 +65,7 @@ impl PgStore {
             .acquire_timeout(Duration::from_secs(10))
             .connect_with(options)
             .await?;
-        Ok(PgStore { pool })
+        Ok(PgStore { pool, backoff: RetryBackoff::NONE })
     }
 
     /// Creates the database named in `url` if it does not exist yet.
@@ -67,7 +82,14 @@ impl PgStore {
 
     /// Wraps an existing pool.
     pub fn from_pool(pool: PgPool) -> Self {
-        PgStore { pool }
+        PgStore { pool, backoff: RetryBackoff::NONE }
+    }
+
+    /// The same store, with retried jobs held back by `backoff`
+    /// ([`RetryBackoff::NONE`] unless set).
+    pub fn with_retry_backoff(mut self, backoff: RetryBackoff) -> Self {
+        self.backoff = backoff;
+        self
     }
 
     /// The underlying pool, for tests and tools.

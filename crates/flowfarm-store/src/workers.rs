@@ -103,6 +103,18 @@ impl PgStore {
         lease: Duration,
     ) -> Result<HeartbeatOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
+        // Job rows before the worker row, as CompleteJob takes them: the
+        // other order deadlocks against a completion of this worker. An
+        // unknown or gone worker returns early, rolling the renewal back.
+        let lease_expires_at: DateTime<Utc> = sqlx::query_scalar(
+            "WITH renewed AS (UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $2) \
+                WHERE worker_id = $1 AND state = 'running') \
+             SELECT now() + make_interval(secs => $2)",
+        )
+        .bind(worker_id)
+        .bind(lease.as_secs_f64())
+        .fetch_one(&mut *tx)
+        .await?;
         let state: Option<String> = sqlx::query_scalar(
             "UPDATE workers SET last_heartbeat_at = now(), gpu_seconds = gpu_seconds + $2, \
                  state = CASE WHEN state = 'lost' THEN 'active' ELSE state END \
@@ -124,14 +136,6 @@ impl PgStore {
             }
             Some(Some(state)) => state,
         };
-        let lease_expires_at: DateTime<Utc> = sqlx::query_scalar(
-            "WITH renewed AS (UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $2) \
-                WHERE worker_id = $1 AND state = 'running') SELECT now() + make_interval(secs => $2)",
-        )
-        .bind(worker_id)
-        .bind(lease.as_secs_f64())
-        .fetch_one(&mut *tx)
-        .await?;
         let ids: Vec<Uuid> = running.iter().map(|(id, _)| *id).collect();
         let attempts: Vec<i32> = running.iter().map(|(_, a)| *a as i32).collect();
         let revoked: Vec<Uuid> = sqlx::query_scalar(
