@@ -1,0 +1,265 @@
+//! flowfarm's work queue: one Redis Stream per model (`ff:jobs:{model}`),
+//! read through one consumer group (`workers`) so that each message goes to
+//! one worker.
+//!
+//! A message only says "job J, attempt A is ready": the job itself lives in
+//! Postgres and a worker claims it with StartJob, which refuses duplicates.
+//! So the queue may lose messages (Redis restarted or flushed: the
+//! coordinator dispatches again what was never started) or deliver them
+//! twice, and nothing is lost or done twice.
+//!
+//! - [`WorkQueue`]: the coordinator's side (publish, depth, sweep of
+//!   messages whose reader died).
+//! - [`Consumer`]: a worker's side (blocking read, acknowledge).
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply};
+use redis::{AsyncCommands, RedisError};
+use uuid::Uuid;
+
+/// The consumer group every worker reads through.
+pub const GROUP: &str = "workers";
+
+/// The stream of `model`'s work.
+pub fn stream_key(model: &str) -> String {
+    format!("ff:jobs:{model}")
+}
+
+/// What went wrong talking to Redis.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("redis {action}: {source}")]
+    Redis { action: &'static str, source: RedisError },
+    #[error("redis URL {url}: {source}")]
+    Url { url: String, source: RedisError },
+}
+
+impl QueueError {
+    fn redis(action: &'static str) -> impl FnOnce(RedisError) -> QueueError {
+        move |source| QueueError::Redis { action, source }
+    }
+}
+
+/// One unit of work on a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobMessage {
+    pub job_id: Uuid,
+    /// The attempt the job was on when dispatched (informational: StartJob
+    /// decides which attempt runs).
+    pub attempt: u32,
+}
+
+/// A message as a worker received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub model: String,
+    /// The stream entry id, for [`Consumer::ack`].
+    pub message_id: String,
+    /// The job, or why the message could not be read (acknowledge and drop it).
+    pub job: Result<JobMessage, String>,
+}
+
+fn client(url: &str) -> Result<redis::Client, QueueError> {
+    redis::Client::open(url).map_err(|source| QueueError::Url { url: url.to_owned(), source })
+}
+
+async fn manager(url: &str, response_timeout: Option<Duration>) -> Result<ConnectionManager, QueueError> {
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(response_timeout)
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_max_delay(Duration::from_secs(2));
+    ConnectionManager::new_with_config(client(url)?, config).await.map_err(QueueError::redis("connect"))
+}
+
+/// Creates `model`'s stream and group if missing. The group starts at the
+/// stream's beginning, so messages added before it existed (after a flush,
+/// by a coordinator that got there first) are still delivered.
+async fn ensure_group(conn: &mut ConnectionManager, model: &str) -> Result<(), QueueError> {
+    let created: Result<(), RedisError> = conn.xgroup_create_mkstream(stream_key(model), GROUP, "0").await;
+    match created {
+        Err(e) if e.code() != Some("BUSYGROUP") => Err(QueueError::Redis { action: "XGROUP CREATE", source: e }),
+        _ => Ok(()),
+    }
+}
+
+/// The coordinator's side of the queue. Cheap to clone; reconnects by itself.
+#[derive(Clone)]
+pub struct WorkQueue {
+    conn: ConnectionManager,
+}
+
+impl std::fmt::Debug for WorkQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkQueue").finish_non_exhaustive()
+    }
+}
+
+impl WorkQueue {
+    /// Connects to `url` (`redis://host:port/db`).
+    ///
+    /// # Errors
+    /// [`QueueError`] if the URL is malformed or Redis cannot be reached.
+    pub async fn connect(url: &str) -> Result<Self, QueueError> {
+        Ok(WorkQueue { conn: manager(url, Some(Duration::from_secs(5))).await? })
+    }
+
+    /// Appends one message per job to `model`'s stream, in order, in one round trip.
+    ///
+    /// # Errors
+    /// [`QueueError::Redis`] if Redis is away; some messages may have been added.
+    pub async fn publish(&self, model: &str, jobs: &[JobMessage]) -> Result<(), QueueError> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        ensure_group(&mut conn, model).await?;
+        let key = stream_key(model);
+        let mut pipe = redis::pipe();
+        for job in jobs {
+            pipe.xadd(&key, "*", &[("job", job.job_id.to_string()), ("attempt", job.attempt.to_string())]).ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await.map_err(QueueError::redis("XADD"))
+    }
+
+    /// Messages in `model`'s stream not yet acknowledged or swept.
+    ///
+    /// # Errors
+    /// [`QueueError::Redis`] if Redis is away.
+    pub async fn depth(&self, model: &str) -> Result<u64, QueueError> {
+        let mut conn = self.conn.clone();
+        conn.xlen(stream_key(model)).await.map_err(QueueError::redis("XLEN"))
+    }
+
+    /// Acknowledges and deletes messages of `model` that a consumer read but
+    /// has not acknowledged for longer than `idle` (a worker that died
+    /// before acknowledging). Postgres decides what happens to their jobs;
+    /// this only keeps Redis from growing. Returns how many were removed.
+    ///
+    /// # Errors
+    /// [`QueueError::Redis`] if Redis is away.
+    pub async fn sweep_pending(&self, model: &str, idle: Duration) -> Result<u64, QueueError> {
+        let mut conn = self.conn.clone();
+        let key = stream_key(model);
+        let exists: bool = conn.exists(&key).await.map_err(QueueError::redis("EXISTS"))?;
+        if !exists {
+            return Ok(0);
+        }
+        ensure_group(&mut conn, model).await?;
+        let mut removed = 0;
+        let mut start = "0-0".to_owned();
+        loop {
+            let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+                .arg(&key)
+                .arg(GROUP)
+                .arg("coordinator-sweeper")
+                .arg(idle.as_millis() as u64)
+                .arg(&start)
+                .arg("COUNT")
+                .arg(500)
+                .arg("JUSTID")
+                .query_async(&mut conn)
+                .await
+                .map_err(QueueError::redis("XAUTOCLAIM"))?;
+            let ids: Vec<&str> = reply.claimed.iter().map(|c| c.id.as_str()).collect();
+            if !ids.is_empty() {
+                let mut pipe = redis::pipe();
+                pipe.xack(&key, GROUP, &ids).ignore().xdel(&key, &ids).ignore();
+                pipe.query_async::<()>(&mut conn).await.map_err(QueueError::redis("XACK"))?;
+                removed += ids.len() as u64;
+            }
+            if reply.next_stream_id == "0-0" {
+                return Ok(removed);
+            }
+            start = reply.next_stream_id;
+        }
+    }
+}
+
+/// A worker's reader of its models' streams. Reconnects by itself; a read
+/// after Redis lost its data recreates the groups. Clones share the
+/// connections: one task reads, any may acknowledge.
+#[derive(Clone)]
+pub struct Consumer {
+    /// Blocking reads only: Redis answers a connection's commands in order,
+    /// so an acknowledgement behind a blocked read would wait for it.
+    reader: ConnectionManager,
+    writer: ConnectionManager,
+    name: String,
+    models: Vec<String>,
+    keys: Vec<String>,
+}
+
+impl Consumer {
+    /// Connects to `url` as consumer `name` (unique per worker) reading `models`.
+    ///
+    /// # Errors
+    /// [`QueueError`] if the URL is malformed or Redis cannot be reached.
+    pub async fn connect(url: &str, name: &str, models: &[String]) -> Result<Self, QueueError> {
+        // No response timeout: XREADGROUP BLOCK holds the reply back on purpose.
+        let reader = manager(url, None).await?;
+        let mut writer = manager(url, Some(Duration::from_secs(5))).await?;
+        for model in models {
+            ensure_group(&mut writer, model).await?;
+        }
+        Ok(Consumer {
+            reader,
+            writer,
+            name: name.to_owned(),
+            keys: models.iter().map(|m| stream_key(m)).collect(),
+            models: models.to_vec(),
+        })
+    }
+
+    /// Waits up to `block` for at most `count` new messages across the models.
+    ///
+    /// # Errors
+    /// [`QueueError::Redis`] if Redis is away (call again: it reconnects).
+    pub async fn read(&mut self, count: usize, block: Duration) -> Result<Vec<Delivery>, QueueError> {
+        let options = StreamReadOptions::default()
+            .group(GROUP, &self.name)
+            .count(count.max(1))
+            .block(block.as_millis().max(1) as usize);
+        let ids = vec![">"; self.keys.len()];
+        let reply: Result<Option<StreamReadReply>, RedisError> = self.reader.xread_options(&self.keys, &ids, &options).await;
+        let reply = match reply {
+            Err(e) if e.code() == Some("NOGROUP") => {
+                tracing::warn!("work streams are gone (Redis restarted or flushed?): creating them again");
+                for model in &self.models {
+                    ensure_group(&mut self.writer, model).await?;
+                }
+                return Ok(Vec::new());
+            }
+            other => other.map_err(QueueError::redis("XREADGROUP"))?,
+        };
+        let mut out = Vec::new();
+        for stream in reply.map(|r| r.keys).unwrap_or_default() {
+            let model = stream.key.strip_prefix("ff:jobs:").unwrap_or(&stream.key).to_owned();
+            for entry in stream.ids {
+                out.push(Delivery { model: model.clone(), job: parse_message(&entry), message_id: entry.id });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Acknowledges and deletes a message: its job is done, refused or dropped.
+    ///
+    /// # Errors
+    /// [`QueueError::Redis`] if Redis is away.
+    pub async fn ack(&self, delivery: &Delivery) -> Result<(), QueueError> {
+        let key = stream_key(&delivery.model);
+        let ids = [delivery.message_id.as_str()];
+        let mut pipe = redis::pipe();
+        pipe.xack(&key, GROUP, &ids).ignore().xdel(&key, &ids).ignore();
+        pipe.query_async::<()>(&mut self.writer.clone()).await.map_err(QueueError::redis("XACK"))
+    }
+}
+
+fn parse_message(entry: &StreamId) -> Result<JobMessage, String> {
+    let job: String = entry.get("job").ok_or("no `job` field")?;
+    let job_id = Uuid::parse_str(&job).map_err(|e| format!("job `{job}`: {e}"))?;
+    let attempt: String = entry.get("attempt").ok_or("no `attempt` field")?;
+    let attempt = attempt.parse().map_err(|e| format!("attempt `{attempt}`: {e}"))?;
+    Ok(JobMessage { job_id, attempt })
+}
