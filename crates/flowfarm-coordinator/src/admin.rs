@@ -51,6 +51,7 @@ impl AdminService for Coordinator {
         let req = request.into_inner();
         self.check_model("model", &req.model)?;
         let state = self.shared.store.set_paused(&req.model, false, "", &caller.actor()).await.map_err(store_status)?;
+        self.wake_dispatcher();
         Ok(Response::new(pause_to_proto(&state)))
     }
 

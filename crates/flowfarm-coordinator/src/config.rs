@@ -22,6 +22,12 @@ pub struct Config {
     pub limits: Limits,
     #[serde(default)]
     pub results: ResultsConfig,
+    #[serde(default)]
+    pub queue: QueueConfig,
+    #[serde(default)]
+    pub retries: RetryConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
     /// The models this farm serves.
     #[serde(default)]
     pub models: Vec<ModelConfig>,
@@ -108,6 +114,68 @@ impl Default for ResultsConfig {
     }
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueConfig {
+    /// Redis holding the work streams. Env: `FLOWFARM_REDIS_URL`.
+    pub redis_url: String,
+    /// Jobs dispatched beyond the fleet's free slots, per active worker, so
+    /// that a worker finds its next job waiting. The rest stays queued in
+    /// Postgres, where priorities, pauses and cancels act on it.
+    pub lookahead_per_worker: u32,
+    /// How often the dispatcher looks for work when nothing wakes it
+    /// (submissions and finished jobs on this coordinator wake it at once).
+    pub dispatch_interval_seconds: f64,
+    /// A job dispatched but not started for this long is dispatched again
+    /// (its message may be lost); stream messages unacknowledged for this
+    /// long are swept.
+    pub redispatch_after_seconds: f64,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig {
+            redis_url: "redis://127.0.0.1:6379/0".into(),
+            lookahead_per_worker: 2,
+            dispatch_interval_seconds: 0.5,
+            redispatch_after_seconds: 30.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// A retried job waits base · 2^(n−1) seconds after its n-th failed
+    /// attempt (times a random factor in [0.5, 1]) …
+    pub backoff_base_seconds: f64,
+    /// … and never more than this.
+    pub backoff_max_seconds: f64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig { backoff_base_seconds: 2.0, backoff_max_seconds: 120.0 }
+    }
+}
+
+impl RetryConfig {
+    pub fn backoff(&self) -> flowfarm_store::RetryBackoff {
+        flowfarm_store::RetryBackoff {
+            base: Duration::from_secs_f64(self.backoff_base_seconds),
+            max: Duration::from_secs_f64(self.backoff_max_seconds),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where Prometheus /metrics is served (plain HTTP); absent: not served.
+    /// Env: `FLOWFARM_METRICS_LISTEN`.
+    pub listen: Option<SocketAddr>,
+}
+
 /// A config that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -135,8 +203,9 @@ impl Config {
         Ok(config)
     }
 
-    /// Applies `FLOWFARM_LISTEN`, `FLOWFARM_DATABASE_URL` (else `DATABASE_URL`)
-    /// and `FLOWFARM_RESULTS_DIR`, read through `var`.
+    /// Applies `FLOWFARM_LISTEN`, `FLOWFARM_DATABASE_URL` (else `DATABASE_URL`),
+    /// `FLOWFARM_RESULTS_DIR`, `FLOWFARM_REDIS_URL` and
+    /// `FLOWFARM_METRICS_LISTEN`, read through `var`.
     ///
     /// # Errors
     /// [`ConfigError::Env`] for a listen address that does not parse.
@@ -152,6 +221,15 @@ impl Config {
         }
         if let Some(dir) = var("FLOWFARM_RESULTS_DIR") {
             self.results.dir = dir.into();
+        }
+        if let Some(url) = var("FLOWFARM_REDIS_URL") {
+            self.queue.redis_url = url;
+        }
+        if let Some(listen) = var("FLOWFARM_METRICS_LISTEN") {
+            self.metrics.listen = Some(listen.parse().map_err(|e| ConfigError::Env {
+                name: "FLOWFARM_METRICS_LISTEN",
+                reason: format!("`{listen}` is not a socket address ({e})"),
+            })?);
         }
         Ok(())
     }
@@ -190,6 +268,19 @@ impl Config {
         let grace = self.server.shutdown_grace_seconds;
         if !(grace.is_finite() && (0.0..=3600.0).contains(&grace)) {
             return Err(ConfigError::Invalid("server.shutdown_grace_seconds must be within 0..=3600".into()));
+        }
+        let q = &self.queue;
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        if !positive(q.dispatch_interval_seconds) || !positive(q.redispatch_after_seconds) {
+            return Err(ConfigError::Invalid(
+                "queue.dispatch_interval_seconds and queue.redispatch_after_seconds must be positive".into(),
+            ));
+        }
+        let r = &self.retries;
+        let ok = r.backoff_base_seconds.is_finite() && r.backoff_base_seconds >= 0.0
+            && r.backoff_max_seconds.is_finite() && r.backoff_max_seconds >= r.backoff_base_seconds;
+        if !ok {
+            return Err(ConfigError::Invalid("retries: need 0 ≤ backoff_base_seconds ≤ backoff_max_seconds".into()));
         }
         if self.database.max_connections == 0 {
             return Err(ConfigError::Invalid("database.max_connections must be positive".into()));

@@ -1,5 +1,6 @@
 //! flowfarm's coordinator: the three gRPC services (render, admin, worker),
-//! bearer-token auth, the lease reaper, and the config they run from.
+//! bearer-token auth, the dispatcher into Redis, the lease reaper, metrics,
+//! and the config they run from.
 //!
 //! Every RPC checks its caller's role, validates its input (INVALID_ARGUMENT
 //! names the field), and goes to [`PgStore`], which keeps the whole truth.
@@ -11,6 +12,8 @@
 pub mod auth;
 pub mod config;
 pub mod convert;
+pub mod dispatcher;
+pub mod metrics;
 mod admin;
 mod reaper;
 mod render;
@@ -22,15 +25,17 @@ use std::sync::Arc;
 use flowfarm_core::{Limits, ModelRegistry};
 use flowfarm_proto::v1 as pb;
 use flowfarm_store::PgStore;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, Notify};
 use uuid::Uuid;
 
 pub use config::{Config, ConfigError};
+pub use dispatcher::{DispatchError, Dispatcher};
+pub use metrics::{bind_metrics, serve_metrics, Metrics};
 pub use reaper::{reap_once, run_reaper};
 pub use server::{serve, ServeError};
 
 use crate::auth::Authenticator;
-use crate::config::{LeaseConfig, ResultsConfig};
+use crate::config::{LeaseConfig, QueueConfig, ResultsConfig};
 
 /// Step progress of one job, fanned out to watchers.
 #[derive(Debug, Clone)]
@@ -50,6 +55,10 @@ struct Shared {
     shutdown_grace: std::time::Duration,
     auth: Authenticator,
     progress: broadcast::Sender<Progress>,
+    queue: QueueConfig,
+    metrics: Metrics,
+    /// Wakes the dispatcher: work arrived or a slot freed up.
+    dispatch_wake: Arc<Notify>,
 }
 
 /// Handle to a coordinator's services; cheap to clone.
@@ -59,15 +68,20 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Builds the services over `store` with `config`'s registry and limits.
+    /// Builds the services over `store` with `config`'s registry, limits,
+    /// leases and retry backoff.
     ///
     /// # Errors
     /// [`ConfigError`] if the config does not pass its checks.
     pub fn new(config: &Config, store: PgStore) -> Result<Self, ConfigError> {
         config.check()?;
         let (progress, _) = broadcast::channel(4096);
+        let store = store.with_retry_backoff(config.retries.backoff());
         Ok(Coordinator {
             shared: Arc::new(Shared {
+                queue: config.queue.clone(),
+                metrics: Metrics::new(),
+                dispatch_wake: Arc::new(Notify::new()),
                 auth: Authenticator::new(store.clone()),
                 registry: config.registry()?,
                 limits: config.limits.clone(),
@@ -78,5 +92,15 @@ impl Coordinator {
                 progress,
             }),
         })
+    }
+
+    /// The metrics this coordinator updates.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
+    }
+
+    /// Asks the dispatcher (if one runs) for a pass now.
+    fn wake_dispatcher(&self) {
+        self.shared.dispatch_wake.notify_one();
     }
 }

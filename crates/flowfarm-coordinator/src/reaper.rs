@@ -34,8 +34,12 @@ pub async fn reap_once(store: &PgStore, leases: &LeaseConfig) -> Result<ReapRepo
 }
 
 /// Runs [`reap_once`] every `leases.reaper_interval_seconds` until
-/// `shutdown` resolves. Database errors are logged and retried next tick.
-pub async fn run_reaper(store: PgStore, leases: LeaseConfig, shutdown: impl std::future::Future<Output = ()>) {
+/// `shutdown` resolves, counting expired leases in the metrics and waking
+/// the dispatcher for requeued jobs. Database errors are logged and retried
+/// next tick.
+pub async fn run_reaper(coordinator: crate::Coordinator, shutdown: impl std::future::Future<Output = ()>) {
+    let store = coordinator.shared.store.clone();
+    let leases = coordinator.shared.leases.clone();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(leases.reaper_interval_seconds));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -43,8 +47,16 @@ pub async fn run_reaper(store: PgStore, leases: LeaseConfig, shutdown: impl std:
         tokio::select! {
             _ = &mut shutdown => return,
             _ = tick.tick() => {
-                if let Err(e) = reap_once(&store, &leases).await {
-                    tracing::error!(error = %e, "reaper pass failed");
+                match reap_once(&store, &leases).await {
+                    Ok(report) => {
+                        for _ in 0..report.requeued + report.dead {
+                            coordinator.shared.metrics.failure("lease_expired");
+                        }
+                        if report.requeued > 0 {
+                            coordinator.wake_dispatcher();
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "reaper pass failed"),
                 }
             }
         }

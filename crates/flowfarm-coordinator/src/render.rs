@@ -59,6 +59,7 @@ impl RenderService for Coordinator {
             labels: req.labels.clone(),
         };
         let outcome = shared.store.submit_batch(&batch, &jobs).await.map_err(store_status)?;
+        self.wake_dispatcher();
         tracing::info!(batch = %outcome.batch.id, jobs = jobs.len(), created = outcome.created, submitter = %caller.name, "batch submitted");
         Ok(Response::new(pb::SubmitBatchResponse {
             batch: Some(batch_to_proto(&outcome.batch)),

@@ -47,7 +47,7 @@ pub async fn serve(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let reaper = {
         let mut stop = stop_rx.clone();
-        tokio::spawn(run_reaper(coordinator.shared.store.clone(), coordinator.shared.leases.clone(), async move {
+        tokio::spawn(run_reaper(coordinator.clone(), async move {
             let _ = stop.wait_for(|stopped| *stopped).await;
         }))
     };

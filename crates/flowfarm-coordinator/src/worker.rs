@@ -92,6 +92,7 @@ impl WorkerService for Coordinator {
             .await
             .map_err(store_status)?;
         tracing::info!(worker = %worker.id, name = %worker.name, "worker registered");
+        self.wake_dispatcher();
         let leases = &self.shared.leases;
         Ok(Response::new(pb::RegisterWorkerResponse {
             worker_id: worker.id.to_string(),
@@ -132,6 +133,10 @@ impl WorkerService for Coordinator {
         let worker_id = parse_id("worker_id", &req.worker_id)?;
         let job_id = parse_id("job_id", &req.job_id)?;
         let job = self.shared.store.start_job(job_id, worker_id, self.shared.leases.lease()).await.map_err(store_status)?;
+        if job.attempt == 1 {
+            let waited = (chrono::Utc::now() - job.created_at).num_microseconds().unwrap_or(0).max(0);
+            self.shared.metrics.submit_to_start.observe(waited as f64 / 1e6);
+        }
         Ok(Response::new(pb::StartJobResponse {
             attempt: job.attempt,
             lease_expires_at: job.lease_expires_at.map(timestamp),
@@ -193,6 +198,9 @@ impl WorkerService for Coordinator {
             .complete_job(job_id, attempt, worker_id, &row, req.gpu_seconds)
             .await
             .map_err(store_status)?;
+        self.shared.metrics.completed.inc();
+        self.shared.metrics.render_seconds.observe(req.gpu_seconds);
+        self.wake_dispatcher();
         Ok(Response::new(pb::CompleteJobResponse {}))
     }
 
@@ -212,6 +220,19 @@ impl WorkerService for Coordinator {
             .fail_job(job_id, attempt, worker_id, &error, req.retryable)
             .await
             .map_err(store_status)?;
+        self.shared.metrics.failure(if req.retryable { "retryable" } else { "fatal" });
+        self.wake_dispatcher();
         Ok(Response::new(pb::FailJobResponse { state: state_to_proto(state) as i32 }))
+    }
+
+    async fn deregister_worker(
+        &self,
+        request: Request<pb::DeregisterWorkerRequest>,
+    ) -> Result<Response<pb::DeregisterWorkerResponse>, Status> {
+        self.shared.auth.authorize(request.metadata(), WORKERS).await?;
+        let worker_id = parse_id("worker_id", &request.into_inner().worker_id)?;
+        self.shared.store.set_worker_state(worker_id, flowfarm_core::WorkerState::Gone).await.map_err(store_status)?;
+        tracing::info!(worker = %worker_id, "worker deregistered");
+        Ok(Response::new(pb::DeregisterWorkerResponse {}))
     }
 }

@@ -80,6 +80,7 @@ async fn every_rpc_checks_the_token_and_its_role() {
             "ReportProgress" => code!(w.clone().report_progress(pb::ReportProgressRequest::default())),
             "CompleteJob" => code!(w.clone().complete_job(pb::CompleteJobRequest::default())),
             "FailJob" => code!(w.clone().fail_job(pb::FailJobRequest::default())),
+            "DeregisterWorker" => code!(w.clone().deregister_worker(pb::DeregisterWorkerRequest::default())),
             other => panic!("unknown rpc {other}"),
         }
     }
@@ -88,14 +89,14 @@ async fn every_rpc_checks_the_token_and_its_role() {
         "PauseQueue", "ResumeQueue", "SetPriority", "RetryJobs", "RequeueJobs", "PurgeJobs", "GetQueueStats",
         "ListWorkers", "DrainWorker", "CordonWorker", "UncordonWorker",
     ];
-    let worker = ["RegisterWorker", "Heartbeat", "StartJob", "ReportProgress", "CompleteJob", "FailJob"];
+    let worker = ["RegisterWorker", "Heartbeat", "StartJob", "ReportProgress", "CompleteJob", "FailJob", "DeregisterWorker"];
     let table: Vec<(&str, &str, &str)> = render
         .iter()
         .map(|rpc| (*rpc, wrk.as_str(), sub.as_str()))
         .chain(admin.iter().map(|rpc| (*rpc, sub.as_str(), adm.as_str())))
         .chain(worker.iter().map(|rpc| (*rpc, adm.as_str(), wrk.as_str())))
         .collect();
-    assert_eq!(table.len(), 24);
+    assert_eq!(table.len(), 25);
     for (rpc, wrong, right) in table {
         assert_eq!(call(&h, rpc, None).await, Code::Unauthenticated, "{rpc} without a token");
         assert_eq!(call(&h, rpc, Some("fft_not_a_token")).await, Code::Unauthenticated, "{rpc} with an unknown token");

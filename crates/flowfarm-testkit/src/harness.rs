@@ -89,6 +89,17 @@ impl Harness {
     }
 
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Harness {
+        Harness::start_inner(tweak, None).await
+    }
+
+    /// As [`Harness::start_with`], and runs a dispatcher into the Redis at
+    /// `redis_url` (for benches and tests of dispatch).
+    pub async fn start_dispatching(redis_url: &str, tweak: impl FnOnce(&mut Config)) -> Harness {
+        let queue = flowfarm_queue::WorkQueue::connect(redis_url).await.expect("connect to Redis");
+        Harness::start_inner(tweak, Some(queue)).await
+    }
+
+    async fn start_inner(tweak: impl FnOnce(&mut Config), queue: Option<flowfarm_queue::WorkQueue>) -> Harness {
         let db = TestDb::new().await;
         let results_dir = tempfile::tempdir().expect("temp dir");
         let mut config = test_config();
@@ -105,12 +116,20 @@ impl Harness {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (stop_dispatch, dispatch_stopped) = tokio::sync::oneshot::channel::<()>();
+        if let Some(queue) = queue {
+            let dispatcher = flowfarm_coordinator::Dispatcher::new(coordinator.clone(), queue);
+            tokio::spawn(dispatcher.run(async {
+                let _ = dispatch_stopped.await;
+            }));
+        }
         let server = tokio::spawn(async move {
             flowfarm_coordinator::serve(coordinator, listener, async {
                 let _ = stopped.await;
             })
             .await
             .expect("serve");
+            let _ = stop_dispatch.send(());
         });
         let channel = Channel::from_shared(format!("http://{addr}")).expect("uri").connect_lazy();
         Harness {

@@ -1,0 +1,209 @@
+//! Bench (not a test): the coordinator's job lifecycle with no rendering.
+//!
+//! An in-process coordinator with its dispatcher, over Postgres and Redis
+//! (as the tests use them), and a bench client that plays many workers at
+//! once: each reads its stream, calls StartJob, then CompleteJob, then
+//! acknowledges, in parallel up to its capacity.
+//!
+//! 1. Latency: idle workers; one job submitted at a time; SubmitBatch call
+//!    to StartJob answered, p50 / p99.
+//! 2. Throughput: 20,000 jobs through 16 workers × 16 slots; jobs/s from
+//!    the first submission to the last completion, and where the time goes.
+//!
+//! `cargo bench -p flowfarm-coordinator --bench lifecycle`
+//! (FLOWFARM_TEST_REDIS_URL, default redis://127.0.0.1:6379/0; uses and
+//! then deletes the stream `ff:jobs:sd3`). Prints figures; asserts nothing
+//! about time.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flowfarm_proto::v1 as pb;
+use flowfarm_queue::{stream_key, Consumer};
+use flowfarm_testkit::Harness;
+use tokio::sync::{oneshot, watch};
+
+const MODEL: &str = "sd3";
+
+#[derive(Default)]
+struct Tally {
+    done: AtomicUsize,
+    start_micros: AtomicU64,
+    complete_micros: AtomicU64,
+    read_micros: AtomicU64,
+    reads: AtomicU64,
+}
+
+type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<Instant>>>>;
+
+async fn play_worker(h: &Harness, redis: String, name: String, capacity: u32, tally: Arc<Tally>, waiters: Waiters, mut stop: watch::Receiver<bool>) {
+    let mut client = h.worker();
+    let worker_id = client
+        .register_worker(pb::RegisterWorkerRequest { name: name.clone(), models: vec![MODEL.into()], capacity, ..Default::default() })
+        .await
+        .expect("register")
+        .into_inner()
+        .worker_id;
+    let mut consumer = Consumer::connect(&redis, &worker_id, &[MODEL.to_owned()]).await.expect("consumer");
+    tokio::spawn(async move {
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let t = Instant::now();
+            let deliveries = tokio::select! {
+                d = consumer.read(capacity as usize, Duration::from_millis(100)) => d.expect("read"),
+                _ = stop.changed() => return,
+            };
+            tally.read_micros.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+            tally.reads.fetch_add(1, Ordering::Relaxed);
+            let work = deliveries.into_iter().map(|d| {
+                let (mut client, consumer, tally, waiters, worker_id) =
+                    (client.clone(), consumer.clone(), tally.clone(), waiters.clone(), worker_id.clone());
+                async move {
+                    let job_id = d.job.as_ref().expect("well-formed message").job_id.to_string();
+                    let t = Instant::now();
+                    let started = client.start_job(pb::StartJobRequest { worker_id: worker_id.clone(), job_id: job_id.clone() }).await;
+                    let started_at = Instant::now();
+                    tally.start_micros.fetch_add((started_at - t).as_micros() as u64, Ordering::Relaxed);
+                    if let Ok(started) = started {
+                        if let Some(waiter) = waiters.lock().unwrap().remove(&job_id) {
+                            let _ = waiter.send(started_at);
+                        }
+                        let t = Instant::now();
+                        client
+                            .complete_job(pb::CompleteJobRequest {
+                                worker_id,
+                                job_id: job_id.clone(),
+                                attempt: started.into_inner().attempt,
+                                result: Some(pb::JobResult {
+                                    key: format!("bench/{job_id}.png"),
+                                    sha256: "0".repeat(64),
+                                    size_bytes: 1,
+                                    content_type: "image/png".into(),
+                                }),
+                                gpu_seconds: 0.0,
+                            })
+                            .await
+                            .expect("complete");
+                        tally.complete_micros.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                        tally.done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    consumer.ack(&d).await.expect("ack");
+                }
+            });
+            futures::future::join_all(work).await;
+        }
+    });
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize].as_secs_f64() * 1e3
+}
+
+async fn wait_done(tally: &Tally, n: usize) {
+    while tally.done.load(Ordering::Relaxed) < n {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let redis = std::env::var("FLOWFARM_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
+    {
+        let mut conn = redis::Client::open(redis.as_str()).unwrap().get_multiplexed_async_connection().await.expect("Redis");
+        let _: () = redis::cmd("DEL").arg(stream_key(MODEL)).query_async(&mut conn).await.unwrap();
+    }
+    let h = Harness::start_dispatching(&redis, |config| {
+        config.queue.lookahead_per_worker = 32;
+        config.queue.dispatch_interval_seconds = 0.05;
+        config.database.max_connections = 32;
+    })
+    .await;
+    let tally = Arc::new(Tally::default());
+    let waiters: Waiters = Arc::default();
+    let (stop_tx, stop) = watch::channel(false);
+    let mut render = h.render();
+
+    // 1. Latency with idle workers.
+    for i in 0..4 {
+        play_worker(&h, redis.clone(), format!("idle-{i}"), 1, tally.clone(), waiters.clone(), stop.clone()).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut latencies = Vec::new();
+    for i in 0..300u64 {
+        let request = pb::SubmitBatchRequest {
+            jobs: vec![pb::JobSpec { model: MODEL.into(), prompt: format!("latency probe {i}"), ..Default::default() }],
+            ..Default::default()
+        };
+        let t = Instant::now();
+        let batch = render.submit_batch(request).await.expect("submit").into_inner().batch.expect("batch");
+        let job = render
+            .list_jobs(pb::ListJobsRequest { batch_id: batch.id, ..Default::default() })
+            .await
+            .expect("list")
+            .into_inner()
+            .jobs
+            .remove(0);
+        let (tx, rx) = oneshot::channel();
+        waiters.lock().unwrap().insert(job.id.clone(), tx);
+        // It may have started before the waiter was in place.
+        let started = match tokio::time::timeout(Duration::from_secs(10), rx).await {
+            Ok(Ok(at)) => at,
+            _ => panic!("job {} did not start", job.id),
+        };
+        latencies.push(started - t);
+        wait_done(&tally, i as usize + 1).await;
+    }
+    latencies.sort();
+    println!(
+        "submit → start, idle workers ({} jobs, one at a time): p50 {:.2} ms   p99 {:.2} ms   max {:.2} ms",
+        latencies.len(),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        percentile(&latencies, 1.0)
+    );
+
+    // 2. Throughput.
+    let base = tally.done.load(Ordering::Relaxed);
+    for key in [&tally.start_micros, &tally.complete_micros, &tally.read_micros, &tally.reads] {
+        key.store(0, Ordering::Relaxed);
+    }
+    for i in 0..16 {
+        play_worker(&h, redis.clone(), format!("busy-{i}"), 16, tally.clone(), waiters.clone(), stop.clone()).await;
+    }
+    let total = 20_000;
+    let t = Instant::now();
+    for half in 0..2 {
+        let request = pb::SubmitBatchRequest {
+            grid: Some(pb::JobGrid {
+                base: Some(pb::JobSpec { model: MODEL.into(), ..Default::default() }),
+                prompts: (0..100).map(|i| format!("throughput {half} {i}")).collect(),
+                seeds: (0..100).collect(),
+                sizes: vec![],
+            }),
+            ..Default::default()
+        };
+        render.submit_batch(request).await.expect("submit");
+    }
+    let submitted = t.elapsed();
+    wait_done(&tally, base + total).await;
+    let elapsed = t.elapsed();
+    let per_job = |micros: &AtomicU64| micros.load(Ordering::Relaxed) as f64 / total as f64 / 1e3;
+    println!(
+        "lifecycle throughput: {total} jobs in {:.2} s (submission {:.2} s of it) = {:.0} jobs/s",
+        elapsed.as_secs_f64(),
+        submitted.as_secs_f64(),
+        total as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "  per job, as the workers saw it: StartJob {:.2} ms, CompleteJob {:.2} ms (latency, calls overlap); {} stream reads",
+        per_job(&tally.start_micros),
+        per_job(&tally.complete_micros),
+        tally.reads.load(Ordering::Relaxed)
+    );
+    let _ = stop_tx.send(true);
+    h.stop().await;
+}

@@ -1,0 +1,152 @@
+//! The dispatcher: moves queued jobs from Postgres into the models' Redis
+//! streams, a bounded window ahead of the fleet's free capacity.
+//!
+//! Postgres commits first, then the messages go out. If Redis is away at
+//! that moment, or loses its data later, the jobs stay `dispatched` without
+//! a message until `queue.redispatch_after_seconds` passes, and are then
+//! dispatched again; a duplicate message is refused at StartJob. Several
+//! coordinators may run it on one database: rows are claimed with
+//! SKIP LOCKED, so no job is dispatched twice at once.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flowfarm_queue::{JobMessage, QueueError, WorkQueue};
+use flowfarm_store::{JobRow, StoreError};
+use tokio::sync::Notify;
+
+use crate::Coordinator;
+
+/// Largest number of jobs moved per model in one pass.
+const MAX_PER_PASS: u32 = 2000;
+
+/// Why a dispatch pass stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+/// What one pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DispatchReport {
+    pub dispatched: usize,
+    pub redispatched: usize,
+    pub swept: u64,
+}
+
+/// The dispatcher of one coordinator.
+#[derive(Debug, Clone)]
+pub struct Dispatcher {
+    coordinator: Coordinator,
+    queue: WorkQueue,
+}
+
+impl Dispatcher {
+    pub fn new(coordinator: Coordinator, queue: WorkQueue) -> Self {
+        Dispatcher { coordinator, queue }
+    }
+
+    fn wake(&self) -> Arc<Notify> {
+        self.coordinator.shared.dispatch_wake.clone()
+    }
+
+    /// Fills every model's window. Returns how many jobs went out.
+    ///
+    /// # Errors
+    /// [`DispatchError`] from Postgres or Redis; what was committed stays
+    /// and is dispatched again later if its messages were not sent.
+    pub async fn dispatch_ready(&self) -> Result<usize, DispatchError> {
+        let shared = &self.coordinator.shared;
+        let mut sent = 0;
+        for model in shared.registry.names() {
+            let window = shared.store.dispatch_window(model, shared.queue.lookahead_per_worker).await?;
+            if window == 0 {
+                continue;
+            }
+            let jobs = shared.store.dispatch_jobs(model, window.min(MAX_PER_PASS), "dispatcher").await?;
+            self.publish(&jobs).await?;
+            shared.metrics.dispatched.inc_by(jobs.len() as u64);
+            sent += jobs.len();
+        }
+        Ok(sent)
+    }
+
+    /// Dispatches again what was not started in time, and sweeps messages
+    /// whose reader died.
+    ///
+    /// # Errors
+    /// As [`Dispatcher::dispatch_ready`].
+    pub async fn recover_lost(&self) -> Result<(usize, u64), DispatchError> {
+        let shared = &self.coordinator.shared;
+        let after = Duration::from_secs_f64(shared.queue.redispatch_after_seconds);
+        let stale = shared.store.redispatch_stale(after, MAX_PER_PASS, "dispatcher").await?;
+        if !stale.is_empty() {
+            tracing::warn!(jobs = stale.len(), "dispatching again jobs not started in time (lost messages?)");
+        }
+        self.publish(&stale).await?;
+        shared.metrics.redispatched.inc_by(stale.len() as u64);
+        let mut swept = 0;
+        for model in shared.registry.names() {
+            swept += self.queue.sweep_pending(model, after).await?;
+        }
+        Ok((stale.len(), swept))
+    }
+
+    async fn publish(&self, jobs: &[JobRow]) -> Result<(), QueueError> {
+        let mut by_model: BTreeMap<&str, Vec<JobMessage>> = BTreeMap::new();
+        for job in jobs {
+            by_model.entry(&job.spec.model).or_default().push(JobMessage { job_id: job.id, attempt: job.attempt });
+        }
+        for (model, messages) in by_model {
+            self.queue.publish(model, &messages).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs until `shutdown` resolves: a pass whenever this coordinator
+    /// wakes it (submission, finished job, new worker, resume) or every
+    /// `queue.dispatch_interval_seconds`; recovery every
+    /// `queue.redispatch_after_seconds / 4`. Errors are logged and the next
+    /// pass tries again.
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        let shared = &self.coordinator.shared;
+        let interval = Duration::from_secs_f64(shared.queue.dispatch_interval_seconds);
+        let recovery_every = Duration::from_secs_f64(shared.queue.redispatch_after_seconds / 4.0);
+        let wake = self.wake();
+        let mut last_recovery = Instant::now();
+        let mut failing = false;
+        tokio::pin!(shutdown);
+        loop {
+            let notified = wake.notified();
+            match self.dispatch_ready().await {
+                Ok(_) if failing => {
+                    tracing::info!("dispatching again");
+                    failing = false;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if !failing {
+                        tracing::error!(error = %e, "dispatch pass failed; retrying");
+                    }
+                    failing = true;
+                }
+            }
+            if last_recovery.elapsed() >= recovery_every {
+                last_recovery = Instant::now();
+                if let Err(e) = self.recover_lost().await {
+                    tracing::error!(error = %e, "recovery pass failed; retrying");
+                }
+            }
+            let pause = if failing { interval.max(Duration::from_millis(500)) } else { interval };
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = notified => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+}
