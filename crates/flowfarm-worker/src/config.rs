@@ -1,0 +1,220 @@
+//! The worker's TOML configuration, with environment overrides.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Everything a worker needs. Every key has a default except `[[models]]`;
+/// see `config/worker.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Name shown in `farmctl workers list`; default `{hostname}-{pid}`.
+    pub name: Option<String>,
+    /// The coordinator's gRPC address. Env: `FLOWFARM_SERVER`.
+    pub coordinator: String,
+    /// File holding a `worker` token. Env `FLOWFARM_TOKEN` (the token
+    /// itself) takes precedence.
+    pub token_file: Option<PathBuf>,
+    /// The token, from `FLOWFARM_TOKEN` or `token_file` (never from the TOML).
+    #[serde(skip)]
+    pub token: String,
+    /// Redis holding the work streams. Env: `FLOWFARM_REDIS_URL`.
+    pub redis_url: String,
+    /// Folder of the results store (the coordinator's `results.dir`).
+    /// Env: `FLOWFARM_RESULTS_DIR`.
+    pub results_dir: PathBuf,
+    /// Jobs rendered at once.
+    pub capacity: u32,
+    /// On SIGTERM or a drain, how long running jobs may take to finish;
+    /// what is left then is failed as retryable, so it is requeued at once.
+    pub drain_timeout_seconds: f64,
+    /// T5 tokens per prompt.
+    pub t5_max_length: usize,
+    /// Size of the text-embedding cache (L1) in bytes.
+    pub embedding_cache_bytes: usize,
+    /// Where Prometheus /metrics is served; absent: not served.
+    /// Env: `FLOWFARM_METRICS_LISTEN`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The models this worker loads and serves.
+    pub models: Vec<ModelEntry>,
+}
+
+/// A model to load: the name the farm knows it by, and where its weights are.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelEntry {
+    pub name: String,
+    /// A diffusers model folder.
+    pub path: PathBuf,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            name: None,
+            coordinator: "http://127.0.0.1:7070".into(),
+            token_file: None,
+            token: String::new(),
+            redis_url: "redis://127.0.0.1:6379/0".into(),
+            results_dir: PathBuf::from("results"),
+            capacity: 1,
+            drain_timeout_seconds: 300.0,
+            t5_max_length: flowfarm_engine::pipeline::DEFAULT_T5_LENGTH,
+            embedding_cache_bytes: 256 << 20,
+            metrics_listen: None,
+            models: Vec::new(),
+        }
+    }
+}
+
+/// A worker config that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("environment variable {name}: {reason}")]
+    Env { name: &'static str, reason: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl WorkerConfig {
+    /// Reads a TOML file, applies the environment, resolves the token and
+    /// model paths (relative to the file's folder), and checks the result.
+    ///
+    /// # Errors
+    /// [`WorkerConfigError`] naming the file, key or variable at fault.
+    pub fn load(path: &Path) -> Result<Self, WorkerConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| WorkerConfigError::Read { path: path.into(), source })?;
+        let mut config: WorkerConfig =
+            toml::from_str(&text).map_err(|source| WorkerConfigError::Parse { path: path.into(), source })?;
+        config.apply_env(|name| std::env::var(name).ok())?;
+        if config.token.is_empty() {
+            if let Some(file) = &config.token_file {
+                config.token = std::fs::read_to_string(file)
+                    .map_err(|source| WorkerConfigError::Read { path: file.clone(), source })?
+                    .trim()
+                    .to_owned();
+            }
+        }
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Applies `FLOWFARM_SERVER`, `FLOWFARM_TOKEN`, `FLOWFARM_REDIS_URL`,
+    /// `FLOWFARM_RESULTS_DIR`, `FLOWFARM_WORKER_NAME` and
+    /// `FLOWFARM_METRICS_LISTEN`, read through `var`.
+    ///
+    /// # Errors
+    /// [`WorkerConfigError::Env`] for a metrics address that does not parse.
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), WorkerConfigError> {
+        if let Some(v) = var("FLOWFARM_SERVER") {
+            self.coordinator = v;
+        }
+        if let Some(v) = var("FLOWFARM_TOKEN") {
+            self.token = v.trim().to_owned();
+        }
+        if let Some(v) = var("FLOWFARM_REDIS_URL") {
+            self.redis_url = v;
+        }
+        if let Some(v) = var("FLOWFARM_RESULTS_DIR") {
+            self.results_dir = v.into();
+        }
+        if let Some(v) = var("FLOWFARM_WORKER_NAME") {
+            self.name = Some(v);
+        }
+        if let Some(v) = var("FLOWFARM_METRICS_LISTEN") {
+            self.metrics_listen = Some(v.parse().map_err(|e| WorkerConfigError::Env {
+                name: "FLOWFARM_METRICS_LISTEN",
+                reason: format!("`{v}` is not a socket address ({e})"),
+            })?);
+        }
+        Ok(())
+    }
+
+    /// Checks what serde cannot.
+    ///
+    /// # Errors
+    /// [`WorkerConfigError::Invalid`] saying which key is wrong and what to do.
+    pub fn check(&self) -> Result<(), WorkerConfigError> {
+        let invalid = |m: String| Err(WorkerConfigError::Invalid(m));
+        if self.models.is_empty() {
+            return invalid("models: at least one [[models]] entry (name, path) is needed".into());
+        }
+        for (i, m) in self.models.iter().enumerate() {
+            if m.name.trim().is_empty() {
+                return invalid(format!("models[{i}].name must not be empty"));
+            }
+            if !m.path.is_dir() {
+                return invalid(format!("models[{i}].path: {} is not a model folder", m.path.display()));
+            }
+        }
+        if !(1..=64).contains(&self.capacity) {
+            return invalid(format!("capacity {} is outside 1..=64", self.capacity));
+        }
+        if !(self.drain_timeout_seconds.is_finite() && self.drain_timeout_seconds >= 0.0) {
+            return invalid("drain_timeout_seconds must be a non-negative number".into());
+        }
+        if self.token.is_empty() {
+            return invalid("no worker token: set FLOWFARM_TOKEN or token_file (create one with `flowfarm token create --role worker`)".into());
+        }
+        Ok(())
+    }
+
+    /// The configured name, or `{hostname}-{pid}`.
+    pub fn worker_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()))
+    }
+}
+
+/// This machine's name, as the kernel knows it.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> WorkerConfig {
+        let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/flowfarm-tiny");
+        WorkerConfig {
+            token: "t".into(),
+            models: vec![ModelEntry { name: "flowfarm-tiny".into(), path: model }],
+            ..WorkerConfig::default()
+        }
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../../config/worker.toml");
+        let config: WorkerConfig = toml::from_str(text).expect("example parses");
+        assert_eq!(config.models[0].name, "flowfarm-tiny");
+    }
+
+    #[test]
+    fn bad_configs_say_what_to_do() {
+        base().check().unwrap();
+        let mut c = base();
+        c.token.clear();
+        assert!(c.check().unwrap_err().to_string().contains("FLOWFARM_TOKEN"));
+        let mut c = base();
+        c.capacity = 0;
+        assert!(c.check().unwrap_err().to_string().contains("capacity"));
+        let mut c = base();
+        c.models[0].path = "/nonexistent".into();
+        assert!(c.check().unwrap_err().to_string().contains("models[0].path"));
+        let mut c = base();
+        let err = c.apply_env(|n| (n == "FLOWFARM_METRICS_LISTEN").then(|| "nope".into())).unwrap_err();
+        assert!(err.to_string().contains("FLOWFARM_METRICS_LISTEN"));
+    }
+}

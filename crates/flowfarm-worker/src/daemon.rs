@@ -1,0 +1,549 @@
+//! The worker daemon's life: register, heartbeat, read the work streams,
+//! claim, render, store, report, acknowledge; cordon and drain on request.
+//!
+//! Nothing here is the truth about a job: the coordinator is. A refused
+//! report (FAILED_PRECONDITION: cancelled, requeued, lease lost) means the
+//! job is no longer this worker's, and the work is dropped.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flowfarm_engine::cache::EmbeddingCache;
+use flowfarm_engine::EngineError;
+use flowfarm_proto::v1 as pb;
+use flowfarm_proto::v1::worker_service_client::WorkerServiceClient;
+use flowfarm_queue::{Consumer, Delivery};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+use uuid::Uuid;
+
+use crate::config::{hostname, WorkerConfig};
+use crate::metrics::WorkerMetrics;
+use crate::render::{JobRenderer, RenderJob};
+use crate::results::ResultStore;
+use crate::WorkerError;
+
+/// Longest wait on the streams before the loop looks at its state again.
+const READ_BLOCK: Duration = Duration::from_millis(500);
+/// How long a report is retried while the coordinator is away.
+const REPORT_PATIENCE: Duration = Duration::from_secs(300);
+
+#[derive(Clone)]
+struct Bearer(MetadataValue<Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request.metadata_mut().insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+type Client = WorkerServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// What the worker is doing, as the operators (or a signal) asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Active,
+    Cordoned,
+    Draining,
+}
+
+/// A job being rendered here.
+struct RunningJob {
+    attempt: u32,
+    /// Set when the job is no longer ours (revoked, refused report).
+    revoked: Arc<AtomicBool>,
+    /// Set when the drain deadline passed: hand the job back.
+    handed_back: Arc<AtomicBool>,
+}
+
+struct Shared {
+    client: Client,
+    worker_id: String,
+    running: Mutex<HashMap<Uuid, RunningJob>>,
+    /// Device seconds not yet reported by a heartbeat.
+    gpu_seconds: Mutex<f64>,
+    mode: watch::Sender<Mode>,
+    renderers: HashMap<String, Arc<JobRenderer>>,
+    results: ResultStore,
+    consumer: Consumer,
+    metrics: WorkerMetrics,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Whether a failed call may succeed if tried again (coordinator restarting,
+/// network hiccup) rather than being an answer.
+fn transient(status: &Status) -> bool {
+    matches!(status.code(), Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Internal | Code::Cancelled)
+}
+
+/// Calls `call` until it answers something other than a transient error,
+/// backing off from 100 ms to 5 s, for at most `patience`.
+async fn retrying<T, F, Fut>(what: &str, patience: Duration, mut call: F) -> Result<T, Status>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, Status>>,
+{
+    let started = Instant::now();
+    let mut pause = Duration::from_millis(100);
+    let mut warned = false;
+    loop {
+        match call().await {
+            Err(status) if transient(&status) && started.elapsed() < patience => {
+                if !warned {
+                    tracing::warn!(%what, error = %status.message(), "coordinator unreachable; retrying");
+                    warned = true;
+                }
+                tokio::time::sleep(jitter(pause)).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            other => return other,
+        }
+    }
+}
+
+fn jitter(d: Duration) -> Duration {
+    d.mul_f64(0.5 + rand::random::<f64>() * 0.5)
+}
+
+/// Runs a worker until it has drained: after `shutdown` resolves (SIGTERM)
+/// or an operator drains it, it takes no more work, lets running jobs
+/// finish for `drain_timeout_seconds`, hands back what is left, deregisters
+/// and returns.
+///
+/// # Errors
+/// [`WorkerError`] if a model cannot be loaded, the token is refused, or
+/// registration fails for good.
+pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), WorkerError> {
+    let cache = Arc::new(EmbeddingCache::new(config.embedding_cache_bytes));
+    let mut renderers = HashMap::new();
+    for entry in &config.models {
+        let (path, t5, cache) = (entry.path.clone(), config.t5_max_length, cache.clone());
+        let renderer = tokio::task::spawn_blocking(move || JobRenderer::open(&path, t5, cache))
+            .await
+            .map_err(|e| WorkerError::Internal(e.to_string()))?
+            .map_err(|source| WorkerError::Model { name: entry.name.clone(), source })?;
+        tracing::info!(model = %entry.name, path = %entry.path.display(), t5 = renderer.has_t5(), "model loaded");
+        renderers.insert(entry.name.clone(), Arc::new(renderer));
+    }
+    let results = ResultStore::local(&config.results_dir)?;
+    let token: MetadataValue<Ascii> = format!("Bearer {}", config.token)
+        .parse()
+        .map_err(|_| WorkerError::Config("the token holds characters a header cannot carry".into()))?;
+    let channel = Endpoint::from_shared(config.coordinator.clone())
+        .map_err(|e| WorkerError::Config(format!("coordinator address `{}`: {e}", config.coordinator)))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .connect_lazy();
+    let client = WorkerServiceClient::with_interceptor(channel, Bearer(token));
+
+    let all_t5 = renderers.values().all(|r| r.has_t5());
+    let mut sets = vec![pb::TextEncoderSet::ClipOnly as i32];
+    if all_t5 {
+        sets.insert(0, pb::TextEncoderSet::All as i32);
+    }
+    let name = config.worker_name();
+    let register = pb::RegisterWorkerRequest {
+        name: name.clone(),
+        hostname: hostname(),
+        devices: vec![pb::Device { name: "cpu".into(), memory_bytes: total_memory_bytes() }],
+        models: config.models.iter().map(|m| m.name.clone()).collect(),
+        text_encoder_sets: sets,
+        capacity: config.capacity,
+        version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let registered = retrying("RegisterWorker", Duration::MAX, || {
+        let mut client = client.clone();
+        let request = register.clone();
+        async move { client.register_worker(request).await }
+    })
+    .await
+    .map_err(|status| WorkerError::Rpc { what: "RegisterWorker", status })?
+    .into_inner();
+    let worker_id = registered.worker_id;
+    tracing::info!(worker = %worker_id, %name, capacity = config.capacity, "registered");
+
+    let models: Vec<String> = config.models.iter().map(|m| m.name.clone()).collect();
+    let consumer = connect_consumer(&config.redis_url, &worker_id, &models).await;
+    let metrics = WorkerMetrics::new(cache);
+    let (mode, mut mode_rx) = watch::channel(Mode::Active);
+    let shared = Arc::new(Shared {
+        client,
+        worker_id,
+        running: Mutex::new(HashMap::new()),
+        gpu_seconds: Mutex::new(0.0),
+        mode,
+        renderers,
+        results,
+        consumer,
+        metrics,
+    });
+    if let Some(addr) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| WorkerError::Config(format!("cannot serve metrics on {addr} (metrics_listen): {e}")))?;
+        println!("metrics on {}", listener.local_addr().map_err(|e| WorkerError::Internal(e.to_string()))?);
+        tokio::spawn(crate::metrics::serve(shared.metrics.clone(), listener));
+    }
+    {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutdown requested: draining");
+            shared.mode.send_replace(Mode::Draining);
+        });
+    }
+    let heartbeat = tokio::spawn(heartbeat_loop(shared.clone(), Duration::from_secs(u64::from(registered.heartbeat_interval_seconds.max(1)))));
+
+    let slots = Arc::new(Semaphore::new(config.capacity as usize));
+    let mut read_errors = 0u32;
+    loop {
+        let current = *mode_rx.borrow_and_update();
+        match current {
+            Mode::Draining => break,
+            Mode::Cordoned => {
+                let _ = tokio::time::timeout(Duration::from_secs(1), mode_rx.changed()).await;
+                continue;
+            }
+            Mode::Active => {}
+        }
+        let first = tokio::select! {
+            permit = slots.clone().acquire_owned() => permit.map_err(|e| WorkerError::Internal(e.to_string()))?,
+            _ = mode_rx.changed() => continue,
+        };
+        let mut permits = vec![first];
+        while let Ok(permit) = slots.clone().try_acquire_owned() {
+            permits.push(permit);
+        }
+        // Not raced against mode changes: dropping a read in flight would
+        // strand messages Redis already handed out.
+        let deliveries = match shared.consumer.clone().read(permits.len(), READ_BLOCK).await {
+            Ok(d) => {
+                read_errors = 0;
+                d
+            }
+            Err(e) => {
+                if read_errors == 0 {
+                    tracing::warn!(error = %e, "cannot read the work streams; retrying");
+                }
+                read_errors += 1;
+                tokio::time::sleep(jitter(Duration::from_millis(200 << read_errors.min(5)))).await;
+                continue;
+            }
+        };
+        for delivery in deliveries {
+            match claim(&shared, &delivery).await {
+                Some(start) => {
+                    // COUNT bounds each stream, not the sum: with several
+                    // models a read may bring more than the free slots.
+                    let permit = match permits.pop() {
+                        Some(permit) => permit,
+                        None => slots.clone().acquire_owned().await.map_err(|e| WorkerError::Internal(e.to_string()))?,
+                    };
+                    tokio::spawn(run_job(shared.clone(), delivery, start, permit));
+                }
+                None => acknowledge(&shared, &delivery).await,
+            }
+        }
+    }
+
+    drain(&shared, &slots, config.capacity, Duration::from_secs_f64(config.drain_timeout_seconds)).await;
+    heartbeat.abort();
+    retrying("DeregisterWorker", Duration::from_secs(30), || {
+        let mut client = shared.client.clone();
+        let worker_id = shared.worker_id.clone();
+        async move { client.deregister_worker(pb::DeregisterWorkerRequest { worker_id }).await }
+    })
+    .await
+    .map_err(|status| WorkerError::Rpc { what: "DeregisterWorker", status })?;
+    tracing::info!("drained and deregistered");
+    Ok(())
+}
+
+async fn connect_consumer(url: &str, worker_id: &str, models: &[String]) -> Consumer {
+    let mut pause = Duration::from_millis(200);
+    loop {
+        match Consumer::connect(url, worker_id, models).await {
+            Ok(consumer) => return consumer,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach Redis; retrying");
+                tokio::time::sleep(jitter(pause)).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// StartJob for a delivery. None: nothing to run (refused, malformed, not
+/// our model); the message is then acknowledged.
+async fn claim(shared: &Shared, delivery: &Delivery) -> Option<pb::StartJobResponse> {
+    let message = match &delivery.job {
+        Ok(m) => *m,
+        Err(why) => {
+            tracing::warn!(message = %delivery.message_id, %why, "dropping a malformed work message");
+            return None;
+        }
+    };
+    let request = pb::StartJobRequest { worker_id: shared.worker_id.clone(), job_id: message.job_id.to_string() };
+    let started = retrying("StartJob", REPORT_PATIENCE, || {
+        let mut client = shared.client.clone();
+        let request = request.clone();
+        async move { client.start_job(request).await }
+    })
+    .await;
+    match started {
+        Ok(response) => Some(response.into_inner()),
+        Err(status) => {
+            // FAILED_PRECONDITION: a duplicate, cancelled, or passed to another worker.
+            tracing::debug!(job = %message.job_id, code = ?status.code(), reason = %status.message(), "not started");
+            None
+        }
+    }
+}
+
+async fn acknowledge(shared: &Shared, delivery: &Delivery) {
+    let mut pause = Duration::from_millis(100);
+    for _ in 0..8 {
+        match shared.consumer.ack(delivery).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot acknowledge a work message; retrying");
+                tokio::time::sleep(jitter(pause)).await;
+                pause *= 2;
+            }
+        }
+    }
+    // Left pending: the coordinator sweeps it later; the job itself is settled in Postgres.
+}
+
+async fn run_job(shared: Arc<Shared>, delivery: Delivery, start: pb::StartJobResponse, permit: OwnedSemaphorePermit) {
+    let Some(job) = start.job else { return };
+    let attempt = start.attempt;
+    let Ok(job_id) = Uuid::parse_str(&job.id) else { return };
+    let revoked = Arc::new(AtomicBool::new(false));
+    let handed_back = Arc::new(AtomicBool::new(false));
+    lock(&shared.running).insert(job_id, RunningJob { attempt, revoked: revoked.clone(), handed_back: handed_back.clone() });
+    shared.metrics.busy(1);
+    tracing::info!(job = %job_id, attempt, "started");
+
+    let started = Instant::now();
+    let outcome = render(&shared, &job, attempt, revoked.clone(), handed_back.clone()).await;
+    let seconds = started.elapsed().as_secs_f64();
+    *lock(&shared.gpu_seconds) += seconds;
+    let report = match outcome {
+        Ok(png) => complete(&shared, &job, attempt, png, seconds).await,
+        Err(EngineError::Cancelled { step }) if handed_back.load(Ordering::SeqCst) => {
+            fail(&shared, &job.id, attempt, &format!("the worker shut down at step {step} before finishing"), true).await
+        }
+        Err(EngineError::Cancelled { step }) => {
+            tracing::info!(job = %job_id, step, "stopped: the job is no longer this worker's");
+            shared.metrics.finished("dropped");
+            Ok(())
+        }
+        Err(e) => {
+            // Bad input can only fail again; anything else may be this machine's trouble.
+            let retryable = !matches!(e, EngineError::Input(_) | EngineError::TooLarge { .. });
+            tracing::warn!(job = %job_id, error = %e, retryable, "render failed");
+            fail(&shared, &job.id, attempt, &e.to_string(), retryable).await
+        }
+    };
+    if let Err(status) = report {
+        tracing::warn!(job = %job_id, code = ?status.code(), reason = %status.message(), "report refused: dropping the job");
+        shared.metrics.finished("dropped");
+    }
+    acknowledge(&shared, &delivery).await;
+    lock(&shared.running).remove(&job_id);
+    shared.metrics.busy(-1);
+    drop(permit);
+}
+
+/// Renders on a blocking thread, reporting each step; a refused report
+/// stops the render at the next step.
+async fn render(
+    shared: &Arc<Shared>,
+    job: &pb::Job,
+    attempt: u32,
+    revoked: Arc<AtomicBool>,
+    handed_back: Arc<AtomicBool>,
+) -> Result<Vec<u8>, EngineError> {
+    let spec = RenderJob::from_proto(job)?;
+    let renderer = shared
+        .renderers
+        .get(&spec.model)
+        .cloned()
+        .ok_or_else(|| EngineError::Input(format!("this worker does not serve model `{}`", spec.model)))?;
+    let handle = tokio::runtime::Handle::current();
+    let shared = shared.clone();
+    let job_id = job.id.clone();
+    let started = Instant::now();
+    let result = tokio::task::spawn_blocking(move || {
+        renderer.render_png(&spec, &mut |step, total| {
+            if revoked.load(Ordering::SeqCst) || handed_back.load(Ordering::SeqCst) {
+                return false;
+            }
+            let mut client = shared.client.clone();
+            let request = pb::ReportProgressRequest {
+                worker_id: shared.worker_id.clone(),
+                job_id: job_id.clone(),
+                attempt,
+                step: step as u32,
+                total_steps: total as u32,
+            };
+            match handle.block_on(client.report_progress(request)) {
+                Ok(_) => true,
+                Err(status) if transient(&status) => true, // the lease outlives a short outage
+                Err(status) => {
+                    tracing::info!(job = %job_id, reason = %status.message(), "progress refused");
+                    revoked.store(true, Ordering::SeqCst);
+                    false
+                }
+            }
+        })
+    })
+    .await
+    .map_err(|e| EngineError::Input(format!("render thread failed: {e}")))?;
+    if result.is_ok() {
+        tracing::debug!(seconds = started.elapsed().as_secs_f64(), "rendered");
+    }
+    result
+}
+
+async fn complete(shared: &Shared, job: &pb::Job, attempt: u32, png: Vec<u8>, seconds: f64) -> Result<(), Status> {
+    let job_id = Uuid::parse_str(&job.id).map_err(|e| Status::internal(e.to_string()))?;
+    let stored = match shared.results.put(&ResultStore::key_for(&job.batch_id, job_id), png).await {
+        Ok(stored) => stored,
+        Err(e) => {
+            tracing::warn!(job = %job_id, error = %e, "cannot store the image");
+            return fail(shared, &job.id, attempt, &e.to_string(), true).await;
+        }
+    };
+    let request = pb::CompleteJobRequest {
+        worker_id: shared.worker_id.clone(),
+        job_id: job.id.clone(),
+        attempt,
+        result: Some(pb::JobResult {
+            key: stored.key,
+            sha256: stored.sha256,
+            size_bytes: stored.size_bytes,
+            content_type: "image/png".into(),
+        }),
+        gpu_seconds: seconds,
+    };
+    retrying("CompleteJob", REPORT_PATIENCE, || {
+        let mut client = shared.client.clone();
+        let request = request.clone();
+        async move { client.complete_job(request).await }
+    })
+    .await?;
+    tracing::info!(job = %job_id, attempt, seconds, "completed");
+    shared.metrics.finished("succeeded");
+    shared.metrics.observe_render(seconds);
+    Ok(())
+}
+
+async fn fail(shared: &Shared, job_id: &str, attempt: u32, error: &str, retryable: bool) -> Result<(), Status> {
+    let request = pb::FailJobRequest {
+        worker_id: shared.worker_id.clone(),
+        job_id: job_id.to_owned(),
+        attempt,
+        error: error.to_owned(),
+        retryable,
+    };
+    retrying("FailJob", REPORT_PATIENCE, || {
+        let mut client = shared.client.clone();
+        let request = request.clone();
+        async move { client.fail_job(request).await }
+    })
+    .await?;
+    shared.metrics.finished("failed");
+    Ok(())
+}
+
+/// Sends heartbeats: renews leases, learns the operators' wishes, stops
+/// revoked jobs.
+async fn heartbeat_loop(shared: Arc<Shared>, interval: Duration) {
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(interval).await;
+        let running: Vec<pb::RunningJob> = lock(&shared.running)
+            .iter()
+            .map(|(id, r)| pb::RunningJob { job_id: id.to_string(), attempt: r.attempt })
+            .collect();
+        let delta = std::mem::take(&mut *lock(&shared.gpu_seconds));
+        let request = pb::HeartbeatRequest { worker_id: shared.worker_id.clone(), gpu_seconds_delta: delta, running };
+        match shared.client.clone().heartbeat(request).await {
+            Ok(response) => {
+                if failing {
+                    tracing::info!("coordinator reachable again");
+                    failing = false;
+                }
+                let response = response.into_inner();
+                for id in &response.revoked_job_ids {
+                    if let Some(job) = Uuid::parse_str(id).ok().and_then(|id| lock(&shared.running).get(&id).map(|j| j.revoked.clone())) {
+                        tracing::info!(job = %id, "revoked by the coordinator");
+                        job.store(true, Ordering::SeqCst);
+                    }
+                }
+                let wanted = match pb::WorkerState::try_from(response.state) {
+                    Ok(pb::WorkerState::Draining) => Some(Mode::Draining),
+                    Ok(pb::WorkerState::Cordoned) => Some(Mode::Cordoned),
+                    Ok(pb::WorkerState::Active) => Some(Mode::Active),
+                    _ => None,
+                };
+                if let Some(wanted) = wanted {
+                    shared.mode.send_if_modified(|mode| {
+                        // A drain, once begun, is not undone.
+                        let change = *mode != wanted && *mode != Mode::Draining;
+                        if change {
+                            tracing::info!(from = ?*mode, to = ?wanted, "state changed by an operator");
+                            *mode = wanted;
+                        }
+                        change
+                    });
+                }
+            }
+            Err(status) => {
+                *lock(&shared.gpu_seconds) += delta;
+                if !failing {
+                    tracing::warn!(error = %status.message(), "heartbeat failed; retrying");
+                    failing = true;
+                }
+            }
+        }
+    }
+}
+
+/// Waits for running jobs to finish; at the deadline hands the rest back.
+async fn drain(shared: &Shared, slots: &Arc<Semaphore>, capacity: u32, timeout: Duration) {
+    let running = lock(&shared.running).len();
+    tracing::info!(running, timeout_seconds = timeout.as_secs_f64(), "draining: taking no more work");
+    if tokio::time::timeout(timeout, slots.acquire_many(capacity)).await.is_ok() {
+        return;
+    }
+    tracing::warn!("drain deadline passed: handing back the jobs still running");
+    for job in lock(&shared.running).values() {
+        job.handed_back.store(true, Ordering::SeqCst);
+    }
+    // They stop at their next step and report themselves failed (retryable).
+    let _ = slots.acquire_many(capacity).await;
+}
+
+fn total_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        })
+        .unwrap_or(0)
+}
