@@ -1,6 +1,8 @@
 //! `flowfarm`: the farm's server binary.
 //!
-//! - `flowfarm coordinator`: migrate, then serve the gRPC API and run the reaper.
+//! - `flowfarm coordinator`: migrate, then serve the gRPC API, dispatch into
+//!   Redis, reap expired leases, serve /metrics.
+//! - `flowfarm worker`: the worker daemon (its own config, `config/worker.toml`).
 //! - `flowfarm migrate`: apply database migrations and exit.
 //! - `flowfarm token create|list|revoke`: manage API tokens.
 //! - `flowfarm model inspect|render`: local work with a model folder.
@@ -37,8 +39,15 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the coordinator: apply migrations, serve gRPC, reap expired leases.
+    /// Run the coordinator: apply migrations, serve gRPC, dispatch, reap expired leases.
     Coordinator,
+    /// Run a worker daemon: render jobs of the models in its config until
+    /// drained (SIGTERM drains with a deadline; exit 0 once drained).
+    Worker {
+        /// Worker config file (TOML); `--config` is the coordinator's.
+        #[arg(long, env = "FLOWFARM_WORKER_CONFIG", default_value = "config/worker.toml")]
+        worker_config: PathBuf,
+    },
     /// Apply database migrations and exit (creates the database if missing).
     Migrate,
     /// Manage API tokens.
@@ -89,7 +98,11 @@ impl From<RoleArg> for Role {
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -139,12 +152,39 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+/// Connects to Redis (retrying with backoff while it is away), then runs the
+/// dispatcher until `stopped` resolves.
+async fn run_dispatcher(coordinator: Coordinator, redis_url: String, stopped: impl std::future::Future<Output = ()>) {
+    tokio::pin!(stopped);
+    let mut pause = std::time::Duration::from_millis(200);
+    let queue = loop {
+        match flowfarm_queue::WorkQueue::connect(&redis_url).await {
+            Ok(queue) => break queue,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach Redis (queue.redis_url / FLOWFARM_REDIS_URL); retrying");
+                tokio::select! {
+                    _ = &mut stopped => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(std::time::Duration::from_secs(5));
+            }
+        }
+    };
+    flowfarm_coordinator::Dispatcher::new(coordinator, queue).run(stopped).await;
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     if let Command::Model { command } = cli.command {
         return model::run(command);
+    }
+    if let Command::Worker { worker_config } = &cli.command {
+        let config = flowfarm_worker::WorkerConfig::load(worker_config)
+            .with_context(|| format!("loading worker config {} (--worker-config / FLOWFARM_WORKER_CONFIG)", worker_config.display()))?;
+        flowfarm_worker::run(config, shutdown_signal()).await?;
+        return Ok(());
     }
     let config = Config::load(&cli.config).with_context(|| {
         "loading config (pass --config FILE or set FLOWFARM_CONFIG; config/flowfarm.toml is an example)".to_string()
@@ -157,10 +197,30 @@ async fn main() -> Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {} (server.listen / FLOWFARM_LISTEN)", config.server.listen))?;
             let addr = listener.local_addr()?;
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let stopped = move || {
+                let mut rx = stop_rx.clone();
+                async move {
+                    let _ = rx.wait_for(|stop| *stop).await;
+                }
+            };
+            if let Some(metrics_addr) = config.metrics.listen {
+                let metrics_listener = flowfarm_coordinator::bind_metrics(metrics_addr).await?;
+                println!("metrics on {}", metrics_listener.local_addr()?);
+                tokio::spawn(flowfarm_coordinator::serve_metrics(coordinator.clone(), metrics_listener, stopped()));
+            }
             tracing::info!(%addr, "coordinator listening");
-            // Tests and scripts read this line to find an ephemeral port.
+            // Tests and scripts read this line (the last one on stdout) to find an ephemeral port.
             println!("listening on {addr}");
-            flowfarm_coordinator::serve(coordinator, listener, shutdown_signal()).await?;
+            let dispatcher = tokio::spawn(run_dispatcher(coordinator.clone(), config.queue.redis_url.clone(), stopped()));
+            let server = flowfarm_coordinator::serve(coordinator, listener, stopped());
+            let signal = async move {
+                shutdown_signal().await;
+                let _ = stop_tx.send(true);
+            };
+            let (served, ()) = tokio::join!(server, signal);
+            served?;
+            let _ = dispatcher.await;
         }
         Command::Migrate => {
             open_store(&config).await?;
@@ -189,7 +249,7 @@ async fn main() -> Result<()> {
                 }
             }
         }
-        Command::Model { .. } => unreachable!("handled before the config is loaded"),
+        Command::Model { .. } | Command::Worker { .. } => unreachable!("handled before the config is loaded"),
     }
     Ok(())
 }

@@ -5,118 +5,22 @@
 //! `flowfarm` in the target folder; `scripts/test.sh` builds every binary
 //! before running the tests.
 
+mod common;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
+
+use common::*;
 
 use flowfarm_proto::v1 as pb;
 use flowfarm_testkit::TestDb;
 use serde_json::Value;
 use flowfarm_proto::v1::worker_service_client::WorkerServiceClient;
 
-fn flowfarm_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_flowfarm"))
-}
-
-fn farmctl_bin() -> PathBuf {
-    let path = flowfarm_bin().with_file_name(format!("farmctl{}", std::env::consts::EXE_SUFFIX));
-    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)", path.display());
-    path
-}
-
-fn config_path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/flowfarm.toml")
-}
-
-/// A `flowfarm coordinator` process over one test database.
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Server {
-    fn start(db: &TestDb, results: &Path) -> Server {
-        let mut child = Command::new(flowfarm_bin())
-            .args(["--config"])
-            .arg(config_path())
-            .arg("coordinator")
-            .env("FLOWFARM_DATABASE_URL", &db.url)
-            .env("FLOWFARM_LISTEN", "127.0.0.1:0")
-            .env("FLOWFARM_RESULTS_DIR", results)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start flowfarm coordinator");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read listening line");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line from coordinator: {line:?}"))
-            .parse()
-            .expect("address");
-        Server { child, addr }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    /// SIGTERM, then wait: the coordinator shuts down gracefully.
-    fn stop(mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let status = self.child.wait().expect("wait for coordinator");
-        assert!(status.success(), "coordinator exited with {status}");
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn token(db: &TestDb, role: &str, name: &str) -> String {
-    let out = Command::new(flowfarm_bin())
-        .arg("--config")
-        .arg(config_path())
-        .args(["token", "create", "--role", role, "--name", name])
-        .env("FLOWFARM_DATABASE_URL", &db.url)
-        .output()
-        .expect("flowfarm token create");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).expect("utf8").trim().to_owned()
-}
-
-fn farmctl(server: &str, token: &str, args: &[&str]) -> Output {
-    Command::new(farmctl_bin())
-        .args(args)
-        .env("FLOWFARM_SERVER", server)
-        .env("FLOWFARM_TOKEN", token)
-        .output()
-        .expect("run farmctl")
-}
-
-fn ok_json(out: Output) -> Value {
-    assert!(out.status.success(), "farmctl failed: {}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
-}
-
 async fn rows(db: &TestDb) -> (i64, i64) {
     let batches = sqlx::query_scalar("SELECT count(*) FROM batches").fetch_one(db.store.pool()).await.unwrap();
     let jobs = sqlx::query_scalar("SELECT count(*) FROM jobs").fetch_one(db.store.pool()).await.unwrap();
     (batches, jobs)
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, text).expect("write batch file");
-    path
 }
 
 /// Bad batch files through farmctl: each refused with a message naming the

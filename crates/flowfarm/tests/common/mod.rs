@@ -1,0 +1,181 @@
+//! Helpers shared by the end-to-end tests: the `flowfarm` and `farmctl`
+//! binaries as processes, private Redis servers, tokens.
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use flowfarm_testkit::TestDb;
+use serde_json::Value;
+
+pub fn flowfarm_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_flowfarm"))
+}
+
+pub fn farmctl_bin() -> PathBuf {
+    let path = flowfarm_bin().with_file_name(format!("farmctl{}", std::env::consts::EXE_SUFFIX));
+    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)", path.display());
+    path
+}
+
+pub fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(relative)
+}
+
+pub fn config_path() -> PathBuf {
+    repo_path("config/flowfarm.toml")
+}
+
+/// A `flowfarm coordinator` process over one test database.
+pub struct Server {
+    child: Child,
+    pub addr: SocketAddr,
+    pub metrics: Option<SocketAddr>,
+    // Held open: the coordinator must be able to write to its stdout.
+    _stdout: BufReader<ChildStdout>,
+}
+
+impl Server {
+    /// The example config, with dispatch pointed at a Redis that is not
+    /// there: for tests of the API alone, which move jobs themselves.
+    pub fn start(db: &TestDb, results: &Path) -> Server {
+        Server::start_with(db, &config_path(), results, "redis://127.0.0.1:1/")
+    }
+
+    pub fn start_with(db: &TestDb, config: &Path, results: &Path, redis_url: &str) -> Server {
+        Server::start_on(db, config, results, redis_url, "127.0.0.1:0")
+    }
+
+    /// As [`Server::start_with`], listening on `listen` (a restart keeps its address).
+    pub fn start_on(db: &TestDb, config: &Path, results: &Path, redis_url: &str, listen: &str) -> Server {
+        let mut child = Command::new(flowfarm_bin())
+            .arg("--config")
+            .arg(config)
+            .arg("coordinator")
+            .env("FLOWFARM_DATABASE_URL", &db.url)
+            .env("FLOWFARM_LISTEN", listen)
+            .env("FLOWFARM_METRICS_LISTEN", "127.0.0.1:0")
+            .env("FLOWFARM_RESULTS_DIR", results)
+            .env("FLOWFARM_REDIS_URL", redis_url)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start flowfarm coordinator");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut metrics = None;
+        loop {
+            let mut line = String::new();
+            stdout.read_line(&mut line).expect("read coordinator stdout");
+            let line = line.trim();
+            if let Some(addr) = line.strip_prefix("metrics on ") {
+                metrics = Some(addr.parse().expect("metrics address"));
+            } else if let Some(addr) = line.strip_prefix("listening on ") {
+                let addr = addr.parse().expect("address");
+                return Server { child, addr, metrics, _stdout: stdout };
+            } else {
+                panic!("unexpected line from coordinator: {line:?}");
+            }
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// SIGTERM, then wait: the coordinator shuts down gracefully.
+    pub fn stop(mut self) {
+        signal(&self.child, "TERM");
+        let status = self.child.wait().expect("wait for coordinator");
+        assert!(status.success(), "coordinator exited with {status}");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill").args([&format!("-{name}"), &child.id().to_string()]).status().expect("kill");
+    assert!(status.success(), "kill -{name} failed");
+}
+
+/// A private `redis-server` on a free port, keeping nothing on disk, so a
+/// test may flush or stop it without touching anyone else's data.
+pub struct RedisServer {
+    child: Child,
+    pub port: u16,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start redis-server (scripts/test.sh installs it)");
+        let server = RedisServer { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while server.cli(&["PING"]).trim() != "PONG" {
+            assert!(Instant::now() < deadline, "redis-server on port {port} did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn token(db: &TestDb, role: &str, name: &str) -> String {
+    let out = Command::new(flowfarm_bin())
+        .arg("--config")
+        .arg(config_path())
+        .args(["token", "create", "--role", role, "--name", name])
+        .env("FLOWFARM_DATABASE_URL", &db.url)
+        .output()
+        .expect("flowfarm token create");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("utf8").trim().to_owned()
+}
+
+pub fn farmctl(server: &str, token: &str, args: &[&str]) -> Output {
+    Command::new(farmctl_bin())
+        .args(args)
+        .env("FLOWFARM_SERVER", server)
+        .env("FLOWFARM_TOKEN", token)
+        .output()
+        .expect("run farmctl")
+}
+
+pub fn ok_json(out: Output) -> Value {
+    assert!(out.status.success(), "farmctl failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write file");
+    path
+}

@@ -1,0 +1,412 @@
+//! The whole farm: a `flowfarm coordinator` process, `flowfarm worker`
+//! processes rendering the bundled model, a private `redis-server` and a
+//! real Postgres; jobs submitted and inspected through `farmctl`.
+//!
+//! Timings in the test config are short (lease 3 s, heartbeat 1 s,
+//! re-dispatch after 3 s) so that failures are recovered from quickly; no
+//! test asserts on a duration.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use flowfarm_engine::png_output::read_parameters;
+use flowfarm_testkit::TestDb;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+const MODEL: &str = "flowfarm-tiny";
+
+fn coordinator_config() -> String {
+    let example = std::fs::read_to_string(config_path()).unwrap();
+    let tiny = example.find("[[models]]\nname = \"flowfarm-tiny\"").expect("flowfarm-tiny in the example config");
+    let end = example[tiny + 10..].find("[[models]]").map_or(example.len(), |i| tiny + 10 + i);
+    format!(
+        "[server]\nshutdown_grace_seconds = 2.0\n\
+         [leases]\nlease_seconds = 3\nheartbeat_interval_seconds = 1\nworker_timeout_seconds = 5\nreaper_interval_seconds = 0.5\n\
+         [queue]\nlookahead_per_worker = 2\ndispatch_interval_seconds = 0.2\nredispatch_after_seconds = 3.0\n\
+         [retries]\nbackoff_base_seconds = 0.2\nbackoff_max_seconds = 1.0\n\
+         {}",
+        &example[tiny..end]
+    )
+}
+
+/// Postgres database, Redis, coordinator, tokens and folders of one test.
+// Fields drop in order: the coordinator goes before its database.
+struct Farm {
+    server: Option<Server>,
+    redis: RedisServer,
+    db: TestDb,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    results: PathBuf,
+    submitter: String,
+    admin: String,
+    worker_token: String,
+}
+
+/// A `flowfarm worker` process.
+struct Worker {
+    child: Child,
+    name: String,
+    log: PathBuf,
+}
+
+impl Worker {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Farm {
+    async fn start() -> Farm {
+        let db = TestDb::new().await;
+        let dir = tempfile::tempdir().unwrap();
+        let redis = RedisServer::start();
+        let config = write(dir.path(), "flowfarm.toml", &coordinator_config());
+        let results = dir.path().join("results");
+        let server = Server::start_with(&db, &config, &results, &redis.url());
+        let (submitter, admin, worker_token) = (token(&db, "submit", "alice"), token(&db, "admin", "ops"), token(&db, "worker", "fleet"));
+        Farm { db, dir, redis, server: Some(server), config, results, submitter, admin, worker_token }
+    }
+
+    fn url(&self) -> String {
+        self.server.as_ref().expect("coordinator running").url()
+    }
+
+    fn restart_coordinator(&mut self) {
+        let server = self.server.take().expect("coordinator running");
+        let addr = server.addr.to_string();
+        server.stop();
+        self.server = Some(Server::start_on(&self.db, &self.config, &self.results, &self.redis.url(), &addr));
+    }
+
+    fn worker(&self, name: &str) -> Worker {
+        let model = repo_path("models/flowfarm-tiny");
+        let config = write(
+            self.dir.path(),
+            &format!("{name}.toml"),
+            &format!(
+                "name = \"{name}\"\ncapacity = 1\ndrain_timeout_seconds = 60\n[[models]]\nname = \"{MODEL}\"\npath = \"{}\"\n",
+                model.display()
+            ),
+        );
+        let log = self.dir.path().join(format!("{name}.log"));
+        let child = Command::new(flowfarm_bin())
+            .arg("worker")
+            .arg("--worker-config")
+            .arg(&config)
+            .env("FLOWFARM_SERVER", self.url())
+            .env("FLOWFARM_TOKEN", &self.worker_token)
+            .env("FLOWFARM_REDIS_URL", self.redis.url())
+            .env("FLOWFARM_RESULTS_DIR", &self.results)
+            .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "0")
+            // Two workers and a coordinator share two cores.
+            .env("RAYON_NUM_THREADS", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start flowfarm worker");
+        Worker { child, name: name.to_owned(), log }
+    }
+
+    fn farmctl(&self, token: &str, args: &[&str]) -> std::process::Output {
+        farmctl(&self.url(), token, args)
+    }
+
+    /// Submits JSONL lines of `flowfarm-tiny` jobs; returns the batch id.
+    fn submit(&self, jobs: &[String]) -> String {
+        let path = write(self.dir.path(), &format!("{}.jsonl", Uuid::new_v4()), &(jobs.join("\n") + "\n"));
+        let out = ok_json(self.farmctl(&self.submitter, &["--json", "submit", path.to_str().unwrap()]));
+        out["batch"]["id"].as_str().unwrap().to_owned()
+    }
+
+    async fn scalar<T>(&self, sql: &str) -> T
+    where
+        T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
+    {
+        sqlx::query_scalar(sql).fetch_one(self.db.store.pool()).await.unwrap()
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        self.scalar::<i64>(sql).await
+    }
+
+    /// Waits until `done` says so, polling every 100 ms; panics with
+    /// `what` and the workers' logs after `limit`.
+    async fn wait_for(&self, what: &str, limit: Duration, workers: &[&Worker], mut done: impl AsyncFnMut() -> bool) {
+        let deadline = Instant::now() + limit;
+        while !done().await {
+            if Instant::now() > deadline {
+                let states: Vec<(String, i64)> = sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state")
+                    .fetch_all(self.db.store.pool())
+                    .await
+                    .unwrap();
+                let logs: Vec<String> = workers.iter().map(|w| format!("--- {} ---\n{}", w.name, w.log())).collect();
+                panic!("timed out waiting for {what}; jobs by state: {states:?}\n{}", logs.join("\n"));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn wait_all_finished(&self, workers: &[&Worker], limit: Duration) {
+        self.wait_for("every job to finish", limit, workers, async || {
+            self.count("SELECT count(*) FROM jobs WHERE state NOT IN ('succeeded', 'failed', 'cancelled', 'dead')").await == 0
+        })
+        .await;
+    }
+
+    async fn worker_id(&self, name: &str) -> Uuid {
+        sqlx::query_scalar("SELECT id FROM workers WHERE name = $1 ORDER BY registered_at DESC LIMIT 1")
+            .bind(name)
+            .fetch_one(self.db.store.pool())
+            .await
+            .unwrap()
+    }
+
+    /// Every job succeeded once: one `succeeded` event, one result whose
+    /// file matches its hash and whose PNG metadata is the job's spec.
+    async fn assert_each_succeeded_once(&self) {
+        let rows: Vec<(Uuid, String, String, i64, i32, i32, i32, f32, f64, String, String, i32)> = sqlx::query_as(
+            "SELECT id, state, prompt, seed, width, height, steps, guidance, shift, result_key, result_sha256, \
+             (SELECT count(*)::int4 FROM job_events e WHERE e.job_id = j.id AND e.to_state = 'succeeded') FROM jobs j",
+        )
+        .fetch_all(self.db.store.pool())
+        .await
+        .unwrap();
+        assert!(!rows.is_empty());
+        let mut keys = HashSet::new();
+        for (id, state, prompt, seed, width, height, steps, guidance, shift, key, sha, succeeded_events) in rows {
+            assert_eq!(state, "succeeded", "job {id}");
+            assert_eq!(succeeded_events, 1, "job {id} succeeded {succeeded_events} times");
+            assert!(keys.insert(key.clone()), "two jobs share result {key}");
+            let bytes = std::fs::read(self.results.join(&key)).unwrap_or_else(|e| panic!("result {key}: {e}"));
+            assert_eq!(hex::encode(Sha256::digest(&bytes)), sha, "{key}");
+            let p = read_parameters(&bytes).unwrap().unwrap_or_else(|| panic!("{key} has no parameters"));
+            assert_eq!((p.prompt.as_str(), p.seed, p.width, p.height, p.steps), (prompt.as_str(), seed as u64, width as u32, height as u32, steps as u32));
+            assert_eq!((p.guidance, p.shift, p.model.as_str()), (guidance, shift, MODEL));
+            let decoded = png::Decoder::new(std::io::Cursor::new(&bytes)).read_info().unwrap();
+            assert_eq!((decoded.info().width, decoded.info().height), (width as u32, height as u32));
+        }
+        let files = walk(&self.results);
+        assert_eq!(files.len(), keys.len(), "one file per job and nothing else: {files:?}");
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+fn job(prompt: &str, seed: u64, steps: u32) -> String {
+    format!("{{\"model\":\"{MODEL}\",\"prompt\":\"{prompt}\",\"seed\":{seed},\"steps\":{steps},\"width\":64,\"height\":64}}")
+}
+
+fn scrape(addr: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    text
+}
+
+/// 200 jobs over two workers: all succeed, each once, both workers work,
+/// farmctl fetches every image, and the coordinator's metrics agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_render_a_200_job_batch() {
+    let farm = Farm::start().await;
+    let (a, b) = (farm.worker("a"), farm.worker("b"));
+    let jobs: Vec<String> = (0..200).map(|i| job(&format!("shot {}", i % 20), i, 2)).collect();
+    let batch = farm.submit(&jobs);
+    farm.wait_all_finished(&[&a, &b], Duration::from_secs(600)).await;
+    farm.assert_each_succeeded_once().await;
+
+    let done: Vec<(String, i64)> = sqlx::query_as("SELECT name, images_done FROM workers ORDER BY name")
+        .fetch_all(farm.db.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(done.iter().map(|(_, n)| n).sum::<i64>(), 200, "{done:?}");
+    assert!(done.iter().all(|(_, n)| *n > 0), "both workers rendered: {done:?}");
+
+    let out = farm.dir.path().join("fetched");
+    let fetched = farm.farmctl(&farm.submitter, &["results", "fetch", &batch, "--out", out.to_str().unwrap()]);
+    assert!(fetched.status.success(), "{}", String::from_utf8_lossy(&fetched.stderr));
+    assert_eq!(walk(&out).len(), 200);
+
+    let workers = ok_json(farm.farmctl(&farm.admin, &["--json", "workers", "list"]));
+    let listed: i64 = workers.as_array().unwrap().iter().map(|w| w["images_done"].as_i64().unwrap_or(0)).sum();
+    assert_eq!(listed, 200, "{workers}");
+
+    let metrics = scrape(farm.server.as_ref().unwrap().metrics.expect("metrics served"));
+    assert!(metrics.contains(&format!("flowfarm_jobs{{model=\"{MODEL}\",state=\"succeeded\"}} 200")), "{metrics}");
+    assert!(metrics.contains("flowfarm_workers{state=\"active\"} 2"), "{metrics}");
+    assert!(metrics.contains("flowfarm_submit_to_start_seconds_count 200"), "{metrics}");
+    assert!(metrics.contains("flowfarm_jobs_completed_total 200"), "{metrics}");
+}
+
+/// kill -9 of a worker in mid-render: after its lease expires the job runs
+/// again on the other worker, as attempt 2, with one result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_workers_job_finishes_on_the_other() {
+    let farm = Farm::start().await;
+    let mut a = farm.worker("a");
+    let jobs: Vec<String> = (0..4).map(|i| job("slow", i, 60)).collect();
+    farm.submit(&jobs);
+    let a_id = farm.worker_id_when_registered("a", &[&a]).await;
+    farm.wait_for("worker a to be rendering", Duration::from_secs(120), &[&a], async || {
+        farm.count(&format!("SELECT count(*) FROM jobs WHERE state = 'running' AND worker_id = '{a_id}' AND progress_step >= 2")).await == 1
+    })
+    .await;
+    let victim: Uuid = farm.scalar(&format!("SELECT id FROM jobs WHERE state = 'running' AND worker_id = '{a_id}'")).await;
+    signal(&a.child, "KILL");
+    a.child.wait().unwrap();
+    let b = farm.worker("b");
+    farm.wait_all_finished(&[&b], Duration::from_secs(300)).await;
+    farm.assert_each_succeeded_once().await;
+    let (attempt, worker): (i32, Uuid) = sqlx::query_as("SELECT attempt, worker_id FROM jobs WHERE id = $1")
+        .bind(victim)
+        .fetch_one(farm.db.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(attempt, 2, "the killed attempt was the first");
+    assert_eq!(worker, farm.worker_id("b").await);
+    let expired = farm.count(&format!("SELECT count(*) FROM job_events WHERE job_id = '{victim}' AND reason = 'lease expired'")).await;
+    assert_eq!(expired, 1);
+}
+
+/// Redis loses everything, then the coordinator restarts, in mid-batch:
+/// the batch completes with nothing lost or done twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_flush_and_coordinator_restart_lose_nothing() {
+    let mut farm = Farm::start().await;
+    let (a, b) = (farm.worker("a"), farm.worker("b"));
+    let jobs: Vec<String> = (0..60).map(|i| job(&format!("p{}", i % 7), i, 4)).collect();
+    farm.submit(&jobs);
+    farm.wait_for("10 jobs done", Duration::from_secs(300), &[&a, &b], async || {
+        farm.count("SELECT count(*) FROM jobs WHERE state = 'succeeded'").await >= 10
+    })
+    .await;
+    assert_eq!(farm.redis.cli(&["FLUSHALL"]).trim(), "OK");
+    farm.wait_for("30 jobs done", Duration::from_secs(300), &[&a, &b], async || {
+        farm.count("SELECT count(*) FROM jobs WHERE state = 'succeeded'").await >= 30
+    })
+    .await;
+    farm.restart_coordinator();
+    farm.wait_all_finished(&[&a, &b], Duration::from_secs(600)).await;
+    farm.assert_each_succeeded_once().await;
+}
+
+/// Cancelling a running job stops its worker at the next sampling step;
+/// the job ends cancelled and the worker goes on with other work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_running_job_stops_it_at_the_next_step() {
+    let farm = Farm::start().await;
+    let a = farm.worker("a");
+    let batch = farm.submit(&[job("long", 1, 200)]);
+    farm.wait_for("the job to be at step 3", Duration::from_secs(120), &[&a], async || {
+        farm.count("SELECT count(*) FROM jobs WHERE state = 'running' AND progress_step >= 3").await == 1
+    })
+    .await;
+    let cancelled = farm.farmctl(&farm.submitter, &["jobs", "cancel", "--batch", &batch]);
+    assert!(cancelled.status.success(), "{}", String::from_utf8_lossy(&cancelled.stderr));
+    // Reports are refused from here on: this is the last step recorded.
+    let step_at_cancel: i32 = farm.scalar("SELECT progress_step FROM jobs").await;
+    farm.wait_for("the worker to stop", Duration::from_secs(60), &[&a], async || a.log().contains("stopped: the job is no longer")).await;
+    let log = a.log();
+    let line = log.lines().find(|l| l.contains("stopped: the job is no longer")).unwrap();
+    let stopped_at: i32 = line.split("step=").nth(1).and_then(|s| s.split_whitespace().next()).and_then(|s| s.parse().ok()).expect(line);
+    assert!(stopped_at <= step_at_cancel + 1, "stopped at step {stopped_at}, cancelled at {step_at_cancel}");
+    assert!(stopped_at < 200);
+    assert_eq!(farm.scalar::<String>("SELECT state FROM jobs").await, "cancelled");
+    // The worker is free again.
+    farm.submit(&[job("after", 2, 2)]);
+    farm.wait_all_finished(&[&a], Duration::from_secs(120)).await;
+    assert_eq!(farm.count("SELECT count(*) FROM jobs WHERE state = 'succeeded'").await, 1);
+    assert!(walk(&farm.results).len() == 1, "no image for the cancelled job");
+}
+
+/// Drain: the job in flight finishes, the worker deregisters and exits 0,
+/// its queued work goes to another worker; SIGTERM drains the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_worker_finishes_its_job_and_exits_zero() {
+    let farm = Farm::start().await;
+    let mut a = farm.worker("a");
+    let jobs: Vec<String> = (0..5).map(|i| job("drain", i, 40)).collect();
+    farm.submit(&jobs);
+    let a_id = farm.worker_id_when_registered("a", &[&a]).await;
+    farm.wait_for("worker a to be rendering", Duration::from_secs(120), &[&a], async || {
+        farm.count(&format!("SELECT count(*) FROM jobs WHERE state = 'running' AND worker_id = '{a_id}'")).await == 1
+    })
+    .await;
+    let in_flight: Uuid = farm.scalar(&format!("SELECT id FROM jobs WHERE state = 'running' AND worker_id = '{a_id}'")).await;
+    let drained = farm.farmctl(&farm.admin, &["workers", "drain", &a_id.to_string()]);
+    assert!(drained.status.success(), "{}", String::from_utf8_lossy(&drained.stderr));
+    let status = a.child.wait().unwrap();
+    assert!(status.success(), "drained worker exited with {status}\n{}", a.log());
+    assert_eq!(farm.scalar::<String>(&format!("SELECT state FROM jobs WHERE id = '{in_flight}'")).await, "succeeded");
+    assert_eq!(farm.scalar::<String>(&format!("SELECT state FROM workers WHERE id = '{a_id}'")).await, "gone");
+
+    let mut b = farm.worker("b");
+    farm.wait_all_finished(&[&b], Duration::from_secs(300)).await;
+    farm.assert_each_succeeded_once().await;
+    signal(&b.child, "TERM");
+    let status = b.child.wait().unwrap();
+    assert!(status.success(), "SIGTERM: worker exited with {status}\n{}", b.log());
+    let b_id = farm.worker_id("b").await;
+    assert_eq!(farm.scalar::<String>(&format!("SELECT state FROM workers WHERE id = '{b_id}'")).await, "gone");
+}
+
+/// A paused queue dispatches nothing; on resume, a job whose priority was
+/// raised while it waited is dispatched and started first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_holds_everything_and_raised_priority_goes_first() {
+    let farm = Farm::start().await;
+    assert!(farm.farmctl(&farm.admin, &["queue", "pause"]).status.success());
+    let a = farm.worker("a");
+    farm.worker_id_when_registered("a", &[&a]).await;
+    let jobs: Vec<String> = (0..6).map(|i| job("paused", i, 2)).collect();
+    farm.submit(&jobs);
+    // Several dispatcher periods (0.2 s) pass: nothing may move.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(farm.count("SELECT count(*) FROM jobs WHERE state <> 'queued'").await, 0);
+    assert_eq!(farm.redis.cli(&["XLEN", &format!("ff:jobs:{MODEL}")]).trim(), "0");
+
+    let last: Uuid = farm.scalar("SELECT id FROM jobs ORDER BY idx DESC LIMIT 1").await;
+    let raised = farm.farmctl(&farm.admin, &["jobs", "priority", "100", &last.to_string()]);
+    assert!(raised.status.success(), "{}", String::from_utf8_lossy(&raised.stderr));
+    assert!(farm.farmctl(&farm.admin, &["queue", "resume"]).status.success());
+    farm.wait_all_finished(&[&a], Duration::from_secs(300)).await;
+    let first_started: Uuid = farm.scalar("SELECT job_id FROM job_events WHERE to_state = 'running' ORDER BY id LIMIT 1").await;
+    assert_eq!(first_started, last);
+}
+
+impl Farm {
+    async fn worker_id_when_registered(&self, name: &str, workers: &[&Worker]) -> Uuid {
+        self.wait_for(&format!("worker {name} to register"), Duration::from_secs(120), workers, async || {
+            self.count(&format!("SELECT count(*) FROM workers WHERE name = '{name}'")).await == 1
+        })
+        .await;
+        self.worker_id(name).await
+    }
+}
