@@ -69,6 +69,15 @@ enum Command {
         #[command(subcommand)]
         command: WorkersCommand,
     },
+    /// Live view of the farm: queue depth per state, throughput, workers (admin).
+    Top {
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 2.0)]
+        interval: f64,
+        /// Print one frame and exit (with --json: one JSON object).
+        #[arg(long)]
+        once: bool,
+    },
     /// Download rendered images.
     Results {
         #[command(subcommand)]
@@ -230,6 +239,52 @@ fn emit(json: bool, value: serde_json::Value, text: impl FnOnce() -> String) {
     }
 }
 
+/// `farmctl top`: redraws queue figures, throughput since the previous
+/// frame, and the workers, until Ctrl-C.
+async fn top(farm: &Farm, json: bool, interval: std::time::Duration, once: bool) -> Result<()> {
+    let mut admin = farm.admin();
+    let mut previous: Option<(std::time::Instant, u64)> = None;
+    let redraw = !once && !json && std::io::IsTerminal::is_terminal(&std::io::stdout());
+    loop {
+        let stats = admin.get_queue_stats(pb::GetQueueStatsRequest::default()).await.map_err(|s| farm.explain(s))?.into_inner();
+        let workers = admin.list_workers(pb::ListWorkersRequest { include_gone: false }).await.map_err(|s| farm.explain(s))?.into_inner().workers;
+        let finished = stats.total.as_ref().map_or(0, |c| c.succeeded + c.failed + c.dead);
+        let now = std::time::Instant::now();
+        let rate = previous.map(|(at, n)| finished.saturating_sub(n) as f64 / (now - at).as_secs_f64().max(1e-3));
+        previous = Some((now, finished));
+        if json {
+            println!("{}", json!({
+                "queue": output::queue_stats(&stats),
+                "finished_per_second": rate,
+                "workers": workers.iter().map(output::worker).collect::<Vec<_>>(),
+            }));
+        } else {
+            let mut frame = String::new();
+            if redraw {
+                frame.push_str("\x1b[2J\x1b[H");
+            }
+            frame.push_str(&output::queue_stats_text(&stats));
+            frame.push_str(&match rate {
+                Some(r) => format!("\nthroughput: {r:.1} jobs/s finished"),
+                None => "\nthroughput: (next frame)".into(),
+            });
+            frame.push_str(&format!("\nworkers: {}", workers.len()));
+            for w in &workers {
+                frame.push_str("\n  ");
+                frame.push_str(&output::worker_line(w));
+            }
+            println!("{frame}");
+        }
+        if once {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -294,19 +349,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         .await
                         .map_err(|s| farm.explain(s))?
                         .into_inner();
-                    emit(json, output::queue_stats(&stats), || {
-                        let mut text = format!("queue {}\ntotal: {}", if stats.paused { "PAUSED" } else { "running" }, output::counts_line(&stats.total));
-                        for m in &stats.models {
-                            text.push_str(&format!(
-                                "\n{}{}: {} · oldest queued {:.0}s",
-                                m.model,
-                                if m.paused { " (paused)" } else { "" },
-                                output::counts_line(&m.counts),
-                                m.oldest_queued_seconds
-                            ));
-                        }
-                        text
-                    });
+                    emit(json, output::queue_stats(&stats), || output::queue_stats_text(&stats));
                     return Ok(ExitCode::SUCCESS);
                 }
             };
@@ -314,6 +357,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             emit(json, output::queue_state(&state), || {
                 format!("queue for {scope}: {}", if state.paused { "paused" } else { "running" })
             });
+        }
+        Command::Top { interval, once } => {
+            if !(interval.is_finite() && interval >= 0.1) {
+                bail!("--interval must be at least 0.1 seconds");
+            }
+            top(&farm, json, std::time::Duration::from_secs_f64(interval), once).await?;
         }
         Command::Workers { command } => {
             let mut admin = farm.admin();
@@ -330,19 +379,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                         }
                         list.workers
                             .iter()
-                            .map(|w| {
-                                format!(
-                                    "{}  {:<9} {:<20} jobs {}/{}  images {}  gpu {:.0}s  models {}",
-                                    w.id,
-                                    output::worker_state_name(w.state),
-                                    w.name,
-                                    w.current_job_ids.len(),
-                                    w.capacity,
-                                    w.images_done,
-                                    w.gpu_seconds,
-                                    w.models.join(",")
-                                )
-                            })
+                            .map(output::worker_line)
                             .collect::<Vec<_>>()
                             .join("\n")
                     });

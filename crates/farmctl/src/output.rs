@@ -119,6 +119,40 @@ pub fn worker(w: &pb::Worker) -> Value {
     })
 }
 
+/// One line of `workers list` and `top`.
+pub fn worker_line(w: &pb::Worker) -> String {
+    let heartbeat = w.last_heartbeat_at.as_ref().map_or_else(String::new, |t| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        format!("  heartbeat {}s ago", (now - t.seconds).max(0))
+    });
+    format!(
+        "{}  {:<9} {:<20} jobs {}/{}  images {}  gpu {:.0}s  models {}{heartbeat}",
+        w.id,
+        worker_state_name(w.state),
+        w.name,
+        w.current_job_ids.len(),
+        w.capacity,
+        w.images_done,
+        w.gpu_seconds,
+        w.models.join(","),
+    )
+}
+
+/// `queue stats` as text.
+pub fn queue_stats_text(stats: &pb::QueueStats) -> String {
+    let mut text = format!("queue {}\ntotal: {}", if stats.paused { "PAUSED" } else { "running" }, counts_line(&stats.total));
+    for m in &stats.models {
+        text.push_str(&format!(
+            "\n{}{}: {} · oldest queued {:.0}s",
+            m.model,
+            if m.paused { " (paused)" } else { "" },
+            counts_line(&m.counts),
+            m.oldest_queued_seconds
+        ));
+    }
+    text
+}
+
 pub fn queue_state(q: &pb::QueueState) -> Value {
     json!({
         "model": q.model, "paused": q.paused, "reason": q.reason, "updated_by": q.updated_by,

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use flowfarm_core::{JobState, ResolvedJob, Role, TextEncoderSet, WorkerState};
-use flowfarm_store::{JobFilter, JobResultRow, JobSelector, NewBatch, NewWorker, PgStore, StoreError};
+use flowfarm_store::{JobFilter, JobResultRow, JobSelector, NewBatch, NewWorker, PgStore, RetryBackoff, StoreError};
 use flowfarm_testkit::TestDb;
 use uuid::Uuid;
 
@@ -259,6 +259,7 @@ async fn heartbeats_renew_leases_and_name_revoked_jobs() {
     submit(s, 1).await;
     let next = s.dispatch_jobs("sd3", 1, "t").await.unwrap().remove(0);
     assert!(matches!(s.start_job(next.id, w, short).await, Err(StoreError::WorkerUnavailable { .. })));
+    assert_eq!(s.get_job(next.id).await.unwrap().state, JobState::Queued, "the refused job went back to the queue");
 
     sqlx::query("UPDATE workers SET last_heartbeat_at = now() - interval '2 minutes'").execute(s.pool()).await.unwrap();
     assert_eq!(s.mark_lost_workers(Duration::from_secs(60)).await.unwrap(), vec![w]);
@@ -276,4 +277,97 @@ async fn tokens_authenticate_until_revoked() {
     assert_ne!(stored, secret.as_bytes(), "only the hash is stored");
     s.revoke_token(info.id).await.unwrap();
     assert_eq!(s.authenticate(&secret).await.unwrap(), None);
+}
+
+async fn named_worker(store: &PgStore, name: &str, capacity: u32) -> Uuid {
+    store
+        .register_worker(&NewWorker {
+            name: name.into(),
+            hostname: "h".into(),
+            devices: serde_json::json!([]),
+            models: vec!["sd3".into()],
+            text_encoder_sets: vec![TextEncoderSet::All],
+            capacity,
+            version: "test".into(),
+        })
+        .await
+        .unwrap()
+        .id
+}
+
+/// The dispatch window: free slots of the active workers serving the model
+/// plus a lookahead per worker, less what is already out.
+#[tokio::test]
+async fn the_dispatch_window_follows_the_fleet() {
+    let db = TestDb::new().await;
+    let s = &db.store;
+    submit(s, 20).await;
+    assert_eq!(s.dispatch_window("sd3", 2).await.unwrap(), 0, "no workers, nothing goes out");
+    let a = named_worker(s, "a", 3).await;
+    named_worker(s, "b", 1).await;
+    assert_eq!(s.dispatch_window("sd3", 2).await.unwrap(), 3 + 1 + 2 * 2);
+    let out = s.dispatch_jobs("sd3", 5, "t").await.unwrap();
+    s.start_job(out[0].id, a, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(s.dispatch_window("sd3", 2).await.unwrap(), 8 - 5, "dispatched and running jobs both count");
+    s.set_worker_state(a, WorkerState::Cordoned).await.unwrap();
+    assert_eq!(s.dispatch_window("sd3", 2).await.unwrap(), 0, "a cordoned worker's slots do not count");
+    assert_eq!(s.dispatch_window("other-model", 2).await.unwrap(), 0);
+}
+
+/// A retried job waits out its backoff before it is dispatched again, and
+/// is not started by the worker that failed it while another worker could.
+#[tokio::test]
+async fn retries_back_off_and_go_to_another_worker() {
+    let db = TestDb::new().await;
+    let s = db.store.clone().with_retry_backoff(RetryBackoff { base: Duration::from_millis(600), max: Duration::from_secs(5) });
+    submit(&s, 1).await;
+    let a = named_worker(&s, "a", 1).await;
+    let j = s.dispatch_jobs("sd3", 1, "t").await.unwrap().remove(0);
+    s.start_job(j.id, a, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(s.fail_job(j.id, 1, a, "out of memory", true).await.unwrap(), JobState::Queued);
+    assert!(s.dispatch_jobs("sd3", 1, "t").await.unwrap().is_empty(), "held back by the backoff");
+    let row: (Option<chrono::DateTime<chrono::Utc>>, Vec<Uuid>) =
+        sqlx::query_as("SELECT not_before, failed_workers FROM jobs").fetch_one(s.pool()).await.unwrap();
+    let wait = row.0.unwrap() - chrono::Utc::now();
+    assert!(wait <= chrono::Duration::milliseconds(600) && wait > chrono::Duration::milliseconds(200), "base × [0.5, 1]: {wait}");
+    assert_eq!(row.1, vec![a]);
+
+    tokio::time::sleep(Duration::from_millis(650)).await;
+    // Alone, the failed worker may take it again.
+    let j = s.dispatch_jobs("sd3", 1, "t").await.unwrap().remove(0);
+    assert_eq!(j.attempt, 2);
+    let b = named_worker(&s, "b", 1).await;
+    // With another worker there, it declines: back to the queue, same attempt.
+    assert!(matches!(s.start_job(j.id, a, Duration::from_secs(30)).await, Err(StoreError::Declined { .. })));
+    let declined = s.get_job(j.id).await.unwrap();
+    assert_eq!((declined.state, declined.attempt), (JobState::Queued, 2));
+    sqlx::query("UPDATE jobs SET not_before = NULL").execute(s.pool()).await.unwrap();
+    let j = s.dispatch_jobs("sd3", 1, "t").await.unwrap().remove(0);
+    assert_eq!(s.start_job(j.id, b, Duration::from_secs(30)).await.unwrap().attempt, 2);
+
+    // Its last attempt failing leaves it dead, with the error.
+    assert_eq!(s.fail_job(j.id, 2, b, "device lost", true).await.unwrap(), JobState::Dead);
+    assert_eq!(s.get_job(j.id).await.unwrap().error.as_deref(), Some("device lost"));
+}
+
+/// A job dispatched but never started is dispatched again after the
+/// timeout, with an event saying so; a started one is not.
+#[tokio::test]
+async fn unstarted_dispatches_are_dispatched_again() {
+    let db = TestDb::new().await;
+    let s = &db.store;
+    submit(s, 2).await;
+    let w = worker(s).await;
+    let out = s.dispatch_jobs("sd3", 2, "t").await.unwrap();
+    s.start_job(out[0].id, w, Duration::from_secs(30)).await.unwrap();
+    assert!(s.redispatch_stale(Duration::from_secs(60), 10, "t").await.unwrap().is_empty(), "not stale yet");
+    sqlx::query("UPDATE jobs SET dispatched_at = now() - interval '2 minutes'").execute(s.pool()).await.unwrap();
+    let again = s.redispatch_stale(Duration::from_secs(60), 10, "t").await.unwrap();
+    assert_eq!(again.iter().map(|j| j.id).collect::<Vec<_>>(), vec![out[1].id]);
+    assert_eq!(again[0].state, JobState::Dispatched);
+    assert_eq!(count(s, "SELECT count(*) FROM job_events WHERE from_state = 'dispatched' AND to_state = 'dispatched'").await, 1);
+    assert!(s.redispatch_stale(Duration::from_secs(60), 10, "t").await.unwrap().is_empty(), "its clock restarted");
+    // The duplicate message is refused at start.
+    s.start_job(out[1].id, w, Duration::from_secs(30)).await.unwrap();
+    assert!(matches!(s.start_job(out[1].id, w, Duration::from_secs(30)).await, Err(StoreError::WrongState { .. })));
 }

@@ -15,9 +15,12 @@ use tonic::transport::Channel;
 use tonic::{Request, Status};
 
 /// A coordinator config with two models: `sd3` (fixed shift 3.0, up to
-/// 2048 px) and `tiny` (resolution shift, CLIP-only, up to 512 px).
+/// 2048 px) and `tiny` (resolution shift, CLIP-only, up to 512 px), and no
+/// retry backoff (tests move retried jobs on at once).
 pub fn test_config() -> Config {
     let mut config: Config = toml::from_str("").expect("empty config parses to defaults");
+    config.retries.backoff_base_seconds = 0.0;
+    config.retries.backoff_max_seconds = 0.0;
     config.models = vec![
         ModelConfig {
             name: "sd3".into(),

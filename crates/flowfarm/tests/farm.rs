@@ -258,6 +258,10 @@ async fn two_workers_render_a_200_job_batch() {
     let listed: i64 = workers.as_array().unwrap().iter().map(|w| w["images_done"].as_i64().unwrap_or(0)).sum();
     assert_eq!(listed, 200, "{workers}");
 
+    let top = farm.farmctl(&farm.admin, &["top", "--once"]);
+    let text = String::from_utf8_lossy(&top.stdout);
+    assert!(top.status.success() && text.contains("succeeded 200") && text.contains("workers: 2"), "{text}");
+
     let metrics = scrape(farm.server.as_ref().unwrap().metrics.expect("metrics served"));
     assert!(metrics.contains(&format!("flowfarm_jobs{{model=\"{MODEL}\",state=\"succeeded\"}} 200")), "{metrics}");
     assert!(metrics.contains("flowfarm_workers{state=\"active\"} 2"), "{metrics}");
