@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use flowfarm_proto::v1 as pb;
 use flowfarm_queue::{stream_key, Consumer};
 use flowfarm_testkit::Harness;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 
 const MODEL: &str = "sd3";
 
@@ -36,9 +36,10 @@ struct Tally {
     reads: AtomicU64,
 }
 
-type Waiters = Arc<Mutex<HashMap<String, oneshot::Sender<Instant>>>>;
+/// When each job's StartJob was answered, by job id.
+type Started = Arc<Mutex<HashMap<String, Instant>>>;
 
-async fn play_worker(h: &Harness, redis: String, name: String, capacity: u32, tally: Arc<Tally>, waiters: Waiters, mut stop: watch::Receiver<bool>) {
+async fn play_worker(h: &Harness, redis: String, name: String, capacity: u32, tally: Arc<Tally>, waiters: Started, mut stop: watch::Receiver<bool>) {
     let mut client = h.worker();
     let worker_id = client
         .register_worker(pb::RegisterWorkerRequest { name: name.clone(), models: vec![MODEL.into()], capacity, ..Default::default() })
@@ -69,9 +70,7 @@ async fn play_worker(h: &Harness, redis: String, name: String, capacity: u32, ta
                     let started_at = Instant::now();
                     tally.start_micros.fetch_add((started_at - t).as_micros() as u64, Ordering::Relaxed);
                     if let Ok(started) = started {
-                        if let Some(waiter) = waiters.lock().unwrap().remove(&job_id) {
-                            let _ = waiter.send(started_at);
-                        }
+                        waiters.lock().unwrap().insert(job_id.clone(), started_at);
                         let t = Instant::now();
                         client
                             .complete_job(pb::CompleteJobRequest {
@@ -123,7 +122,7 @@ async fn main() {
     })
     .await;
     let tally = Arc::new(Tally::default());
-    let waiters: Waiters = Arc::default();
+    let waiters: Started = Arc::default();
     let (stop_tx, stop) = watch::channel(false);
     let mut render = h.render();
 
@@ -147,12 +146,13 @@ async fn main() {
             .into_inner()
             .jobs
             .remove(0);
-        let (tx, rx) = oneshot::channel();
-        waiters.lock().unwrap().insert(job.id.clone(), tx);
-        // It may have started before the waiter was in place.
-        let started = match tokio::time::timeout(Duration::from_secs(10), rx).await {
-            Ok(Ok(at)) => at,
-            _ => panic!("job {} did not start", job.id),
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let started = loop {
+            if let Some(at) = waiters.lock().unwrap().remove(&job.id) {
+                break at;
+            }
+            assert!(Instant::now() < deadline, "job {} did not start", job.id);
+            tokio::time::sleep(Duration::from_micros(200)).await;
         };
         latencies.push(started - t);
         wait_done(&tally, i as usize + 1).await;

@@ -20,6 +20,9 @@ use crate::Coordinator;
 
 /// Largest number of jobs moved per model in one pass.
 const MAX_PER_PASS: u32 = 2000;
+/// Shortest time between two passes: under load every completion wakes the
+/// dispatcher, and one pass per wake would cost more than the jobs it moves.
+const MIN_GAP: Duration = Duration::from_millis(2);
 
 /// Why a dispatch pass stopped.
 #[derive(Debug, thiserror::Error)]
@@ -118,9 +121,14 @@ impl Dispatcher {
         let recovery_every = Duration::from_secs_f64(shared.queue.redispatch_after_seconds / 4.0);
         let wake = self.wake();
         let mut last_recovery = Instant::now();
+        let mut last_pass: Option<Instant> = None;
         let mut failing = false;
         tokio::pin!(shutdown);
         loop {
+            if let Some(gap) = last_pass.and_then(|at| MIN_GAP.checked_sub(at.elapsed())) {
+                tokio::time::sleep(gap).await;
+            }
+            last_pass = Some(Instant::now());
             let notified = wake.notified();
             match self.dispatch_ready().await {
                 Ok(_) if failing => {

@@ -63,6 +63,13 @@ struct Move<'a> {
     reason: &'a str,
 }
 
+/// Credit to a worker for the jobs a move finished, in the same statement.
+#[derive(Clone, Copy)]
+struct Credit {
+    worker_id: Uuid,
+    gpu_seconds: f64,
+}
+
 impl Move<'_> {
     /// Runs the move. `select` appends the WHERE conditions (after `AND`),
     /// `set` appends extra `, column = value` assignments, `tail` appends
@@ -74,6 +81,20 @@ impl Move<'_> {
         set: impl FnOnce(&mut QueryBuilder<'_, Postgres>),
         tail: &str,
         skip_locked: bool,
+    ) -> Result<Vec<JobRow>, StoreError> {
+        self.run_crediting(conn, select, set, tail, skip_locked, None).await
+    }
+
+    /// As `run`; with `credit`, the worker's images and device time grow by
+    /// the jobs moved, in the same statement.
+    async fn run_crediting(
+        &self,
+        conn: &mut PgConnection,
+        select: impl FnOnce(&mut QueryBuilder<'_, Postgres>),
+        set: impl FnOnce(&mut QueryBuilder<'_, Postgres>),
+        tail: &str,
+        skip_locked: bool,
+        credit: Option<Credit>,
     ) -> Result<Vec<JobRow>, StoreError> {
         let from: Vec<&str> = self.transition.from_states().iter().map(|s| s.as_str()).collect();
         let to = self.transition.to_state().as_str();
@@ -93,7 +114,13 @@ impl Move<'_> {
         qb.push(" FROM target t WHERE j.id = t.id RETURNING j.*, t.from_state), ev AS (");
         qb.push("INSERT INTO job_events (job_id, batch_id, from_state, to_state, attempt, actor, reason) ");
         qb.push("SELECT id, batch_id, from_state, state, attempt, ").push_bind(self.actor.to_owned());
-        qb.push(", ").push_bind(self.reason.to_owned()).push(" FROM upd) SELECT ");
+        qb.push(", ").push_bind(self.reason.to_owned()).push(" FROM upd)");
+        if let Some(credit) = credit {
+            qb.push(", credit AS (UPDATE workers SET images_done = images_done + (SELECT count(*) FROM upd), gpu_seconds = gpu_seconds + ");
+            qb.push_bind(credit.gpu_seconds.max(0.0)).push(" WHERE id = ").push_bind(credit.worker_id);
+            qb.push(" AND EXISTS (SELECT 1 FROM upd))");
+        }
+        qb.push(" SELECT ");
         qb.push(JOB_COLUMNS).push(" FROM upd ORDER BY id");
         let rows = qb.build().fetch_all(&mut *conn).await?;
         rows.iter().map(JobRow::from_row).collect()
@@ -111,6 +138,45 @@ fn push_fence(qb: &mut QueryBuilder<'_, Postgres>, fence: Fence) {
     qb.push("id = ").push_bind(fence.job_id);
     qb.push(" AND attempt = ").push_bind(fence.attempt as i32);
     qb.push(" AND worker_id = ").push_bind(fence.worker_id);
+}
+
+/// Puts a dispatched job back in the queue (same attempt, held back a
+/// second so the same worker does not read it straight back); with
+/// `only_if_excluded`, only if `worker_id` failed it and another worker could take it.
+async fn decline(
+    conn: &mut PgConnection,
+    job_id: Uuid,
+    worker_id: Uuid,
+    actor: &str,
+    reason: &str,
+    only_if_excluded: bool,
+) -> Result<Vec<JobRow>, StoreError> {
+    Move { transition: Transition::Decline, actor, reason }
+        .run(
+            conn,
+            |qb| {
+                qb.push("id = ").push_bind(job_id);
+                if only_if_excluded {
+                    qb.push(" AND ").push_bind(worker_id).push(" = ANY(failed_workers) AND ");
+                    push_other_worker_available(qb);
+                }
+            },
+            |qb| {
+                qb.push(", not_before = now() + interval '1 second', dispatched_at = NULL");
+            },
+            "",
+            false,
+        )
+        .await
+}
+
+/// Whether an active worker serving the job's model, other than those that
+/// failed it, exists (inside a `jobs` scan).
+fn push_other_worker_available(qb: &mut QueryBuilder<'_, Postgres>) {
+    qb.push(
+        "EXISTS (SELECT 1 FROM workers w WHERE w.state = 'active' AND jobs.model = ANY(w.models) \
+         AND NOT (w.id = ANY(jobs.failed_workers)))",
+    );
 }
 
 /// For a retry: remember the worker that failed, and hold the job back by
@@ -561,52 +627,19 @@ impl PgStore {
     /// not dispatched (a duplicate message, say); [`StoreError::Declined`];
     /// [`StoreError::NotFound`].
     pub async fn start_job(&self, job_id: Uuid, worker_id: Uuid, lease: Duration) -> Result<JobRow, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let worker_state: Option<String> = sqlx::query_scalar("SELECT state FROM workers WHERE id = $1 FOR SHARE")
-            .bind(worker_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+        // The usual case in one statement: the worker is active and may take it.
         let actor = format!("worker:{worker_id}");
-        match worker_state.as_deref() {
-            None => return Err(StoreError::NotFound { what: "worker", id: worker_id }),
-            Some("active") => {}
-            Some(state) => {
-                // The message is spent: put the job back so another worker gets it now.
-                Move { transition: Transition::Decline, actor: &actor, reason: "the worker takes no new work" }
-                    .run(&mut tx, |qb| { qb.push("id = ").push_bind(job_id); }, |qb| { qb.push(", dispatched_at = NULL"); }, "", false)
-                    .await?;
-                tx.commit().await?;
-                return Err(StoreError::WorkerUnavailable {
-                    worker_id,
-                    state: state.to_owned(),
-                    why: "only active workers may start jobs; the job went back to the queue".into(),
-                });
-            }
-        }
-        let declined = Move { transition: Transition::Decline, actor: &actor, reason: "this worker failed it before" }
-            .run(
-                &mut tx,
-                |qb| {
-                    qb.push("id = ").push_bind(job_id);
-                    qb.push(" AND ").push_bind(worker_id).push(" = ANY(failed_workers)");
-                    qb.push(
-                        " AND EXISTS (SELECT 1 FROM workers w WHERE w.state = 'active' AND jobs.model = ANY(w.models) \
-                         AND NOT (w.id = ANY(jobs.failed_workers)))",
-                    );
-                },
-                |qb| { qb.push(", not_before = now() + interval '1 second', dispatched_at = NULL"); },
-                "",
-                false,
-            )
-            .await?;
-        if !declined.is_empty() {
-            tx.commit().await?;
-            return Err(StoreError::Declined { job_id, worker_id });
-        }
+        let mut conn = self.pool.acquire().await?;
         let mut rows = Move { transition: Transition::Start, actor: &actor, reason: "started" }
             .run(
-                &mut tx,
-                |qb| { qb.push("id = ").push_bind(job_id); },
+                &mut conn,
+                |qb| {
+                    qb.push("id = ").push_bind(job_id);
+                    qb.push(" AND EXISTS (SELECT 1 FROM workers w WHERE w.id = ").push_bind(worker_id).push(" AND w.state = 'active')");
+                    qb.push(" AND NOT (").push_bind(worker_id).push(" = ANY(failed_workers) AND ");
+                    push_other_worker_available(qb);
+                    qb.push(")");
+                },
                 |qb| {
                     qb.push(", worker_id = ").push_bind(worker_id);
                     qb.push(", lease_expires_at = now() + make_interval(secs => ").push_bind(lease_interval(lease)).push(")");
@@ -616,11 +649,42 @@ impl PgStore {
                 false,
             )
             .await?;
-        tx.commit().await?;
+        drop(conn);
         match rows.pop() {
             Some(row) => Ok(row),
-            None => Err(self.wrong_state(job_id, "only a dispatched job can be started").await),
+            None => Err(self.start_refused(job_id, worker_id, &actor).await?),
         }
+    }
+
+    /// Why StartJob did not start the job; a job refused because of its
+    /// worker goes back to the queue so another worker gets it now.
+    async fn start_refused(&self, job_id: Uuid, worker_id: Uuid, actor: &str) -> Result<StoreError, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let worker_state: Option<String> = sqlx::query_scalar("SELECT state FROM workers WHERE id = $1")
+            .bind(worker_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let refusal = match worker_state.as_deref() {
+            None => StoreError::NotFound { what: "worker", id: worker_id },
+            Some("active") => {
+                if decline(&mut tx, job_id, worker_id, actor, "this worker failed it before", true).await?.is_empty() {
+                    tx.commit().await?;
+                    return Ok(self.wrong_state(job_id, "only a dispatched job can be started").await);
+                }
+                StoreError::Declined { job_id, worker_id }
+            }
+            Some(state) => {
+                // The message is spent: put the job back so another worker gets it now.
+                decline(&mut tx, job_id, worker_id, actor, "the worker takes no new work", false).await?;
+                StoreError::WorkerUnavailable {
+                    worker_id,
+                    state: state.to_owned(),
+                    why: "only active workers may start jobs; the job went back to the queue".into(),
+                }
+            }
+        };
+        tx.commit().await?;
+        Ok(refusal)
     }
 
     /// Records step progress of a running attempt and renews its lease.
@@ -667,10 +731,10 @@ impl PgStore {
         gpu_seconds: f64,
     ) -> Result<(), StoreError> {
         let fence = Fence { job_id, attempt, worker_id };
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.pool.acquire().await?;
         let rows = Move { transition: Transition::Succeed, actor: &format!("worker:{worker_id}"), reason: "completed" }
-            .run(
-                &mut tx,
+            .run_crediting(
+                &mut conn,
                 |qb| push_fence(qb, fence),
                 |qb| {
                     qb.push(", lease_expires_at = NULL, error = NULL, progress_step = j.steps");
@@ -681,10 +745,11 @@ impl PgStore {
                 },
                 "",
                 false,
+                Some(Credit { worker_id, gpu_seconds }),
             )
             .await?;
+        drop(conn);
         if rows.is_empty() {
-            tx.rollback().await?;
             let job = self.get_job(job_id).await?;
             let same = job.state == JobState::Succeeded
                 && job.attempt == attempt
@@ -695,12 +760,6 @@ impl PgStore {
             }
             return Err(wrong_state_of(&job, &format!("attempt {attempt} of worker {worker_id} no longer holds it")));
         }
-        sqlx::query("UPDATE workers SET images_done = images_done + 1, gpu_seconds = gpu_seconds + $2 WHERE id = $1")
-            .bind(worker_id)
-            .bind(gpu_seconds.max(0.0))
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
         Ok(())
     }
 
