@@ -14,6 +14,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use flowfarm_proto::v1 as pb;
+use flowfarm_proto::v1::render_service_client::RenderServiceClient;
 use flowfarm_engine::png_output::read_parameters;
 use flowfarm_testkit::TestDb;
 use sha2::{Digest, Sha256};
@@ -299,8 +301,9 @@ async fn a_killed_workers_job_finishes_on_the_other() {
     assert_eq!(expired, 1);
 }
 
-/// Redis loses everything, then the coordinator restarts, in mid-batch:
-/// the batch completes with nothing lost or done twice.
+/// Redis loses everything (FLUSHALL), then goes away for a second and
+/// comes back empty, then the coordinator restarts, all in mid-batch: the
+/// batch completes with nothing lost or done twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_flush_and_coordinator_restart_lose_nothing() {
     let mut farm = Farm::start().await;
@@ -312,6 +315,11 @@ async fn redis_flush_and_coordinator_restart_lose_nothing() {
     })
     .await;
     assert_eq!(farm.redis.cli(&["FLUSHALL"]).trim(), "OK");
+    farm.wait_for("20 jobs done", Duration::from_secs(300), &[&a, &b], async || {
+        farm.count("SELECT count(*) FROM jobs WHERE state = 'succeeded'").await >= 20
+    })
+    .await;
+    farm.redis.restart(Duration::from_secs(1));
     farm.wait_for("30 jobs done", Duration::from_secs(300), &[&a, &b], async || {
         farm.count("SELECT count(*) FROM jobs WHERE state = 'succeeded'").await >= 30
     })
@@ -328,6 +336,18 @@ async fn cancelling_a_running_job_stops_it_at_the_next_step() {
     let farm = Farm::start().await;
     let a = farm.worker("a");
     let batch = farm.submit(&[job("long", 1, 200)]);
+    // Step progress reaches watchers from the worker's reports.
+    let channel = tonic::transport::Channel::from_shared(farm.url()).unwrap().connect().await.unwrap();
+    let mut render = RenderServiceClient::with_interceptor(channel, flowfarm_testkit::Auth::bearer(&farm.submitter));
+    let mut events = render.watch_batch(pb::WatchBatchRequest { batch_id: batch.clone() }).await.unwrap().into_inner();
+    let progress = loop {
+        match events.message().await.unwrap().and_then(|e| e.event) {
+            Some(pb::watch_batch_event::Event::Progress(p)) if p.step >= 1 => break p,
+            Some(_) => continue,
+            None => panic!("the watch ended without progress"),
+        }
+    };
+    assert_eq!((progress.attempt, progress.total_steps), (1, 200));
     farm.wait_for("the job to be at step 3", Duration::from_secs(120), &[&a], async || {
         farm.count("SELECT count(*) FROM jobs WHERE state = 'running' AND progress_step >= 3").await == 1
     })

@@ -107,37 +107,53 @@ pub fn signal(child: &Child, name: &str) {
 }
 
 /// A private `redis-server` on a free port, keeping nothing on disk, so a
-/// test may flush or stop it without touching anyone else's data.
+/// test may flush, stop or restart it without touching anyone else's data.
 pub struct RedisServer {
     child: Child,
     pub port: u16,
 }
 
+fn spawn_redis(port: u16) -> Child {
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start redis-server (scripts/test.sh installs it)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis_cli(port, &["PING"]).trim() != "PONG" {
+        assert!(Instant::now() < deadline, "redis-server on port {port} did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli").args(["-p", &port.to_string()]).args(args).output().expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 impl RedisServer {
     pub fn start() -> RedisServer {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start redis-server (scripts/test.sh installs it)");
-        let server = RedisServer { child, port };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while server.cli(&["PING"]).trim() != "PONG" {
-            assert!(Instant::now() < deadline, "redis-server on port {port} did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        server
+        RedisServer { child: spawn_redis(port), port }
     }
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
 
+    /// Stops the server and starts an empty one on the same port, as a
+    /// Redis restart without persistence would.
+    pub fn restart(&mut self, down_for: Duration) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(down_for);
+        self.child = spawn_redis(self.port);
+    }
+
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli").args(["-p", &self.port.to_string()]).args(args).output().expect("redis-cli");
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        redis_cli(self.port, args)
     }
 }
 
