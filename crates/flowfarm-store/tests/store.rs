@@ -42,19 +42,7 @@ async fn submit(store: &PgStore, n: usize) -> Uuid {
 }
 
 async fn worker(store: &PgStore) -> Uuid {
-    store
-        .register_worker(&NewWorker {
-            name: "w".into(),
-            hostname: "h".into(),
-            devices: serde_json::json!([]),
-            models: vec!["sd3".into()],
-            text_encoder_sets: vec![TextEncoderSet::All],
-            capacity: 2,
-            version: "test".into(),
-        })
-        .await
-        .unwrap()
-        .id
+    named_worker(store, "w", 2).await
 }
 
 fn result(key: &str) -> JobResultRow {

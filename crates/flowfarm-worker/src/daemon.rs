@@ -25,7 +25,7 @@ use uuid::Uuid;
 
 use crate::config::{hostname, WorkerConfig};
 use crate::metrics::WorkerMetrics;
-use crate::render::{JobRenderer, RenderJob};
+use crate::render::{resolved_job, JobRenderer};
 use crate::results::ResultStore;
 use crate::WorkerError;
 
@@ -375,7 +375,7 @@ async fn render(
     revoked: Arc<AtomicBool>,
     handed_back: Arc<AtomicBool>,
 ) -> Result<Vec<u8>, EngineError> {
-    let spec = RenderJob::from_proto(job)?;
+    let spec = resolved_job(job)?;
     let renderer = shared
         .renderers
         .get(&spec.model)

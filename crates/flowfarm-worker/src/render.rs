@@ -9,60 +9,50 @@ use flowfarm_engine::noise::initial_latent;
 use flowfarm_engine::pipeline::{Pipeline, RenderRequest};
 use flowfarm_engine::png_output::{encode, RenderParameters};
 use flowfarm_engine::EngineError;
+use flowfarm_core::{ResolvedJob, TextEncoderSet};
 use flowfarm_proto::v1 as pb;
 
-/// A job's resolved render parameters, as the coordinator stored them.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RenderJob {
-    pub model: String,
-    pub prompt: String,
-    pub negative_prompt: String,
-    pub width: u32,
-    pub height: u32,
-    pub steps: u32,
-    pub guidance: f32,
-    pub seed: u64,
-    pub shift: f64,
-    /// False: CLIP-only (T5 replaced by zeros).
-    pub use_t5: bool,
+/// The resolved spec StartJob returned, as the engine renders it.
+///
+/// # Errors
+/// [`EngineError::Input`] naming what the coordinator left unresolved.
+pub fn resolved_job(job: &pb::Job) -> Result<ResolvedJob, EngineError> {
+    let spec = job.spec.as_ref().ok_or_else(|| EngineError::Input(format!("job {} has no spec", job.id)))?;
+    let missing = |what: &str| EngineError::Input(format!("job {} has no resolved {what}", job.id));
+    Ok(ResolvedJob {
+        model: spec.model.clone(),
+        prompt: spec.prompt.clone(),
+        negative_prompt: spec.negative_prompt.clone(),
+        width: spec.width,
+        height: spec.height,
+        steps: spec.steps,
+        guidance: spec.guidance_scale.ok_or_else(|| missing("guidance_scale"))?,
+        seed: spec.seed.ok_or_else(|| missing("seed"))?,
+        shift: spec.shift.ok_or_else(|| missing("shift"))?,
+        text_encoders: if spec.text_encoders == pb::TextEncoderSet::ClipOnly as i32 {
+            TextEncoderSet::ClipOnly
+        } else {
+            TextEncoderSet::All
+        },
+        priority: spec.priority,
+        max_attempts: spec.max_attempts,
+        labels: spec.labels.clone().into_iter().collect(),
+    })
 }
 
-impl RenderJob {
-    /// Reads the resolved spec StartJob returned.
-    ///
-    /// # Errors
-    /// [`EngineError::Input`] naming what the coordinator left unresolved.
-    pub fn from_proto(job: &pb::Job) -> Result<Self, EngineError> {
-        let spec = job.spec.as_ref().ok_or_else(|| EngineError::Input("job has no spec".into()))?;
-        let missing = |what: &str| EngineError::Input(format!("job {} has no resolved {what}", job.id));
-        Ok(RenderJob {
-            model: spec.model.clone(),
-            prompt: spec.prompt.clone(),
-            negative_prompt: spec.negative_prompt.clone(),
-            width: spec.width,
-            height: spec.height,
-            steps: spec.steps,
-            guidance: spec.guidance_scale.ok_or_else(|| missing("guidance_scale"))?,
-            seed: spec.seed.ok_or_else(|| missing("seed"))?,
-            shift: spec.shift.ok_or_else(|| missing("shift"))?,
-            use_t5: spec.text_encoders != pb::TextEncoderSet::ClipOnly as i32,
-        })
-    }
-
-    fn parameters(&self) -> RenderParameters {
-        RenderParameters {
-            prompt: self.prompt.clone(),
-            negative_prompt: self.negative_prompt.clone(),
-            model: self.model.clone(),
-            width: self.width,
-            height: self.height,
-            steps: self.steps,
-            guidance: self.guidance,
-            seed: self.seed,
-            shift: self.shift,
-            sampler: "euler-flow-matching".into(),
-            text_encoders: if self.use_t5 { "all" } else { "clip-only" }.into(),
-        }
+fn parameters(job: &ResolvedJob) -> RenderParameters {
+    RenderParameters {
+        prompt: job.prompt.clone(),
+        negative_prompt: job.negative_prompt.clone(),
+        model: job.model.clone(),
+        width: job.width,
+        height: job.height,
+        steps: job.steps,
+        guidance: job.guidance,
+        seed: job.seed,
+        shift: job.shift,
+        sampler: "euler-flow-matching".into(),
+        text_encoders: job.text_encoders.as_str().into(),
     }
 }
 
@@ -95,8 +85,9 @@ impl JobRenderer {
     /// # Errors
     /// [`EngineError::Cancelled`]; [`EngineError::Input`] for a size the model
     /// cannot render or T5 asked of a CLIP-only model; engine errors.
-    pub fn render_png(&self, job: &RenderJob, on_step: &mut dyn FnMut(usize, usize) -> bool) -> Result<Vec<u8>, EngineError> {
-        if job.use_t5 && !self.has_t5() {
+    pub fn render_png(&self, job: &ResolvedJob, on_step: &mut dyn FnMut(usize, usize) -> bool) -> Result<Vec<u8>, EngineError> {
+        let use_t5 = job.text_encoders == TextEncoderSet::All;
+        if use_t5 && !self.has_t5() {
             return Err(EngineError::Input("this worker's model has no T5 encoder; the job needs one".into()));
         }
         let scale = self.pipeline.vae.scale_factor();
@@ -113,9 +104,9 @@ impl JobRenderer {
             steps: job.steps,
             guidance: job.guidance,
             shift: job.shift,
-            use_t5: job.use_t5,
+            use_t5,
         };
         let rendered = self.pipeline.render(&request, &mut |step, total| on_step(step, total))?;
-        encode(rendered.width as u32, rendered.height as u32, &rendered.rgb, &job.parameters())
+        encode(rendered.width as u32, rendered.height as u32, &rendered.rgb, &parameters(job))
     }
 }

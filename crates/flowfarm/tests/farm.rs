@@ -56,6 +56,7 @@ struct Worker {
     child: Child,
     name: String,
     log: PathBuf,
+    metrics: std::net::SocketAddr,
 }
 
 impl Worker {
@@ -105,6 +106,7 @@ impl Farm {
             ),
         );
         let log = self.dir.path().join(format!("{name}.log"));
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let child = Command::new(flowfarm_bin())
             .arg("worker")
             .arg("--worker-config")
@@ -113,6 +115,7 @@ impl Farm {
             .env("FLOWFARM_TOKEN", &self.worker_token)
             .env("FLOWFARM_REDIS_URL", self.redis.url())
             .env("FLOWFARM_RESULTS_DIR", &self.results)
+            .env("FLOWFARM_METRICS_LISTEN", metrics.to_string())
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "0")
             // Two workers and a coordinator share two cores.
@@ -121,7 +124,7 @@ impl Farm {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start flowfarm worker");
-        Worker { child, name: name.to_owned(), log }
+        Worker { child, name: name.to_owned(), log, metrics }
     }
 
     fn farmctl(&self, token: &str, args: &[&str]) -> std::process::Output {
@@ -269,6 +272,20 @@ async fn two_workers_render_a_200_job_batch() {
     assert!(metrics.contains("flowfarm_workers{state=\"active\"} 2"), "{metrics}");
     assert!(metrics.contains("flowfarm_submit_to_start_seconds_count 200"), "{metrics}");
     assert!(metrics.contains("flowfarm_jobs_completed_total 200"), "{metrics}");
+
+    // Each worker encoded each of the 20 prompts (and the empty negative) at most once.
+    let mut succeeded = 0;
+    for w in [&a, &b] {
+        let text = scrape(w.metrics);
+        let value = |name: &str| -> f64 {
+            text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse().ok()).unwrap_or_else(|| panic!("{name} in {text}"))
+        };
+        succeeded += value("flowfarm_worker_jobs_total{outcome=\"succeeded\"}") as i64;
+        let misses = value("flowfarm_worker_embedding_cache_misses_total");
+        assert!(misses <= 21.0 * 3.0, "{misses} encodes for 21 distinct prompts × 3 encoders");
+        assert!(value("flowfarm_worker_embedding_cache_hits_total") > 0.0, "{text}");
+    }
+    assert_eq!(succeeded, 200);
 }
 
 /// kill -9 of a worker in mid-render: after its lease expires the job runs
@@ -394,10 +411,21 @@ async fn a_drained_worker_finishes_its_job_and_exits_zero() {
     let mut b = farm.worker("b");
     farm.wait_all_finished(&[&b], Duration::from_secs(300)).await;
     farm.assert_each_succeeded_once().await;
+
+    // Cordoned: up, but given nothing; uncordoned: back to work.
+    let b_id = farm.worker_id("b").await;
+    assert!(farm.farmctl(&farm.admin, &["workers", "cordon", &b_id.to_string()]).status.success());
+    farm.wait_for("b to see the cordon", Duration::from_secs(30), &[&b], async || b.log().contains("to=Cordoned")).await;
+    farm.submit(&[job("cordoned", 100, 2), job("cordoned", 101, 2)]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(farm.count("SELECT count(*) FROM jobs WHERE state = 'queued'").await, 2, "a cordoned worker takes nothing");
+    assert!(farm.farmctl(&farm.admin, &["workers", "uncordon", &b_id.to_string()]).status.success());
+    farm.wait_all_finished(&[&b], Duration::from_secs(120)).await;
+    farm.assert_each_succeeded_once().await;
+
     signal(&b.child, "TERM");
     let status = b.child.wait().unwrap();
     assert!(status.success(), "SIGTERM: worker exited with {status}\n{}", b.log());
-    let b_id = farm.worker_id("b").await;
     assert_eq!(farm.scalar::<String>(&format!("SELECT state FROM workers WHERE id = '{b_id}'")).await, "gone");
 }
 
