@@ -103,6 +103,51 @@ pub(crate) fn single_file_key(name: &str, last_block: usize) -> Option<(String, 
     Some((format!("{j}.{key}.{kind}"), transform))
 }
 
+/// `weights` (diffusers names) under their single-file keys
+/// (`model.diffusion_model.*`): q, k, v fused, modulation halves swapped
+/// where the original layout has them the other way. `path` names the
+/// output in errors.
+///
+/// # Errors
+/// [`EngineError::Checkpoint`] for a weight with no single-file name or a
+/// fused projection with a part missing.
+pub(crate) fn single_file_tensors(
+    config: &MmDitConfig,
+    weights: &HashMap<String, Tensor>,
+    path: &Path,
+) -> Result<HashMap<String, Tensor>, EngineError> {
+    let last = config.depth.saturating_sub(1);
+    let mut fused: HashMap<String, [Option<Tensor>; 3]> = HashMap::new();
+    let mut out = HashMap::new();
+    for (name, tensor) in weights {
+        let (key, transform) = single_file_key(name, last).ok_or_else(|| EngineError::Checkpoint {
+            path: path.display().to_string(),
+            reason: format!("`{name}` has no single-file name"),
+        })?;
+        let key = format!("{SINGLE_FILE_PREFIX}{key}");
+        match transform {
+            Transform::Same => {
+                out.insert(key, tensor.clone());
+            }
+            // Swapping the halves is its own inverse.
+            Transform::SwapHalves => {
+                out.insert(key, apply(transform, tensor.clone())?);
+            }
+            Transform::Third(part) => {
+                fused.entry(key).or_default()[part] = Some(tensor.clone());
+            }
+        }
+    }
+    for (key, parts) in fused {
+        let parts: Vec<Tensor> = parts.into_iter().collect::<Option<_>>().ok_or_else(|| EngineError::Checkpoint {
+            path: path.display().to_string(),
+            reason: format!("{key}: q, k or v missing"),
+        })?;
+        out.insert(key, Tensor::cat(&parts, 0)?);
+    }
+    Ok(out)
+}
+
 /// Applies `transform` to a single-file tensor.
 pub(crate) fn apply(transform: Transform, t: Tensor) -> candle_core::Result<Tensor> {
     match transform {

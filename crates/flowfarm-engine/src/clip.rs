@@ -8,7 +8,7 @@
 //!
 //! Shapes: B prompts, S tokens (77), D width, P projection width.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -116,22 +116,31 @@ impl ClipTextEncoder {
     /// [`EngineError::Checkpoint`] for a missing or malformed config or weights.
     pub fn open(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self, EngineError> {
         let dir = dir.as_ref();
-        let config_path = dir.join("config.json");
-        let config: ClipConfig = crate::read_json(&config_path, "a CLIP config")?;
+        Self::open_with(&dir.join("config.json"), &dir.join("model.safetensors"), "", dtype, device)
+    }
+
+    /// Opens the encoder whose transformers names stand under `prefix` in
+    /// `weights` (an SD3 single file's `text_encoders.clip_l.transformer.`,
+    /// say), with the config at `config_path`.
+    ///
+    /// # Errors
+    /// [`EngineError::Checkpoint`] for a missing or malformed config or weights.
+    pub fn open_with(config_path: &Path, weights: &Path, prefix: &str, dtype: DType, device: &Device) -> Result<Self, EngineError> {
+        let config: ClipConfig = crate::read_json(config_path, "a CLIP config")?;
         if config.num_hidden_layers < 2
             || config.num_attention_heads == 0
             || !config.hidden_size.is_multiple_of(config.num_attention_heads)
         {
-            return Err(EngineError::checkpoint(&config_path, "needs at least 2 layers and a width divisible by the head count"));
+            return Err(EngineError::checkpoint(config_path, "needs at least 2 layers and a width divisible by the head count"));
         }
         if !matches!(config.hidden_act.as_str(), "quick_gelu" | "gelu") {
-            return Err(EngineError::checkpoint(&config_path, format!("activation `{}` is not quick_gelu or gelu", config.hidden_act)));
+            return Err(EngineError::checkpoint(config_path, format!("activation `{}` is not quick_gelu or gelu", config.hidden_act)));
         }
-        let weights: PathBuf = dir.join("model.safetensors");
         // SAFETY: mapped read-only; flowfarm never writes a checkpoint it has open.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, device) }
-            .map_err(|e| EngineError::checkpoint(&weights, e.to_string()))?;
-        Self::load(config, &vb).map_err(|e| EngineError::checkpoint(&weights, e.to_string()))
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, device) }
+            .map_err(|e| EngineError::checkpoint(weights, e.to_string()))?;
+        let vb = if prefix.is_empty() { vb } else { vb.pp(prefix.trim_end_matches('.')) };
+        Self::load(config, &vb).map_err(|e| EngineError::checkpoint(weights, e.to_string()))
     }
 
     fn load(config: ClipConfig, vb: &VarBuilder) -> candle_core::Result<Self> {

@@ -20,6 +20,7 @@
 pub mod cache;
 pub mod checkpoint;
 pub mod clip;
+pub mod convert;
 mod error;
 pub mod mmdit;
 pub mod noise;

@@ -76,6 +76,37 @@ impl<E> Part<E> {
     }
 }
 
+impl<E> Part<E> {
+    /// An encoder inside a single file under `prefix`; its tokenizer and
+    /// config come from the diffusers folder `support` (`tokenizer{n}`,
+    /// `text_encoder{n}/config.json`), as single files carry neither.
+    fn open_single(
+        file: &Path,
+        support: &Path,
+        n: &str,
+        prefix: &str,
+        max_length: usize,
+        open: impl FnOnce(&Path) -> Result<E, EngineError>,
+    ) -> Result<Self, EngineError> {
+        // One file holds every encoder: the prefix tells their caches apart.
+        use sha2::Digest;
+        let mut identity = sha2::Sha256::new();
+        identity.update(weights_identity(file)?);
+        identity.update(prefix.as_bytes());
+        Ok(Part {
+            tokenizer: PromptTokenizer::open(support.join(format!("tokenizer{n}")), max_length)?,
+            identity: identity.finalize().into(),
+            encoder: open(&support.join(format!("text_encoder{n}")).join("config.json"))?,
+            encodes: AtomicU64::new(0),
+        })
+    }
+}
+
+/// Where an SD3 single file keeps each text encoder (transformers names follow).
+pub const SINGLE_FILE_CLIP_L: &str = "text_encoders.clip_l.transformer.";
+pub const SINGLE_FILE_CLIP_G: &str = "text_encoders.clip_g.transformer.";
+pub const SINGLE_FILE_T5: &str = "text_encoders.t5xxl.transformer.";
+
 /// How many times each encoder actually ran (cache misses included, hits not).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EncodeCounts {
@@ -108,6 +139,42 @@ impl TextEncoders {
             None
         };
         Ok(TextEncoders { clip_l: clip("")?, clip_g: clip("_2")?, t5, t5_length, dtype, cache: None })
+    }
+
+    /// Opens the encoders inside an SD3 single file (`text_encoders.clip_l.*`,
+    /// `clip_g`, and `t5xxl` when present), with tokenizers and configs from
+    /// the diffusers folder `support`.
+    ///
+    /// # Errors
+    /// [`EngineError::Checkpoint`] when the file has no CLIP encoders or a
+    /// part does not fit its config; tokenizer errors.
+    pub fn open_single_file(file: &Path, support: &Path, t5_length: usize, dtype: DType, device: &Device) -> Result<Self, EngineError> {
+        // SAFETY: mapped read-only; only the header is read here.
+        let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::new(file) }
+            .map_err(|e| EngineError::checkpoint(file, format!("not a safetensors file: {e}")))?;
+        let names: Vec<String> = mapped.tensors().into_iter().map(|(n, _)| n).collect();
+        let has = |prefix: &str| names.iter().any(|n| n.starts_with(prefix));
+        if !has(SINGLE_FILE_CLIP_L) || !has(SINGLE_FILE_CLIP_G) {
+            return Err(EngineError::checkpoint(file, "no CLIP encoders (text_encoders.clip_l.*, text_encoders.clip_g.*) in this file"));
+        }
+        let clip = |n: &str, prefix: &str| {
+            Part::open_single(file, support, n, prefix, CLIP_MAX_LENGTH, |config| ClipTextEncoder::open_with(config, file, prefix, dtype, device))
+        };
+        let t5 = if has(SINGLE_FILE_T5) {
+            Some(Part::open_single(file, support, "_3", SINGLE_FILE_T5, t5_length, |config| {
+                T5Encoder::open_with(config, file, SINGLE_FILE_T5, dtype, device)
+            })?)
+        } else {
+            None
+        };
+        Ok(TextEncoders {
+            clip_l: clip("", SINGLE_FILE_CLIP_L)?,
+            clip_g: clip("_2", SINGLE_FILE_CLIP_G)?,
+            t5,
+            t5_length,
+            dtype,
+            cache: None,
+        })
     }
 
     /// Shares `cache` for every encoding from now on.
@@ -223,6 +290,28 @@ impl Pipeline {
             transformer: Checkpoint::open(dir)?.load_model(dtype, device)?,
             vae: Vae::open(dir, dtype, device)?,
             encoders: TextEncoders::open(dir, t5_length, dtype, device)?,
+            device: device.clone(),
+        })
+    }
+
+    /// Opens an SD3 single file holding transformer, VAE and text encoders;
+    /// tokenizers and encoder configs come from the diffusers folder
+    /// `support` (single files carry neither).
+    ///
+    /// # Errors
+    /// As the parts' `open`.
+    pub fn open_single_file(
+        file: impl AsRef<Path>,
+        support: impl AsRef<Path>,
+        t5_length: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, EngineError> {
+        let file = file.as_ref();
+        Ok(Pipeline {
+            transformer: Checkpoint::open(file)?.load_model(dtype, device)?,
+            vae: Vae::open(file, dtype, device)?,
+            encoders: TextEncoders::open_single_file(file, support.as_ref(), t5_length, dtype, device)?,
             device: device.clone(),
         })
     }

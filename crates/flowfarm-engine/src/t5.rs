@@ -27,13 +27,22 @@ impl T5Encoder {
     /// [`EngineError::Checkpoint`] for a missing or malformed config or weights.
     pub fn open(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self, EngineError> {
         let dir = dir.as_ref();
-        let config_path = dir.join("config.json");
-        let config: Config = crate::read_json(&config_path, "a T5 config")?;
-        let weights = dir.join("model.safetensors");
+        Self::open_with(&dir.join("config.json"), &dir.join("model.safetensors"), "", dtype, device)
+    }
+
+    /// Opens the encoder whose transformers names stand under `prefix` in
+    /// `weights` (an SD3 single file's `text_encoders.t5xxl.transformer.`),
+    /// with the config at `config_path`.
+    ///
+    /// # Errors
+    /// [`EngineError::Checkpoint`] for a missing or malformed config or weights.
+    pub fn open_with(config_path: &Path, weights: &Path, prefix: &str, dtype: DType, device: &Device) -> Result<Self, EngineError> {
+        let config: Config = crate::read_json(config_path, "a T5 config")?;
         // SAFETY: mapped read-only; flowfarm never writes a checkpoint it has open.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, device) }
-            .map_err(|e| EngineError::checkpoint(&weights, e.to_string()))?;
-        let model = T5EncoderModel::load(vb, &config).map_err(|e| EngineError::checkpoint(&weights, format!("weights do not fit the config: {e}")))?;
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, device) }
+            .map_err(|e| EngineError::checkpoint(weights, e.to_string()))?;
+        let vb = if prefix.is_empty() { vb } else { vb.pp(prefix.trim_end_matches('.')) };
+        let model = T5EncoderModel::load(vb, &config).map_err(|e| EngineError::checkpoint(weights, format!("weights do not fit the config: {e}")))?;
         Ok(T5Encoder { model: Mutex::new(model), config })
     }
 

@@ -9,7 +9,7 @@ use candle_core::{Device, Tensor};
 use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::checkpoint::{single_file_key, Transform, HEADS_METADATA_KEY, SINGLE_FILE_PREFIX};
+use crate::checkpoint::{single_file_tensors, HEADS_METADATA_KEY};
 use crate::mmdit::{MmDitConfig, Variant};
 use crate::EngineError;
 
@@ -157,35 +157,7 @@ pub fn write_diffusers(config: &MmDitConfig, weights: &HashMap<String, Tensor>, 
 /// [`EngineError::Checkpoint`] for a weight with no single-file name, or a
 /// serialisation error.
 pub fn write_single_file(config: &MmDitConfig, weights: &HashMap<String, Tensor>, path: &Path) -> Result<(), EngineError> {
-    let last = config.depth.saturating_sub(1);
-    let mut fused: HashMap<String, [Option<Tensor>; 3]> = HashMap::new();
-    let mut out = HashMap::new();
-    for (name, tensor) in weights {
-        let (key, transform) = single_file_key(name, last).ok_or_else(|| EngineError::Checkpoint {
-            path: path.display().to_string(),
-            reason: format!("`{name}` has no single-file name"),
-        })?;
-        let key = format!("{SINGLE_FILE_PREFIX}{key}");
-        match transform {
-            Transform::Same => {
-                out.insert(key, tensor.clone());
-            }
-            // Swapping the halves is its own inverse.
-            Transform::SwapHalves => {
-                out.insert(key, crate::checkpoint::apply(transform, tensor.clone())?);
-            }
-            Transform::Third(part) => {
-                fused.entry(key).or_default()[part] = Some(tensor.clone());
-            }
-        }
-    }
-    for (key, parts) in fused {
-        let parts: Vec<Tensor> = parts.into_iter().collect::<Option<_>>().ok_or_else(|| EngineError::Checkpoint {
-            path: path.display().to_string(),
-            reason: format!("{key}: q, k or v missing"),
-        })?;
-        out.insert(key, Tensor::cat(&parts, 0)?);
-    }
+    let out = single_file_tensors(config, weights, path)?;
     let metadata = HashMap::from([(HEADS_METADATA_KEY.to_owned(), config.heads.to_string())]);
     save(&out, Some(metadata), path)
 }

@@ -420,7 +420,7 @@ impl Vae {
 
 /// The LDM (single-file) name of a diffusers decoder weight; `up` is the
 /// number of up blocks, which LDM numbers from the bottom.
-fn ldm_name(name: &str, up: usize) -> String {
+pub(crate) fn ldm_name(name: &str, up: usize) -> String {
     let mut n = name.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut");
     for i in 0..2 {
         n = n.replace(&format!("mid_block.resnets.{i}."), &format!("mid.block_{}.", i + 1));

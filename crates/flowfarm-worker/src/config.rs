@@ -46,8 +46,12 @@ pub struct WorkerConfig {
 #[serde(deny_unknown_fields)]
 pub struct ModelEntry {
     pub name: String,
-    /// A diffusers model folder.
+    /// A diffusers model folder, or an SD3 single file with its text encoders.
     pub path: PathBuf,
+    /// For a single file: a diffusers folder of the same architecture, for
+    /// the tokenizers and encoder configs a single file does not carry.
+    #[serde(default)]
+    pub support: Option<PathBuf>,
 }
 
 impl Default for WorkerConfig {
@@ -149,8 +153,15 @@ impl WorkerConfig {
             if m.name.trim().is_empty() {
                 return invalid(format!("models[{i}].name must not be empty"));
             }
-            if !m.path.is_dir() {
-                return invalid(format!("models[{i}].path: {} is not a model folder", m.path.display()));
+            if m.path.is_file() {
+                if !m.support.as_ref().is_some_and(|s| s.is_dir()) {
+                    return invalid(format!(
+                        "models[{i}].support: {} is a single file; name a diffusers folder of the same architecture for its tokenizers and configs",
+                        m.path.display()
+                    ));
+                }
+            } else if !m.path.is_dir() {
+                return invalid(format!("models[{i}].path: {} is neither a model folder nor a single file", m.path.display()));
             }
         }
         if !(1..=64).contains(&self.capacity) {
@@ -189,7 +200,7 @@ mod tests {
         let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/flowfarm-tiny");
         WorkerConfig {
             token: "t".into(),
-            models: vec![ModelEntry { name: "flowfarm-tiny".into(), path: model }],
+            models: vec![ModelEntry { name: "flowfarm-tiny".into(), path: model, support: None }],
             ..WorkerConfig::default()
         }
     }

@@ -127,8 +127,8 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
     let cache = Arc::new(EmbeddingCache::new(config.embedding_cache_bytes));
     let mut renderers = HashMap::new();
     for entry in &config.models {
-        let (path, t5, cache) = (entry.path.clone(), config.t5_max_length, cache.clone());
-        let renderer = tokio::task::spawn_blocking(move || JobRenderer::open(&path, t5, cache))
+        let (path, support, t5, cache) = (entry.path.clone(), entry.support.clone(), config.t5_max_length, cache.clone());
+        let renderer = tokio::task::spawn_blocking(move || JobRenderer::open(&path, support.as_deref(), t5, cache))
             .await
             .map_err(|e| WorkerError::Internal(e.to_string()))?
             .map_err(|source| WorkerError::Model { name: entry.name.clone(), source })?;

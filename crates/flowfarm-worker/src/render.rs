@@ -63,13 +63,18 @@ pub struct JobRenderer {
 }
 
 impl JobRenderer {
-    /// Loads the diffusers model folder at `path` on the CPU, in F32.
+    /// Loads the model at `path` on the CPU, in F32: a diffusers folder, or
+    /// an SD3 single file with `support` naming a diffusers folder for its
+    /// tokenizers and encoder configs.
     ///
     /// # Errors
     /// [`EngineError`] naming the part of the model that is missing or malformed.
-    pub fn open(path: &Path, t5_max_length: usize, cache: Arc<EmbeddingCache>) -> Result<Self, EngineError> {
+    pub fn open(path: &Path, support: Option<&Path>, t5_max_length: usize, cache: Arc<EmbeddingCache>) -> Result<Self, EngineError> {
         let device = Device::Cpu;
-        let mut pipeline = Pipeline::open(path, t5_max_length, DType::F32, &device)?;
+        let mut pipeline = match support {
+            Some(support) if path.is_file() => Pipeline::open_single_file(path, support, t5_max_length, DType::F32, &device)?,
+            _ => Pipeline::open(path, t5_max_length, DType::F32, &device)?,
+        };
         pipeline.encoders = pipeline.encoders.with_cache(cache);
         Ok(JobRenderer { pipeline, device })
     }

@@ -1,4 +1,4 @@
-//! `flowfarm model …`: local work with a model folder, no farm needed.
+//! `flowfarm model …`: local work with a model (folder or single file), no farm needed.
 
 use std::path::{Path, PathBuf};
 
@@ -16,13 +16,36 @@ pub enum ModelCommand {
     Inspect { path: PathBuf },
     /// Render one image locally.
     Render(RenderArgs),
+    /// Write a diffusers model folder as one SD3-style single file
+    /// (transformer, VAE decoder, text encoders).
+    Convert {
+        /// A diffusers model folder.
+        path: PathBuf,
+        /// The layout to write; only `single-file` is built.
+        #[arg(long, value_enum)]
+        to: ConvertTo,
+        /// The file to write.
+        out: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum ConvertTo {
+    /// Stability AI's layout: model.diffusion_model.*, first_stage_model.*, text_encoders.*.
+    SingleFile,
 }
 
 #[derive(Args)]
 pub struct RenderArgs {
-    /// Model folder in the diffusers layout (e.g. models/flowfarm-tiny).
+    /// Model folder in the diffusers layout (e.g. models/flowfarm-tiny), or
+    /// an SD3 single file with its text encoders inside (then pass --support).
     #[arg(long)]
     model: PathBuf,
+    /// For a single-file --model: a diffusers folder of the same model
+    /// architecture, for the tokenizers, the encoders' configs and the
+    /// scheduler (a single file carries none of them).
+    #[arg(long)]
+    support: Option<PathBuf>,
     #[arg(long)]
     prompt: String,
     #[arg(long, default_value = "")]
@@ -61,6 +84,18 @@ pub fn run(command: ModelCommand) -> Result<()> {
     match command {
         ModelCommand::Inspect { path } => inspect(&path),
         ModelCommand::Render(args) => render(&args),
+        ModelCommand::Convert { path, to: ConvertTo::SingleFile, out } => {
+            if out.exists() {
+                bail!("{} exists; choose another output path or remove it", out.display());
+            }
+            let done = flowfarm_engine::convert::diffusers_to_single_file(&path, &out)
+                .with_context(|| format!("converting {}", path.display()))?;
+            println!("wrote {} ({} tensors: {})", out.display(), done.tensors, done.parts.join(", "));
+            if done.left_out > 0 {
+                println!("left out {} VAE encoder tensors (flowfarm only decodes)", done.left_out);
+            }
+            Ok(())
+        }
     }
 }
 
@@ -80,8 +115,27 @@ fn inspect(path: &Path) -> Result<()> {
         for part in ["vae", "text_encoder", "text_encoder_2", "text_encoder_3"] {
             println!("{part}: {}", if path.join(part).is_dir() { "present" } else { "absent" });
         }
+    } else {
+        let names = single_file_names(path)?;
+        let has = |prefix: &str| names.iter().any(|n| n.starts_with(prefix));
+        use flowfarm_engine::pipeline::{SINGLE_FILE_CLIP_G, SINGLE_FILE_CLIP_L, SINGLE_FILE_T5};
+        for (part, prefix) in [
+            ("vae decoder", "first_stage_model.decoder."),
+            ("clip_l", SINGLE_FILE_CLIP_L),
+            ("clip_g", SINGLE_FILE_CLIP_G),
+            ("t5xxl", SINGLE_FILE_T5),
+        ] {
+            println!("{part}: {}", if has(prefix) { "present" } else { "absent" });
+        }
     }
     Ok(())
+}
+
+fn single_file_names(path: &Path) -> Result<Vec<String>> {
+    // SAFETY: mapped read-only; only the header is read.
+    let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
+        .with_context(|| format!("{} is not a safetensors file", path.display()))?;
+    Ok(mapped.tensors().into_iter().map(|(name, _)| name).collect())
 }
 
 fn scheduler_shift(model: &Path) -> Result<f64> {
@@ -96,8 +150,18 @@ fn scheduler_shift(model: &Path) -> Result<f64> {
 
 fn render(args: &RenderArgs) -> Result<()> {
     let device = Device::Cpu;
-    let pipeline = Pipeline::open(&args.model, args.t5_length, DType::F32, &device)
-        .with_context(|| format!("loading model {}", args.model.display()))?;
+    let pipeline = if args.model.is_file() {
+        let Some(support) = &args.support else {
+            bail!(
+                "{} is a single file, which carries no tokenizers or encoder configs: pass --support DIR, a diffusers folder of the same architecture",
+                args.model.display()
+            );
+        };
+        Pipeline::open_single_file(&args.model, support, args.t5_length, DType::F32, &device)
+    } else {
+        Pipeline::open(&args.model, args.t5_length, DType::F32, &device)
+    }
+    .with_context(|| format!("loading model {}", args.model.display()))?;
     if !args.clip_only && !pipeline.encoders.has_t5() {
         bail!("{} has no T5 encoder (text_encoder_3); pass --clip-only", args.model.display());
     }
@@ -124,7 +188,7 @@ fn render(args: &RenderArgs) -> Result<()> {
     let shift = match args.shift {
         Some(s) if s.is_finite() && s > 0.0 => s,
         Some(s) => bail!("--shift {s} must be a positive number"),
-        None => scheduler_shift(&args.model)?,
+        None => scheduler_shift(args.support.as_deref().filter(|_| args.model.is_file()).unwrap_or(&args.model))?,
     };
     let bar = ProgressBar::new(u64::from(args.steps));
     bar.set_style(ProgressStyle::with_template("{bar:40} step {pos}/{len} [{elapsed_precise}]").unwrap_or_else(|_| ProgressStyle::default_bar()));
@@ -164,8 +228,10 @@ fn render(args: &RenderArgs) -> Result<()> {
     Ok(())
 }
 
+/// The folder's name, or a single file's name without `.safetensors`.
 fn model_name(path: &Path) -> String {
-    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string())
+    let name = if path.is_file() { path.file_stem() } else { path.file_name() };
+    name.map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string())
 }
 
 /// Writes through a temporary file in the same folder, so a failed or

@@ -94,3 +94,45 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+fn flowfarm(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_flowfarm")).args(args).env("RUST_BACKTRACE", "0").output().expect("run flowfarm")
+}
+
+/// `model convert --to single-file` writes one SD3-style file; rendered from
+/// it (tokenizers and configs from --support) the PNG is byte for byte the
+/// folder's. Without T5 in the folder, the file has none and CLIP-only works.
+#[test]
+fn a_converted_single_file_renders_exactly_as_the_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("flowfarm-tiny.safetensors");
+    let out = flowfarm(&["model", "convert", bundled().to_str().unwrap(), "--to", "single-file", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("transformer, vae decoder, clip_l, clip_g, t5xxl"));
+    let again = flowfarm(&["model", "convert", bundled().to_str().unwrap(), "--to", "single-file", file.to_str().unwrap()]);
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("exists"), "never overwrites");
+
+    let inspect = flowfarm(&["model", "inspect", file.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(text.contains("layout: SingleFile") && text.contains("t5xxl: present") && text.contains("clip_g: present"), "{text}");
+
+    let (from_file, from_folder) = (dir.path().join("file.png"), dir.path().join("folder.png"));
+    let result = render(&file, &from_file, &["--support", bundled().to_str().unwrap()]);
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    assert!(render(&bundled(), &from_folder, &[]).status.success());
+    assert_eq!(std::fs::read(&from_file).unwrap(), std::fs::read(&from_folder).unwrap());
+
+    let refused = render(&file, &dir.path().join("x.png"), &[]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("pass --support DIR"), "{}", String::from_utf8_lossy(&refused.stderr));
+
+    let no_t5 = dir.path().join("no-t5");
+    copy_dir(&bundled(), &no_t5);
+    std::fs::remove_dir_all(no_t5.join("text_encoder_3")).unwrap();
+    let clip_file = dir.path().join("clip-only.safetensors");
+    assert!(flowfarm(&["model", "convert", no_t5.to_str().unwrap(), "--to", "single-file", clip_file.to_str().unwrap()]).status.success());
+    let text = String::from_utf8_lossy(&flowfarm(&["model", "inspect", clip_file.to_str().unwrap()]).stdout).into_owned();
+    assert!(text.contains("t5xxl: absent"), "{text}");
+    let png = dir.path().join("clip.png");
+    let result = render(&clip_file, &png, &["--support", bundled().to_str().unwrap(), "--clip-only"]);
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+}
