@@ -323,6 +323,21 @@ impl Checkpoint {
         MmDit::load(self.config()?, self, dtype, device)
     }
 
+    /// Every transformer weight under its diffusers name, in the file's
+    /// dtype, on the CPU (q, k, v split out of fused projections).
+    ///
+    /// # Errors
+    /// As loading: missing or mismatched tensors, named.
+    pub(crate) fn diffusers_weights(&self) -> Result<HashMap<String, Tensor>, EngineError> {
+        let config = self.config()?;
+        let dtype = self.dtype.unwrap_or(DType::F32);
+        crate::tiny::weight_shapes(&config)
+            .into_iter()
+            .map(|(name, shape)| Ok((name.clone(), WeightSource::tensor(self, &name, &shape, dtype, &Device::Cpu)?)))
+            .collect()
+    }
+
+
     fn source(&self, name: &str) -> Option<(String, Transform)> {
         match self.layout {
             Layout::Diffusers => Some((name.to_owned(), Transform::Same)),

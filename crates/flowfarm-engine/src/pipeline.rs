@@ -107,6 +107,56 @@ pub const SINGLE_FILE_CLIP_L: &str = "text_encoders.clip_l.transformer.";
 pub const SINGLE_FILE_CLIP_G: &str = "text_encoders.clip_g.transformer.";
 pub const SINGLE_FILE_T5: &str = "text_encoders.t5xxl.transformer.";
 
+/// A text encoder's weights in a file, its transformers names under `prefix`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightsAt {
+    pub file: std::path::PathBuf,
+    pub prefix: String,
+}
+
+/// Where the text encoders are when they are not in a diffusers folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncoderWeights {
+    pub clip_l: WeightsAt,
+    pub clip_g: WeightsAt,
+    /// None: no T5 (CLIP-only).
+    pub t5: Option<WeightsAt>,
+}
+
+impl EncoderWeights {
+    /// The encoders inside an SD3 single file: `text_encoders.clip_l.*`,
+    /// `clip_g`, and `t5xxl` when present.
+    ///
+    /// # Errors
+    /// [`EngineError::Checkpoint`] when the file is unreadable or has no CLIP encoders.
+    pub fn in_single_file(file: &Path) -> Result<Self, EngineError> {
+        // SAFETY: mapped read-only; only the header is read here.
+        let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::new(file) }
+            .map_err(|e| EngineError::checkpoint(file, format!("not a safetensors file: {e}")))?;
+        let names: Vec<String> = mapped.tensors().into_iter().map(|(n, _)| n).collect();
+        let has = |prefix: &str| names.iter().any(|n| n.starts_with(prefix));
+        if !has(SINGLE_FILE_CLIP_L) || !has(SINGLE_FILE_CLIP_G) {
+            return Err(EngineError::checkpoint(
+                file,
+                "no CLIP encoders (text_encoders.clip_l.*, text_encoders.clip_g.*) in this file: give the encoder files separately",
+            ));
+        }
+        let at = |prefix: &str| WeightsAt { file: file.to_owned(), prefix: prefix.to_owned() };
+        Ok(EncoderWeights {
+            clip_l: at(SINGLE_FILE_CLIP_L),
+            clip_g: at(SINGLE_FILE_CLIP_G),
+            t5: has(SINGLE_FILE_T5).then(|| at(SINGLE_FILE_T5)),
+        })
+    }
+
+    /// SD3.5-style separate files (clip_l.safetensors, clip_g.safetensors,
+    /// t5xxl_*.safetensors), transformers names at the top level.
+    pub fn separate(clip_l: &Path, clip_g: &Path, t5: Option<&Path>) -> Self {
+        let at = |file: &Path| WeightsAt { file: file.to_owned(), prefix: String::new() };
+        EncoderWeights { clip_l: at(clip_l), clip_g: at(clip_g), t5: t5.map(at) }
+    }
+}
+
 /// How many times each encoder actually ran (cache misses included, hits not).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EncodeCounts {
@@ -141,35 +191,28 @@ impl TextEncoders {
         Ok(TextEncoders { clip_l: clip("")?, clip_g: clip("_2")?, t5, t5_length, dtype, cache: None })
     }
 
-    /// Opens the encoders inside an SD3 single file (`text_encoders.clip_l.*`,
-    /// `clip_g`, and `t5xxl` when present), with tokenizers and configs from
-    /// the diffusers folder `support`.
+    /// Opens encoders from files outside a diffusers folder (inside an SD3
+    /// single file, or SD3.5-style separate files), with tokenizers and
+    /// configs from the diffusers folder `support`.
     ///
     /// # Errors
-    /// [`EngineError::Checkpoint`] when the file has no CLIP encoders or a
-    /// part does not fit its config; tokenizer errors.
-    pub fn open_single_file(file: &Path, support: &Path, t5_length: usize, dtype: DType, device: &Device) -> Result<Self, EngineError> {
-        // SAFETY: mapped read-only; only the header is read here.
-        let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::new(file) }
-            .map_err(|e| EngineError::checkpoint(file, format!("not a safetensors file: {e}")))?;
-        let names: Vec<String> = mapped.tensors().into_iter().map(|(n, _)| n).collect();
-        let has = |prefix: &str| names.iter().any(|n| n.starts_with(prefix));
-        if !has(SINGLE_FILE_CLIP_L) || !has(SINGLE_FILE_CLIP_G) {
-            return Err(EngineError::checkpoint(file, "no CLIP encoders (text_encoders.clip_l.*, text_encoders.clip_g.*) in this file"));
-        }
-        let clip = |n: &str, prefix: &str| {
-            Part::open_single(file, support, n, prefix, CLIP_MAX_LENGTH, |config| ClipTextEncoder::open_with(config, file, prefix, dtype, device))
+    /// [`EngineError::Checkpoint`] when a part does not fit its config;
+    /// tokenizer errors.
+    pub fn open_weights(weights: &EncoderWeights, support: &Path, t5_length: usize, dtype: DType, device: &Device) -> Result<Self, EngineError> {
+        let clip = |n: &str, at: &WeightsAt| {
+            Part::open_single(&at.file, support, n, &at.prefix, CLIP_MAX_LENGTH, |config| {
+                ClipTextEncoder::open_with(config, &at.file, &at.prefix, dtype, device)
+            })
         };
-        let t5 = if has(SINGLE_FILE_T5) {
-            Some(Part::open_single(file, support, "_3", SINGLE_FILE_T5, t5_length, |config| {
-                T5Encoder::open_with(config, file, SINGLE_FILE_T5, dtype, device)
-            })?)
-        } else {
-            None
+        let t5 = match &weights.t5 {
+            Some(at) => Some(Part::open_single(&at.file, support, "_3", &at.prefix, t5_length, |config| {
+                T5Encoder::open_with(config, &at.file, &at.prefix, dtype, device)
+            })?),
+            None => None,
         };
         Ok(TextEncoders {
-            clip_l: clip("", SINGLE_FILE_CLIP_L)?,
-            clip_g: clip("_2", SINGLE_FILE_CLIP_G)?,
+            clip_l: clip("", &weights.clip_l)?,
+            clip_g: clip("_2", &weights.clip_g)?,
             t5,
             t5_length,
             dtype,
@@ -294,14 +337,16 @@ impl Pipeline {
         })
     }
 
-    /// Opens an SD3 single file holding transformer, VAE and text encoders;
-    /// tokenizers and encoder configs come from the diffusers folder
-    /// `support` (single files carry neither).
+    /// Opens a single file holding transformer and VAE, with the text
+    /// encoders in it (SD3) or in separate files (SD3.5); tokenizers and
+    /// encoder configs come from the diffusers folder `support` (single files
+    /// carry neither).
     ///
     /// # Errors
     /// As the parts' `open`.
     pub fn open_single_file(
         file: impl AsRef<Path>,
+        encoders: &EncoderWeights,
         support: impl AsRef<Path>,
         t5_length: usize,
         dtype: DType,
@@ -311,7 +356,7 @@ impl Pipeline {
         Ok(Pipeline {
             transformer: Checkpoint::open(file)?.load_model(dtype, device)?,
             vae: Vae::open(file, dtype, device)?,
-            encoders: TextEncoders::open_single_file(file, support.as_ref(), t5_length, dtype, device)?,
+            encoders: TextEncoders::open_weights(encoders, support.as_ref(), t5_length, dtype, device)?,
             device: device.clone(),
         })
     }

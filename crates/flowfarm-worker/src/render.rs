@@ -6,7 +6,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 use flowfarm_engine::cache::EmbeddingCache;
 use flowfarm_engine::noise::initial_latent;
-use flowfarm_engine::pipeline::{Pipeline, RenderRequest};
+use flowfarm_engine::pipeline::{EncoderWeights, Pipeline, RenderRequest};
 use flowfarm_engine::png_output::{encode, RenderParameters};
 use flowfarm_engine::EngineError;
 use flowfarm_core::{ResolvedJob, TextEncoderSet};
@@ -72,7 +72,10 @@ impl JobRenderer {
     pub fn open(path: &Path, support: Option<&Path>, t5_max_length: usize, cache: Arc<EmbeddingCache>) -> Result<Self, EngineError> {
         let device = Device::Cpu;
         let mut pipeline = match support {
-            Some(support) if path.is_file() => Pipeline::open_single_file(path, support, t5_max_length, DType::F32, &device)?,
+            Some(support) if path.is_file() => {
+                let encoders = EncoderWeights::in_single_file(path)?;
+                Pipeline::open_single_file(path, &encoders, support, t5_max_length, DType::F32, &device)?
+            }
             _ => Pipeline::open(path, t5_max_length, DType::F32, &device)?,
         };
         pipeline.encoders = pipeline.encoders.with_cache(cache);

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Subcommand};
-use flowfarm_engine::pipeline::{Pipeline, RenderRequest, DEFAULT_T5_LENGTH};
+use flowfarm_engine::pipeline::{EncoderWeights, Pipeline, RenderRequest, DEFAULT_T5_LENGTH};
 use flowfarm_engine::png_output::{encode, RenderParameters};
 use flowfarm_engine::{noise, Checkpoint};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -16,16 +16,19 @@ pub enum ModelCommand {
     Inspect { path: PathBuf },
     /// Render one image locally.
     Render(RenderArgs),
-    /// Write a diffusers model folder as one SD3-style single file
-    /// (transformer, VAE decoder, text encoders).
+    /// Convert between a diffusers model folder and one SD3-style single
+    /// file (transformer, VAE decoder, text encoders).
     Convert {
-        /// A diffusers model folder.
+        /// A diffusers model folder (to single-file) or a single file (to diffusers).
         path: PathBuf,
-        /// The layout to write; only `single-file` is built.
         #[arg(long, value_enum)]
         to: ConvertTo,
-        /// The file to write.
+        /// The file or folder to write; must not exist.
         out: PathBuf,
+        /// To diffusers: a diffusers folder of the same architecture, for the
+        /// configs, tokenizers and scheduler a single file does not carry.
+        #[arg(long)]
+        support: Option<PathBuf>,
     },
 }
 
@@ -33,6 +36,8 @@ pub enum ModelCommand {
 pub enum ConvertTo {
     /// Stability AI's layout: model.diffusion_model.*, first_stage_model.*, text_encoders.*.
     SingleFile,
+    /// A diffusers folder: transformer/, vae/, text_encoder{,_2,_3}/, tokenizers, scheduler.
+    Diffusers,
 }
 
 #[derive(Args)]
@@ -46,6 +51,16 @@ pub struct RenderArgs {
     /// scheduler (a single file carries none of them).
     #[arg(long)]
     support: Option<PathBuf>,
+    /// For a single-file --model without encoders inside (SD3.5 style): the
+    /// CLIP-L weights file (transformers names).
+    #[arg(long, requires = "clip_g")]
+    clip_l: Option<PathBuf>,
+    /// The CLIP-G weights file, with --clip-l.
+    #[arg(long, requires = "clip_l")]
+    clip_g: Option<PathBuf>,
+    /// The T5-XXL encoder weights file, with --clip-l and --clip-g (leave out for CLIP-only).
+    #[arg(long, requires = "clip_l")]
+    t5: Option<PathBuf>,
     #[arg(long)]
     prompt: String,
     #[arg(long, default_value = "")]
@@ -84,12 +99,20 @@ pub fn run(command: ModelCommand) -> Result<()> {
     match command {
         ModelCommand::Inspect { path } => inspect(&path),
         ModelCommand::Render(args) => render(&args),
-        ModelCommand::Convert { path, to: ConvertTo::SingleFile, out } => {
+        ModelCommand::Convert { path, to, out, support } => {
             if out.exists() {
                 bail!("{} exists; choose another output path or remove it", out.display());
             }
-            let done = flowfarm_engine::convert::diffusers_to_single_file(&path, &out)
-                .with_context(|| format!("converting {}", path.display()))?;
+            let done = match to {
+                ConvertTo::SingleFile => flowfarm_engine::convert::diffusers_to_single_file(&path, &out),
+                ConvertTo::Diffusers => {
+                    let Some(support) = support else {
+                        bail!("--to diffusers needs --support DIR: a diffusers folder of the same architecture for the configs and tokenizers a single file does not carry");
+                    };
+                    flowfarm_engine::convert::single_file_to_diffusers(&path, &support, &out)
+                }
+            }
+            .with_context(|| format!("converting {}", path.display()))?;
             println!("wrote {} ({} tensors: {})", out.display(), done.tensors, done.parts.join(", "));
             if done.left_out > 0 {
                 println!("left out {} VAE encoder tensors (flowfarm only decodes)", done.left_out);
@@ -157,8 +180,15 @@ fn render(args: &RenderArgs) -> Result<()> {
                 args.model.display()
             );
         };
-        Pipeline::open_single_file(&args.model, support, args.t5_length, DType::F32, &device)
+        let encoders = match (&args.clip_l, &args.clip_g) {
+            (Some(l), Some(g)) => EncoderWeights::separate(l, g, args.t5.as_deref()),
+            _ => EncoderWeights::in_single_file(&args.model)?,
+        };
+        Pipeline::open_single_file(&args.model, &encoders, support, args.t5_length, DType::F32, &device)
     } else {
+        if args.clip_l.is_some() {
+            bail!("--clip-l, --clip-g and --t5 go with a single-file --model; {} is a folder", args.model.display());
+        }
         Pipeline::open(&args.model, args.t5_length, DType::F32, &device)
     }
     .with_context(|| format!("loading model {}", args.model.display()))?;

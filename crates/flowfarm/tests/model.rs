@@ -136,3 +136,56 @@ fn a_converted_single_file_renders_exactly_as_the_folder() {
     let result = render(&clip_file, &png, &["--support", bundled().to_str().unwrap(), "--clip-only"]);
     assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
 }
+
+/// SD3.5's layout: a single file with transformer and VAE only, and the
+/// encoders in files of their own (transformers names); rendered so, the
+/// PNG is byte for byte the folder's.
+#[test]
+fn a_single_file_with_separate_encoder_files_renders_as_the_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let bare = dir.path().join("bare");
+    copy_dir(&bundled(), &bare);
+    for part in ["text_encoder", "text_encoder_2", "text_encoder_3"] {
+        std::fs::remove_dir_all(bare.join(part)).unwrap();
+    }
+    let file = dir.path().join("flowfarm-tiny.safetensors");
+    let out = flowfarm(&["model", "convert", bare.to_str().unwrap(), "--to", "single-file", file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&flowfarm(&["model", "inspect", file.to_str().unwrap()]).stdout).into_owned();
+    assert!(text.contains("clip_l: absent") && text.contains("vae decoder: present"), "{text}");
+
+    let encoder = |part: &str| bundled().join(part).join("model.safetensors").to_str().unwrap().to_owned();
+    let support = bundled().to_str().unwrap().to_owned();
+    let png = dir.path().join("separate.png");
+    let (l, g, t5) = (encoder("text_encoder"), encoder("text_encoder_2"), encoder("text_encoder_3"));
+    let result = render(&file, &png, &["--support", &support, "--clip-l", &l, "--clip-g", &g, "--t5", &t5]);
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let folder = dir.path().join("folder.png");
+    assert!(render(&bundled(), &folder, &[]).status.success());
+    assert_eq!(std::fs::read(&png).unwrap(), std::fs::read(&folder).unwrap());
+
+    let refused = render(&file, &dir.path().join("x.png"), &["--support", &support]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("give the encoder files separately"), "{stderr}");
+}
+
+/// Folder → single file → folder: the second folder renders the same bytes.
+#[test]
+fn a_single_file_converts_back_to_a_diffusers_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("flowfarm-tiny.safetensors");
+    assert!(flowfarm(&["model", "convert", bundled().to_str().unwrap(), "--to", "single-file", file.to_str().unwrap()]).status.success());
+    let back = dir.path().join("flowfarm-tiny");
+    let refused = flowfarm(&["model", "convert", file.to_str().unwrap(), "--to", "diffusers", back.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("needs --support DIR"));
+    let support = bundled().to_str().unwrap().to_owned();
+    let out = flowfarm(&["model", "convert", file.to_str().unwrap(), "--to", "diffusers", back.to_str().unwrap(), "--support", &support]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&flowfarm(&["model", "inspect", back.to_str().unwrap()]).stdout).into_owned();
+    assert!(text.contains("layout: Diffusers") && text.contains("text_encoder_3: present"), "{text}");
+    let (a, b) = (dir.path().join("back.png"), dir.path().join("folder.png"));
+    let result = render(&back, &a, &[]);
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    assert!(render(&bundled(), &b, &[]).status.success());
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+}
