@@ -15,6 +15,7 @@ pub mod convert;
 pub mod dispatcher;
 pub mod metrics;
 mod admin;
+mod group;
 mod reaper;
 mod render;
 mod server;
@@ -59,6 +60,58 @@ struct Shared {
     metrics: Metrics,
     /// Wakes the dispatcher: work arrived or a slot freed up.
     dispatch_wake: Arc<Notify>,
+    /// Concurrent StartJob calls, one statement per group.
+    starts: group::Grouper<(Uuid, Uuid), Result<flowfarm_store::JobRow, flowfarm_store::StoreError>>,
+    /// Concurrent CompleteJob calls, one statement per group.
+    completions: group::Grouper<flowfarm_store::Completion, Result<(), flowfarm_store::StoreError>>,
+}
+
+/// Most calls answered by one grouped statement.
+const MAX_GROUP: usize = 512;
+
+fn start_grouper(store: PgStore, lease: std::time::Duration) -> group::Grouper<(Uuid, Uuid), Result<flowfarm_store::JobRow, flowfarm_store::StoreError>> {
+    group::Grouper::new(MAX_GROUP, move |requests: Vec<(Uuid, Uuid)>| {
+        let store = store.clone();
+        async move {
+            let started = match store.start_jobs(&requests, lease).await {
+                Ok(started) => started,
+                Err(e) => {
+                    tracing::warn!(error = %e, "grouped StartJob failed; taking the calls one by one");
+                    vec![None; requests.len()]
+                }
+            };
+            let mut out = Vec::with_capacity(requests.len());
+            for ((job, worker), row) in requests.into_iter().zip(started) {
+                // Not started by the group: the single path says why (and declines).
+                out.push(match row {
+                    Some(row) => Ok(row),
+                    None => store.start_job(job, worker, lease).await,
+                });
+            }
+            out
+        }
+    })
+}
+
+fn completion_grouper(store: PgStore) -> group::Grouper<flowfarm_store::Completion, Result<(), flowfarm_store::StoreError>> {
+    group::Grouper::new(MAX_GROUP, move |requests: Vec<flowfarm_store::Completion>| {
+        let store = store.clone();
+        async move {
+            let done = match store.complete_jobs(&requests).await {
+                Ok(done) => done,
+                Err(e) => {
+                    tracing::warn!(error = %e, "grouped CompleteJob failed; taking the calls one by one");
+                    vec![false; requests.len()]
+                }
+            };
+            let mut out = Vec::with_capacity(requests.len());
+            for (c, done) in requests.into_iter().zip(done) {
+                // Not done by the group: a repeat (no-op) or a refusal, said by the single path.
+                out.push(if done { Ok(()) } else { store.complete_job(c.job_id, c.attempt, c.worker_id, &c.result, c.gpu_seconds).await });
+            }
+            out
+        }
+    })
 }
 
 /// Handle to a coordinator's services; cheap to clone.
@@ -82,6 +135,8 @@ impl Coordinator {
                 queue: config.queue.clone(),
                 metrics: Metrics::new(),
                 dispatch_wake: Arc::new(Notify::new()),
+                starts: start_grouper(store.clone(), config.leases.lease()),
+                completions: completion_grouper(store.clone()),
                 auth: Authenticator::new(store.clone()),
                 registry: config.registry()?,
                 limits: config.limits.clone(),

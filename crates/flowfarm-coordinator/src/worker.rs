@@ -132,7 +132,13 @@ impl WorkerService for Coordinator {
         let req = request.into_inner();
         let worker_id = parse_id("worker_id", &req.worker_id)?;
         let job_id = parse_id("job_id", &req.job_id)?;
-        let job = self.shared.store.start_job(job_id, worker_id, self.shared.leases.lease()).await.map_err(store_status)?;
+        let job = self
+            .shared
+            .starts
+            .call((job_id, worker_id))
+            .await
+            .ok_or_else(|| Status::unavailable("the coordinator is shutting down"))?
+            .map_err(store_status)?;
         if job.attempt == 1 {
             let waited = (chrono::Utc::now() - job.created_at).num_microseconds().unwrap_or(0).max(0);
             self.shared.metrics.submit_to_start.observe(waited as f64 / 1e6);
@@ -187,16 +193,23 @@ impl WorkerService for Coordinator {
         if !(req.gpu_seconds.is_finite() && req.gpu_seconds >= 0.0) {
             return Err(invalid("gpu_seconds", format!("{} is not a non-negative number", req.gpu_seconds)));
         }
-        let row = JobResultRow {
-            key: result.key,
-            sha256: result.sha256,
-            size_bytes: result.size_bytes,
-            content_type: result.content_type,
+        let completion = flowfarm_store::Completion {
+            job_id,
+            attempt,
+            worker_id,
+            result: JobResultRow {
+                key: result.key,
+                sha256: result.sha256,
+                size_bytes: result.size_bytes,
+                content_type: result.content_type,
+            },
+            gpu_seconds: req.gpu_seconds,
         };
         self.shared
-            .store
-            .complete_job(job_id, attempt, worker_id, &row, req.gpu_seconds)
+            .completions
+            .call(completion)
             .await
+            .ok_or_else(|| Status::unavailable("the coordinator is shutting down"))?
             .map_err(store_status)?;
         self.shared.metrics.completed.inc();
         self.shared.metrics.render_seconds.observe(req.gpu_seconds);

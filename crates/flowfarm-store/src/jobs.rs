@@ -1,6 +1,6 @@
 //! Batches and jobs: submission, queries, and every state transition.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -11,6 +11,16 @@ use uuid::Uuid;
 
 use crate::rows::{labels_from_json, parse_state, JobResultRow, JOB_COLUMNS};
 use crate::{BatchRow, EventRow, JobCounts, JobRow, ModelStats, PgStore, QueuePause, StoreError};
+
+/// One CompleteJob: the attempt, the worker, what it produced.
+#[derive(Debug, Clone)]
+pub struct Completion {
+    pub job_id: Uuid,
+    pub attempt: u32,
+    pub worker_id: Uuid,
+    pub result: JobResultRow,
+    pub gpu_seconds: f64,
+}
 
 /// A batch about to be stored.
 #[derive(Debug, Clone)]
@@ -654,6 +664,97 @@ impl PgStore {
             Some(row) => Ok(row),
             None => Err(self.start_refused(job_id, worker_id, &actor).await?),
         }
+    }
+
+    /// Many StartJobs in one statement (the coordinator groups concurrent
+    /// calls): each (job, worker) pair starts as [`PgStore::start_job`]
+    /// would start it. Returns, in request order, the started job or None for
+    /// a request that did not start (call `start_job` for it to learn why,
+    /// and to put a declined job back).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`]; nothing is started then.
+    pub async fn start_jobs(&self, requests: &[(Uuid, Uuid)], lease: Duration) -> Result<Vec<Option<JobRow>>, StoreError> {
+        let jobs: Vec<Uuid> = requests.iter().map(|r| r.0).collect();
+        let workers: Vec<Uuid> = requests.iter().map(|r| r.1).collect();
+        let rows = sqlx::query(&format!(
+            "WITH req AS (SELECT DISTINCT ON (job_id) job_id, worker_id FROM UNNEST($1::uuid[], $2::uuid[]) AS r(job_id, worker_id) ORDER BY job_id), \
+             target AS (SELECT jobs.id, jobs.state AS from_state, req.worker_id FROM jobs JOIN req ON req.job_id = jobs.id \
+                 WHERE jobs.state = 'dispatched' \
+                 AND EXISTS (SELECT 1 FROM workers w WHERE w.id = req.worker_id AND w.state = 'active') \
+                 AND NOT (req.worker_id = ANY(jobs.failed_workers) AND EXISTS (SELECT 1 FROM workers w WHERE w.state = 'active' \
+                     AND jobs.model = ANY(w.models) AND NOT (w.id = ANY(jobs.failed_workers)))) \
+                 ORDER BY jobs.id FOR UPDATE OF jobs), \
+             upd AS (UPDATE jobs j SET state = 'running', worker_id = t.worker_id, \
+                 lease_expires_at = now() + make_interval(secs => $3), progress_step = 0, started_at = now(), updated_at = now() \
+                 FROM target t WHERE j.id = t.id RETURNING j.*, t.from_state), \
+             ev AS (INSERT INTO job_events (job_id, batch_id, from_state, to_state, attempt, actor, reason) \
+                 SELECT id, batch_id, from_state, state, attempt, 'worker:' || worker_id::text, 'started' FROM upd) \
+             SELECT {JOB_COLUMNS} FROM upd"
+        ))
+        .bind(&jobs)
+        .bind(&workers)
+        .bind(lease_interval(lease))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut started: std::collections::HashMap<Uuid, JobRow> = HashMap::new();
+        for row in &rows {
+            let job = JobRow::from_row(row)?;
+            started.insert(job.id, job);
+        }
+        Ok(requests
+            .iter()
+            .map(|(job, worker)| match started.get(job) {
+                Some(row) if row.worker_id == Some(*worker) => started.remove(job),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Many CompleteJobs in one statement (the coordinator groups concurrent
+    /// calls), each as [`PgStore::complete_job`] would, with the workers
+    /// credited. Returns, in request order, whether each took effect here;
+    /// for one that did not, call `complete_job` (a repeat is a no-op there,
+    /// anything else is refused with the reason).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`]; nothing is completed then.
+    pub async fn complete_jobs(&self, requests: &[Completion]) -> Result<Vec<bool>, StoreError> {
+        let col = |f: fn(&Completion) -> Uuid| requests.iter().map(f).collect::<Vec<Uuid>>();
+        let (jobs, workers) = (col(|c| c.job_id), col(|c| c.worker_id));
+        let attempts: Vec<i32> = requests.iter().map(|c| c.attempt as i32).collect();
+        let keys: Vec<&str> = requests.iter().map(|c| c.result.key.as_str()).collect();
+        let hashes: Vec<&str> = requests.iter().map(|c| c.result.sha256.as_str()).collect();
+        let sizes: Vec<i64> = requests.iter().map(|c| c.result.size_bytes as i64).collect();
+        let types: Vec<&str> = requests.iter().map(|c| c.result.content_type.as_str()).collect();
+        let seconds: Vec<f64> = requests.iter().map(|c| c.gpu_seconds.max(0.0)).collect();
+        let done: Vec<Uuid> = sqlx::query_scalar(
+            "WITH req AS (SELECT DISTINCT ON (job_id) * FROM UNNEST($1::uuid[], $2::int4[], $3::uuid[], $4::text[], $5::text[], $6::int8[], $7::text[], $8::float8[]) \
+                 AS r(job_id, attempt, worker_id, key, sha256, size, content_type, gpu_seconds) ORDER BY job_id), \
+             target AS (SELECT jobs.id, jobs.state AS from_state, req.* FROM jobs JOIN req ON req.job_id = jobs.id \
+                 AND jobs.attempt = req.attempt AND jobs.worker_id = req.worker_id WHERE jobs.state = 'running' \
+                 ORDER BY jobs.id FOR UPDATE OF jobs), \
+             upd AS (UPDATE jobs j SET state = 'succeeded', lease_expires_at = NULL, error = NULL, progress_step = j.steps, \
+                 result_key = t.key, result_sha256 = t.sha256, result_size = t.size, result_content_type = t.content_type, updated_at = now() \
+                 FROM target t WHERE j.id = t.id RETURNING j.id, j.batch_id, j.attempt, j.state, t.from_state, t.worker_id, t.gpu_seconds), \
+             ev AS (INSERT INTO job_events (job_id, batch_id, from_state, to_state, attempt, actor, reason) \
+                 SELECT id, batch_id, from_state, state, attempt, 'worker:' || worker_id::text, 'completed' FROM upd), \
+             credit AS (UPDATE workers w SET images_done = images_done + c.n, gpu_seconds = w.gpu_seconds + c.g \
+                 FROM (SELECT worker_id, count(*) AS n, sum(gpu_seconds) AS g FROM upd GROUP BY worker_id ORDER BY worker_id) c WHERE w.id = c.worker_id) \
+             SELECT id FROM upd",
+        )
+        .bind(&jobs)
+        .bind(&attempts)
+        .bind(&workers)
+        .bind(&keys)
+        .bind(&hashes)
+        .bind(&sizes)
+        .bind(&types)
+        .bind(&seconds)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut done: std::collections::HashSet<Uuid> = done.into_iter().collect();
+        Ok(requests.iter().map(|c| done.remove(&c.job_id)).collect())
     }
 
     /// Why StartJob did not start the job; a job refused because of its

@@ -22,7 +22,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
 pub use error::StoreError;
-pub use jobs::{JobFilter, JobSelector, NewBatch, SubmitOutcome};
+pub use jobs::{Completion, JobFilter, JobSelector, NewBatch, SubmitOutcome};
 pub use rows::{BatchRow, EventRow, JobCounts, JobResultRow, JobRow, ModelStats, QueuePause, WorkerRow};
 pub use tokens::TokenInfo;
 pub use workers::{HeartbeatOutcome, NewWorker};

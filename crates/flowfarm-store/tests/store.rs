@@ -359,3 +359,43 @@ async fn unstarted_dispatches_are_dispatched_again() {
     s.start_job(out[1].id, w, Duration::from_secs(30)).await.unwrap();
     assert!(matches!(s.start_job(out[1].id, w, Duration::from_secs(30)).await, Err(StoreError::WrongState { .. })));
 }
+
+/// Grouped StartJob and CompleteJob do what the single calls do, and leave
+/// the calls they cannot take (duplicates, stale attempts, non-active
+/// workers) for the single path to explain.
+#[tokio::test]
+async fn grouped_starts_and_completions_match_the_single_calls() {
+    let db = TestDb::new().await;
+    let s = &db.store;
+    submit(s, 4).await;
+    let (a, b) = (named_worker(s, "a", 4).await, named_worker(s, "b", 4).await);
+    s.set_worker_state(b, WorkerState::Cordoned).await.unwrap();
+    let out = s.dispatch_jobs("sd3", 4, "t").await.unwrap();
+    let lease = Duration::from_secs(30);
+    let started = s
+        .start_jobs(&[(out[0].id, a), (out[1].id, a), (out[0].id, a), (out[2].id, b), (Uuid::now_v7(), a)], lease)
+        .await
+        .unwrap();
+    let ids: Vec<Option<Uuid>> = started.iter().map(|r| r.as_ref().map(|j| j.id)).collect();
+    assert_eq!(ids, vec![Some(out[0].id), Some(out[1].id), None, None, None], "duplicate, cordoned worker, unknown job: not started");
+    assert_eq!(started[0].as_ref().unwrap().state, JobState::Running);
+    assert_eq!(s.get_job(out[2].id).await.unwrap().state, JobState::Dispatched, "left for the single path");
+    assert_eq!(count(s, "SELECT count(*) FROM job_events WHERE to_state = 'running'").await, 2);
+
+    let done = |job: Uuid, attempt: u32| flowfarm_store::Completion {
+        job_id: job,
+        attempt,
+        worker_id: a,
+        result: result(&format!("{job}.png")),
+        gpu_seconds: 2.0,
+    };
+    let took = s.complete_jobs(&[done(out[0].id, 1), done(out[1].id, 2), done(out[3].id, 1)]).await.unwrap();
+    assert_eq!(took, vec![true, false, false], "a stale attempt and a job not running are not completed");
+    assert_eq!(s.get_job(out[0].id).await.unwrap().state, JobState::Succeeded);
+    assert_eq!(s.get_job(out[1].id).await.unwrap().state, JobState::Running);
+    let worker = s.get_worker(a).await.unwrap();
+    assert_eq!((worker.images_done, worker.gpu_seconds), (1, 2.0), "credited once");
+    // A repeat through the single path is a no-op.
+    s.complete_job(out[0].id, 1, a, &result(&format!("{}.png", out[0].id)), 2.0).await.unwrap();
+    assert_eq!(s.get_worker(a).await.unwrap().images_done, 1);
+}

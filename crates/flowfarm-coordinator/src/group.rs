@@ -1,0 +1,69 @@
+//! Groups concurrent calls into one database statement: whatever arrived
+//! while the previous group ran goes out together, as group commit does.
+//! Under light load a group is a single call and waits for nothing; under
+//! load one statement serves many workers' StartJob or CompleteJob.
+
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+
+use tokio::sync::{mpsc, oneshot};
+
+type Queue<Req, Out> = mpsc::UnboundedSender<(Req, oneshot::Sender<Out>)>;
+type Run<Req, Out> = Arc<dyn Fn(Vec<Req>) -> std::pin::Pin<Box<dyn Future<Output = Vec<Out>> + Send>> + Send + Sync>;
+
+/// A grouper of calls `Req → Out`; `run` answers a group, one output per
+/// request, in order.
+pub(crate) struct Grouper<Req, Out> {
+    max: usize,
+    run: Run<Req, Out>,
+    // Started on first use, inside the runtime.
+    queue: OnceLock<Queue<Req, Out>>,
+}
+
+impl<Req: Send + 'static, Out: Send + 'static> Grouper<Req, Out> {
+    pub(crate) fn new<F, Fut>(max: usize, run: F) -> Self
+    where
+        F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<Out>> + Send + 'static,
+    {
+        Grouper { max, run: Arc::new(move |group| Box::pin(run(group))), queue: OnceLock::new() }
+    }
+
+    fn queue(&self) -> &Queue<Req, Out> {
+        self.queue.get_or_init(|| {
+            let (tx, mut rx) = mpsc::unbounded_channel::<(Req, oneshot::Sender<Out>)>();
+            let (run, max) = (self.run.clone(), self.max);
+            tokio::spawn(async move {
+                while let Some(first) = rx.recv().await {
+                    let mut group = vec![first];
+                    while group.len() < max {
+                        match rx.try_recv() {
+                            Ok(call) => group.push(call),
+                            Err(_) => break,
+                        }
+                    }
+                    let (requests, replies): (Vec<Req>, Vec<oneshot::Sender<Out>>) = group.into_iter().unzip();
+                    for (reply, out) in replies.into_iter().zip(run(requests).await) {
+                        // The caller may have gone (deadline, disconnect): nothing to do.
+                        let _ = reply.send(out);
+                    }
+                }
+            });
+            tx
+        })
+    }
+
+    /// Answers `request` as part of the next group. None if the grouper's
+    /// task is gone (the runtime is shutting down).
+    pub(crate) async fn call(&self, request: Req) -> Option<Out> {
+        let (tx, rx) = oneshot::channel();
+        self.queue().send((request, tx)).ok()?;
+        rx.await.ok()
+    }
+}
+
+impl<Req, Out> std::fmt::Debug for Grouper<Req, Out> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Grouper").field("max", &self.max).finish_non_exhaustive()
+    }
+}
