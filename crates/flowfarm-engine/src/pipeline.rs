@@ -378,7 +378,17 @@ impl Pipeline {
             guidance: request.guidance,
             sigmas: flow_match_sigmas(request.shift, request.steps),
         };
-        let latent = sample(&self.transformer, &[job], None, on_step)?.remove(0);
+        let scale = self.vae.scale_factor();
+        let patch = self.transformer.config().patch_size;
+        let latent = sample(&self.transformer, &[job], None, on_step)
+            .map_err(|e| match e {
+                // The transformer alone assumes SD3's VAE (8 pixels a latent cell); this model's may differ.
+                EngineError::TooLarge { height, width, h_patches, w_patches, max, .. } => {
+                    EngineError::TooLarge { height, width, h_patches, w_patches, max, max_px: max * patch * scale }
+                }
+                other => other,
+            })?
+            .remove(0);
         let image = self.vae.decode(&latent)?;
         let (width, height, rgb) = to_rgb8(&image.squeeze(0)?)?;
         Ok(Rendered { latent, width, height, rgb })

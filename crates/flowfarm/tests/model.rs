@@ -189,3 +189,21 @@ fn a_single_file_converts_back_to_a_diffusers_folder() {
     assert!(render(&bundled(), &b, &[]).status.success());
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
 }
+
+/// Past the position-embedding grid the error names the limit in this
+/// model's pixels (its VAE scales by 2, not SD3's 8).
+#[test]
+fn too_large_a_render_names_the_models_own_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_flowfarm"))
+        .args(["model", "render", "--model"])
+        .arg(bundled())
+        .args(["--prompt", "x", "--width", "128", "--height", "64", "--steps", "1", "--t5-length", "16", "--out"])
+        .arg(dir.path().join("big.png"))
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("96 pixels a side"), "{stderr}");
+    assert!(!dir.path().join("big.png").exists());
+}
