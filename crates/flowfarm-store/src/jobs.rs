@@ -73,13 +73,6 @@ struct Move<'a> {
     reason: &'a str,
 }
 
-/// Credit to a worker for the jobs a move finished, in the same statement.
-#[derive(Clone, Copy)]
-struct Credit {
-    worker_id: Uuid,
-    gpu_seconds: f64,
-}
-
 impl Move<'_> {
     /// Runs the move. `select` appends the WHERE conditions (after `AND`),
     /// `set` appends extra `, column = value` assignments, `tail` appends
@@ -91,20 +84,6 @@ impl Move<'_> {
         set: impl FnOnce(&mut QueryBuilder<'_, Postgres>),
         tail: &str,
         skip_locked: bool,
-    ) -> Result<Vec<JobRow>, StoreError> {
-        self.run_crediting(conn, select, set, tail, skip_locked, None).await
-    }
-
-    /// As `run`; with `credit`, the worker's images and device time grow by
-    /// the jobs moved, in the same statement.
-    async fn run_crediting(
-        &self,
-        conn: &mut PgConnection,
-        select: impl FnOnce(&mut QueryBuilder<'_, Postgres>),
-        set: impl FnOnce(&mut QueryBuilder<'_, Postgres>),
-        tail: &str,
-        skip_locked: bool,
-        credit: Option<Credit>,
     ) -> Result<Vec<JobRow>, StoreError> {
         let from: Vec<&str> = self.transition.from_states().iter().map(|s| s.as_str()).collect();
         let to = self.transition.to_state().as_str();
@@ -124,13 +103,7 @@ impl Move<'_> {
         qb.push(" FROM target t WHERE j.id = t.id RETURNING j.*, t.from_state), ev AS (");
         qb.push("INSERT INTO job_events (job_id, batch_id, from_state, to_state, attempt, actor, reason) ");
         qb.push("SELECT id, batch_id, from_state, state, attempt, ").push_bind(self.actor.to_owned());
-        qb.push(", ").push_bind(self.reason.to_owned()).push(" FROM upd)");
-        if let Some(credit) = credit {
-            qb.push(", credit AS (UPDATE workers SET images_done = images_done + (SELECT count(*) FROM upd), gpu_seconds = gpu_seconds + ");
-            qb.push_bind(credit.gpu_seconds.max(0.0)).push(" WHERE id = ").push_bind(credit.worker_id);
-            qb.push(" AND EXISTS (SELECT 1 FROM upd))");
-        }
-        qb.push(" SELECT ");
+        qb.push(", ").push_bind(self.reason.to_owned()).push(" FROM upd) SELECT ");
         qb.push(JOB_COLUMNS).push(" FROM upd ORDER BY id");
         let rows = qb.build().fetch_all(&mut *conn).await?;
         rows.iter().map(JobRow::from_row).collect()
@@ -637,40 +610,20 @@ impl PgStore {
     /// not dispatched (a duplicate message, say); [`StoreError::Declined`];
     /// [`StoreError::NotFound`].
     pub async fn start_job(&self, job_id: Uuid, worker_id: Uuid, lease: Duration) -> Result<JobRow, StoreError> {
-        // The usual case in one statement: the worker is active and may take it.
-        let actor = format!("worker:{worker_id}");
-        let mut conn = self.pool.acquire().await?;
-        let mut rows = Move { transition: Transition::Start, actor: &actor, reason: "started" }
-            .run(
-                &mut conn,
-                |qb| {
-                    qb.push("id = ").push_bind(job_id);
-                    qb.push(" AND EXISTS (SELECT 1 FROM workers w WHERE w.id = ").push_bind(worker_id).push(" AND w.state = 'active')");
-                    qb.push(" AND NOT (").push_bind(worker_id).push(" = ANY(failed_workers) AND ");
-                    push_other_worker_available(qb);
-                    qb.push(")");
-                },
-                |qb| {
-                    qb.push(", worker_id = ").push_bind(worker_id);
-                    qb.push(", lease_expires_at = now() + make_interval(secs => ").push_bind(lease_interval(lease)).push(")");
-                    qb.push(", progress_step = 0, started_at = now()");
-                },
-                "",
-                false,
-            )
-            .await?;
-        drop(conn);
-        match rows.pop() {
+        // The usual case: a group of one.
+        match self.start_jobs(&[(job_id, worker_id)], lease).await?.pop().flatten() {
             Some(row) => Ok(row),
-            None => Err(self.start_refused(job_id, worker_id, &actor).await?),
+            None => Err(self.start_refused(job_id, worker_id, &format!("worker:{worker_id}")).await?),
         }
     }
 
     /// Many StartJobs in one statement (the coordinator groups concurrent
-    /// calls): each (job, worker) pair starts as [`PgStore::start_job`]
-    /// would start it. Returns, in request order, the started job or None for
-    /// a request that did not start (call `start_job` for it to learn why,
-    /// and to put a declined job back).
+    /// calls; [`PgStore::start_job`] is a group of one): a pair starts when
+    /// the job is dispatched, the worker active, and the worker did not fail
+    /// it before while another active worker serves the model. Returns, in
+    /// request order, the started job or None for a request that did not
+    /// start (call `start_job` for it to learn why, and to put a declined
+    /// job back).
     ///
     /// # Errors
     /// [`StoreError::Database`]; nothing is started then.
@@ -712,8 +665,9 @@ impl PgStore {
     }
 
     /// Many CompleteJobs in one statement (the coordinator groups concurrent
-    /// calls), each as [`PgStore::complete_job`] would, with the workers
-    /// credited. Returns, in request order, whether each took effect here;
+    /// calls; [`PgStore::complete_job`] is a group of one plus the repeat
+    /// check): each running attempt succeeds with its result, and its worker
+    /// is credited once. Returns, in request order, whether each took effect here;
     /// for one that did not, call `complete_job` (a repeat is a no-op there,
     /// anything else is refused with the reason).
     ///
@@ -831,26 +785,9 @@ impl PgStore {
         result: &JobResultRow,
         gpu_seconds: f64,
     ) -> Result<(), StoreError> {
-        let fence = Fence { job_id, attempt, worker_id };
-        let mut conn = self.pool.acquire().await?;
-        let rows = Move { transition: Transition::Succeed, actor: &format!("worker:{worker_id}"), reason: "completed" }
-            .run_crediting(
-                &mut conn,
-                |qb| push_fence(qb, fence),
-                |qb| {
-                    qb.push(", lease_expires_at = NULL, error = NULL, progress_step = j.steps");
-                    qb.push(", result_key = ").push_bind(result.key.clone());
-                    qb.push(", result_sha256 = ").push_bind(result.sha256.clone());
-                    qb.push(", result_size = ").push_bind(result.size_bytes as i64);
-                    qb.push(", result_content_type = ").push_bind(result.content_type.clone());
-                },
-                "",
-                false,
-                Some(Credit { worker_id, gpu_seconds }),
-            )
-            .await?;
-        drop(conn);
-        if rows.is_empty() {
+        let completion = Completion { job_id, attempt, worker_id, result: result.clone(), gpu_seconds };
+        let done = self.complete_jobs(std::slice::from_ref(&completion)).await?;
+        if !done.first().copied().unwrap_or(false) {
             let job = self.get_job(job_id).await?;
             let same = job.state == JobState::Succeeded
                 && job.attempt == attempt

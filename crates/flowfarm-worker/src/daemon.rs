@@ -384,8 +384,7 @@ async fn render(
     let handle = tokio::runtime::Handle::current();
     let shared = shared.clone();
     let job_id = job.id.clone();
-    let started = Instant::now();
-    let result = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         renderer.render_png(&spec, &mut |step, total| {
             if revoked.load(Ordering::SeqCst) || handed_back.load(Ordering::SeqCst) {
                 return false;
@@ -410,11 +409,7 @@ async fn render(
         })
     })
     .await
-    .map_err(|e| EngineError::Input(format!("render thread failed: {e}")))?;
-    if result.is_ok() {
-        tracing::debug!(seconds = started.elapsed().as_secs_f64(), "rendered");
-    }
-    result
+    .map_err(|e| EngineError::Input(format!("render thread failed: {e}")))?
 }
 
 async fn complete(shared: &Shared, job: &pb::Job, attempt: u32, png: Vec<u8>, seconds: f64) -> Result<(), Status> {
