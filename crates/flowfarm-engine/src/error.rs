@@ -24,6 +24,9 @@ pub enum EngineError {
     /// Inputs that do not fit together (batch sizes, channels, steps).
     #[error("invalid input: {0}")]
     Input(String),
+    /// A device or dtype name that cannot be used here.
+    #[error("device `{spec}`: {reason}")]
+    Device { spec: String, reason: String },
     /// The per-step callback asked to stop.
     #[error("cancelled after step {step}")]
     Cancelled { step: usize },

@@ -13,6 +13,7 @@
 //! - [`tiny`]: random tiny models in both layouts, for tests and benchmarks.
 //! - [`vae`]: the 16-channel VAE decoder (diffusers layout), latents to pixels.
 //! - [`png_output`]: PNG bytes carrying the render parameters.
+//! - [`device`]: `cpu` / `cuda:N` and `f32` / `f16` / `bf16` as configs name them.
 //!
 //! The timestep-shift math lives in `flowfarm_core::shift`, so the coordinator
 //! resolves the same sigmas the engine samples with.
@@ -21,6 +22,7 @@ pub mod cache;
 pub mod checkpoint;
 pub mod clip;
 pub mod convert;
+pub mod device;
 mod error;
 pub mod mmdit;
 pub mod noise;

@@ -12,6 +12,8 @@ use flowfarm_engine::sampler::{sample, SampleJob, SkipLayerGuidance};
 use flowfarm_engine::tiny::{random_weights, tiny_config, write_diffusers, write_single_file};
 use flowfarm_engine::{Checkpoint, EngineError, Layout, MmDit};
 
+mod support;
+
 const VARIANTS: [Variant; 3] = [Variant::Sd3Medium, Variant::Sd35Large, Variant::Sd35Medium];
 
 fn inputs(batch: usize, h: usize, w: usize, seed: u64) -> (Tensor, Tensor, Tensor, Tensor) {
@@ -123,11 +125,11 @@ fn tiny_model(variant: Variant) -> MmDit {
     let config = tiny_config(variant);
     let dir = tempfile::tempdir().unwrap();
     write_diffusers(&config, &random_weights(&config, 11).unwrap(), dir.path()).unwrap();
-    Checkpoint::open(dir.path()).unwrap().load_model(DType::F32, &Device::Cpu).unwrap()
+    Checkpoint::open(dir.path()).unwrap().load_model(DType::F32, &support::device()).unwrap()
 }
 
 fn job(seed: u64, shift: f64, guidance: f32) -> SampleJob {
-    let dev = Device::Cpu;
+    let dev = support::device();
     SampleJob {
         latent: initial_latent(seed, &[1, 16, 8, 12], &dev).unwrap(),
         context: initial_latent(seed ^ 0xc0, &[1, 7, 48], &dev).unwrap(),

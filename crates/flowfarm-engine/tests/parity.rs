@@ -18,6 +18,8 @@ use flowfarm_engine::mmdit::Variant;
 use flowfarm_engine::sampler::{sample, SampleJob};
 use flowfarm_engine::{Checkpoint, Layout};
 
+mod support;
+
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
@@ -33,15 +35,20 @@ fn max_abs(t: &Tensor) -> f32 {
 /// (normwise relative error, max absolute error)
 fn errors(ours: &Tensor, reference: &Tensor) -> (f32, f32) {
     assert_eq!(ours.dims(), reference.dims());
-    let diff = max_abs(&(ours.to_dtype(DType::F32).unwrap() - reference).unwrap());
+    let ours = ours.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
+    let diff = max_abs(&(ours - reference).unwrap());
     (diff / max_abs(reference), diff)
 }
 
 fn forward(checkpoint: &Checkpoint, dtype: DType, inputs: &std::collections::HashMap<String, Tensor>, skip: &[usize]) -> Tensor {
-    let model = checkpoint.load_model(dtype, &Device::Cpu).expect("model");
+    let dev = support::device();
+    let model = checkpoint.load_model(dtype, &dev).expect("model");
+    let input = |name: &str| inputs[name].to_device(&dev).unwrap();
     model
-        .forward(&inputs["hidden_states"], &inputs["timestep"], &inputs["encoder_hidden_states"], &inputs["pooled_projections"], skip)
+        .forward(&input("hidden_states"), &input("timestep"), &input("encoder_hidden_states"), &input("pooled_projections"), skip)
         .expect("forward")
+        .to_device(&Device::Cpu)
+        .unwrap()
         .to_dtype(DType::F32)
         .unwrap()
 }
@@ -101,18 +108,19 @@ fn half_precision_stays_close_to_f32() {
 #[test]
 fn whole_sample_matches_the_diffusers_pipeline() {
     let f = load("sd3-medium_sample.safetensors");
-    let model = Checkpoint::open(fixtures().join("sd3-medium")).unwrap().load_model(DType::F32, &Device::Cpu).unwrap();
+    let dev = support::device();
+    let model = Checkpoint::open(fixtures().join("sd3-medium")).unwrap().load_model(DType::F32, &dev).unwrap();
     let sigmas = flow_match_sigmas(3.0, 28);
     let reference_sigmas = f["sigmas"].to_vec1::<f32>().unwrap();
     for (ours, theirs) in sigmas.iter().zip(&reference_sigmas) {
         assert!((*ours as f32 - theirs).abs() <= 1e-7, "sigmas {ours} vs {theirs}");
     }
     let job = SampleJob {
-        latent: f["initial_latent"].clone(),
-        context: f["cond"].clone(),
-        pooled: f["pooled"].clone(),
-        negative_context: f["uncond"].clone(),
-        negative_pooled: f["negative_pooled"].clone(),
+        latent: f["initial_latent"].to_device(&dev).unwrap(),
+        context: f["cond"].to_device(&dev).unwrap(),
+        pooled: f["pooled"].to_device(&dev).unwrap(),
+        negative_context: f["uncond"].to_device(&dev).unwrap(),
+        negative_pooled: f["negative_pooled"].to_device(&dev).unwrap(),
         guidance: 5.0,
         sigmas,
     };

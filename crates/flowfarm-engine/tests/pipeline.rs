@@ -6,6 +6,8 @@
 use candle_core::{DType, Device, Tensor};
 use flowfarm_engine::pipeline::{Pipeline, RenderRequest};
 
+mod support;
+
 /// The bundled model, models/flowfarm-tiny, which the fixture script writes too.
 fn bundled_model() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/flowfarm-tiny")
@@ -13,7 +15,7 @@ fn bundled_model() -> std::path::PathBuf {
 
 fn rel(ours: &Tensor, reference: &Tensor) -> f32 {
     let max = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-    max(&(ours - reference).unwrap()) / max(reference)
+    max(&(ours.to_device(&Device::Cpu).unwrap() - reference).unwrap()) / max(reference)
 }
 
 #[test]
@@ -22,11 +24,12 @@ fn whole_pipeline_matches_diffusers() {
     let f = candle_core::safetensors::load(dir.join("pipeline-tiny_render.safetensors"), &Device::Cpu).unwrap();
     let spec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("pipeline-tiny_render.json")).unwrap()).unwrap();
     let t5_length = spec["t5_length"].as_u64().unwrap() as usize;
-    let pipeline = Pipeline::open(bundled_model(), t5_length, DType::F32, &Device::Cpu).unwrap();
+    let dev = support::device();
+    let pipeline = Pipeline::open(bundled_model(), t5_length, DType::F32, &dev).unwrap();
     let (prompt, negative) = (spec["prompt"].as_str().unwrap(), spec["negative_prompt"].as_str().unwrap());
 
-    let cond = pipeline.encoders.encode(prompt, true, 48, &Device::Cpu).unwrap();
-    let uncond = pipeline.encoders.encode(negative, true, 48, &Device::Cpu).unwrap();
+    let cond = pipeline.encoders.encode(prompt, true, 48, &dev).unwrap();
+    let uncond = pipeline.encoders.encode(negative, true, 48, &dev).unwrap();
     let errors = [
         rel(&cond.context, &f["context"]),
         rel(&cond.pooled, &f["pooled"]),
@@ -47,8 +50,9 @@ fn whole_pipeline_matches_diffusers() {
     };
     let rendered = pipeline.render(&request, &mut |_, _| true).unwrap();
     let abs = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-    let latent_error = abs(&rendered.latent, &f["final_latent_precise_time"]);
-    let latent_error_shipped = abs(&rendered.latent, &f["final_latent"]);
+    let latent = rendered.latent.to_device(&Device::Cpu).unwrap();
+    let latent_error = abs(&latent, &f["final_latent_precise_time"]);
+    let latent_error_shipped = abs(&latent, &f["final_latent"]);
     let reference: Vec<u8> = f["rgb"].flatten_all().unwrap().to_vec1::<u8>().unwrap();
     let worst = rendered.rgb.iter().zip(&reference).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
     let differing = rendered.rgb.iter().zip(&reference).filter(|(a, b)| a != b).count();
@@ -64,7 +68,7 @@ fn whole_pipeline_matches_diffusers() {
     assert!(distinct.len() > 50, "the reference image is nearly flat ({} levels): the comparison would prove little", distinct.len());
 
     // CLIP-only: T5's place is zeros of the transformer's text width.
-    let clip_only = pipeline.encoders.encode(prompt, false, 48, &Device::Cpu).unwrap();
+    let clip_only = pipeline.encoders.encode(prompt, false, 48, &dev).unwrap();
     let t5_part = clip_only.context.narrow(1, 77, t5_length).unwrap();
     assert_eq!(t5_part.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
 }

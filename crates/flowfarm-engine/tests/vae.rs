@@ -4,12 +4,16 @@
 use candle_core::{DType, Device, Tensor};
 use flowfarm_engine::vae::{to_rgb8, Vae};
 
+mod support;
+
 #[test]
 fn decode_matches_diffusers() {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let f = candle_core::safetensors::load(dir.join("vae-tiny_decode.safetensors"), &Device::Cpu).unwrap();
-    let vae = Vae::open(dir.join("vae-tiny"), DType::F32, &Device::Cpu).unwrap();
-    let image = vae.decode(&f["latent"]).unwrap();
+    let dev = support::device();
+    let vae = Vae::open(dir.join("vae-tiny"), DType::F32, &dev).unwrap();
+    let on_dev = |name: &str| f[name].to_device(&dev).unwrap();
+    let image = vae.decode(&on_dev("latent")).unwrap().to_device(&Device::Cpu).unwrap();
     let reference = &f["image"];
     assert_eq!(image.dims(), reference.dims());
     let diff = (&image - reference).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
@@ -23,13 +27,13 @@ fn decode_matches_diffusers() {
     assert!(worst <= 1, "uint8 pixels differ by {worst} levels");
 
     // Larger than a tile (16 latent cells): decoded in overlapping, blended tiles.
-    let tiled = vae.decode(&f["big_latent"]).unwrap();
+    let tiled = vae.decode(&on_dev("big_latent")).unwrap().to_device(&Device::Cpu).unwrap();
     assert_eq!(tiled.dims(), f["big_image_tiled"].dims());
     let diff = (&tiled - &f["big_image_tiled"]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     println!("VAE tiled decode (40×24 latent, 16-cell tiles): max abs error {diff:.2e}");
     assert!(diff <= 1e-4, "tiled decode differs by {diff}");
 
-    let wrong = Tensor::zeros((1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap();
+    let wrong = Tensor::zeros((1, 4, 8, 8), DType::F32, &dev).unwrap();
     assert!(vae.decode(&wrong).unwrap_err().to_string().contains("4 channels"));
 }
 

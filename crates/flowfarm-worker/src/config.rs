@@ -27,6 +27,11 @@ pub struct WorkerConfig {
     pub results_dir: PathBuf,
     /// Jobs rendered at once.
     pub capacity: u32,
+    /// Where the models run: `cpu`, `cuda` or `cuda:N` (CUDA needs a build
+    /// with `--features cuda`). Env: `FLOWFARM_DEVICE`.
+    pub device: String,
+    /// Precision of weights and activations: `f32`, `f16` or `bf16`.
+    pub dtype: String,
     /// On SIGTERM or a drain, how long running jobs may take to finish;
     /// what is left then is failed as retryable, so it is requeued at once.
     pub drain_timeout_seconds: f64,
@@ -64,6 +69,8 @@ impl Default for WorkerConfig {
             redis_url: "redis://127.0.0.1:6379/0".into(),
             results_dir: PathBuf::from("results"),
             capacity: 1,
+            device: "cpu".into(),
+            dtype: "f32".into(),
             drain_timeout_seconds: 300.0,
             t5_max_length: flowfarm_engine::pipeline::DEFAULT_T5_LENGTH,
             embedding_cache_bytes: 256 << 20,
@@ -110,7 +117,7 @@ impl WorkerConfig {
     }
 
     /// Applies `FLOWFARM_SERVER`, `FLOWFARM_TOKEN`, `FLOWFARM_REDIS_URL`,
-    /// `FLOWFARM_RESULTS_DIR`, `FLOWFARM_WORKER_NAME` and
+    /// `FLOWFARM_RESULTS_DIR`, `FLOWFARM_DEVICE`, `FLOWFARM_WORKER_NAME` and
     /// `FLOWFARM_METRICS_LISTEN`, read through `var`.
     ///
     /// # Errors
@@ -127,6 +134,9 @@ impl WorkerConfig {
         }
         if let Some(v) = var("FLOWFARM_RESULTS_DIR") {
             self.results_dir = v.into();
+        }
+        if let Some(v) = var("FLOWFARM_DEVICE") {
+            self.device = v;
         }
         if let Some(v) = var("FLOWFARM_WORKER_NAME") {
             self.name = Some(v);
@@ -148,6 +158,13 @@ impl WorkerConfig {
         let invalid = |m: String| Err(WorkerConfigError::Invalid(m));
         if self.models.is_empty() {
             return invalid("models: at least one [[models]] entry (name, path) is needed".into());
+        }
+        if let Err(e) = flowfarm_engine::device::parse_dtype(&self.dtype) {
+            return invalid(format!("dtype: {e}"));
+        }
+        let device = self.device.trim();
+        if device != "cpu" && device != "cuda" && !device.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok()) {
+            return invalid(format!("device: `{}` is not `cpu`, `cuda` or `cuda:N`", self.device));
         }
         for (i, m) in self.models.iter().enumerate() {
             if m.name.trim().is_empty() {

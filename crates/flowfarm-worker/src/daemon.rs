@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flowfarm_engine::cache::EmbeddingCache;
+use flowfarm_engine::device::{device_name, open_device, parse_dtype};
 use flowfarm_engine::EngineError;
 use flowfarm_proto::v1 as pb;
 use flowfarm_proto::v1::worker_service_client::WorkerServiceClient;
@@ -125,14 +126,17 @@ fn jitter(d: Duration) -> Duration {
 /// registration fails for good.
 pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), WorkerError> {
     let cache = Arc::new(EmbeddingCache::new(config.embedding_cache_bytes));
+    let device = open_device(&config.device).map_err(|e| WorkerError::Config(e.to_string()))?;
+    let dtype = parse_dtype(&config.dtype).map_err(|e| WorkerError::Config(e.to_string()))?;
     let mut renderers = HashMap::new();
     for entry in &config.models {
         let (path, support, t5, cache) = (entry.path.clone(), entry.support.clone(), config.t5_max_length, cache.clone());
-        let renderer = tokio::task::spawn_blocking(move || JobRenderer::open(&path, support.as_deref(), t5, cache))
+        let device = device.clone();
+        let renderer = tokio::task::spawn_blocking(move || JobRenderer::open(&path, support.as_deref(), t5, cache, &device, dtype))
             .await
             .map_err(|e| WorkerError::Internal(e.to_string()))?
             .map_err(|source| WorkerError::Model { name: entry.name.clone(), source })?;
-        tracing::info!(model = %entry.name, path = %entry.path.display(), t5 = renderer.has_t5(), "model loaded");
+        tracing::info!(model = %entry.name, path = %entry.path.display(), t5 = renderer.has_t5(), device = %device_name(&device), ?dtype, "model loaded");
         renderers.insert(entry.name.clone(), Arc::new(renderer));
     }
     let results = ResultStore::local(&config.results_dir)?;
@@ -155,7 +159,11 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
     let register = pb::RegisterWorkerRequest {
         name: name.clone(),
         hostname: hostname(),
-        devices: vec![pb::Device { name: "cpu".into(), memory_bytes: total_memory_bytes() }],
+        // GPU memory is not known to candle; 0 means unknown.
+        devices: vec![pb::Device {
+            name: device_name(&device),
+            memory_bytes: if device.is_cpu() { total_memory_bytes() } else { 0 },
+        }],
         models: config.models.iter().map(|m| m.name.clone()).collect(),
         text_encoder_sets: sets,
         capacity: config.capacity,

@@ -63,23 +63,29 @@ pub struct JobRenderer {
 }
 
 impl JobRenderer {
-    /// Loads the model at `path` on the CPU, in F32: a diffusers folder, or
-    /// an SD3 single file with `support` naming a diffusers folder for its
+    /// Loads the model at `path` on `device` in `dtype`: a diffusers folder,
+    /// or an SD3 single file with `support` naming a diffusers folder for its
     /// tokenizers and encoder configs.
     ///
     /// # Errors
     /// [`EngineError`] naming the part of the model that is missing or malformed.
-    pub fn open(path: &Path, support: Option<&Path>, t5_max_length: usize, cache: Arc<EmbeddingCache>) -> Result<Self, EngineError> {
-        let device = Device::Cpu;
+    pub fn open(
+        path: &Path,
+        support: Option<&Path>,
+        t5_max_length: usize,
+        cache: Arc<EmbeddingCache>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self, EngineError> {
         let mut pipeline = match support {
             Some(support) if path.is_file() => {
                 let encoders = EncoderWeights::in_single_file(path)?;
-                Pipeline::open_single_file(path, &encoders, support, t5_max_length, DType::F32, &device)?
+                Pipeline::open_single_file(path, &encoders, support, t5_max_length, dtype, device)?
             }
-            _ => Pipeline::open(path, t5_max_length, DType::F32, &device)?,
+            _ => Pipeline::open(path, t5_max_length, dtype, device)?,
         };
         pipeline.encoders = pipeline.encoders.with_cache(cache);
-        Ok(JobRenderer { pipeline, device })
+        Ok(JobRenderer { pipeline, device: device.clone() })
     }
 
     /// Whether this model can serve jobs that use T5.

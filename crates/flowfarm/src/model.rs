@@ -7,6 +7,7 @@ use candle_core::{DType, Device};
 use clap::{Args, Subcommand};
 use flowfarm_engine::pipeline::{EncoderWeights, Pipeline, RenderRequest, DEFAULT_T5_LENGTH};
 use flowfarm_engine::png_output::{encode, RenderParameters};
+use flowfarm_engine::device::{open_device, parse_dtype};
 use flowfarm_engine::{noise, Checkpoint};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -91,6 +92,12 @@ pub struct RenderArgs {
     /// Write the final latent, before decoding, to this safetensors file.
     #[arg(long)]
     save_latent: Option<PathBuf>,
+    /// Where to run: `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Precision of the weights and activations: `f32`, `f16` or `bf16`.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
     #[arg(long)]
     out: PathBuf,
 }
@@ -172,7 +179,8 @@ fn scheduler_shift(model: &Path) -> Result<f64> {
 }
 
 fn render(args: &RenderArgs) -> Result<()> {
-    let device = Device::Cpu;
+    let device = open_device(&args.device).context("--device")?;
+    let dtype = parse_dtype(&args.dtype).context("--dtype")?;
     let pipeline = if args.model.is_file() {
         let Some(support) = &args.support else {
             bail!(
@@ -184,12 +192,12 @@ fn render(args: &RenderArgs) -> Result<()> {
             (Some(l), Some(g)) => EncoderWeights::separate(l, g, args.t5.as_deref()),
             _ => EncoderWeights::in_single_file(&args.model)?,
         };
-        Pipeline::open_single_file(&args.model, &encoders, support, args.t5_length, DType::F32, &device)
+        Pipeline::open_single_file(&args.model, &encoders, support, args.t5_length, dtype, &device)
     } else {
         if args.clip_l.is_some() {
             bail!("--clip-l, --clip-g and --t5 go with a single-file --model; {} is a folder", args.model.display());
         }
-        Pipeline::open(&args.model, args.t5_length, DType::F32, &device)
+        Pipeline::open(&args.model, args.t5_length, dtype, &device)
     }
     .with_context(|| format!("loading model {}", args.model.display()))?;
     if !args.clip_only && !pipeline.encoders.has_t5() {
@@ -203,7 +211,7 @@ fn render(args: &RenderArgs) -> Result<()> {
     let shape = [1, channels, args.height / pipeline.vae.scale_factor(), args.width / pipeline.vae.scale_factor()];
     let initial = match &args.init_noise {
         Some(file) => {
-            let tensors = candle_core::safetensors::load(file, &device).with_context(|| format!("reading {}", file.display()))?;
+            let tensors = candle_core::safetensors::load(file, &Device::Cpu).with_context(|| format!("reading {}", file.display()))?;
             let mut values = tensors.into_values();
             let (Some(t), None) = (values.next(), values.next()) else {
                 bail!("{} must hold exactly one tensor", file.display());
@@ -211,7 +219,7 @@ fn render(args: &RenderArgs) -> Result<()> {
             if t.dims() != shape {
                 bail!("{} holds a {:?} tensor; this render needs {shape:?}", file.display(), t.dims());
             }
-            t.to_dtype(DType::F32)?
+            t.to_dtype(DType::F32)?.to_device(&device)?
         }
         None => noise::initial_latent(args.seed, &shape, &device)?,
     };
@@ -237,7 +245,7 @@ fn render(args: &RenderArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     if let Some(path) = &args.save_latent {
-        write_atomically(path, |tmp| Ok(candle_core::safetensors::save(&std::collections::HashMap::from([("latent".to_string(), rendered.latent.clone())]), tmp)?))?;
+        write_atomically(path, |tmp| Ok(candle_core::safetensors::save(&std::collections::HashMap::from([("latent".to_string(), rendered.latent.to_device(&Device::Cpu)?)]), tmp)?))?;
     }
     let parameters = RenderParameters {
         prompt: args.prompt.clone(),

@@ -1,0 +1,75 @@
+//! Where and in what precision a model runs, as written in configs and on
+//! command lines: `cpu`, `cuda` (= `cuda:0`), `cuda:N`; `f32`, `f16`, `bf16`.
+
+use candle_core::{DType, Device};
+
+use crate::EngineError;
+
+/// Whether this build carries candle's CUDA kernels (the `cuda` feature).
+pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
+
+/// Opens the device named by `spec`.
+///
+/// # Errors
+/// [`EngineError::Device`] when the name is not one of the forms above, when
+/// this build has no CUDA support (rebuild with `--features cuda`), or when
+/// the CUDA driver cannot open that GPU.
+pub fn open_device(spec: &str) -> Result<Device, EngineError> {
+    let bad = |reason: String| EngineError::Device { spec: spec.to_string(), reason };
+    let ordinal = match spec.trim() {
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        other => match other.strip_prefix("cuda:") {
+            Some(n) => n.parse::<usize>().map_err(|_| bad(format!("`{n}` is not a GPU number")))?,
+            None => return Err(bad("expected `cpu`, `cuda` or `cuda:N`".into())),
+        },
+    };
+    if !CUDA_BUILT {
+        return Err(bad("this flowfarm was built without CUDA; rebuild with `--features cuda`".into()));
+    }
+    Device::new_cuda(ordinal).map_err(|e| bad(format!("cannot open GPU {ordinal}: {e}")))
+}
+
+/// The dtype named by `name` (`f32`, `f16` or `bf16`, any case).
+///
+/// # Errors
+/// [`EngineError::Device`] naming the accepted values.
+pub fn parse_dtype(name: &str) -> Result<DType, EngineError> {
+    match name.trim().to_ascii_lowercase().as_str() {
+        "f32" | "float32" => Ok(DType::F32),
+        "f16" | "float16" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        _ => Err(EngineError::Device { spec: name.to_string(), reason: "expected dtype `f32`, `f16` or `bf16`".into() }),
+    }
+}
+
+/// A short name of `device` for logs and worker registration (`cpu`, `cuda:0`).
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_parse_or_say_what_is_accepted() {
+        assert!(open_device("cpu").unwrap().is_cpu());
+        assert_eq!(device_name(&open_device(" cpu ").unwrap()), "cpu");
+        let err = open_device("gpu0").unwrap_err().to_string();
+        assert!(err.contains("`cpu`, `cuda` or `cuda:N`"), "{err}");
+        let err = open_device("cuda:x").unwrap_err().to_string();
+        assert!(err.contains("`x` is not a GPU number"), "{err}");
+        if !CUDA_BUILT {
+            let err = open_device("cuda:0").unwrap_err().to_string();
+            assert!(err.contains("--features cuda"), "{err}");
+        }
+        assert_eq!(parse_dtype("BF16").unwrap(), DType::BF16);
+        assert_eq!(parse_dtype("f16").unwrap(), DType::F16);
+        assert!(parse_dtype("f64").unwrap_err().to_string().contains("`f32`, `f16` or `bf16`"));
+    }
+}
