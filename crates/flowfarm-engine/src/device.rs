@@ -33,13 +33,13 @@ pub fn open_device(spec: &str) -> Result<Device, EngineError> {
 /// The dtype named by `name` (`f32`, `f16` or `bf16`, any case).
 ///
 /// # Errors
-/// [`EngineError::Device`] naming the accepted values.
+/// [`EngineError::Input`] naming the accepted values.
 pub fn parse_dtype(name: &str) -> Result<DType, EngineError> {
     match name.trim().to_ascii_lowercase().as_str() {
         "f32" | "float32" => Ok(DType::F32),
         "f16" | "float16" => Ok(DType::F16),
         "bf16" | "bfloat16" => Ok(DType::BF16),
-        _ => Err(EngineError::Device { spec: name.to_string(), reason: "expected dtype `f32`, `f16` or `bf16`".into() }),
+        _ => Err(EngineError::Input(format!("dtype `{name}`: expected `f32`, `f16` or `bf16`"))),
     }
 }
 

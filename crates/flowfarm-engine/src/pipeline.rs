@@ -315,6 +315,17 @@ pub struct Rendered {
 }
 
 /// A whole model: transformer, VAE and text encoders.
+/// candle's CPU backend has no BF16 matmul and the text encoders and the VAE
+/// use candle's layers, so on the CPU they run in F32 when the transformer
+/// runs in BF16 (they run once per image, not once per step).
+fn once_per_image_dtype(dtype: DType, device: &Device) -> DType {
+    if dtype == DType::BF16 && device.is_cpu() {
+        DType::F32
+    } else {
+        dtype
+    }
+}
+
 pub struct Pipeline {
     pub transformer: MmDit,
     pub vae: Vae,
@@ -331,8 +342,8 @@ impl Pipeline {
         let dir = dir.as_ref();
         Ok(Pipeline {
             transformer: Checkpoint::open(dir)?.load_model(dtype, device)?,
-            vae: Vae::open(dir, dtype, device)?,
-            encoders: TextEncoders::open(dir, t5_length, dtype, device)?,
+            vae: Vae::open(dir, once_per_image_dtype(dtype, device), device)?,
+            encoders: TextEncoders::open(dir, t5_length, once_per_image_dtype(dtype, device), device)?,
             device: device.clone(),
         })
     }
@@ -355,8 +366,8 @@ impl Pipeline {
         let file = file.as_ref();
         Ok(Pipeline {
             transformer: Checkpoint::open(file)?.load_model(dtype, device)?,
-            vae: Vae::open(file, dtype, device)?,
-            encoders: TextEncoders::open_weights(encoders, support.as_ref(), t5_length, dtype, device)?,
+            vae: Vae::open(file, once_per_image_dtype(dtype, device), device)?,
+            encoders: TextEncoders::open_weights(encoders, support.as_ref(), t5_length, once_per_image_dtype(dtype, device), device)?,
             device: device.clone(),
         })
     }

@@ -131,8 +131,8 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
     let mut renderers = HashMap::new();
     for entry in &config.models {
         let (path, support, t5, cache) = (entry.path.clone(), entry.support.clone(), config.t5_max_length, cache.clone());
-        let device = device.clone();
-        let renderer = tokio::task::spawn_blocking(move || JobRenderer::open(&path, support.as_deref(), t5, cache, &device, dtype))
+        let on = device.clone();
+        let renderer = tokio::task::spawn_blocking(move || JobRenderer::open(&path, support.as_deref(), t5, cache, &on, dtype))
             .await
             .map_err(|e| WorkerError::Internal(e.to_string()))?
             .map_err(|source| WorkerError::Model { name: entry.name.clone(), source })?;
