@@ -2,8 +2,9 @@
 //!
 //! An in-process coordinator with its dispatcher, over Postgres and Redis
 //! (as the tests use them), and a bench client that plays many workers at
-//! once: each reads its stream, calls StartJob, then CompleteJob, then
-//! acknowledges, in parallel up to its capacity.
+//! once: each reads up to its capacity from its stream, claims what it read
+//! with one StartJobs, reports it with one CompleteJobs and acknowledges it
+//! with one XACK, as the worker daemon does.
 //!
 //! 1. Latency: idle workers; one job submitted at a time; SubmitBatch call
 //!    to StartJob answered, p50 / p99.
@@ -60,40 +61,53 @@ async fn play_worker(h: &Harness, redis: String, name: String, capacity: u32, ta
             };
             tally.read_micros.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
             tally.reads.fetch_add(1, Ordering::Relaxed);
-            let work = deliveries.into_iter().map(|d| {
-                let (mut client, consumer, tally, waiters, worker_id) =
-                    (client.clone(), consumer.clone(), tally.clone(), waiters.clone(), worker_id.clone());
-                async move {
-                    let job_id = d.job.as_ref().expect("well-formed message").job_id.to_string();
-                    let t = Instant::now();
-                    let started = client.start_job(pb::StartJobRequest { worker_id: worker_id.clone(), job_id: job_id.clone() }).await;
-                    let started_at = Instant::now();
-                    tally.start_micros.fetch_add((started_at - t).as_micros() as u64, Ordering::Relaxed);
-                    if let Ok(started) = started {
-                        waiters.lock().unwrap().insert(job_id.clone(), started_at);
-                        let t = Instant::now();
-                        client
-                            .complete_job(pb::CompleteJobRequest {
-                                worker_id,
-                                job_id: job_id.clone(),
-                                attempt: started.into_inner().attempt,
-                                result: Some(pb::JobResult {
-                                    key: format!("bench/{job_id}.png"),
-                                    sha256: "0".repeat(64),
-                                    size_bytes: 1,
-                                    content_type: "image/png".into(),
-                                }),
-                                gpu_seconds: 0.0,
-                            })
-                            .await
-                            .expect("complete");
-                        tally.complete_micros.fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
-                        tally.done.fetch_add(1, Ordering::Relaxed);
-                    }
-                    consumer.ack(&d).await.expect("ack");
+            if deliveries.is_empty() {
+                continue;
+            }
+            // As the worker daemon does: one StartJobs for the read, one
+            // CompleteJobs for what it started, one acknowledgement.
+            let job_ids: Vec<String> =
+                deliveries.iter().map(|d| d.job.as_ref().expect("well-formed message").job_id.to_string()).collect();
+            let t = Instant::now();
+            let outcomes = client
+                .start_jobs(pb::StartJobsRequest { worker_id: worker_id.clone(), job_ids: job_ids.clone() })
+                .await
+                .expect("start")
+                .into_inner()
+                .outcomes;
+            let started_at = Instant::now();
+            tally.start_micros.fetch_add((started_at - t).as_micros() as u64 * job_ids.len() as u64, Ordering::Relaxed);
+            let mut completed = Vec::new();
+            for (job_id, outcome) in job_ids.into_iter().zip(outcomes) {
+                if let Some(pb::start_job_outcome::Outcome::Started(started)) = outcome.outcome {
+                    waiters.lock().unwrap().insert(job_id.clone(), started_at);
+                    completed.push(pb::CompletedJob {
+                        result: Some(pb::JobResult {
+                            key: format!("bench/{job_id}.png"),
+                            sha256: "0".repeat(64),
+                            size_bytes: 1,
+                            content_type: "image/png".into(),
+                        }),
+                        job_id,
+                        attempt: started.attempt,
+                        gpu_seconds: 0.0,
+                    });
                 }
-            });
-            futures::future::join_all(work).await;
+            }
+            if !completed.is_empty() {
+                let n = completed.len();
+                let t = Instant::now();
+                let outcomes = client
+                    .complete_jobs(pb::CompleteJobsRequest { worker_id: worker_id.clone(), jobs: completed })
+                    .await
+                    .expect("complete")
+                    .into_inner()
+                    .outcomes;
+                assert!(outcomes.iter().all(|o| o.refused.is_none()), "a completion was refused");
+                tally.complete_micros.fetch_add(t.elapsed().as_micros() as u64 * n as u64, Ordering::Relaxed);
+                tally.done.fetch_add(n, Ordering::Relaxed);
+            }
+            consumer.ack_many(&deliveries).await.expect("ack");
         }
     });
 }

@@ -15,7 +15,6 @@ pub mod convert;
 pub mod dispatcher;
 pub mod metrics;
 mod admin;
-mod group;
 mod reaper;
 mod render;
 mod server;
@@ -24,6 +23,7 @@ mod worker;
 use std::sync::Arc;
 
 use flowfarm_core::{Limits, ModelRegistry};
+use flowfarm_group::Grouper;
 use flowfarm_proto::v1 as pb;
 use flowfarm_store::PgStore;
 use tokio::sync::{broadcast, Notify};
@@ -61,16 +61,16 @@ struct Shared {
     /// Wakes the dispatcher: work arrived or a slot freed up.
     dispatch_wake: Arc<Notify>,
     /// Concurrent StartJob calls, one statement per group.
-    starts: group::Grouper<(Uuid, Uuid), Result<flowfarm_store::JobRow, flowfarm_store::StoreError>>,
+    starts: Grouper<(Uuid, Uuid), Result<flowfarm_store::JobRow, flowfarm_store::StoreError>>,
     /// Concurrent CompleteJob calls, one statement per group.
-    completions: group::Grouper<flowfarm_store::Completion, Result<(), flowfarm_store::StoreError>>,
+    completions: Grouper<flowfarm_store::Completion, Result<(), flowfarm_store::StoreError>>,
 }
 
 /// Most calls answered by one grouped statement.
 const MAX_GROUP: usize = 512;
 
-fn start_grouper(store: PgStore, lease: std::time::Duration) -> group::Grouper<(Uuid, Uuid), Result<flowfarm_store::JobRow, flowfarm_store::StoreError>> {
-    group::Grouper::new(MAX_GROUP, move |requests: Vec<(Uuid, Uuid)>| {
+fn start_grouper(store: PgStore, lease: std::time::Duration) -> Grouper<(Uuid, Uuid), Result<flowfarm_store::JobRow, flowfarm_store::StoreError>> {
+    Grouper::new(MAX_GROUP, move |requests: Vec<(Uuid, Uuid)>| {
         let store = store.clone();
         async move {
             let started = match store.start_jobs(&requests, lease).await {
@@ -93,8 +93,8 @@ fn start_grouper(store: PgStore, lease: std::time::Duration) -> group::Grouper<(
     })
 }
 
-fn completion_grouper(store: PgStore) -> group::Grouper<flowfarm_store::Completion, Result<(), flowfarm_store::StoreError>> {
-    group::Grouper::new(MAX_GROUP, move |requests: Vec<flowfarm_store::Completion>| {
+fn completion_grouper(store: PgStore) -> Grouper<flowfarm_store::Completion, Result<(), flowfarm_store::StoreError>> {
+    Grouper::new(MAX_GROUP, move |requests: Vec<flowfarm_store::Completion>| {
         let store = store.clone();
         async move {
             let done = match store.complete_jobs(&requests).await {

@@ -38,6 +38,104 @@ fn check_result_key(key: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// Most jobs one StartJobs or CompleteJobs call may carry.
+const MAX_BATCH: usize = 256;
+
+fn check_batch_len(field: &str, len: usize) -> Result<(), Status> {
+    if len == 0 || len > MAX_BATCH {
+        return Err(invalid(field, format!("{len} entries; send 1 to {MAX_BATCH}")));
+    }
+    Ok(())
+}
+
+fn check_distinct(field: &str, ids: &[Uuid]) -> Result<(), Status> {
+    let mut seen = std::collections::HashSet::with_capacity(ids.len());
+    match ids.iter().position(|id| !seen.insert(*id)) {
+        Some(i) => Err(invalid(&format!("{field}[{i}]"), format!("job {} appears twice", ids[i]))),
+        None => Ok(()),
+    }
+}
+
+fn refusal(status: &Status) -> pb::Refusal {
+    pb::Refusal { code: status.code() as i32, message: status.message().to_owned() }
+}
+
+/// A checked completion report; `field` prefixes the names in errors
+/// (`jobs[3].` in a CompleteJobs call).
+fn completion(
+    worker_id: Uuid,
+    job_id: Uuid,
+    attempt: u32,
+    result: Option<pb::JobResult>,
+    gpu_seconds: f64,
+    field: &str,
+) -> Result<flowfarm_store::Completion, Status> {
+    let named = |name: &str| format!("{field}{name}");
+    if attempt == 0 {
+        return Err(invalid(&named("attempt"), "required: the attempt StartJob returned"));
+    }
+    let result = result.ok_or_else(|| invalid(&named("result"), "required"))?;
+    check_result_key(&result.key).map_err(|status| Status::invalid_argument(format!("{field}{}", status.message())))?;
+    if result.sha256.len() != 64 || !result.sha256.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()) {
+        return Err(invalid(&named("result.sha256"), "must be 64 lower-case hex digits"));
+    }
+    if result.content_type.is_empty() {
+        return Err(invalid(&named("result.content_type"), "required"));
+    }
+    if !(gpu_seconds.is_finite() && gpu_seconds >= 0.0) {
+        return Err(invalid(&named("gpu_seconds"), format!("{gpu_seconds} is not a non-negative number")));
+    }
+    Ok(flowfarm_store::Completion {
+        job_id,
+        attempt,
+        worker_id,
+        result: JobResultRow {
+            key: result.key,
+            sha256: result.sha256,
+            size_bytes: result.size_bytes,
+            content_type: result.content_type,
+        },
+        gpu_seconds,
+    })
+}
+
+impl Coordinator {
+    /// One StartJob, through the grouper.
+    async fn start_one(&self, job_id: Uuid, worker_id: Uuid) -> Result<pb::StartJobResponse, Status> {
+        let job = self
+            .shared
+            .starts
+            .call((job_id, worker_id))
+            .await
+            .ok_or_else(|| Status::unavailable("the coordinator is shutting down"))?
+            .map_err(store_status)?;
+        if job.attempt == 1 {
+            let waited = (chrono::Utc::now() - job.created_at).num_microseconds().unwrap_or(0).max(0);
+            self.shared.metrics.submit_to_start.observe(waited as f64 / 1e6);
+        }
+        Ok(pb::StartJobResponse {
+            attempt: job.attempt,
+            lease_expires_at: job.lease_expires_at.map(timestamp),
+            job: Some(job_to_proto(&job)),
+        })
+    }
+
+    /// One CompleteJob, through the grouper.
+    async fn complete_one(&self, completion: flowfarm_store::Completion) -> Result<(), Status> {
+        let gpu_seconds = completion.gpu_seconds;
+        self.shared
+            .completions
+            .call(completion)
+            .await
+            .ok_or_else(|| Status::unavailable("the coordinator is shutting down"))?
+            .map_err(store_status)?;
+        self.shared.metrics.completed.inc();
+        self.shared.metrics.render_seconds.observe(gpu_seconds);
+        self.wake_dispatcher();
+        Ok(())
+    }
+}
+
 #[tonic::async_trait]
 impl WorkerService for Coordinator {
     async fn register_worker(
@@ -132,22 +230,33 @@ impl WorkerService for Coordinator {
         let req = request.into_inner();
         let worker_id = parse_id("worker_id", &req.worker_id)?;
         let job_id = parse_id("job_id", &req.job_id)?;
-        let job = self
-            .shared
-            .starts
-            .call((job_id, worker_id))
-            .await
-            .ok_or_else(|| Status::unavailable("the coordinator is shutting down"))?
-            .map_err(store_status)?;
-        if job.attempt == 1 {
-            let waited = (chrono::Utc::now() - job.created_at).num_microseconds().unwrap_or(0).max(0);
-            self.shared.metrics.submit_to_start.observe(waited as f64 / 1e6);
-        }
-        Ok(Response::new(pb::StartJobResponse {
-            attempt: job.attempt,
-            lease_expires_at: job.lease_expires_at.map(timestamp),
-            job: Some(job_to_proto(&job)),
-        }))
+        Ok(Response::new(self.start_one(job_id, worker_id).await?))
+    }
+
+    async fn start_jobs(&self, request: Request<pb::StartJobsRequest>) -> Result<Response<pb::StartJobsResponse>, Status> {
+        self.shared.auth.authorize(request.metadata(), WORKERS).await?;
+        let req = request.into_inner();
+        let worker_id = parse_id("worker_id", &req.worker_id)?;
+        check_batch_len("job_ids", req.job_ids.len())?;
+        let job_ids = req
+            .job_ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| parse_id(&format!("job_ids[{i}]"), id))
+            .collect::<Result<Vec<Uuid>, Status>>()?;
+        check_distinct("job_ids", &job_ids)?;
+        // Each start joins the grouper's next statement with the other workers' calls.
+        let outcomes = futures::future::join_all(job_ids.iter().map(|&job_id| self.start_one(job_id, worker_id))).await;
+        let outcomes = outcomes
+            .into_iter()
+            .map(|outcome| pb::StartJobOutcome {
+                outcome: Some(match outcome {
+                    Ok(started) => pb::start_job_outcome::Outcome::Started(started),
+                    Err(status) => pb::start_job_outcome::Outcome::Refused(refusal(&status)),
+                }),
+            })
+            .collect();
+        Ok(Response::new(pb::StartJobsResponse { outcomes }))
     }
 
     async fn report_progress(
@@ -181,40 +290,34 @@ impl WorkerService for Coordinator {
         let req = request.into_inner();
         let worker_id = parse_id("worker_id", &req.worker_id)?;
         let job_id = parse_id("job_id", &req.job_id)?;
-        let attempt = attempt_of(req.attempt)?;
-        let result = req.result.ok_or_else(|| invalid("result", "required"))?;
-        check_result_key(&result.key)?;
-        if result.sha256.len() != 64 || !result.sha256.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()) {
-            return Err(invalid("result.sha256", "must be 64 lower-case hex digits"));
-        }
-        if result.content_type.is_empty() {
-            return Err(invalid("result.content_type", "required"));
-        }
-        if !(req.gpu_seconds.is_finite() && req.gpu_seconds >= 0.0) {
-            return Err(invalid("gpu_seconds", format!("{} is not a non-negative number", req.gpu_seconds)));
-        }
-        let completion = flowfarm_store::Completion {
-            job_id,
-            attempt,
-            worker_id,
-            result: JobResultRow {
-                key: result.key,
-                sha256: result.sha256,
-                size_bytes: result.size_bytes,
-                content_type: result.content_type,
-            },
-            gpu_seconds: req.gpu_seconds,
-        };
-        self.shared
-            .completions
-            .call(completion)
-            .await
-            .ok_or_else(|| Status::unavailable("the coordinator is shutting down"))?
-            .map_err(store_status)?;
-        self.shared.metrics.completed.inc();
-        self.shared.metrics.render_seconds.observe(req.gpu_seconds);
-        self.wake_dispatcher();
+        let completion = completion(worker_id, job_id, req.attempt, req.result, req.gpu_seconds, "")?;
+        self.complete_one(completion).await?;
         Ok(Response::new(pb::CompleteJobResponse {}))
+    }
+
+    async fn complete_jobs(&self, request: Request<pb::CompleteJobsRequest>) -> Result<Response<pb::CompleteJobsResponse>, Status> {
+        self.shared.auth.authorize(request.metadata(), WORKERS).await?;
+        let req = request.into_inner();
+        let worker_id = parse_id("worker_id", &req.worker_id)?;
+        check_batch_len("jobs", req.jobs.len())?;
+        // The whole request is checked before anything is recorded.
+        let completions = req
+            .jobs
+            .into_iter()
+            .enumerate()
+            .map(|(i, job)| {
+                let field = format!("jobs[{i}].");
+                let job_id = parse_id(&format!("{field}job_id"), &job.job_id)?;
+                completion(worker_id, job_id, job.attempt, job.result, job.gpu_seconds, &field)
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        check_distinct("jobs", &completions.iter().map(|c| c.job_id).collect::<Vec<_>>())?;
+        let outcomes = futures::future::join_all(completions.into_iter().map(|c| self.complete_one(c))).await;
+        let outcomes = outcomes
+            .into_iter()
+            .map(|outcome| pb::CompleteJobOutcome { refused: outcome.err().map(|status| refusal(&status)) })
+            .collect();
+        Ok(Response::new(pb::CompleteJobsResponse { outcomes }))
     }
 
     async fn fail_job(&self, request: Request<pb::FailJobRequest>) -> Result<Response<pb::FailJobResponse>, Status> {

@@ -370,6 +370,97 @@ async fn worker_protocol_runs_a_job_to_success_and_watchers_see_it() {
     h.stop().await;
 }
 
+/// StartJobs and CompleteJobs: one outcome per job in order, a refused job
+/// does not refuse the others, a bad request is refused whole and records
+/// nothing, and the jobs end as the single calls would leave them.
+#[tokio::test]
+async fn batched_starts_and_completions_answer_job_by_job() {
+    let h = Harness::start().await;
+    let (mut r, mut w) = (h.render(), h.worker());
+    let batch = r.submit_batch(grid(&["a", "b", "c", "d"], &[1], &[], |_| {})).await.unwrap().into_inner().batch.unwrap();
+    let worker_id = register(&mut w).await;
+    let dispatched = h.db.store.dispatch_jobs("sd3", 3, "test").await.unwrap();
+    assert_eq!(dispatched.len(), 3);
+    let queued = h
+        .db
+        .store
+        .list_jobs(&flowfarm_store::JobFilter { batch_id: Some(batch.id.parse().unwrap()), ..Default::default() }, None, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|j| !dispatched.iter().any(|d| d.id == j.id))
+        .expect("one job left queued");
+    let ids: Vec<String> = dispatched.iter().map(|j| j.id.to_string()).collect();
+
+    // Refused whole, before anything is recorded.
+    let request = |job_ids: Vec<String>| pb::StartJobsRequest { worker_id: worker_id.clone(), job_ids };
+    for (bad, field) in [
+        (vec![], "job_ids: 0 entries"),
+        (vec![ids[0].clone(), "nope".into()], "job_ids[1]"),
+        (vec![ids[0].clone(), ids[0].clone()], "job_ids[1]: job"),
+        (vec![ids[0].clone(); 257], "job_ids: 257 entries"),
+    ] {
+        let err = w.start_jobs(request(bad)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().starts_with(field), "{}", err.message());
+    }
+
+    // The queued job (not dispatched) is refused; the three others start.
+    let mut asked = ids.clone();
+    asked.insert(1, queued.id.to_string());
+    let outcomes = w.start_jobs(request(asked)).await.unwrap().into_inner().outcomes;
+    assert_eq!(outcomes.len(), 4);
+    let mut started = Vec::new();
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        match (i, outcome.outcome.unwrap()) {
+            (1, pb::start_job_outcome::Outcome::Refused(r)) => {
+                assert_eq!(r.code, Code::FailedPrecondition as i32, "{}", r.message);
+            }
+            (_, pb::start_job_outcome::Outcome::Started(s)) => started.push((s.job.unwrap().id, s.attempt)),
+            (i, other) => panic!("outcome {i}: {other:?}"),
+        }
+    }
+    assert_eq!(started.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(), ids, "outcomes keep the request's order");
+    // Started twice: refused, the job stays with its first start.
+    let again = w.start_jobs(request(vec![ids[0].clone()])).await.unwrap().into_inner().outcomes;
+    assert!(matches!(&again[0].outcome, Some(pb::start_job_outcome::Outcome::Refused(r)) if r.code == Code::FailedPrecondition as i32));
+
+    let done = |job_id: &str, attempt: u32, key: &str| pb::CompletedJob {
+        job_id: job_id.into(),
+        attempt,
+        result: Some(pb::JobResult { key: key.into(), sha256: "a".repeat(64), size_bytes: 3, content_type: "image/png".into() }),
+        gpu_seconds: 0.5,
+    };
+    let complete = |jobs: Vec<pb::CompletedJob>| pb::CompleteJobsRequest { worker_id: worker_id.clone(), jobs };
+    // One bad entry refuses the whole call: nothing completes.
+    let err = w
+        .complete_jobs(complete(vec![done(&ids[0], 1, "a.png"), done(&ids[1], 1, "../escape.png")]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("jobs[1].result.key"), "{}", err.message());
+    assert_eq!(h.db.store.get_job(dispatched[0].id).await.unwrap().state, flowfarm_core::JobState::Running);
+
+    // A stale attempt is refused; the others complete; a repeat is a no-op.
+    let outcomes = w
+        .complete_jobs(complete(vec![done(&ids[0], 1, "a.png"), done(&ids[1], 2, "b.png"), done(&ids[2], 1, "c.png")]))
+        .await
+        .unwrap()
+        .into_inner()
+        .outcomes;
+    let refused: Vec<Option<i32>> = outcomes.iter().map(|o| o.refused.as_ref().map(|r| r.code)).collect();
+    assert_eq!(refused, vec![None, Some(Code::FailedPrecondition as i32), None]);
+    let repeat = w.complete_jobs(complete(vec![done(&ids[0], 1, "a.png")])).await.unwrap().into_inner().outcomes;
+    assert!(repeat[0].refused.is_none(), "a repeated completion is a no-op");
+    let states: Vec<flowfarm_core::JobState> =
+        futures::future::join_all(dispatched.iter().map(|j| h.db.store.get_job(j.id))).await.into_iter().map(|j| j.unwrap().state).collect();
+    use flowfarm_core::JobState::{Running, Succeeded};
+    assert_eq!(states, vec![Succeeded, Running, Succeeded]);
+    let workers = h.admin().list_workers(pb::ListWorkersRequest::default()).await.unwrap().into_inner().workers;
+    assert_eq!((workers[0].images_done, workers[0].gpu_seconds), (2, 1.0), "each completion credited once");
+    h.stop().await;
+}
+
 /// Lease expiry → queued with attempt + 1; the stale attempt's reports are
 /// refused; the last attempt's failure makes the job dead.
 #[tokio::test]

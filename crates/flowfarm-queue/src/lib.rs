@@ -248,10 +248,27 @@ impl Consumer {
     /// # Errors
     /// [`QueueError::Redis`] if Redis is away.
     pub async fn ack(&self, delivery: &Delivery) -> Result<(), QueueError> {
-        let key = stream_key(&delivery.model);
-        let ids = [delivery.message_id.as_str()];
+        self.ack_many(std::slice::from_ref(delivery)).await
+    }
+
+    /// [`Consumer::ack`] for many deliveries in one round trip (one XACK and
+    /// one XDEL per stream).
+    ///
+    /// # Errors
+    /// [`QueueError::Redis`] if Redis cannot be reached; the messages then
+    /// stay pending and the coordinator's sweep deals with them.
+    pub async fn ack_many(&self, deliveries: &[Delivery]) -> Result<(), QueueError> {
+        let mut by_stream: std::collections::BTreeMap<String, Vec<&str>> = std::collections::BTreeMap::new();
+        for d in deliveries {
+            by_stream.entry(stream_key(&d.model)).or_default().push(d.message_id.as_str());
+        }
+        if by_stream.is_empty() {
+            return Ok(());
+        }
         let mut pipe = redis::pipe();
-        pipe.xack(&key, GROUP, &ids).ignore().xdel(&key, &ids).ignore();
+        for (key, ids) in &by_stream {
+            pipe.xack(key, GROUP, ids).ignore().xdel(key, ids).ignore();
+        }
         pipe.query_async::<()>(&mut self.writer.clone()).await.map_err(QueueError::redis("XACK"))
     }
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use flowfarm_engine::cache::EmbeddingCache;
 use flowfarm_engine::device::{device_name, open_device, parse_dtype};
 use flowfarm_engine::EngineError;
+use flowfarm_group::Grouper;
 use flowfarm_proto::v1 as pb;
 use flowfarm_proto::v1::worker_service_client::WorkerServiceClient;
 use flowfarm_queue::{Consumer, Delivery};
@@ -75,6 +76,9 @@ struct Shared {
     results: ResultStore,
     consumer: Consumer,
     metrics: WorkerMetrics,
+    /// Completions that finish while a report is in flight go in the next
+    /// CompleteJobs together.
+    completions: Grouper<pb::CompletedJob, Result<(), Status>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -184,9 +188,11 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
     let consumer = connect_consumer(&config.redis_url, &worker_id, &models).await;
     let metrics = WorkerMetrics::new(cache);
     let (mode, mut mode_rx) = watch::channel(Mode::Active);
+    let completions = completion_reporter(client.clone(), worker_id.clone());
     let shared = Arc::new(Shared {
         client,
         worker_id,
+        completions,
         running: Mutex::new(HashMap::new()),
         gpu_seconds: Mutex::new(0.0),
         mode,
@@ -248,8 +254,8 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
                 continue;
             }
         };
-        for delivery in deliveries {
-            match claim(&shared, &delivery).await {
+        for (delivery, claimed) in claim_all(&shared, deliveries).await {
+            match claimed {
                 Some(start) => {
                     // COUNT bounds each stream, not the sum: with several
                     // models a read may bring more than the free slots.
@@ -291,16 +297,81 @@ async fn connect_consumer(url: &str, worker_id: &str, models: &[String]) -> Cons
     }
 }
 
-/// StartJob for a delivery. None: nothing to run (refused, malformed, not
-/// our model); the message is then acknowledged.
-async fn claim(shared: &Shared, delivery: &Delivery) -> Option<pb::StartJobResponse> {
-    let message = match &delivery.job {
-        Ok(m) => *m,
-        Err(why) => {
-            tracing::warn!(message = %delivery.message_id, %why, "dropping a malformed work message");
-            return None;
+/// Claims a read's deliveries with one StartJobs call (per-job StartJob
+/// against a coordinator without it). None: nothing to run (refused,
+/// malformed); that message is then acknowledged.
+async fn claim_all(shared: &Shared, deliveries: Vec<Delivery>) -> Vec<(Delivery, Option<pb::StartJobResponse>)> {
+    let mut claimed: Vec<(Delivery, Option<pb::StartJobResponse>)> = Vec::with_capacity(deliveries.len());
+    let mut pending = Vec::new();
+    // A re-dispatched job may come twice in one read: claim it once.
+    let mut seen = std::collections::HashSet::new();
+    for delivery in deliveries {
+        match &delivery.job {
+            Ok(message) if seen.insert(message.job_id) => pending.push((message.job_id, delivery)),
+            Ok(_) => claimed.push((delivery, None)),
+            Err(why) => {
+                tracing::warn!(message = %delivery.message_id, %why, "dropping a malformed work message");
+                claimed.push((delivery, None));
+            }
         }
-    };
+    }
+    let mut rounds = 0;
+    while !pending.is_empty() {
+        rounds += 1;
+        let request = pb::StartJobsRequest {
+            worker_id: shared.worker_id.clone(),
+            job_ids: pending.iter().map(|(id, _)| id.to_string()).collect(),
+        };
+        let answer = retrying("StartJobs", REPORT_PATIENCE, || {
+            let mut client = shared.client.clone();
+            let request = request.clone();
+            async move { client.start_jobs(request).await }
+        })
+        .await;
+        let outcomes = match answer {
+            Ok(response) => response.into_inner().outcomes,
+            Err(status) if status.code() == Code::Unimplemented => {
+                for (_, delivery) in pending.drain(..) {
+                    let start = claim_one(shared, &delivery).await;
+                    claimed.push((delivery, start));
+                }
+                break;
+            }
+            Err(status) => {
+                tracing::warn!(code = ?status.code(), reason = %status.message(), "cannot claim a read; leaving it to re-dispatch");
+                claimed.extend(pending.drain(..).map(|(_, d)| (d, None)));
+                break;
+            }
+        };
+        let mut retry = Vec::new();
+        for ((job_id, delivery), outcome) in pending.drain(..).zip(outcomes) {
+            match outcome.outcome {
+                Some(pb::start_job_outcome::Outcome::Started(start)) => claimed.push((delivery, Some(start))),
+                Some(pb::start_job_outcome::Outcome::Refused(r)) if Code::from_i32(r.code) == Code::Unavailable && rounds < 5 => {
+                    retry.push((job_id, delivery));
+                }
+                refused => {
+                    // FAILED_PRECONDITION: a duplicate, cancelled, or passed to another worker.
+                    let reason = match refused {
+                        Some(pb::start_job_outcome::Outcome::Refused(r)) => r.message,
+                        _ => "no outcome".into(),
+                    };
+                    tracing::debug!(job = %job_id, %reason, "not started");
+                    claimed.push((delivery, None));
+                }
+            }
+        }
+        if !retry.is_empty() {
+            tokio::time::sleep(jitter(Duration::from_millis(100 << rounds))).await;
+        }
+        pending = retry;
+    }
+    claimed
+}
+
+/// StartJob for one delivery, for coordinators without StartJobs.
+async fn claim_one(shared: &Shared, delivery: &Delivery) -> Option<pb::StartJobResponse> {
+    let message = *delivery.job.as_ref().ok()?;
     let request = pb::StartJobRequest { worker_id: shared.worker_id.clone(), job_id: message.job_id.to_string() };
     let started = retrying("StartJob", REPORT_PATIENCE, || {
         let mut client = shared.client.clone();
@@ -311,7 +382,6 @@ async fn claim(shared: &Shared, delivery: &Delivery) -> Option<pb::StartJobRespo
     match started {
         Ok(response) => Some(response.into_inner()),
         Err(status) => {
-            // FAILED_PRECONDITION: a duplicate, cancelled, or passed to another worker.
             tracing::debug!(job = %message.job_id, code = ?status.code(), reason = %status.message(), "not started");
             None
         }
@@ -429,8 +499,7 @@ async fn complete(shared: &Shared, job: &pb::Job, attempt: u32, png: Vec<u8>, se
             return fail(shared, &job.id, attempt, &e.to_string(), true).await;
         }
     };
-    let request = pb::CompleteJobRequest {
-        worker_id: shared.worker_id.clone(),
+    let completed = pb::CompletedJob {
         job_id: job.id.clone(),
         attempt,
         result: Some(pb::JobResult {
@@ -441,16 +510,65 @@ async fn complete(shared: &Shared, job: &pb::Job, attempt: u32, png: Vec<u8>, se
         }),
         gpu_seconds: seconds,
     };
-    retrying("CompleteJob", REPORT_PATIENCE, || {
-        let mut client = shared.client.clone();
-        let request = request.clone();
-        async move { client.complete_job(request).await }
-    })
-    .await?;
+    shared.completions.call(completed).await.unwrap_or_else(|| Err(Status::cancelled("the worker is shutting down")))?;
     tracing::info!(job = %job_id, attempt, seconds, "completed");
     shared.metrics.finished("succeeded");
     shared.metrics.observe_render(seconds);
     Ok(())
+}
+
+/// Most completions one CompleteJobs call carries.
+const MAX_REPORT_GROUP: usize = 64;
+
+/// Sends completions in groups: one CompleteJobs for all that are waiting,
+/// retried while the coordinator is away; each completion gets its own
+/// answer. Falls back to CompleteJob against a coordinator without CompleteJobs.
+fn completion_reporter(client: Client, worker_id: String) -> Grouper<pb::CompletedJob, Result<(), Status>> {
+    Grouper::new(MAX_REPORT_GROUP, move |jobs: Vec<pb::CompletedJob>| {
+        let (client, worker_id) = (client.clone(), worker_id.clone());
+        async move {
+            let request = pb::CompleteJobsRequest { worker_id: worker_id.clone(), jobs: jobs.clone() };
+            let answer = retrying("CompleteJobs", REPORT_PATIENCE, || {
+                let mut client = client.clone();
+                let request = request.clone();
+                async move { client.complete_jobs(request).await }
+            })
+            .await;
+            match answer {
+                Ok(response) => {
+                    let outcomes = response.into_inner().outcomes;
+                    (0..jobs.len())
+                        .map(|i| match outcomes.get(i) {
+                            Some(pb::CompleteJobOutcome { refused: None }) => Ok(()),
+                            Some(pb::CompleteJobOutcome { refused: Some(r) }) => Err(Status::new(Code::from_i32(r.code), r.message.clone())),
+                            None => Err(Status::internal("the coordinator answered fewer completions than were sent")),
+                        })
+                        .collect()
+                }
+                Err(status) if status.code() == Code::Unimplemented => {
+                    let mut answers = Vec::with_capacity(jobs.len());
+                    for job in jobs {
+                        let request = pb::CompleteJobRequest {
+                            worker_id: worker_id.clone(),
+                            job_id: job.job_id,
+                            attempt: job.attempt,
+                            result: job.result,
+                            gpu_seconds: job.gpu_seconds,
+                        };
+                        let answer = retrying("CompleteJob", REPORT_PATIENCE, || {
+                            let mut client = client.clone();
+                            let request = request.clone();
+                            async move { client.complete_job(request).await }
+                        })
+                        .await;
+                        answers.push(answer.map(|_| ()));
+                    }
+                    answers
+                }
+                Err(status) => jobs.iter().map(|_| Err(status.clone())).collect(),
+            }
+        }
+    })
 }
 
 async fn fail(shared: &Shared, job_id: &str, attempt: u32, error: &str, retryable: bool) -> Result<(), Status> {

@@ -1,7 +1,8 @@
-//! Groups concurrent calls into one database statement: whatever arrived
-//! while the previous group ran goes out together, as group commit does.
-//! Under light load a group is a single call and waits for nothing; under
-//! load one statement serves many workers' StartJob or CompleteJob.
+//! Group commit for async calls: whatever arrived while the previous group
+//! ran goes out together in one batched operation. Under light load a group
+//! is a single call and waits for nothing; under load one operation serves
+//! many callers. The coordinator groups StartJob and CompleteJob statements
+//! this way; workers group their CompleteJobs reports.
 
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
@@ -13,7 +14,7 @@ type Run<Req, Out> = Arc<dyn Fn(Vec<Req>) -> std::pin::Pin<Box<dyn Future<Output
 
 /// A grouper of calls `Req → Out`; `run` answers a group, one output per
 /// request, in order.
-pub(crate) struct Grouper<Req, Out> {
+pub struct Grouper<Req, Out> {
     max: usize,
     run: Run<Req, Out>,
     // Started on first use, inside the runtime.
@@ -21,7 +22,8 @@ pub(crate) struct Grouper<Req, Out> {
 }
 
 impl<Req: Send + 'static, Out: Send + 'static> Grouper<Req, Out> {
-    pub(crate) fn new<F, Fut>(max: usize, run: F) -> Self
+    /// A grouper whose groups hold at most `max` calls, answered by `run`.
+    pub fn new<F, Fut>(max: usize, run: F) -> Self
     where
         F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<Out>> + Send + 'static,
@@ -55,7 +57,7 @@ impl<Req: Send + 'static, Out: Send + 'static> Grouper<Req, Out> {
 
     /// Answers `request` as part of the next group. None if the grouper's
     /// task is gone (the runtime is shutting down).
-    pub(crate) async fn call(&self, request: Req) -> Option<Out> {
+    pub async fn call(&self, request: Req) -> Option<Out> {
         let (tx, rx) = oneshot::channel();
         self.queue().send((request, tx)).ok()?;
         rx.await.ok()
@@ -65,5 +67,38 @@ impl<Req: Send + 'static, Out: Send + 'static> Grouper<Req, Out> {
 impl<Req, Out> std::fmt::Debug for Grouper<Req, Out> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Grouper").field("max", &self.max).finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_calls_share_groups_and_get_their_own_answers() {
+        let groups = Arc::new(AtomicUsize::new(0));
+        let counted = groups.clone();
+        let grouper = Arc::new(Grouper::new(8, move |requests: Vec<u32>| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                requests.into_iter().map(|r| r * 10).collect::<Vec<u32>>()
+            }
+        }));
+        let calls: Vec<_> = (0..32u32)
+            .map(|i| {
+                let grouper = grouper.clone();
+                tokio::spawn(async move { (i, grouper.call(i).await) })
+            })
+            .collect();
+        for call in calls {
+            let (i, answer) = call.await.unwrap();
+            assert_eq!(answer, Some(i * 10));
+        }
+        let groups = groups.load(Ordering::SeqCst);
+        // 32 calls in groups of at most 8, and fewer groups than calls.
+        assert!((4..32).contains(&groups), "{groups} groups");
     }
 }
