@@ -159,8 +159,8 @@ impl WorkerConfig {
         if self.models.is_empty() {
             return invalid("models: at least one [[models]] entry (name, path) is needed".into());
         }
-        if let Err(e) = flowfarm_engine::device::parse_dtype(&self.dtype) {
-            return invalid(format!("dtype: {e}"));
+        if flowfarm_engine::device::parse_dtype(&self.dtype).is_err() {
+            return invalid(format!("dtype: `{}` is not `f32`, `f16` or `bf16`", self.dtype));
         }
         let device = self.device.trim();
         if device != "cpu" && device != "cuda" && !device.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok()) {
@@ -241,6 +241,16 @@ mod tests {
         let mut c = base();
         c.models[0].path = "/nonexistent".into();
         assert!(c.check().unwrap_err().to_string().contains("models[0].path"));
+        let mut c = base();
+        c.device = "gpu0".into();
+        assert!(c.check().unwrap_err().to_string().contains("device: `gpu0` is not `cpu`, `cuda` or `cuda:N`"));
+        let mut c = base();
+        c.dtype = "f64".into();
+        assert!(c.check().unwrap_err().to_string().contains("dtype: `f64` is not `f32`, `f16` or `bf16`"));
+        let mut c = base();
+        c.apply_env(|n| (n == "FLOWFARM_DEVICE").then(|| "cuda:1".into())).unwrap();
+        assert_eq!(c.device, "cuda:1");
+        c.check().unwrap();
         let mut c = base();
         let err = c.apply_env(|n| (n == "FLOWFARM_METRICS_LISTEN").then(|| "nope".into())).unwrap_err();
         assert!(err.to_string().contains("FLOWFARM_METRICS_LISTEN"));
