@@ -8,8 +8,9 @@
 //!
 //! 1. Latency: idle workers; one job submitted at a time; SubmitBatch call
 //!    to StartJob answered, p50 / p99.
-//! 2. Throughput: 20,000 jobs through 16 workers × 16 slots; jobs/s from
-//!    the first submission to the last completion, and where the time goes.
+//! 2. Throughput: 20,000 jobs (`FLOWFARM_BENCH_BATCHES` × 10,000) through
+//!    64 workers × 16 slots (`FLOWFARM_BENCH_WORKERS=16x16` for others);
+//!    jobs/s from the first submission to the last completion.
 //!
 //! `cargo bench -p flowfarm-coordinator --bench lifecycle`
 //! (FLOWFARM_TEST_REDIS_URL, default redis://127.0.0.1:6379/0; uses and
@@ -185,12 +186,19 @@ async fn main() {
     for key in [&tally.start_micros, &tally.complete_micros, &tally.read_micros, &tally.reads] {
         key.store(0, Ordering::Relaxed);
     }
-    for i in 0..16 {
-        play_worker(&h, redis.clone(), format!("busy-{i}"), 16, tally.clone(), waiters.clone(), stop.clone()).await;
+    let (workers, slots) = std::env::var("FLOWFARM_BENCH_WORKERS")
+        .ok()
+        .and_then(|v| v.split_once('x').and_then(|(w, s)| Some((w.parse::<u32>().ok()?, s.parse::<u32>().ok()?))))
+        .unwrap_or((64, 16));
+    println!("throughput: {workers} workers × {slots} slots");
+    for i in 0..workers {
+        play_worker(&h, redis.clone(), format!("busy-{i}"), slots, tally.clone(), waiters.clone(), stop.clone()).await;
     }
-    let total = 20_000;
+    // Batches of 10,000 (a 100 × 100 grid each).
+    let batches: usize = std::env::var("FLOWFARM_BENCH_BATCHES").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let total = batches * 10_000;
     let t = Instant::now();
-    for half in 0..2 {
+    for half in 0..batches {
         let request = pb::SubmitBatchRequest {
             grid: Some(pb::JobGrid {
                 base: Some(pb::JobSpec { model: MODEL.into(), ..Default::default() }),

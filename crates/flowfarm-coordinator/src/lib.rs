@@ -68,6 +68,10 @@ struct Shared {
 
 /// Most calls answered by one grouped statement.
 const MAX_GROUP: usize = 512;
+/// Grouped statements of one kind running at once: while one waits for its
+/// commit, the next group forms and runs. Rows are locked in id order, so
+/// groups do not deadlock one another.
+const GROUPS_IN_FLIGHT: usize = 4;
 
 fn start_grouper(store: PgStore, lease: std::time::Duration) -> Grouper<(Uuid, Uuid), Result<flowfarm_store::JobRow, flowfarm_store::StoreError>> {
     Grouper::new(MAX_GROUP, move |requests: Vec<(Uuid, Uuid)>| {
@@ -91,6 +95,7 @@ fn start_grouper(store: PgStore, lease: std::time::Duration) -> Grouper<(Uuid, U
             out
         }
     })
+    .in_flight(GROUPS_IN_FLIGHT)
 }
 
 fn completion_grouper(store: PgStore) -> Grouper<flowfarm_store::Completion, Result<(), flowfarm_store::StoreError>> {
@@ -112,6 +117,7 @@ fn completion_grouper(store: PgStore) -> Grouper<flowfarm_store::Completion, Res
             out
         }
     })
+    .in_flight(GROUPS_IN_FLIGHT)
 }
 
 /// Handle to a coordinator's services; cheap to clone.
