@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs every flowfarm test from a clean clone: makes sure Postgres and Redis
-# run (starting them, or installing them from Debian packages when missing),
+# run (starting them, or installing them from Debian packages when missing)
+# and that an S3-compatible test server is built,
 # builds every binary, then runs the whole test suite.
 #
 # Environment:
 #   FLOWFARM_TEST_DATABASE_URL  Postgres server tests create their databases on
 #                               (default postgres://postgres@127.0.0.1:5432/postgres)
 #   FLOWFARM_TEST_REDIS_URL     Redis server (default redis://127.0.0.1:6379)
+#   FLOWFARM_TEST_S3S_FS        s3s-fs binary (default: installed into ~/.cache/flowfarm/tools)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -60,8 +62,22 @@ ensure_redis() {
   exit 1
 }
 
+# The results-store tests run an S3-compatible server: s3s-fs (S3 over a
+# folder), built once from crates.io into ~/.cache/flowfarm/tools.
+ensure_s3s_fs() {
+  if [ -n "${FLOWFARM_TEST_S3S_FS:-}" ]; then return; fi
+  local root="$HOME/.cache/flowfarm/tools"
+  if [ ! -x "$root/bin/s3s-fs" ]; then
+    say "installing s3s-fs 0.14.1 (an S3-compatible server) for the results-store tests"
+    cargo install --locked --quiet s3s-fs@0.14.1 --features binary --root "$root" \
+      --target-dir "${CARGO_TARGET_DIR:-target}/tools"
+  fi
+  export FLOWFARM_TEST_S3S_FS="$root/bin/s3s-fs"
+}
+
 ensure_postgres
 ensure_redis
+ensure_s3s_fs
 
 say "building (every binary: the end-to-end tests run them)"
 cargo build --locked --workspace --bins --tests

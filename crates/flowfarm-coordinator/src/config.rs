@@ -106,11 +106,14 @@ pub struct ResultsConfig {
     /// Folder of the local results store; result keys are paths below it.
     /// Env: `FLOWFARM_RESULTS_DIR`.
     pub dir: PathBuf,
+    /// An S3-compatible bucket instead of the folder: `s3://bucket[/prefix]`,
+    /// endpoint and credentials from the `AWS_*` variables. Env: `FLOWFARM_RESULTS_URL`.
+    pub url: Option<String>,
 }
 
 impl Default for ResultsConfig {
     fn default() -> Self {
-        ResultsConfig { dir: PathBuf::from("results") }
+        ResultsConfig { dir: PathBuf::from("results"), url: None }
     }
 }
 
@@ -221,6 +224,9 @@ impl Config {
         }
         if let Some(dir) = var("FLOWFARM_RESULTS_DIR") {
             self.results.dir = dir.into();
+        }
+        if let Some(url) = var("FLOWFARM_RESULTS_URL") {
+            self.results.url = Some(url).filter(|u| !u.is_empty());
         }
         if let Some(url) = var("FLOWFARM_REDIS_URL") {
             self.queue.redis_url = url;

@@ -36,7 +36,7 @@ pub use reaper::{reap_once, run_reaper};
 pub use server::{serve, ServeError};
 
 use crate::auth::Authenticator;
-use crate::config::{LeaseConfig, QueueConfig, ResultsConfig};
+use crate::config::{LeaseConfig, QueueConfig};
 
 /// Step progress of one job, fanned out to watchers.
 #[derive(Debug, Clone)]
@@ -52,7 +52,7 @@ struct Shared {
     registry: ModelRegistry,
     limits: Limits,
     leases: LeaseConfig,
-    results: ResultsConfig,
+    results: flowfarm_results::ResultStore,
     shutdown_grace: std::time::Duration,
     auth: Authenticator,
     progress: broadcast::Sender<Progress>,
@@ -131,9 +131,12 @@ impl Coordinator {
     /// leases and retry backoff.
     ///
     /// # Errors
-    /// [`ConfigError`] if the config does not pass its checks.
+    /// [`ConfigError`] if the config does not pass its checks or the results
+    /// store cannot be opened.
     pub fn new(config: &Config, store: PgStore) -> Result<Self, ConfigError> {
         config.check()?;
+        let results = flowfarm_results::ResultStore::open(config.results.url.as_deref(), &config.results.dir)
+            .map_err(|e| ConfigError::Invalid(format!("results: {e}")))?;
         let (progress, _) = broadcast::channel(4096);
         let store = store.with_retry_backoff(config.retries.backoff());
         Ok(Coordinator {
@@ -147,7 +150,7 @@ impl Coordinator {
                 registry: config.registry()?,
                 limits: config.limits.clone(),
                 leases: config.leases.clone(),
-                results: config.results.clone(),
+                results,
                 shutdown_grace: config.server.shutdown_grace(),
                 store,
                 progress,

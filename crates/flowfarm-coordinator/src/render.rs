@@ -10,10 +10,9 @@ use flowfarm_proto::v1::render_service_server::RenderService;
 use flowfarm_store::{JobFilter, NewBatch};
 use prost::Message;
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::Stream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -201,27 +200,43 @@ impl RenderService for Coordinator {
             (Some(result), JobState::Succeeded) => result.clone(),
             _ => return Err(Status::failed_precondition(format!("job {id} is {}, it has no result", job.state))),
         };
-        let path = self.shared.results.dir.join(&result.key);
-        let mut file = tokio::fs::File::open(&path).await.map_err(|e| {
-            Status::not_found(format!("result object `{}` of job {id} is missing from the results store: {e}", result.key))
+        let (_, mut objects) = self.shared.results.get(&result.key).await.map_err(|e| match e {
+            flowfarm_results::ResultError::Missing { .. } => {
+                Status::not_found(format!("result object `{}` of job {id} is missing from the results store: {e}", result.key))
+            }
+            other => Status::unavailable(format!("reading the result of job {id}: {other}")),
         })?;
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             let mut first = true;
-            let mut buf = vec![0u8; RESULT_CHUNK];
+            // Re-chunked to RESULT_CHUNK: object stores hand out pieces of any size.
+            let mut pending = bytes::BytesMut::new();
             loop {
-                let n = match file.read(&mut buf).await {
-                    Ok(0) => return,
-                    Ok(n) => n,
-                    Err(e) => { let _ = tx.send(Err(Status::internal(format!("reading result: {e}")))).await; return; }
-                };
-                let chunk = pb::ResultChunk {
-                    content_type: if first { result.content_type.clone() } else { String::new() },
-                    total_size: if first { result.size_bytes } else { 0 },
-                    data: buf[..n].to_vec(),
-                };
-                first = false;
-                if tx.send(Ok(chunk)).await.is_err() { return; }
+                let next = objects.next().await;
+                let done = next.is_none();
+                match next {
+                    Some(Ok(piece)) => pending.extend_from_slice(&piece),
+                    Some(Err(e)) => {
+                        let _ = tx.send(Err(Status::unavailable(format!("reading result: {e}")))).await;
+                        return;
+                    }
+                    None => {}
+                }
+                while pending.len() >= RESULT_CHUNK || (done && !pending.is_empty()) {
+                    let n = pending.len().min(RESULT_CHUNK);
+                    let chunk = pb::ResultChunk {
+                        content_type: if first { result.content_type.clone() } else { String::new() },
+                        total_size: if first { result.size_bytes } else { 0 },
+                        data: pending.split_to(n).to_vec(),
+                    };
+                    first = false;
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        return;
+                    }
+                }
+                if done {
+                    return;
+                }
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

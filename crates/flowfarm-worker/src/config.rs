@@ -25,6 +25,10 @@ pub struct WorkerConfig {
     /// Folder of the results store (the coordinator's `results.dir`).
     /// Env: `FLOWFARM_RESULTS_DIR`.
     pub results_dir: PathBuf,
+    /// An S3-compatible bucket instead of the folder: `s3://bucket[/prefix]`,
+    /// the coordinator's `results.url`; endpoint and credentials from the
+    /// `AWS_*` variables. Env: `FLOWFARM_RESULTS_URL`.
+    pub results_url: Option<String>,
     /// Jobs rendered at once.
     pub capacity: u32,
     /// Where the models run: `cpu`, `cuda` or `cuda:N` (CUDA needs a build
@@ -68,6 +72,7 @@ impl Default for WorkerConfig {
             token: String::new(),
             redis_url: "redis://127.0.0.1:6379/0".into(),
             results_dir: PathBuf::from("results"),
+            results_url: None,
             capacity: 1,
             device: "cpu".into(),
             dtype: "f32".into(),
@@ -117,7 +122,7 @@ impl WorkerConfig {
     }
 
     /// Applies `FLOWFARM_SERVER`, `FLOWFARM_TOKEN`, `FLOWFARM_REDIS_URL`,
-    /// `FLOWFARM_RESULTS_DIR`, `FLOWFARM_DEVICE`, `FLOWFARM_WORKER_NAME` and
+    /// `FLOWFARM_RESULTS_DIR`, `FLOWFARM_RESULTS_URL`, `FLOWFARM_DEVICE`, `FLOWFARM_WORKER_NAME` and
     /// `FLOWFARM_METRICS_LISTEN`, read through `var`.
     ///
     /// # Errors
@@ -134,6 +139,9 @@ impl WorkerConfig {
         }
         if let Some(v) = var("FLOWFARM_RESULTS_DIR") {
             self.results_dir = v.into();
+        }
+        if let Some(v) = var("FLOWFARM_RESULTS_URL") {
+            self.results_url = Some(v).filter(|u| !u.is_empty());
         }
         if let Some(v) = var("FLOWFARM_DEVICE") {
             self.device = v;

@@ -28,7 +28,7 @@ use uuid::Uuid;
 use crate::config::{hostname, WorkerConfig};
 use crate::metrics::WorkerMetrics;
 use crate::render::{resolved_job, JobRenderer};
-use crate::results::ResultStore;
+use flowfarm_results::ResultStore;
 use crate::WorkerError;
 
 /// Longest wait on the streams before the loop looks at its state again.
@@ -143,7 +143,7 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
         tracing::info!(model = %entry.name, path = %entry.path.display(), t5 = renderer.has_t5(), device = %device_name(&device), ?dtype, "model loaded");
         renderers.insert(entry.name.clone(), Arc::new(renderer));
     }
-    let results = ResultStore::local(&config.results_dir)?;
+    let results = ResultStore::open(config.results_url.as_deref(), &config.results_dir)?;
     let token: MetadataValue<Ascii> = format!("Bearer {}", config.token)
         .parse()
         .map_err(|_| WorkerError::Config("the token holds characters a header cannot carry".into()))?;

@@ -6,14 +6,12 @@
 //!
 //! - [`config`]: the TOML config and its environment overrides.
 //! - [`render`]: one job, prompt to PNG bytes.
-//! - [`results`]: the results store.
 //! - [`run`]: the daemon itself.
 
 pub mod config;
 mod daemon;
 pub mod metrics;
 pub mod render;
-pub mod results;
 
 pub use config::{ModelEntry, WorkerConfig, WorkerConfigError};
 pub use daemon::run;
@@ -26,7 +24,7 @@ pub enum WorkerError {
     #[error("loading model `{name}`: {source}")]
     Model { name: String, source: flowfarm_engine::EngineError },
     #[error(transparent)]
-    Results(#[from] results::ResultError),
+    Results(#[from] flowfarm_results::ResultError),
     #[error("{what}: {} ({:?})", status.message(), status.code())]
     Rpc { what: &'static str, status: tonic::Status },
     #[error("internal: {0}")]

@@ -49,6 +49,8 @@ struct Farm {
     submitter: String,
     admin: String,
     worker_token: String,
+    /// More environment for the coordinator and workers (results in S3).
+    env: Vec<(String, String)>,
 }
 
 /// A `flowfarm worker` process.
@@ -74,14 +76,18 @@ impl Drop for Worker {
 
 impl Farm {
     async fn start() -> Farm {
+        Farm::start_env(Vec::new()).await
+    }
+
+    async fn start_env(env: Vec<(String, String)>) -> Farm {
         let db = TestDb::new().await;
         let dir = tempfile::tempdir().unwrap();
         let redis = RedisServer::start();
         let config = write(dir.path(), "flowfarm.toml", &coordinator_config());
         let results = dir.path().join("results");
-        let server = Server::start_with(&db, &config, &results, &redis.url());
+        let server = Server::start_env(&db, &config, &results, &redis.url(), "127.0.0.1:0", &env);
         let (submitter, admin, worker_token) = (token(&db, "submit", "alice"), token(&db, "admin", "ops"), token(&db, "worker", "fleet"));
-        Farm { db, dir, redis, server: Some(server), config, results, submitter, admin, worker_token }
+        Farm { db, dir, redis, server: Some(server), config, results, submitter, admin, worker_token, env }
     }
 
     fn url(&self) -> String {
@@ -92,7 +98,7 @@ impl Farm {
         let server = self.server.take().expect("coordinator running");
         let addr = server.addr.to_string();
         server.stop();
-        self.server = Some(Server::start_on(&self.db, &self.config, &self.results, &self.redis.url(), &addr));
+        self.server = Some(Server::start_env(&self.db, &self.config, &self.results, &self.redis.url(), &addr, &self.env));
     }
 
     fn worker(&self, name: &str) -> Worker {
@@ -116,6 +122,7 @@ impl Farm {
             .env("FLOWFARM_REDIS_URL", self.redis.url())
             .env("FLOWFARM_RESULTS_DIR", &self.results)
             .env("FLOWFARM_METRICS_LISTEN", metrics.to_string())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "info")
             .env("RUST_BACKTRACE", "0")
             // Two workers and a coordinator share two cores.
@@ -461,4 +468,35 @@ impl Farm {
         .await;
         self.worker_id(name).await
     }
+}
+
+/// Results in an S3-compatible bucket: workers write there, GetResult reads
+/// from there, and nothing lands in the local results folder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_can_live_in_an_s3_bucket() {
+    let s3 = S3Server::start("renders");
+    let farm = Farm::start_env(s3.env("s3://renders/farm")).await;
+    let worker = farm.worker("s3-worker");
+    let jobs: Vec<String> = (0..6).map(|i| job(&format!("a bucket of paint {i}"), i, 4)).collect();
+    let batch = farm.submit(&jobs);
+    farm.wait_all_finished(&[&worker], Duration::from_secs(120)).await;
+
+    let rows: Vec<(Uuid, String, String, String)> =
+        sqlx::query_as("SELECT id, state, result_key, result_sha256 FROM jobs").fetch_all(farm.db.store.pool()).await.unwrap();
+    assert_eq!(rows.len(), 6);
+    let out = farm.dir.path().join("fetched");
+    let fetched = farm.farmctl(&farm.submitter, &["results", "fetch", &batch, "--out", out.to_str().unwrap()]);
+    assert!(fetched.status.success(), "{}", String::from_utf8_lossy(&fetched.stderr));
+    let fetched_files = walk(&out);
+    assert_eq!(fetched_files.len(), 6, "{fetched_files:?}");
+    for (id, state, key, sha) in rows {
+        assert_eq!(state, "succeeded", "job {id}");
+        let object = s3.root.path().join("renders/farm").join(&key);
+        let bytes = std::fs::read(&object).unwrap_or_else(|e| panic!("object {} in the bucket: {e}", object.display()));
+        assert_eq!(hex::encode(Sha256::digest(&bytes)), sha, "{key}");
+        assert!(read_parameters(&bytes).unwrap().is_some(), "{key} is a flowfarm PNG");
+        let through_get_result = fetched_files.iter().find(|f| f.to_string_lossy().contains(&id.to_string())).expect("fetched");
+        assert_eq!(std::fs::read(through_get_result).unwrap(), bytes, "GetResult streams the bucket's object");
+    }
+    assert!(walk(&farm.results).is_empty(), "nothing in the local results folder");
 }

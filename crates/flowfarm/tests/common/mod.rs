@@ -51,6 +51,11 @@ impl Server {
 
     /// As [`Server::start_with`], listening on `listen` (a restart keeps its address).
     pub fn start_on(db: &TestDb, config: &Path, results: &Path, redis_url: &str, listen: &str) -> Server {
+        Server::start_env(db, config, results, redis_url, listen, &[])
+    }
+
+    /// As [`Server::start_on`], with more environment variables.
+    pub fn start_env(db: &TestDb, config: &Path, results: &Path, redis_url: &str, listen: &str, env: &[(String, String)]) -> Server {
         let mut child = Command::new(flowfarm_bin())
             .arg("--config")
             .arg(config)
@@ -60,6 +65,7 @@ impl Server {
             .env("FLOWFARM_METRICS_LISTEN", "127.0.0.1:0")
             .env("FLOWFARM_RESULTS_DIR", results)
             .env("FLOWFARM_REDIS_URL", redis_url)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "error")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -194,4 +200,62 @@ pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).expect("write file");
     path
+}
+
+/// A private S3-compatible server (s3s-fs, an S3 implementation over a
+/// folder) on a free port, with one bucket. `FLOWFARM_TEST_S3S_FS` names the
+/// binary; scripts/test.sh installs it.
+pub struct S3Server {
+    child: Child,
+    pub port: u16,
+    /// The folder behind the server: bucket `b`'s object `k` is `root/b/k`.
+    pub root: tempfile::TempDir,
+}
+
+impl S3Server {
+    pub fn start(bucket: &str) -> S3Server {
+        let binary = std::env::var_os("FLOWFARM_TEST_S3S_FS")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/flowfarm/tools/bin/s3s-fs")))
+            .filter(|p| p.is_file())
+            .expect("s3s-fs not found: run scripts/test.sh, or `cargo install s3s-fs@0.14.1 --features binary` and set FLOWFARM_TEST_S3S_FS");
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join(bucket)).unwrap();
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(binary)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", "flowfarm", "--secret-key", "flowfarm-secret"])
+            .arg(root.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start s3s-fs");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "s3s-fs on port {port} did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        S3Server { child, port, root }
+    }
+
+    /// The environment of a coordinator or worker storing results at `url`.
+    pub fn env(&self, url: &str) -> Vec<(String, String)> {
+        [
+            ("FLOWFARM_RESULTS_URL", url.to_owned()),
+            ("AWS_ENDPOINT_URL", format!("http://127.0.0.1:{}", self.port)),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("AWS_ACCESS_KEY_ID", "flowfarm".into()),
+            ("AWS_SECRET_ACCESS_KEY", "flowfarm-secret".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
