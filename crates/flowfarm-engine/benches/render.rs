@@ -4,6 +4,10 @@
 //!
 //! `cargo bench -p flowfarm-engine --bench render`
 
+// As the flowfarm binary: glibc's malloc would page-fault every large buffer in again.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -8,6 +8,10 @@
 //! `cargo bench -p flowfarm-engine --bench step` (CPU, F32), or with
 //! `--features cuda` and `FLOWFARM_BENCH_DEVICE=cuda:0 FLOWFARM_BENCH_DTYPES=f32,bf16`.
 
+// As the flowfarm binary: glibc's malloc would page-fault every large buffer in again.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
