@@ -18,6 +18,8 @@ const CACHE_TTL: Duration = Duration::from_secs(10);
 /// Who is calling, once authenticated.
 #[derive(Debug, Clone)]
 pub struct Caller {
+    /// The token's id.
+    pub token_id: uuid::Uuid,
     pub name: String,
     pub role: Role,
 }
@@ -73,7 +75,7 @@ impl Authenticator {
                 wanted.join(" or ")
             )));
         }
-        Ok(Caller { name: info.name, role: info.role })
+        Ok(Caller { token_id: info.id, name: info.name, role: info.role })
     }
 
     async fn lookup(&self, secret: &str) -> Result<TokenInfo, Status> {

@@ -62,6 +62,9 @@ struct Shared {
     dispatch_wake: Arc<Notify>,
     /// Concurrent StartJob calls, one statement per group.
     starts: Grouper<(Uuid, Uuid), Result<flowfarm_store::JobRow, flowfarm_store::StoreError>>,
+    /// The token each worker registered with (None: registered before
+    /// tokens were recorded); set once at registration, so never stale.
+    worker_tokens: std::sync::Mutex<std::collections::HashMap<Uuid, Option<Uuid>>>,
     /// Concurrent CompleteJob calls, one statement per group.
     completions: Grouper<flowfarm_store::Completion, Result<(), flowfarm_store::StoreError>>,
 }
@@ -146,6 +149,7 @@ impl Coordinator {
                 dispatch_wake: Arc::new(Notify::new()),
                 starts: start_grouper(store.clone(), config.leases.lease()),
                 completions: completion_grouper(store.clone()),
+                worker_tokens: Default::default(),
                 auth: Authenticator::new(store.clone()),
                 registry: config.registry()?,
                 limits: config.limits.clone(),

@@ -100,6 +100,30 @@ fn completion(
 }
 
 impl Coordinator {
+    /// Refuses a worker RPC whose token is not the one `worker_id`
+    /// registered with, so one worker's token cannot report for another.
+    async fn check_worker(&self, caller: &crate::auth::Caller, worker_id: Uuid) -> Result<(), Status> {
+        let known = self.shared.worker_tokens.lock().unwrap_or_else(|p| p.into_inner()).get(&worker_id).copied();
+        let registered = match known {
+            Some(token) => token,
+            None => {
+                let token = self.shared.store.worker_token(worker_id).await.map_err(store_status)?;
+                let mut cache = self.shared.worker_tokens.lock().unwrap_or_else(|p| p.into_inner());
+                if cache.len() > 100_000 {
+                    cache.clear();
+                }
+                cache.insert(worker_id, token);
+                token
+            }
+        };
+        match registered {
+            Some(token) if token != caller.token_id => Err(Status::permission_denied(format!(
+                "worker {worker_id} registered with another token; a worker reports with the token it registered with"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// One StartJob, through the grouper.
     async fn start_one(&self, job_id: Uuid, worker_id: Uuid) -> Result<pb::StartJobResponse, Status> {
         let job = self
@@ -142,7 +166,7 @@ impl WorkerService for Coordinator {
         &self,
         request: Request<pb::RegisterWorkerRequest>,
     ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
-        self.shared.auth.authorize(request.metadata(), WORKERS).await?;
+        let caller = self.shared.auth.authorize(request.metadata(), WORKERS).await?;
         let req = request.into_inner();
         if req.name.trim().is_empty() || req.name.chars().count() > 128 {
             return Err(invalid("name", "must be 1 to 128 characters"));
@@ -186,6 +210,7 @@ impl WorkerService for Coordinator {
                 text_encoder_sets: sets,
                 capacity: req.capacity,
                 version: req.version,
+                token_id: Some(caller.token_id),
             })
             .await
             .map_err(store_status)?;
@@ -200,7 +225,7 @@ impl WorkerService for Coordinator {
     }
 
     async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        self.shared.auth.authorize(request.metadata(), WORKERS).await?;
+        let caller = self.shared.auth.authorize(request.metadata(), WORKERS).await?;
         let req = request.into_inner();
         let worker_id = parse_id("worker_id", &req.worker_id)?;
         if !(req.gpu_seconds_delta.is_finite() && req.gpu_seconds_delta >= 0.0) {
@@ -212,6 +237,7 @@ impl WorkerService for Coordinator {
             .enumerate()
             .map(|(i, r)| Ok((parse_id(&format!("running[{i}].job_id"), &r.job_id)?, r.attempt)))
             .collect::<Result<Vec<(Uuid, u32)>, Status>>()?;
+        self.check_worker(&caller, worker_id).await?;
         let outcome = self
             .shared
             .store
@@ -226,15 +252,16 @@ impl WorkerService for Coordinator {
     }
 
     async fn start_job(&self, request: Request<pb::StartJobRequest>) -> Result<Response<pb::StartJobResponse>, Status> {
-        self.shared.auth.authorize(request.metadata(), WORKERS).await?;
+        let caller = self.shared.auth.authorize(request.metadata(), WORKERS).await?;
         let req = request.into_inner();
         let worker_id = parse_id("worker_id", &req.worker_id)?;
         let job_id = parse_id("job_id", &req.job_id)?;
+        self.check_worker(&caller, worker_id).await?;
         Ok(Response::new(self.start_one(job_id, worker_id).await?))
     }
 
     async fn start_jobs(&self, request: Request<pb::StartJobsRequest>) -> Result<Response<pb::StartJobsResponse>, Status> {
-        self.shared.auth.authorize(request.metadata(), WORKERS).await?;
+        let caller = self.shared.auth.authorize(request.metadata(), WORKERS).await?;
         let req = request.into_inner();
         let worker_id = parse_id("worker_id", &req.worker_id)?;
         check_batch_len("job_ids", req.job_ids.len())?;
@@ -245,6 +272,7 @@ impl WorkerService for Coordinator {
             .map(|(i, id)| parse_id(&format!("job_ids[{i}]"), id))
             .collect::<Result<Vec<Uuid>, Status>>()?;
         check_distinct("job_ids", &job_ids)?;
+        self.check_worker(&caller, worker_id).await?;
         // Each start joins the grouper's next statement with the other workers' calls.
         let outcomes = futures::future::join_all(job_ids.iter().map(|&job_id| self.start_one(job_id, worker_id))).await;
         let outcomes = outcomes
@@ -263,7 +291,7 @@ impl WorkerService for Coordinator {
         &self,
         request: Request<pb::ReportProgressRequest>,
     ) -> Result<Response<pb::ReportProgressResponse>, Status> {
-        self.shared.auth.authorize(request.metadata(), WORKERS).await?;
+        let caller = self.shared.auth.authorize(request.metadata(), WORKERS).await?;
         let req = request.into_inner();
         let worker_id = parse_id("worker_id", &req.worker_id)?;
         let job_id = parse_id("job_id", &req.job_id)?;
@@ -271,6 +299,7 @@ impl WorkerService for Coordinator {
         if req.step > req.total_steps {
             return Err(invalid("step", format!("{} is beyond total_steps {}", req.step, req.total_steps)));
         }
+        self.check_worker(&caller, worker_id).await?;
         let (lease_expires_at, batch_id) = self
             .shared
             .store
@@ -286,17 +315,18 @@ impl WorkerService for Coordinator {
     }
 
     async fn complete_job(&self, request: Request<pb::CompleteJobRequest>) -> Result<Response<pb::CompleteJobResponse>, Status> {
-        self.shared.auth.authorize(request.metadata(), WORKERS).await?;
+        let caller = self.shared.auth.authorize(request.metadata(), WORKERS).await?;
         let req = request.into_inner();
         let worker_id = parse_id("worker_id", &req.worker_id)?;
         let job_id = parse_id("job_id", &req.job_id)?;
         let completion = completion(worker_id, job_id, req.attempt, req.result, req.gpu_seconds, "")?;
+        self.check_worker(&caller, worker_id).await?;
         self.complete_one(completion).await?;
         Ok(Response::new(pb::CompleteJobResponse {}))
     }
 
     async fn complete_jobs(&self, request: Request<pb::CompleteJobsRequest>) -> Result<Response<pb::CompleteJobsResponse>, Status> {
-        self.shared.auth.authorize(request.metadata(), WORKERS).await?;
+        let caller = self.shared.auth.authorize(request.metadata(), WORKERS).await?;
         let req = request.into_inner();
         let worker_id = parse_id("worker_id", &req.worker_id)?;
         check_batch_len("jobs", req.jobs.len())?;
@@ -312,6 +342,7 @@ impl WorkerService for Coordinator {
             })
             .collect::<Result<Vec<_>, Status>>()?;
         check_distinct("jobs", &completions.iter().map(|c| c.job_id).collect::<Vec<_>>())?;
+        self.check_worker(&caller, worker_id).await?;
         let outcomes = futures::future::join_all(completions.into_iter().map(|c| self.complete_one(c))).await;
         let outcomes = outcomes
             .into_iter()
@@ -321,7 +352,7 @@ impl WorkerService for Coordinator {
     }
 
     async fn fail_job(&self, request: Request<pb::FailJobRequest>) -> Result<Response<pb::FailJobResponse>, Status> {
-        self.shared.auth.authorize(request.metadata(), WORKERS).await?;
+        let caller = self.shared.auth.authorize(request.metadata(), WORKERS).await?;
         let req = request.into_inner();
         let worker_id = parse_id("worker_id", &req.worker_id)?;
         let job_id = parse_id("job_id", &req.job_id)?;
@@ -330,6 +361,7 @@ impl WorkerService for Coordinator {
         if error.trim().is_empty() {
             error = "unspecified worker error".into();
         }
+        self.check_worker(&caller, worker_id).await?;
         let state = self
             .shared
             .store
@@ -345,8 +377,9 @@ impl WorkerService for Coordinator {
         &self,
         request: Request<pb::DeregisterWorkerRequest>,
     ) -> Result<Response<pb::DeregisterWorkerResponse>, Status> {
-        self.shared.auth.authorize(request.metadata(), WORKERS).await?;
+        let caller = self.shared.auth.authorize(request.metadata(), WORKERS).await?;
         let worker_id = parse_id("worker_id", &request.into_inner().worker_id)?;
+        self.check_worker(&caller, worker_id).await?;
         self.shared.store.set_worker_state(worker_id, flowfarm_core::WorkerState::Gone).await.map_err(store_status)?;
         tracing::info!(worker = %worker_id, "worker deregistered");
         Ok(Response::new(pb::DeregisterWorkerResponse {}))

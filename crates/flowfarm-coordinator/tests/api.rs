@@ -461,6 +461,48 @@ async fn batched_starts_and_completions_answer_job_by_job() {
     h.stop().await;
 }
 
+/// A worker's reports must carry the token it registered with: another
+/// worker token cannot claim, report, fail or deregister for it.
+#[tokio::test]
+async fn a_worker_token_acts_only_for_the_workers_it_registered() {
+    let h = Harness::start().await;
+    let mut w = h.worker();
+    let worker_id = register(&mut w).await;
+    let (_, other_secret) = h.db.store.create_token("other-fleet", flowfarm_core::Role::Worker, rand::random()).await.unwrap();
+    let mut other = h.worker_as(Some(&other_secret));
+    h.render().submit_batch(job_with(|_| {})).await.unwrap();
+    let job = h.db.store.dispatch_jobs("sd3", 1, "test").await.unwrap().remove(0);
+    let id = job.id.to_string();
+
+    let denied = |r: Result<tonic::Response<_>, tonic::Status>, what: &str| {
+        let err = r.map(|_: tonic::Response<()>| ()).unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{what}: {err:?}");
+        assert!(err.message().contains("registered with another token"), "{what}: {}", err.message());
+    };
+    let unit = |r: Result<tonic::Response<pb::StartJobsResponse>, tonic::Status>| r.map(|r| r.map(|_| ()));
+    denied(unit(other.start_jobs(pb::StartJobsRequest { worker_id: worker_id.clone(), job_ids: vec![id.clone()] }).await), "StartJobs");
+    let start = other.start_job(pb::StartJobRequest { worker_id: worker_id.clone(), job_id: id.clone() }).await;
+    denied(start.map(|r| r.map(|_| ())), "StartJob");
+    let beat = other.heartbeat(pb::HeartbeatRequest { worker_id: worker_id.clone(), ..Default::default() }).await;
+    denied(beat.map(|r| r.map(|_| ())), "Heartbeat");
+    let gone = other.deregister_worker(pb::DeregisterWorkerRequest { worker_id: worker_id.clone() }).await;
+    denied(gone.map(|r| r.map(|_| ())), "DeregisterWorker");
+    assert_eq!(h.db.store.get_job(job.id).await.unwrap().state, flowfarm_core::JobState::Dispatched, "nothing happened");
+
+    // Its own token works; then the other token cannot report for the running job either.
+    let started = w.start_job(pb::StartJobRequest { worker_id: worker_id.clone(), job_id: id.clone() }).await.unwrap().into_inner();
+    let fail = other
+        .fail_job(pb::FailJobRequest { worker_id: worker_id.clone(), job_id: id.clone(), attempt: started.attempt, error: "x".into(), retryable: false })
+        .await;
+    denied(fail.map(|r| r.map(|_| ())), "FailJob");
+    let progress = other
+        .report_progress(pb::ReportProgressRequest { worker_id: worker_id.clone(), job_id: id, attempt: started.attempt, step: 1, total_steps: 28 })
+        .await;
+    denied(progress.map(|r| r.map(|_| ())), "ReportProgress");
+    assert_eq!(h.db.store.get_job(job.id).await.unwrap().state, flowfarm_core::JobState::Running);
+    h.stop().await;
+}
+
 /// Lease expiry → queued with attempt + 1; the stale attempt's reports are
 /// refused; the last attempt's failure makes the job dead.
 #[tokio::test]

@@ -24,6 +24,8 @@ pub struct NewWorker {
     pub text_encoder_sets: Vec<TextEncoderSet>,
     pub capacity: u32,
     pub version: String,
+    /// The token it registered with; its reports must carry the same one.
+    pub token_id: Option<Uuid>,
 }
 
 /// What a heartbeat tells the worker.
@@ -45,8 +47,8 @@ impl PgStore {
         let id = Uuid::now_v7();
         let sets: Vec<&str> = worker.text_encoder_sets.iter().map(|s| s.as_str()).collect();
         sqlx::query(
-            "INSERT INTO workers (id, name, hostname, state, devices, models, text_encoder_sets, capacity, version) \
-             VALUES ($1, $2, $3, 'active', $4, $5, $6, $7, $8)",
+            "INSERT INTO workers (id, name, hostname, state, devices, models, text_encoder_sets, capacity, version, token_id) \
+             VALUES ($1, $2, $3, 'active', $4, $5, $6, $7, $8, $9)",
         )
         .bind(id)
         .bind(&worker.name)
@@ -56,9 +58,23 @@ impl PgStore {
         .bind(&sets)
         .bind(worker.capacity as i32)
         .bind(&worker.version)
+        .bind(worker.token_id)
         .execute(&self.pool)
         .await?;
         self.get_worker(id).await
+    }
+
+    /// The token worker `id` registered with (None for workers registered
+    /// before tokens were recorded).
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] if there is no such worker.
+    pub async fn worker_token(&self, id: Uuid) -> Result<Option<Uuid>, StoreError> {
+        sqlx::query_scalar::<_, Option<Uuid>>("SELECT token_id FROM workers WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NotFound { what: "worker", id })
     }
 
     /// One worker.

@@ -277,6 +277,7 @@ async fn named_worker(store: &PgStore, name: &str, capacity: u32) -> Uuid {
             text_encoder_sets: vec![TextEncoderSet::All],
             capacity,
             version: "test".into(),
+            token_id: None,
         })
         .await
         .unwrap()
