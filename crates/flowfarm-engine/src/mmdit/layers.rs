@@ -132,7 +132,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> candle_cor
     // Scaling q costs Sq·D multiplications; scaling the scores would cost Sq·Sk·heads.
     let q = (q * (1.0 / (head_dim as f64).sqrt()))?;
     let scores = matmul(&q, &k.t()?)?; // (B, heads, Sq, Sk)
-    let probs = super::kernels::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+    let probs = super::kernels::softmax_probabilities(&scores)?;
     matmul(&probs, &v)?.transpose(1, 2)?.reshape((b, sq, d))
 }
 
