@@ -52,6 +52,23 @@ pub fn device_name(device: &Device) -> String {
     }
 }
 
+/// What a worker reports of its device: a name (`cpu`, or `cuda:0 NVIDIA H200`
+/// with the GPU's model) and, for a GPU, its memory in bytes (None on the CPU,
+/// or when the driver does not say).
+pub fn device_info(device: &Device) -> (String, Option<u64>) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        let stream = cuda.cuda_stream();
+        let context = stream.context();
+        let name = match context.name() {
+            Ok(model) => format!("{} {model}", device_name(device)),
+            Err(_) => device_name(device),
+        };
+        return (name, context.total_mem().ok().map(|bytes| bytes as u64));
+    }
+    (device_name(device), None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,5 +88,20 @@ mod tests {
         assert_eq!(parse_dtype("BF16").unwrap(), DType::BF16);
         assert_eq!(parse_dtype("f16").unwrap(), DType::F16);
         assert!(parse_dtype("f64").unwrap_err().to_string().contains("`f32`, `f16` or `bf16`"));
+    }
+
+    #[test]
+    fn the_cpu_has_no_device_memory_of_its_own() {
+        assert_eq!(device_info(&Device::Cpu), ("cpu".to_string(), None));
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn a_gpu_reports_its_model_and_memory() {
+        let gpu = open_device("cuda:0").expect("a CUDA build's tests need a GPU");
+        let (name, memory) = device_info(&gpu);
+        println!("{name}: {memory:?} bytes");
+        assert!(name.starts_with("cuda:0 ") && name.len() > 7, "{name}");
+        assert!(memory.is_some_and(|m| m > 1 << 30), "{memory:?}");
     }
 }

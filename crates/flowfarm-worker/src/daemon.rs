@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flowfarm_engine::cache::EmbeddingCache;
-use flowfarm_engine::device::{device_name, open_device, parse_dtype};
+use flowfarm_engine::device::{device_info, device_name, open_device, parse_dtype};
 use flowfarm_engine::EngineError;
 use flowfarm_group::Grouper;
 use flowfarm_proto::v1 as pb;
@@ -132,6 +132,7 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
     let cache = Arc::new(EmbeddingCache::new(config.embedding_cache_bytes));
     let device = open_device(&config.device).map_err(|e| WorkerError::Config(e.to_string()))?;
     let dtype = parse_dtype(&config.dtype).map_err(|e| WorkerError::Config(e.to_string()))?;
+    let (device_label, device_memory) = device_info(&device);
     let mut renderers = HashMap::new();
     for entry in &config.models {
         let (path, support, t5, cache) = (entry.path.clone(), entry.support.clone(), config.t5_max_length, cache.clone());
@@ -163,10 +164,10 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
     let register = pb::RegisterWorkerRequest {
         name: name.clone(),
         hostname: hostname(),
-        // GPU memory is not known to candle; 0 means unknown.
         devices: vec![pb::Device {
-            name: device_name(&device),
-            memory_bytes: if device.is_cpu() { total_memory_bytes() } else { 0 },
+            name: device_label.clone(),
+            // The host's memory on the CPU; 0 if a GPU's is not known.
+            memory_bytes: device_memory.unwrap_or_else(|| if device.is_cpu() { total_memory_bytes() } else { 0 }),
         }],
         models: config.models.iter().map(|m| m.name.clone()).collect(),
         text_encoder_sets: sets,
