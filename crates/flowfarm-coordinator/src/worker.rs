@@ -19,21 +19,22 @@ const MAX_ERROR_CHARS: usize = 4096;
 const MAX_CAPACITY: u32 = 64;
 const MAX_RESULT_KEY_CHARS: usize = 1024;
 
-fn attempt_of(value: u32) -> Result<u32, Status> {
+/// `field` names it in the error (`attempt`, `jobs[3].attempt`).
+fn attempt_of(field: &str, value: u32) -> Result<u32, Status> {
     if value == 0 {
-        return Err(invalid("attempt", "required: the attempt StartJob returned"));
+        return Err(invalid(field, "required: the attempt StartJob returned"));
     }
     Ok(value)
 }
 
 /// A result key must stay inside the results store: relative, no `..`.
-fn check_result_key(key: &str) -> Result<(), Status> {
+fn check_result_key(field: &str, key: &str) -> Result<(), Status> {
     if key.is_empty() || key.chars().count() > MAX_RESULT_KEY_CHARS {
-        return Err(invalid("result.key", format!("must be 1 to {MAX_RESULT_KEY_CHARS} characters")));
+        return Err(invalid(field, format!("must be 1 to {MAX_RESULT_KEY_CHARS} characters")));
     }
     let inside = Path::new(key).components().all(|c| matches!(c, Component::Normal(_)));
     if !inside || key.contains('\0') {
-        return Err(invalid("result.key", format!("`{key}` must be a relative path without `..`")));
+        return Err(invalid(field, format!("`{key}` must be a relative path without `..`")));
     }
     Ok(())
 }
@@ -71,11 +72,9 @@ fn completion(
     field: &str,
 ) -> Result<flowfarm_store::Completion, Status> {
     let named = |name: &str| format!("{field}{name}");
-    if attempt == 0 {
-        return Err(invalid(&named("attempt"), "required: the attempt StartJob returned"));
-    }
+    let attempt = attempt_of(&named("attempt"), attempt)?;
     let result = result.ok_or_else(|| invalid(&named("result"), "required"))?;
-    check_result_key(&result.key).map_err(|status| Status::invalid_argument(format!("{field}{}", status.message())))?;
+    check_result_key(&named("result.key"), &result.key)?;
     if result.sha256.len() != 64 || !result.sha256.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()) {
         return Err(invalid(&named("result.sha256"), "must be 64 lower-case hex digits"));
     }
@@ -295,7 +294,7 @@ impl WorkerService for Coordinator {
         let req = request.into_inner();
         let worker_id = parse_id("worker_id", &req.worker_id)?;
         let job_id = parse_id("job_id", &req.job_id)?;
-        let attempt = attempt_of(req.attempt)?;
+        let attempt = attempt_of("attempt", req.attempt)?;
         if req.step > req.total_steps {
             return Err(invalid("step", format!("{} is beyond total_steps {}", req.step, req.total_steps)));
         }
@@ -356,7 +355,7 @@ impl WorkerService for Coordinator {
         let req = request.into_inner();
         let worker_id = parse_id("worker_id", &req.worker_id)?;
         let job_id = parse_id("job_id", &req.job_id)?;
-        let attempt = attempt_of(req.attempt)?;
+        let attempt = attempt_of("attempt", req.attempt)?;
         let mut error: String = req.error.chars().filter(|&c| c != '\0').take(MAX_ERROR_CHARS).collect();
         if error.trim().is_empty() {
             error = "unspecified worker error".into();

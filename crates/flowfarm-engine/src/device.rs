@@ -8,6 +8,30 @@ use crate::EngineError;
 /// Whether this build carries candle's CUDA kernels (the `cuda` feature).
 pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
 
+/// A device as configs name it, before anything is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    /// The GPU with this CUDA ordinal.
+    Cuda(usize),
+}
+
+/// Parses `cpu`, `cuda` (= `cuda:0`) or `cuda:N` without opening anything.
+///
+/// # Errors
+/// [`EngineError::Device`] saying which forms are accepted.
+pub fn parse_device(spec: &str) -> Result<DeviceSpec, EngineError> {
+    let bad = |reason: String| EngineError::Device { spec: spec.to_string(), reason };
+    match spec.trim() {
+        "cpu" => Ok(DeviceSpec::Cpu),
+        "cuda" => Ok(DeviceSpec::Cuda(0)),
+        other => match other.strip_prefix("cuda:") {
+            Some(n) => n.parse::<usize>().map(DeviceSpec::Cuda).map_err(|_| bad(format!("`{n}` is not a GPU number"))),
+            None => Err(bad("expected `cpu`, `cuda` or `cuda:N`".into())),
+        },
+    }
+}
+
 /// Opens the device named by `spec`.
 ///
 /// # Errors
@@ -15,15 +39,11 @@ pub const CUDA_BUILT: bool = cfg!(feature = "cuda");
 /// this build has no CUDA support (rebuild with `--features cuda`), or when
 /// the CUDA driver cannot open that GPU.
 pub fn open_device(spec: &str) -> Result<Device, EngineError> {
-    let bad = |reason: String| EngineError::Device { spec: spec.to_string(), reason };
-    let ordinal = match spec.trim() {
-        "cpu" => return Ok(Device::Cpu),
-        "cuda" => 0,
-        other => match other.strip_prefix("cuda:") {
-            Some(n) => n.parse::<usize>().map_err(|_| bad(format!("`{n}` is not a GPU number")))?,
-            None => return Err(bad("expected `cpu`, `cuda` or `cuda:N`".into())),
-        },
+    let ordinal = match parse_device(spec)? {
+        DeviceSpec::Cpu => return Ok(Device::Cpu),
+        DeviceSpec::Cuda(ordinal) => ordinal,
     };
+    let bad = |reason: String| EngineError::Device { spec: spec.to_string(), reason };
     if !CUDA_BUILT {
         return Err(bad("this flowfarm was built without CUDA; rebuild with `--features cuda`".into()));
     }

@@ -170,8 +170,7 @@ impl WorkerConfig {
         if flowfarm_engine::device::parse_dtype(&self.dtype).is_err() {
             return invalid(format!("dtype: `{}` is not `f32`, `f16` or `bf16`", self.dtype));
         }
-        let device = self.device.trim();
-        if device != "cpu" && device != "cuda" && !device.strip_prefix("cuda:").is_some_and(|n| n.parse::<usize>().is_ok()) {
+        if flowfarm_engine::device::parse_device(&self.device).is_err() {
             return invalid(format!("device: `{}` is not `cpu`, `cuda` or `cuda:N`", self.device));
         }
         for (i, m) in self.models.iter().enumerate() {
