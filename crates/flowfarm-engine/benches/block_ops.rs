@@ -12,9 +12,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, D};
 use flowfarm_engine::device::{device_name, open_device, parse_dtype};
 
-// As the flowfarm binary: glibc's malloc would page-fault every large buffer in again.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+mod support;
 
 const HIDDEN: usize = 1536;
 const HEADS: usize = 24;
@@ -38,6 +36,7 @@ fn time(device: &Device, runs: usize, f: &dyn Fn() -> candle_core::Result<Tensor
 }
 
 fn main() -> candle_core::Result<()> {
+    support::keep_freed_memory();
     let device = open_device(&std::env::var("FLOWFARM_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into())).expect("device");
     let dtype = parse_dtype(&std::env::var("FLOWFARM_BENCH_DTYPES").unwrap_or_else(|_| "f32".into())).expect("dtype");
     let runs = if device.is_cpu() { 3 } else { 20 };

@@ -4,9 +4,7 @@
 //!
 //! `cargo bench -p flowfarm-engine --bench render`
 
-// As the flowfarm binary: glibc's malloc would page-fault every large buffer in again.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +25,7 @@ fn median(mut f: impl FnMut() -> Duration, runs: usize) -> f64 {
 }
 
 fn main() {
+    support::keep_freed_memory();
     let dev = Device::Cpu;
     let model = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/flowfarm-tiny");
     let mut pipeline = Pipeline::open(&model, 256, DType::F32, &dev).expect("bundled model");

@@ -8,9 +8,7 @@
 //! `cargo bench -p flowfarm-engine --bench step` (CPU, F32), or with
 //! `--features cuda` and `FLOWFARM_BENCH_DEVICE=cuda:0 FLOWFARM_BENCH_DTYPES=f32,bf16`.
 
-// As the flowfarm binary: glibc's malloc would page-fault every large buffer in again.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+mod support;
 
 use std::time::Instant;
 
@@ -80,6 +78,7 @@ fn time(device: &Device, runs: usize, run: &dyn Fn()) -> (f64, f64) {
 /// `FLOWFARM_BENCH_DTYPES` (comma-separated, default `f32`) choose where and
 /// in what precision; on a GPU an SD3-medium-sized model at 1024² is timed too.
 fn main() {
+    support::keep_freed_memory();
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let device_spec = std::env::var("FLOWFARM_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
     let dev = open_device(&device_spec).expect("FLOWFARM_BENCH_DEVICE");

@@ -3,6 +3,7 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
+use super::cpu::{self, F32View, Scratch, StreamQkv};
 use super::WeightSource;
 use crate::EngineError;
 
@@ -25,7 +26,7 @@ impl Loader<'_> {
     pub fn linear(&self, prefix: &str, input: usize, output: usize) -> Result<Linear, EngineError> {
         let weight = self.tensor(&format!("{prefix}.weight"), &[output, input])?;
         let bias = self.tensor(&format!("{prefix}.bias"), &[output])?;
-        Ok(Linear { weight, bias })
+        Ok(Linear::new(&weight, bias)?)
     }
 
     pub fn rms_norm(&self, name: &str, width: usize) -> Result<RmsNorm, EngineError> {
@@ -41,8 +42,10 @@ impl Loader<'_> {
 /// the last bits of the result move with it. On real models each sample's
 /// product is already large, so little is lost.
 ///
-/// candle's CPU backend has no BF16 matmul; there the product runs in F32
-/// and is rounded back.
+/// On the CPU, BF16 and F16 products run in F32 and are rounded back, as
+/// torch's CPU kernels accumulate: candle has no BF16 matmul there, and its
+/// F16 one (gemm's AVX-512-FP16 kernels where the CPU has them) accumulates
+/// in F16, which doubled the error against F32.
 pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     let batch = a.dim(0)?;
     if batch == 1 {
@@ -60,8 +63,9 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 fn product(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    if a.dtype() == DType::BF16 && a.device().is_cpu() {
-        a.to_dtype(DType::F32)?.broadcast_matmul(&b.to_dtype(DType::F32)?)?.to_dtype(DType::BF16)
+    let dtype = a.dtype();
+    if matches!(dtype, DType::BF16 | DType::F16) && a.device().is_cpu() {
+        a.to_dtype(DType::F32)?.broadcast_matmul(&b.to_dtype(DType::F32)?)?.to_dtype(dtype)
     } else {
         a.broadcast_matmul(b)
     }
@@ -69,13 +73,41 @@ fn product(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
 
 /// y = x·Wᵀ + b over the last dim, W: (out, in).
 pub struct Linear {
-    weight: Tensor,
+    /// Wᵀ, (in, out). Stored so on the CPU (gemm streams a row-major right
+    /// operand fastest, most of all for the 4·D-deep MLP down projection);
+    /// elsewhere a transposed view of W, as the BLAS takes either.
+    weight_t: Tensor,
     bias: Tensor,
 }
 
 impl Linear {
+    /// From W (out, in) and b (out).
+    pub fn new(weight: &Tensor, bias: Tensor) -> candle_core::Result<Self> {
+        let weight_t = if weight.device().is_cpu() { weight.t()?.contiguous()? } else { weight.t()? };
+        Ok(Linear { weight_t, bias })
+    }
+
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        matmul(x, &self.weight.t()?)?.broadcast_add(&self.bias)
+        matmul(x, &self.weight_t)?.broadcast_add(&self.bias)
+    }
+
+    /// Output width.
+    fn width(&self) -> candle_core::Result<usize> {
+        self.weight_t.dim(1)
+    }
+
+    /// Fused CPU F32 form of x·Wᵀ without the bias: `batch` samples of `rows`
+    /// rows, sample i's first row at `x[i·sample_stride..]` → (batch·rows, out).
+    pub fn product_fused(&self, x: &[f32], batch: usize, rows: usize, sample_stride: usize) -> candle_core::Result<Scratch> {
+        Ok(cpu::product(x, batch, rows, sample_stride, &F32View::of(&self.weight_t)?, self.width()?))
+    }
+
+    /// Fused CPU F32 residual update: residual += gate ⊙ (x·Wᵀ + b), `gate`
+    /// one vector per sample (see [`Linear::product_fused`] for `x`).
+    pub fn add_gated_fused(&self, residual: &mut [f32], x: &[f32], batch: usize, rows: usize, sample_stride: usize, gate: &[&[f32]]) -> candle_core::Result<()> {
+        let y = self.product_fused(x, batch, rows, sample_stride)?;
+        cpu::add_gated(residual, &y, &F32View::of(&self.bias)?, rows, gate);
+        Ok(())
     }
 }
 
@@ -96,6 +128,10 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
@@ -118,7 +154,12 @@ impl Modulation {
 
     /// c: (B, D) → `parts` tensors of (B, D).
     pub fn forward(&self, c: &Tensor) -> candle_core::Result<Vec<Tensor>> {
-        self.linear.forward(&c.silu()?)?.chunk(self.parts, 1)
+        self.flat(c)?.chunk(self.parts, 1)
+    }
+
+    /// c: (B, D) → (B, parts·D), the parts side by side.
+    pub fn flat(&self, c: &Tensor) -> candle_core::Result<Tensor> {
+        self.linear.forward(&c.silu()?)?.contiguous()
     }
 }
 
@@ -136,12 +177,10 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> candle_cor
     matmul(&probs, &v)?.transpose(1, 2)?.reshape((b, sq, d))
 }
 
-/// Query/key/value projections of one stream, with optional QK RMSNorm
-/// (applied per head). Output (B, S, D) each.
+/// Query/key/value projections of one stream as one (D → 3·D) product, with
+/// optional QK RMSNorm (applied per head).
 pub struct Qkv {
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    proj: Linear,
     norm: Option<(RmsNorm, RmsNorm)>,
     heads: usize,
 }
@@ -150,7 +189,7 @@ impl Qkv {
     /// `names`: the q, k, v linear prefixes and the q, k norm prefixes.
     pub fn load(
         l: &Loader,
-        [q, k, v]: [&str; 3],
+        names: [&str; 3],
         norms: Option<[&str; 2]>,
         hidden: usize,
         heads: usize,
@@ -159,17 +198,18 @@ impl Qkv {
             Some([nq, nk]) => Some((l.rms_norm(nq, hidden / heads)?, l.rms_norm(nk, hidden / heads)?)),
             None => None,
         };
-        Ok(Qkv {
-            q: l.linear(q, hidden, hidden)?,
-            k: l.linear(k, hidden, hidden)?,
-            v: l.linear(v, hidden, hidden)?,
-            norm,
-            heads,
-        })
+        let part = |name: &str, suffix: &str, shape: &[usize]| l.tensor(&format!("{name}.{suffix}"), shape);
+        let weights = names.iter().map(|n| part(n, "weight", &[hidden, hidden])).collect::<Result<Vec<_>, _>>()?;
+        let biases = names.iter().map(|n| part(n, "bias", &[hidden])).collect::<Result<Vec<_>, _>>()?;
+        let proj = Linear::new(&Tensor::cat(&weights, 0)?, Tensor::cat(&biases, 0)?)?;
+        Ok(Qkv { proj, norm, heads })
     }
 
+    /// x: (B, S, D) → q, k, v: (B, S, D) each.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
+        let qkv = self.proj.forward(x)?;
+        let d = qkv.dim(2)? / 3;
+        let (q, k, v) = (qkv.narrow(2, 0, d)?, qkv.narrow(2, d, d)?, qkv.narrow(2, 2 * d, d)?);
         match &self.norm {
             None => Ok((q, k, v)),
             Some((nq, nk)) => {
@@ -178,6 +218,36 @@ impl Qkv {
                 Ok((per_head(&q, nq)?, per_head(&k, nk)?, v))
             }
         }
+    }
+
+    /// Fused CPU F32 form, first half: x (batch, rows, D) → the q | k | v
+    /// products (batch·rows, 3·D), bias and norms still to apply.
+    pub fn product_fused(&self, x: &[f32], batch: usize, rows: usize) -> candle_core::Result<Scratch> {
+        let d = self.proj.width()? / 3;
+        self.proj.product_fused(x, batch, rows, rows * d)
+    }
+
+    /// The bias and norm scales as CPU F32 slices, for [`QkvViews::stream`].
+    pub fn views(&self) -> candle_core::Result<QkvViews<'_>> {
+        let norms = match &self.norm {
+            Some((nq, nk)) => Some((F32View::of(nq.weight())?, F32View::of(nk.weight())?)),
+            None => None,
+        };
+        Ok(QkvViews { bias: F32View::of(&self.proj.bias)?, norms })
+    }
+}
+
+/// A [`Qkv`]'s bias and QK-norm scales, borrowed as CPU F32 slices.
+pub struct QkvViews<'a> {
+    bias: F32View<'a>,
+    norms: Option<(F32View<'a>, F32View<'a>)>,
+}
+
+impl QkvViews<'_> {
+    /// Pairs a stream's products ([`Qkv::product_fused`], `rows` per sample)
+    /// with its bias and norms, for [`cpu::split_heads`].
+    pub fn stream<'a>(&'a self, qkv: &'a [f32], rows: usize) -> StreamQkv<'a> {
+        StreamQkv { qkv, rows, bias: &self.bias, norms: self.norms.as_ref().map(|(q, k)| (&q[..], &k[..])) }
     }
 }
 
@@ -197,6 +267,15 @@ impl FeedForward {
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.down.forward(&self.up.forward(x)?.gelu()?)
+    }
+
+    /// Fused CPU F32 residual update: residual += gate ⊙ MLP(x), x (batch,
+    /// rows, D), `gate` one vector per sample.
+    pub fn add_gated_fused(&self, residual: &mut [f32], x: &[f32], batch: usize, rows: usize, gate: &[&[f32]]) -> candle_core::Result<()> {
+        let d = self.down.width()?;
+        let mut hidden = self.up.product_fused(x, batch, rows, rows * d)?;
+        cpu::bias_gelu_tanh(&mut hidden, &F32View::of(&self.up.bias)?);
+        self.down.add_gated_fused(residual, &hidden, batch, rows, rows * 4 * d, gate)
     }
 }
 

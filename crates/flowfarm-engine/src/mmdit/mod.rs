@@ -8,6 +8,7 @@
 
 mod block;
 mod config;
+mod cpu;
 pub(crate) mod kernels;
 pub(crate) mod layers;
 mod model;
