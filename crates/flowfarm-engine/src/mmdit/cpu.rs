@@ -193,15 +193,26 @@ pub fn gemm_into(dst: &mut [f32], dst_stride: usize, a: Mat, b: Mat, accumulate:
 
 /// x·W for `batch` samples of `rows` rows each, sample i's rows starting at
 /// `x[i·sample_stride..]`. One product per sample, never one over the whole
-/// batch: gemm picks kernels and blocking by the row count, so a batched
-/// product would change a sample's last bits with its batch-mates.
+/// batch: gemm picks kernels by the row count, so a batched product would
+/// change a sample's last bits with its batch-mates.
 /// `weight_t`: W as (k, n) row-major. Returns (batch·rows, n), without the
 /// bias, which the pass consuming the product adds.
 pub fn product(x: &[f32], batch: usize, rows: usize, sample_stride: usize, weight_t: &[f32], n: usize) -> Scratch {
     let k = weight_t.len() / n.max(1);
     let mut out = Scratch::new(batch * rows * n);
-    for (sample, sample_out) in out.chunks_mut(rows * n).enumerate() {
-        gemm_into(sample_out, n, Mat::rows(&x[sample * sample_stride..], rows, k), Mat::rows(weight_t, k, n), false, 1.0, true);
+    let one = |sample: usize, sample_out: &mut [f32], parallel: bool| {
+        gemm_into(sample_out, n, Mat::rows(&x[sample * sample_stride..], rows, k), Mat::rows(weight_t, k, n), false, 1.0, parallel)
+    };
+    // Whole samples per thread where they divide evenly (no synchronisation
+    // inside a product, and a 154-row text product is too small to split
+    // well); otherwise each product split over the threads. The bits are the
+    // same either way (tested below), so a sample's result does not depend on
+    // its batch.
+    let threads = rayon::current_num_threads();
+    if threads > 1 && batch % threads == 0 {
+        out.par_chunks_mut(rows * n).enumerate().for_each(|(sample, sample_out)| one(sample, sample_out, false));
+    } else {
+        out.chunks_mut(rows * n).enumerate().for_each(|(sample, sample_out)| one(sample, sample_out, true));
     }
     out
 }
@@ -552,6 +563,26 @@ mod tests {
                 let want = if j < n { 1.0 + 0.5 * (0..k).map(|l| a[i * k + l] * b_t[j * k + l]).sum::<f32>() } else { 1.0 };
                 assert!((dst[i * (n + 2) + j] - want).abs() < 1e-5, "({i}, {j})");
             }
+        }
+    }
+
+    /// `product` runs a batch's samples on separate threads, each product
+    /// single-threaded, and a lone sample as one product split over the
+    /// threads: that is only batch-invariant if threading never changes a
+    /// product's bits. Checked at the model's shapes (text and image rows,
+    /// D- and 4·D-deep products).
+    #[test]
+    fn threading_does_not_change_a_products_bits() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
+        for (m, k, n) in [(154, 384, 1152), (1024, 384, 1536), (1024, 1536, 384), (77, 4096, 384), (4, 384, 96)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 104_729) % 2003) as f32 / 2003.0 - 0.5).collect();
+            let b: Vec<f32> = (0..k * n).map(|i| ((i * 7919) % 1009) as f32 / 1009.0 - 0.5).collect();
+            let run = |parallel: bool| {
+                let mut dst = vec![0f32; m * n];
+                pool.install(|| gemm_into(&mut dst, n, Mat::rows(&a, m, k), Mat::rows(&b, k, n), false, 1.0, parallel));
+                dst
+            };
+            assert!(run(true) == run(false), "{m}×{k}×{n}: threaded and single-threaded products differ");
         }
     }
 
