@@ -209,10 +209,11 @@ pub fn product(x: &[f32], batch: usize, rows: usize, sample_stride: usize, weigh
     // same either way (tested below), so a sample's result does not depend on
     // its batch.
     let threads = rayon::current_num_threads();
+    // (`max(1)`: an empty product has no chunks, and chunks of 0 panic.)
     if threads > 1 && batch % threads == 0 {
-        out.par_chunks_mut(rows * n).enumerate().for_each(|(sample, sample_out)| one(sample, sample_out, false));
+        out.par_chunks_mut((rows * n).max(1)).enumerate().for_each(|(sample, sample_out)| one(sample, sample_out, false));
     } else {
-        out.chunks_mut(rows * n).enumerate().for_each(|(sample, sample_out)| one(sample, sample_out, true));
+        out.chunks_mut((rows * n).max(1)).enumerate().for_each(|(sample, sample_out)| one(sample, sample_out, true));
     }
     out
 }
@@ -298,7 +299,8 @@ pub fn split_heads(streams: &[StreamQkv], batch: usize, d: usize, heads: usize, 
     let scale = 1.0 / (head_dim as f32).sqrt();
     let per_head = seq * head_dim;
     let (mut q, mut k_t, mut v) = (Scratch::new(batch * heads * per_head), Scratch::new(batch * heads * per_head), Scratch::new(batch * heads * per_head));
-    q.par_chunks_mut(per_head).zip(k_t.par_chunks_mut(per_head)).zip(v.par_chunks_mut(per_head)).enumerate().for_each(
+    let chunk = per_head.max(1);
+    q.par_chunks_mut(chunk).zip(k_t.par_chunks_mut(chunk)).zip(v.par_chunks_mut(chunk)).enumerate().for_each(
         |(task, ((q, k_t), v))| {
             let (sample, head) = (task / heads, task % heads);
             let col = head * head_dim;
@@ -345,7 +347,7 @@ pub fn attention(h: &Heads) -> Scratch {
     let per_head = seq * head_dim;
     let mut out = Scratch::new(h.batch * seq * d);
     let tasks: Vec<(usize, usize, &mut [f32])> = out
-        .chunks_mut(seq * d)
+        .chunks_mut((seq * d).max(1))
         .enumerate()
         .flat_map(|(sample, rows)| rows.chunks_mut(QUERY_BLOCK * d).enumerate().map(move |(block, rows)| (sample, block, rows)))
         .collect();

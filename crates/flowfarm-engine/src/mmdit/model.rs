@@ -111,9 +111,9 @@ impl MmDit {
         let cfg = &self.config;
         let (b, c, h, w) = latents.dims4()?;
         let p = cfg.patch_size;
-        if c != cfg.in_channels || h % p != 0 || w % p != 0 {
+        if c != cfg.in_channels || h % p != 0 || w % p != 0 || h == 0 || w == 0 {
             return Err(EngineError::Input(format!(
-                "latents are {b}×{c}×{h}×{w}; this model takes {} channels and sides that are multiples of {p}",
+                "latents are {b}×{c}×{h}×{w}; this model takes {} channels and non-zero sides that are multiples of {p}",
                 cfg.in_channels
             )));
         }
