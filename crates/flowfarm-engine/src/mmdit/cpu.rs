@@ -57,12 +57,17 @@ impl Scratch {
         buffer.resize(len, 0.0);
         Scratch(buffer)
     }
+
+    /// The buffer itself, for a tensor to own; it leaves the pool for good.
+    pub fn into_vec(mut self) -> Vec<f32> {
+        std::mem::take(&mut self.0)
+    }
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
         let mut pool = POOL.lock().unwrap_or_else(PoisonError::into_inner);
-        if pool.len() < POOL_BUFFERS {
+        if self.0.capacity() > 0 && pool.len() < POOL_BUFFERS {
             pool.push(std::mem::take(&mut self.0));
         }
     }
@@ -255,6 +260,14 @@ pub fn add_gated(x: &mut [f32], y: &[f32], bias: &[f32], rows_per_sample: usize,
                 *xv += (yv + bv) * gv;
             }
         }
+    });
+}
+
+/// x += bias per row of `bias.len()`.
+pub fn add_bias(x: &mut [f32], bias: &[f32]) {
+    let width = bias.len().max(1);
+    x.par_chunks_mut(rows_per_task(width) * width).for_each(|rows| {
+        rows.chunks_mut(width).for_each(|row| row.iter_mut().zip(bias).for_each(|(v, &b)| *v += b))
     });
 }
 

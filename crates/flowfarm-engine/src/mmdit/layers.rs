@@ -87,7 +87,21 @@ impl Linear {
         Ok(Linear { weight_t, bias })
     }
 
+    /// x: (B, …, in) → (B, …, out). F32 on the CPU takes the fused path
+    /// (per-sample gemm, bias in one parallel pass), as the blocks do.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() >= 2 {
+            let x = x.contiguous()?;
+            let mut dims = x.dims().to_vec();
+            let (batch, input) = (dims[0], dims[dims.len() - 1]);
+            let rows = x.elem_count() / (batch * input).max(1);
+            let mut y = self.product_fused(&F32View::of(&x)?, batch, rows, rows * input)?;
+            cpu::add_bias(&mut y, &F32View::of(&self.bias)?);
+            if let Some(last) = dims.last_mut() {
+                *last = self.width()?;
+            }
+            return Tensor::from_vec(y.into_vec(), dims, x.device());
+        }
         matmul(x, &self.weight_t)?.broadcast_add(&self.bias)
     }
 
