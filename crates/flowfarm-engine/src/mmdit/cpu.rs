@@ -352,8 +352,9 @@ fn rms_norm(x: &mut [f32], weight: &[f32], eps: f32) {
 
 /// Softmax attention over `h`'s tokens; returns (batch, seq, D), heads side
 /// by side. Tasks are (sample, block of `QUERY_BLOCK` query rows); each runs
-/// every head with single-threaded products: scores = q·kᵀ, softmax in
-/// place, scores·v into the task's own rows of the output.
+/// every head with single-threaded products: scores = q·kᵀ, e^(s − max) in
+/// place, scores·v into the task's own rows of the output, divided by the
+/// row sums.
 pub fn attention(h: &Heads) -> Scratch {
     let (seq, head_dim) = (h.seq, h.head_dim);
     let d = h.heads * head_dim;
@@ -368,13 +369,20 @@ pub fn attention(h: &Heads) -> Scratch {
         let first = block * QUERY_BLOCK;
         let count = out_rows.len() / d;
         let mut scores = Scratch::new(count * seq);
+        let mut sums = vec![0f32; count];
         for head in 0..h.heads {
             let at = (sample * h.heads + head) * per_head;
             let q = Mat::rows(&h.q[at + first * head_dim..], count, head_dim);
             gemm_into(&mut scores, seq, q, Mat::rows(&h.k_t[at..], head_dim, seq), false, 1.0, false);
-            scores.chunks_mut(seq).for_each(simd::softmax);
+            // Softmax's division comes after the product: head_dim divisions
+            // per row instead of seq.
+            scores.chunks_mut(seq).zip(sums.iter_mut()).for_each(|(row, sum)| *sum = simd::exp_row(row));
             let v = Mat::rows(&h.v[at..], seq, head_dim);
             gemm_into(&mut out_rows[head * head_dim..], d, Mat::rows(&scores, count, seq), v, false, 1.0, false);
+            for (row, &sum) in out_rows.chunks_mut(d).zip(&sums) {
+                let inv = 1.0 / sum;
+                row[head * head_dim..(head + 1) * head_dim].iter_mut().for_each(|v| *v *= inv);
+            }
         }
     });
     out
@@ -393,16 +401,27 @@ fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     lanes.iter().sum::<f32>() + chunks.remainder().iter().map(|&v| f(v)).sum::<f32>()
 }
 
-/// The exp-heavy row kernels, compiled twice: for AVX-512 where the CPU has it
-/// (chosen at run time) and for the baseline target.
+/// The exp-heavy row kernels, compiled three times: for AVX-512 and for
+/// AVX2 + FMA where the CPU has them (chosen at run time, with fused
+/// multiply-adds), and for the baseline target.
 mod simd {
     use super::EXP_FLOOR;
+
+    /// a·b + c, fused where the variant's target has FMA (a libm call otherwise).
+    #[inline(always)]
+    fn mul_add<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+        if FMA {
+            a.mul_add(b, c)
+        } else {
+            a * b + c
+        }
+    }
 
     /// e^x to about 2 ulp for x in [−87.3, 88.3] (clamped outside): x = n·ln2 + r
     /// with |r| ≤ ln2/2, e^r by Cephes' degree-6 polynomial, 2ⁿ into the
     /// exponent bits. Branch-free, so loops over it vectorise.
     #[inline(always)]
-    fn exp(x: f32) -> f32 {
+    pub(super) fn exp<const FMA: bool>(x: f32) -> f32 {
         const LOG2E: f32 = std::f32::consts::LOG2_E;
         // ln 2 split so n·LN2_HI is exact for |n| < 2⁹.
         const LN2_HI: f32 = 0.693_359_4;
@@ -410,24 +429,25 @@ mod simd {
         // 1.5·2²³: adding and subtracting it rounds to the nearest integer.
         const ROUND: f32 = 12_582_912.0;
         let x = x.clamp(-87.3, 88.3);
-        let shifted = x * LOG2E + ROUND;
+        let shifted = mul_add::<FMA>(x, LOG2E, ROUND);
         let n = shifted - ROUND;
-        let r = (x - n * LN2_HI) - n * LN2_LO;
+        let r = mul_add::<FMA>(-n, LN2_LO, mul_add::<FMA>(-n, LN2_HI, x));
         let mut p = 1.987_569_1e-4_f32;
-        p = p * r + 1.398_199_9e-3;
-        p = p * r + 8.333_452e-3;
-        p = p * r + 4.166_579_6e-2;
-        p = p * r + 1.666_666_5e-1;
-        p = p * r + 0.5;
-        let er = p * (r * r) + r + 1.0;
+        p = mul_add::<FMA>(p, r, 1.398_199_9e-3);
+        p = mul_add::<FMA>(p, r, 8.333_452e-3);
+        p = mul_add::<FMA>(p, r, 4.166_579_6e-2);
+        p = mul_add::<FMA>(p, r, 1.666_666_5e-1);
+        p = mul_add::<FMA>(p, r, 0.5);
+        let er = mul_add::<FMA>(p, r * r, r) + 1.0;
         // The low bits of `shifted` hold n in two's complement and n + 127 is
         // in [1, 254], so shifting it into place builds 2ⁿ without a
         // float-to-int cast (Rust's saturating cast does not vectorise).
         er * f32::from_bits(shifted.to_bits().wrapping_add(127) << 23)
     }
 
+    /// e^(x − max) in place over the row; returns their sum.
     #[inline(always)]
-    fn softmax_body(row: &mut [f32]) {
+    fn exp_row_body<const FMA: bool>(row: &mut [f32]) -> f32 {
         let mut lanes = [f32::NEG_INFINITY; 16];
         let mut chunks = row.chunks_exact(16);
         for chunk in &mut chunks {
@@ -436,77 +456,102 @@ mod simd {
             }
         }
         let max = chunks.remainder().iter().chain(&lanes).copied().fold(f32::NEG_INFINITY, f32::max);
+        let floored_exp = |v: f32| {
+            let shifted = v - max;
+            if shifted < EXP_FLOOR { 0.0 } else { exp::<FMA>(shifted) }
+        };
         let mut sums = [0f32; 16];
         let mut chunks = row.chunks_exact_mut(16);
         for chunk in &mut chunks {
             for (sum, v) in sums.iter_mut().zip(chunk) {
-                let shifted = *v - max;
-                let e = if shifted < EXP_FLOOR { 0.0 } else { exp(shifted) };
-                *v = e;
-                *sum += e;
+                *v = floored_exp(*v);
+                *sum += *v;
             }
         }
         let mut sum: f32 = sums.iter().sum();
         for v in chunks.into_remainder() {
-            let shifted = *v - max;
-            *v = if shifted < EXP_FLOOR { 0.0 } else { exp(shifted) };
+            *v = floored_exp(*v);
             sum += *v;
         }
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|v| *v *= inv);
+        sum
     }
 
     #[inline(always)]
-    fn bias_gelu_body(values: &mut [f32], bias: &[f32]) {
+    fn bias_gelu_body<const FMA: bool>(values: &mut [f32], bias: &[f32]) {
         const SQRT_2_OVER_PI: f32 = 0.797_884_6;
         for (v, &b) in values.iter_mut().zip(bias) {
             let x = *v + b;
-            let u = SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
-            *v = x / (1.0 + exp(-2.0 * u));
+            let u = SQRT_2_OVER_PI * mul_add::<FMA>(0.044_715 * x, x * x, x);
+            *v = x / (1.0 + exp::<FMA>(-2.0 * u));
         }
     }
 
     #[cfg(target_arch = "x86_64")]
-    mod avx512 {
-        #[target_feature(enable = "avx512f")]
-        pub fn softmax(row: &mut [f32]) {
-            super::softmax_body(row)
+    mod x86 {
+        #[target_feature(enable = "avx512f,fma")]
+        pub fn exp_row_avx512(row: &mut [f32]) -> f32 {
+            super::exp_row_body::<true>(row)
         }
-        #[target_feature(enable = "avx512f")]
-        pub fn bias_gelu(values: &mut [f32], bias: &[f32]) {
-            super::bias_gelu_body(values, bias)
+        #[target_feature(enable = "avx512f,fma")]
+        pub fn bias_gelu_avx512(values: &mut [f32], bias: &[f32]) {
+            super::bias_gelu_body::<true>(values, bias)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        pub fn exp_row_avx2(row: &mut [f32]) -> f32 {
+            super::exp_row_body::<true>(row)
+        }
+        #[target_feature(enable = "avx2,fma")]
+        pub fn bias_gelu_avx2(values: &mut [f32], bias: &[f32]) {
+            super::bias_gelu_body::<true>(values, bias)
         }
     }
 
-    #[cfg(target_arch = "x86_64")]
-    fn has_avx512() -> bool {
-        std::arch::is_x86_feature_detected!("avx512f")
+    /// The widest variant this CPU runs.
+    #[derive(Clone, Copy, PartialEq)]
+    enum Level {
+        Avx512,
+        Avx2,
+        Baseline,
     }
 
-    /// Softmax of one row in place (entries more than 87 below the row's
-    /// maximum become exact zeros).
-    pub fn softmax(row: &mut [f32]) {
+    fn level() -> Level {
         #[cfg(target_arch = "x86_64")]
-        if has_avx512() {
-            // SAFETY: the CPU has AVX-512F, checked just above.
-            return unsafe { avx512::softmax(row) };
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
+                return Level::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                return Level::Avx2;
+            }
         }
-        softmax_body(row)
+        Level::Baseline
+    }
+
+    /// e^(x − max(row)) in place, entries more than 87 below the maximum
+    /// exactly 0; returns the sum, by which the caller divides (softmax).
+    pub fn exp_row(row: &mut [f32]) -> f32 {
+        match level() {
+            // SAFETY: `level` checked that the CPU has these features.
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => unsafe { x86::exp_row_avx512(row) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => unsafe { x86::exp_row_avx2(row) },
+            _ => exp_row_body::<false>(row),
+        }
     }
 
     /// GELU of values + bias, elementwise, in place.
     pub fn bias_gelu(values: &mut [f32], bias: &[f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx512() {
-            // SAFETY: the CPU has AVX-512F, checked just above.
-            return unsafe { avx512::bias_gelu(values, bias) };
+        match level() {
+            // SAFETY: `level` checked that the CPU has these features.
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => unsafe { x86::bias_gelu_avx512(values, bias) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => unsafe { x86::bias_gelu_avx2(values, bias) },
+            _ => bias_gelu_body::<false>(values, bias),
         }
-        bias_gelu_body(values, bias)
-    }
-
-    #[cfg(test)]
-    pub(super) fn exp_for_test(x: f32) -> f32 {
-        exp(x)
     }
 }
 
@@ -520,15 +565,18 @@ mod tests {
 
     #[test]
     fn exp_is_within_two_ulp_of_libm_over_the_range_softmax_uses() {
-        let mut worst = (0, 0f32);
-        for i in 0..=200_000 {
-            let x = -87.0 + 175.0 * i as f32 / 200_000.0;
-            let err = ulps(simd::exp_for_test(x), (x as f64).exp() as f32);
-            if err > worst.0 {
-                worst = (err, x);
+        for fused in [false, true] {
+            let mut worst = (0, 0f32);
+            for i in 0..=200_000 {
+                let x = -87.0 + 175.0 * i as f32 / 200_000.0;
+                let ours = if fused { simd::exp::<true>(x) } else { simd::exp::<false>(x) };
+                let err = ulps(ours, (x as f64).exp() as f32);
+                if err > worst.0 {
+                    worst = (err, x);
+                }
             }
+            assert!(worst.0 <= 2, "fused multiply-adds {fused}: {} ulp at x = {}", worst.0, worst.1);
         }
-        assert!(worst.0 <= 2, "{} ulp at x = {}", worst.0, worst.1);
     }
 
     #[test]
@@ -550,15 +598,17 @@ mod tests {
     }
 
     #[test]
-    fn softmax_sums_to_one_and_floors_far_entries() {
+    fn exp_row_gives_softmax_after_dividing_by_its_sum_and_floors_far_entries() {
         let mut row: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin() * 5.0).collect();
         row.push(-1e30);
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let denominator: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
         let expected: Vec<f64> = row.iter().map(|&v| ((v - max) as f64).exp() / denominator).collect();
-        simd::softmax(&mut row);
+        let sum = simd::exp_row(&mut row);
+        assert!((sum as f64 - denominator).abs() <= 1e-6 * denominator, "{sum} vs {denominator}");
         for (got, want) in row.iter().zip(&expected) {
-            assert!((*got as f64 - want).abs() <= 1e-6 * want.max(1e-3), "{got} vs {want}");
+            let got = *got as f64 / sum as f64;
+            assert!((got - want).abs() <= 1e-6 * want.max(1e-3), "{got} vs {want}");
         }
         assert_eq!(row.last().copied(), Some(0.0));
     }
