@@ -215,7 +215,7 @@ pub fn product(x: &[f32], batch: usize, rows: usize, sample_stride: usize, weigh
     // its batch.
     let threads = rayon::current_num_threads();
     // (`max(1)`: an empty product has no chunks, and chunks of 0 panic.)
-    if threads > 1 && batch % threads == 0 {
+    if threads > 1 && batch.is_multiple_of(threads) {
         out.par_chunks_mut((rows * n).max(1)).enumerate().for_each(|(sample, sample_out)| one(sample, sample_out, false));
     } else {
         out.chunks_mut((rows * n).max(1)).enumerate().for_each(|(sample, sample_out)| one(sample, sample_out, true));
