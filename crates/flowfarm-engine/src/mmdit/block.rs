@@ -226,7 +226,10 @@ mod tests {
 
     /// The fused CPU kernels against the composed tensor ops (which the GPU
     /// runs) on every kind of block: plain, QK-norm, MMDiT-X dual attention
-    /// and the last block's pre-only text stream. 150 + 33 joint tokens make
+    /// and the last block's pre-only text stream. On the CPU both forms share
+    /// `Linear::forward`'s fused product, so this holds the rest together
+    /// (attention, norms, modulation order, gates); the composed linears are
+    /// checked by the CUDA parity run. 150 + 33 joint tokens make
     /// two query blocks of 128, the second partial.
     #[test]
     fn fused_and_composed_blocks_agree() {
