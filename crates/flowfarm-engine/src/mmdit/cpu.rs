@@ -236,16 +236,31 @@ pub fn layer_norm_modulate(x: &[f32], width: usize, rows_per_sample: usize, shif
     out.par_chunks_mut(per_task * width).zip(x.par_chunks(per_task * width)).enumerate().for_each(|(task, (out, x))| {
         for (i, (dst, row)) in out.chunks_mut(width).zip(x.chunks(width)).enumerate() {
             let sample = (task * per_task + i) / rows_per_sample.max(1);
-            let n = row.len() as f32;
-            let mean = lane_sum(row, |v| v) / n;
-            let var = lane_sum(row, |v| (v - mean) * (v - mean)) / n;
-            let inv = 1.0 / (var + eps).sqrt();
-            for (((d, &v), &sh), &sc) in dst.iter_mut().zip(row).zip(shift[sample]).zip(scale[sample]) {
-                *d = ((v - mean) * inv) * (1.0 + sc) + sh;
+            layer_norm_row(row, dst, eps);
+            for ((d, &sh), &sc) in dst.iter_mut().zip(shift[sample]).zip(scale[sample]) {
+                *d = *d * (1.0 + sc) + sh;
             }
         }
     });
     out
+}
+
+/// (x − mean) / √(var + eps) of one row into `dst`. Two passes (mean, then
+/// the centred variance) for accuracy at large means.
+pub fn layer_norm_row(row: &[f32], dst: &mut [f32], eps: f32) {
+    let n = row.len() as f32;
+    let mean = lane_sum(row, |v| v) / n;
+    let var = lane_sum(row, |v| (v - mean) * (v - mean)) / n;
+    let inv = 1.0 / (var + eps).sqrt();
+    dst.iter_mut().zip(row).for_each(|(d, &v)| *d = (v - mean) * inv);
+}
+
+/// Softmax of one row into `dst`; entries more than 87 below the row's
+/// maximum are exact zeros.
+pub fn softmax_row(row: &[f32], dst: &mut [f32]) {
+    dst.copy_from_slice(row);
+    let inv = 1.0 / simd::exp_row(dst);
+    dst.iter_mut().for_each(|v| *v *= inv);
 }
 
 /// x += gate ⊙ (y + bias) per row of `bias.len()`; `gate` holds one vector

@@ -1,16 +1,13 @@
-//! Fused CPU kernels for the two row-wise ops that dominate a forward besides
-//! the products: softmax over attention scores and LayerNorm. Each reads its
-//! row once or twice and writes it once, rows in parallel, where the
-//! composed tensor ops make five or six passes with a fresh buffer each.
-//! Other devices, and dtypes other than F32, use the composed ops.
+//! Softmax and LayerNorm as tensor ops, for the composed path (GPUs, half
+//! precision) and the text encoders. On CPU F32 each runs the row kernels of
+//! `cpu.rs` over rows in parallel, where the composed tensor ops make five or
+//! six passes with a fresh buffer each. Other devices, and dtypes other than
+//! F32, use the composed ops (and on CUDA a softmax kernel of our own).
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 
-/// Below this, exp() is under F32's smallest normal (and soon 0); taking 0
-/// directly keeps libm off its slow underflow path, which sets errno for
-/// every such element.
-const EXP_FLOOR: f32 = -87.0;
+use super::cpu;
 
 fn rows<'a>(storage: &'a CpuStorage, layout: &Layout, name: &str) -> Result<(&'a [f32], usize)> {
     let CpuStorage::F32(data) = storage else {
@@ -33,17 +30,7 @@ impl CustomOp1 for Softmax {
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (src, width) = rows(storage, layout, self.name())?;
         let mut out = vec![0f32; src.len()];
-        out.par_chunks_mut(width).zip(src.par_chunks(width)).for_each(|(dst, row)| {
-            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for (d, &x) in dst.iter_mut().zip(row) {
-                let shifted = x - max;
-                *d = if shifted < EXP_FLOOR { 0.0 } else { shifted.exp() };
-                sum += *d;
-            }
-            let inv = 1.0 / sum;
-            dst.iter_mut().for_each(|d| *d *= inv);
-        });
+        out.par_chunks_mut(width).zip(src.par_chunks(width)).for_each(|(dst, row)| cpu::softmax_row(row, dst));
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
@@ -61,16 +48,7 @@ impl CustomOp1 for LayerNorm {
         let (src, width) = rows(storage, layout, self.name())?;
         let eps = self.eps as f32;
         let mut out = vec![0f32; src.len()];
-        out.par_chunks_mut(width).zip(src.par_chunks(width)).for_each(|(dst, row)| {
-            // Two passes (mean, then centred variance) for accuracy at large means.
-            let n = row.len() as f32;
-            let mean = row.iter().sum::<f32>() / n;
-            let var = row.iter().map(|&x| (x - mean) * (x - mean)).sum::<f32>() / n;
-            let inv = 1.0 / (var + eps).sqrt();
-            for (d, &x) in dst.iter_mut().zip(row) {
-                *d = (x - mean) * inv;
-            }
-        });
+        out.par_chunks_mut(width).zip(src.par_chunks(width)).for_each(|(dst, row)| cpu::layer_norm_row(row, dst, eps));
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
