@@ -1,4 +1,4 @@
-//! The job state machine (DESIGN.md §3–4) and the other small enums the
+//! The job state machine and the other small enums the
 //! coordinator and store share.
 //!
 //! ```text

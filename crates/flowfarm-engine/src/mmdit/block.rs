@@ -1,5 +1,5 @@
 //! One joint transformer block: image and text streams with their own
-//! weights, one attention over both (DESIGN.md §5, paper Fig. 2).
+//! weights, one attention over both (the paper's Fig. 2).
 
 use candle_core::{DType, Device, Tensor};
 
