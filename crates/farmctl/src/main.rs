@@ -503,7 +503,7 @@ async fn jobs(farm: &Farm, command: JobsCommand, json: bool) -> Result<()> {
 async fn watch(farm: &Farm, batch_id: &str, json: bool) -> Result<ExitCode> {
     let mut stream = farm
         .render()
-        .watch_batch(pb::WatchBatchRequest { batch_id: batch_id.to_owned() })
+        .watch_batch(pb::WatchBatchRequest { batch_id: batch_id.to_owned(), ..Default::default() })
         .await
         .map_err(|s| farm.explain(s))?
         .into_inner();

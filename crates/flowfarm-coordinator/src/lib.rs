@@ -4,8 +4,8 @@
 //!
 //! Every RPC checks its caller's role, validates its input (INVALID_ARGUMENT
 //! names the field), and goes to [`PgStore`], which keeps the whole truth.
-//! Nothing here holds job state in memory except step progress, which is
-//! fanned out to WatchBatch streams of the same coordinator.
+//! Nothing here holds job state in memory; step progress goes through the
+//! store's notifications to the WatchBatch streams of every coordinator.
 //!
 //! [`serve`] runs everything on a listener until a shutdown future resolves.
 
@@ -15,9 +15,11 @@ pub mod convert;
 pub mod dispatcher;
 pub mod metrics;
 mod admin;
+mod progress;
 mod reaper;
 mod render;
 mod server;
+mod watch;
 mod worker;
 
 use std::sync::Arc;

@@ -1,7 +1,6 @@
 //! RenderService: submitting, querying, watching and cancelling batches.
 
 use std::pin::Pin;
-use std::time::Duration;
 
 use flowfarm_core::spec::{check_idempotency_key, check_labels, resolve_jobs};
 use flowfarm_core::{JobState, Role};
@@ -10,7 +9,7 @@ use flowfarm_proto::v1::render_service_server::RenderService;
 use flowfarm_store::{JobFilter, NewBatch};
 use prost::Message;
 use sha2::{Digest, Sha256};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
@@ -22,7 +21,6 @@ use crate::Coordinator;
 const SUBMITTERS: &[Role] = &[Role::Submit, Role::Admin];
 const DEFAULT_PAGE_SIZE: u32 = 100;
 const MAX_PAGE_SIZE: u32 = 1000;
-const WATCH_POLL: Duration = Duration::from_millis(200);
 const RESULT_CHUNK: usize = 64 * 1024;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -126,58 +124,13 @@ impl RenderService for Coordinator {
 
     async fn watch_batch(&self, request: Request<pb::WatchBatchRequest>) -> Result<Response<Self::WatchBatchStream>, Status> {
         self.shared.auth.authorize(request.metadata(), SUBMITTERS).await?;
-        let batch_id = parse_id("batch_id", &request.get_ref().batch_id)?;
-        let store = self.shared.store.clone();
-        // Subscribe before the snapshot so no progress between the two is lost.
-        let mut progress = self.shared.progress.subscribe();
-        let cursor = store.latest_batch_event(batch_id).await.map_err(store_status)?;
-        let batch = store.get_batch(batch_id).await.map_err(store_status)?;
+        let req = request.into_inner();
+        let batch_id = parse_id("batch_id", &req.batch_id)?;
+        let start = crate::watch::Start::parse(&req.after)?;
+        // Subscribed before the log position is taken, so no progress between the two is lost.
+        let progress = self.shared.progress.subscribe();
         let (tx, rx) = mpsc::channel(256);
-        tokio::spawn(async move {
-            let snapshot = |b| pb::WatchBatchEvent { event: Some(pb::watch_batch_event::Event::Snapshot(batch_to_proto(&b))) };
-            let finished = batch.counts.finished() == batch.counts.total();
-            if tx.send(Ok(snapshot(batch))).await.is_err() || finished {
-                return;
-            }
-            let mut cursor = cursor;
-            let mut tick = tokio::time::interval(WATCH_POLL);
-            loop {
-                tokio::select! {
-                    msg = progress.recv() => match msg {
-                        Ok(p) if p.batch_id == batch_id => {
-                            let event = pb::WatchBatchEvent { event: Some(pb::watch_batch_event::Event::Progress(p.event)) };
-                            if tx.send(Ok(event)).await.is_err() { return; }
-                        }
-                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                        Err(broadcast::error::RecvError::Closed) => return,
-                    },
-                    _ = tick.tick() => {
-                        let events = match store.batch_events(batch_id, cursor, 1000).await {
-                            Ok(events) => events,
-                            Err(e) => { let _ = tx.send(Err(store_status(e))).await; return; }
-                        };
-                        if events.is_empty() { continue; }
-                        let mut terminal_seen = false;
-                        for e in &events {
-                            cursor = cursor.max(e.id);
-                            terminal_seen |= e.to_state.is_terminal();
-                            let event = pb::WatchBatchEvent { event: Some(pb::watch_batch_event::Event::StateChange(event_to_proto(e))) };
-                            if tx.send(Ok(event)).await.is_err() { return; }
-                        }
-                        if terminal_seen {
-                            match store.get_batch(batch_id).await {
-                                Ok(b) if b.counts.finished() == b.counts.total() => {
-                                    let _ = tx.send(Ok(snapshot(b))).await;
-                                    return;
-                                }
-                                Ok(_) => {}
-                                Err(e) => { let _ = tx.send(Err(store_status(e))).await; return; }
-                            }
-                        }
-                    }
-                }
-            }
-        });
+        crate::watch::start(self.shared.store.clone(), batch_id, start, progress, tx).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

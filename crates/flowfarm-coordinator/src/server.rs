@@ -45,12 +45,14 @@ pub async fn serve(
         .build_v1()?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let reaper = {
+    let stopped = || {
         let mut stop = stop_rx.clone();
-        tokio::spawn(run_reaper(coordinator.clone(), async move {
+        async move {
             let _ = stop.wait_for(|stopped| *stopped).await;
-        }))
+        }
     };
+    let reaper = tokio::spawn(run_reaper(coordinator.clone(), stopped()));
+    let progress = tokio::spawn(crate::progress::relay_progress(coordinator.clone(), stopped()));
 
     let render = RenderServiceServer::new(coordinator.clone())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -85,6 +87,7 @@ pub async fn serve(
     };
     let _ = stop_tx.send(true);
     let _ = reaper.await;
+    let _ = progress.await;
     result?;
     Ok(())
 }

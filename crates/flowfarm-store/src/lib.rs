@@ -11,6 +11,8 @@
 //! [`PgStore::migrate`] applies them.
 
 mod error;
+mod events;
+mod progress;
 mod jobs;
 mod rows;
 mod tokens;
@@ -22,6 +24,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
 
 pub use error::StoreError;
+pub use events::{LogCursor, LogPage};
+pub use progress::{ProgressListener, ProgressNote};
 pub use jobs::{Completion, JobFilter, JobSelector, NewBatch, SubmitOutcome};
 pub use rows::{BatchRow, EventRow, JobCounts, JobResultRow, JobRow, ModelStats, QueuePause, WorkerRow};
 pub use tokens::TokenInfo;

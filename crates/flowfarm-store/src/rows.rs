@@ -25,7 +25,11 @@ pub struct JobCounts {
 impl JobCounts {
     /// Adds `n` jobs in `state`.
     pub fn add(&mut self, state: JobState, n: u64) {
-        let slot = match state {
+        *self.slot(state) += n;
+    }
+
+    fn slot(&mut self, state: JobState) -> &mut u64 {
+        match state {
             JobState::Queued => &mut self.queued,
             JobState::Dispatched => &mut self.dispatched,
             JobState::Running => &mut self.running,
@@ -33,8 +37,18 @@ impl JobCounts {
             JobState::Failed => &mut self.failed,
             JobState::Cancelled => &mut self.cancelled,
             JobState::Dead => &mut self.dead,
-        };
-        *slot += n;
+        }
+    }
+
+    /// Moves one job from `from` to `to` as an event says; a creation event
+    /// (`from` None) adds it. Saturates rather than wraps: counts read in one
+    /// snapshot and events read from its log never make it go below zero.
+    pub fn apply(&mut self, from: Option<JobState>, to: JobState) {
+        if let Some(from) = from {
+            let slot = self.slot(from);
+            *slot = slot.saturating_sub(1);
+        }
+        *self.slot(to) += 1;
     }
 
     /// Adds every count of `other`.

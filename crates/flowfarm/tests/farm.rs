@@ -363,7 +363,7 @@ async fn cancelling_a_running_job_stops_it_at_the_next_step() {
     // Step progress reaches watchers from the worker's reports.
     let channel = tonic::transport::Channel::from_shared(farm.url()).unwrap().connect().await.unwrap();
     let mut render = RenderServiceClient::with_interceptor(channel, flowfarm_testkit::Auth::bearer(&farm.submitter));
-    let mut events = render.watch_batch(pb::WatchBatchRequest { batch_id: batch.clone() }).await.unwrap().into_inner();
+    let mut events = render.watch_batch(pb::WatchBatchRequest { batch_id: batch.clone(), ..Default::default() }).await.unwrap().into_inner();
     let progress = loop {
         match events.message().await.unwrap().and_then(|e| e.event) {
             Some(pb::watch_batch_event::Event::Progress(p)) if p.step >= 1 => break p,
