@@ -11,6 +11,9 @@ use tonic::{Request, Response, Status};
 use crate::convert::*;
 use crate::Coordinator;
 
+/// Oldest age PurgeJobs takes (100 years), as documented in admin.proto.
+pub const MAX_PURGE_AGE_SECONDS: u64 = 3_155_760_000;
+
 const ADMINS: &[Role] = &[Role::Admin];
 
 fn job_selector(field: &str, jobs: Option<&pb::JobSelector>) -> Result<JobSelector, Status> {
@@ -92,9 +95,15 @@ impl AdminService for Coordinator {
             (Some(jobs), _) => (Some(job_selector("jobs", Some(jobs))?), None),
             (None, 0) => return Err(invalid("jobs", "give a job selector or older_than_seconds")),
             (None, secs) => {
-                let secs = i64::try_from(secs).map_err(|_| invalid("older_than_seconds", "too large"))?;
-                let age = chrono::Duration::try_seconds(secs).ok_or_else(|| invalid("older_than_seconds", "too large"))?;
-                (None, Some(Utc::now() - age))
+                if secs > MAX_PURGE_AGE_SECONDS {
+                    return Err(invalid(
+                        "older_than_seconds",
+                        format!("{secs} is more than 100 years ({MAX_PURGE_AGE_SECONDS} s); no job is that old"),
+                    ));
+                }
+                let age = chrono::Duration::try_seconds(secs as i64).ok_or_else(|| invalid("older_than_seconds", "too large"))?;
+                let cutoff = Utc::now().checked_sub_signed(age).ok_or_else(|| invalid("older_than_seconds", "too large"))?;
+                (None, Some(cutoff))
             }
         };
         let updated = self.shared.store.purge_jobs(selector.as_ref(), cutoff).await.map_err(store_status)?;

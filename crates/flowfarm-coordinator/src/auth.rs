@@ -61,8 +61,7 @@ impl Authenticator {
         let secret = header
             .to_str()
             .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .map(str::trim)
+            .and_then(bearer_credentials)
             .filter(|s| !s.is_empty())
             .ok_or_else(|| Status::unauthenticated("authorization header must be `Bearer <token>`"))?;
         let info = self.lookup(secret).await?;
@@ -96,5 +95,27 @@ impl Authenticator {
         }
         cache.insert(secret.to_owned(), (info.clone(), Instant::now()));
         Ok(info)
+    }
+}
+
+/// The credentials of an `authorization` value using the Bearer scheme,
+/// whose name is case-insensitive (RFC 7235 §2.1): `Bearer`, `bearer`, `BEARER`.
+fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, credentials) = value.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| credentials.trim())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_credentials;
+
+    #[test]
+    fn the_bearer_scheme_is_matched_in_any_case() {
+        for value in ["Bearer abc", "bearer abc", "BEARER abc", "BeArEr   abc  "] {
+            assert_eq!(bearer_credentials(value), Some("abc"), "{value}");
+        }
+        for value in ["Basic abc", "Bearerabc", "abc", ""] {
+            assert_eq!(bearer_credentials(value), None, "{value}");
+        }
     }
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use flowfarm_store::{PgStore, StoreError};
 
+
 use crate::config::LeaseConfig;
 
 /// What one pass of the reaper did.
@@ -37,16 +38,38 @@ pub async fn reap_once(store: &PgStore, leases: &LeaseConfig) -> Result<ReapRepo
 /// `shutdown` resolves, counting expired leases in the metrics and waking
 /// the dispatcher for requeued jobs. Database errors are logged and retried
 /// next tick.
+///
+/// Time nobody could renew a lease is not held against the workers: before
+/// its first pass (this coordinator was away, and workers reporting to it
+/// could not reach anyone) and before the first pass after the database
+/// failed a pass, it gives every running job a full lease from now and
+/// counts every live worker as heard from now ([`PgStore::forgive_outage`]).
 pub async fn run_reaper(coordinator: crate::Coordinator, shutdown: impl std::future::Future<Output = ()>) {
     let store = coordinator.shared.store.clone();
     let leases = coordinator.shared.leases.clone();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(leases.reaper_interval_seconds));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
+    let mut outage = Outage::AtStart;
     loop {
         tokio::select! {
             _ = &mut shutdown => return,
             _ = tick.tick() => {
+                if outage != Outage::None {
+                    match store.forgive_outage(leases.lease()).await {
+                        Ok(renewed) => {
+                            if outage == Outage::Database {
+                                tracing::info!(renewed, "database reachable again: leases renewed for the time it was away");
+                            }
+                            outage = Outage::None;
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "reaper cannot reach the database");
+                            outage = Outage::Database;
+                            continue;
+                        }
+                    }
+                }
                 match reap_once(&store, &leases).await {
                     Ok(report) => {
                         for _ in 0..report.requeued + report.dead {
@@ -56,9 +79,22 @@ pub async fn run_reaper(coordinator: crate::Coordinator, shutdown: impl std::fut
                             coordinator.wake_dispatcher();
                         }
                     }
-                    Err(e) => tracing::error!(error = %e, "reaper pass failed"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "reaper pass failed");
+                        outage = Outage::Database;
+                    }
                 }
             }
         }
     }
+}
+
+/// Why the next pass first renews every lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outage {
+    None,
+    /// This coordinator just started.
+    AtStart,
+    /// The last pass could not reach the database.
+    Database,
 }

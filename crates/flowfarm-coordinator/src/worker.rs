@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::convert::*;
-use crate::{Coordinator, Progress};
+use crate::Coordinator;
 
 const WORKERS: &[Role] = &[Role::Worker];
 const MAX_ERROR_CHARS: usize = 4096;
@@ -243,6 +243,18 @@ impl WorkerService for Coordinator {
             .heartbeat(worker_id, &running, req.gpu_seconds_delta, self.shared.leases.lease())
             .await
             .map_err(store_status)?;
+        // A job the worker holds but no longer lists was dropped by it: back
+        // to the queue now rather than when its lease would have run out.
+        // A claim made within the last heartbeat interval may not be listed yet.
+        let listed: Vec<Uuid> = running.iter().map(|(id, _)| *id).collect();
+        let grace = std::time::Duration::from_secs(u64::from(self.shared.leases.heartbeat_interval_seconds.max(1)));
+        let requeued = self.shared.store.requeue_unlisted(worker_id, &listed, grace).await.map_err(store_status)?;
+        for job in &requeued {
+            tracing::warn!(job = %job.id, worker = %worker_id, state = %job.state, "the worker dropped a job it held; requeued");
+        }
+        if !requeued.is_empty() {
+            self.wake_dispatcher();
+        }
         Ok(Response::new(pb::HeartbeatResponse {
             state: worker_state_to_proto(outcome.state) as i32,
             revoked_job_ids: outcome.revoked.iter().map(Uuid::to_string).collect(),
@@ -299,17 +311,13 @@ impl WorkerService for Coordinator {
             return Err(invalid("step", format!("{} is beyond total_steps {}", req.step, req.total_steps)));
         }
         self.check_worker(&caller, worker_id).await?;
-        let (lease_expires_at, batch_id) = self
+        // Watchers on every coordinator learn of it from the store (crate::progress).
+        let (lease_expires_at, _batch_id) = self
             .shared
             .store
             .report_progress(job_id, attempt, worker_id, req.step, self.shared.leases.lease())
             .await
             .map_err(store_status)?;
-        // Nobody watching is fine: send only fails without receivers.
-        let _ = self.shared.progress.send(Progress {
-            batch_id,
-            event: pb::JobProgress { job_id: req.job_id, attempt, step: req.step, total_steps: req.total_steps },
-        });
         Ok(Response::new(pb::ReportProgressResponse { lease_expires_at: Some(timestamp(lease_expires_at)) }))
     }
 

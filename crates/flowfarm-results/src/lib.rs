@@ -106,10 +106,25 @@ impl ResultStore {
         &self.location
     }
 
-    /// The key of a job's image: one per job, whatever the attempt, so a
-    /// retried job overwrites a half-finished earlier try instead of adding one.
-    pub fn key_for(batch_id: &str, job_id: Uuid) -> String {
-        format!("{batch_id}/{job_id}.png")
+    /// The key of the image one attempt of a job rendered on one worker.
+    ///
+    /// Invariant: two renders that may both be uploaded never share a key.
+    /// A worker that lost its lease (paused, cut off) and uploads late writes
+    /// under its own attempt's key, never over the bytes the store accepted
+    /// from the attempt that succeeded; the completion records which key that is.
+    pub fn key_for(batch_id: &str, job_id: Uuid, attempt: u32, worker_id: &str) -> String {
+        format!("{batch_id}/{job_id}/a{attempt}-{worker_id}.png")
+    }
+
+    /// Removes the object under `key`; a missing one is not an error.
+    ///
+    /// # Errors
+    /// [`ResultError::Object`] from the store.
+    pub async fn delete(&self, key: &str) -> Result<(), ResultError> {
+        match self.store.delete(&object_store::path::Path::from(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.object(key, e)),
+        }
     }
 
     /// Writes `bytes` under `key` (atomically: readers see all or nothing).
@@ -168,6 +183,21 @@ mod tests {
         assert_eq!((size, chunks.concat()), (9, b"png bytes".to_vec()));
         let missing = store.get("b/other.png").await.err().unwrap();
         assert!(matches!(missing, ResultError::Missing { .. }), "{missing}");
+        store.delete("b/j.png").await.unwrap();
+        assert!(!dir.path().join("results/b/j.png").exists());
+        store.delete("b/j.png").await.unwrap();
+    }
+
+    #[test]
+    fn keys_differ_by_attempt_and_worker() {
+        let job = Uuid::nil();
+        let keys = [
+            ResultStore::key_for("b", job, 1, "w1"),
+            ResultStore::key_for("b", job, 2, "w1"),
+            ResultStore::key_for("b", job, 1, "w2"),
+        ];
+        assert_eq!(keys.iter().collect::<std::collections::HashSet<_>>().len(), 3, "{keys:?}");
+        assert!(keys.iter().all(|k| k.starts_with(&format!("b/{job}/"))));
     }
 
     #[test]

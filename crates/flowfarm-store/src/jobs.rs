@@ -377,34 +377,6 @@ impl PgStore {
         rows.iter().map(JobRow::from_row).collect()
     }
 
-    /// Events of a batch with ids above `after`, oldest first, at most `limit`.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
-    pub async fn batch_events(&self, batch_id: Uuid, after: i64, limit: u32) -> Result<Vec<EventRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, job_id, batch_id, from_state, to_state, attempt, actor, reason, at FROM job_events \
-             WHERE batch_id = $1 AND id > $2 ORDER BY id LIMIT $3",
-        )
-        .bind(batch_id)
-        .bind(after)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(EventRow::from_row).collect()
-    }
-
-    /// Id of the newest event of a batch, 0 if none.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
-    pub async fn latest_batch_event(&self, batch_id: Uuid) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar("SELECT COALESCE(max(id), 0) FROM job_events WHERE batch_id = $1")
-            .bind(batch_id)
-            .fetch_one(&self.pool)
-            .await?)
-    }
-
     /// Every event of one job, oldest first.
     ///
     /// # Errors
@@ -604,16 +576,27 @@ impl PgStore {
     /// same worker does not pick it straight up again) and this is
     /// [`StoreError::Declined`].
     ///
+    /// Claims are idempotent: the worker that already runs the job gets the
+    /// running job back, with its attempt, as its first claim did.
+    ///
     /// # Errors
     /// [`StoreError::WorkerUnavailable`] if the worker is not active (the
     /// job goes back to the queue); [`StoreError::WrongState`] if the job is
-    /// not dispatched (a duplicate message, say); [`StoreError::Declined`];
+    /// not dispatched nor already this worker's (a duplicate message, say); [`StoreError::Declined`];
     /// [`StoreError::NotFound`].
     pub async fn start_job(&self, job_id: Uuid, worker_id: Uuid, lease: Duration) -> Result<JobRow, StoreError> {
         // The usual case: a group of one.
         match self.start_jobs(&[(job_id, worker_id)], lease).await?.pop().flatten() {
             Some(row) => Ok(row),
-            None => Err(self.start_refused(job_id, worker_id, &format!("worker:{worker_id}")).await?),
+            None => {
+                // A claim repeated by the worker that holds the job (its first
+                // answer was lost on the way back) gets the same answer again.
+                let job = self.get_job(job_id).await?;
+                if job.state == JobState::Running && job.worker_id == Some(worker_id) {
+                    return Ok(job);
+                }
+                Err(self.start_refused(job_id, worker_id, &format!("worker:{worker_id}")).await?)
+            }
         }
     }
 
@@ -682,9 +665,11 @@ impl PgStore {
         let sizes: Vec<i64> = requests.iter().map(|c| c.result.size_bytes as i64).collect();
         let types: Vec<&str> = requests.iter().map(|c| c.result.content_type.as_str()).collect();
         let seconds: Vec<f64> = requests.iter().map(|c| c.gpu_seconds.max(0.0)).collect();
-        let done: Vec<Uuid> = sqlx::query_scalar(
-            "WITH req AS (SELECT DISTINCT ON (job_id) * FROM UNNEST($1::uuid[], $2::int4[], $3::uuid[], $4::text[], $5::text[], $6::int8[], $7::text[], $8::float8[]) \
-                 AS r(job_id, attempt, worker_id, key, sha256, size, content_type, gpu_seconds) ORDER BY job_id), \
+        // Requests are matched by their whole fence: a stale and a live
+        // completion of one job in the same group each get their own answer.
+        let done: Vec<(Uuid, i32, Uuid)> = sqlx::query_as(
+            "WITH req AS (SELECT DISTINCT ON (job_id, attempt, worker_id) * FROM UNNEST($1::uuid[], $2::int4[], $3::uuid[], $4::text[], $5::text[], $6::int8[], $7::text[], $8::float8[]) \
+                 AS r(job_id, attempt, worker_id, key, sha256, size, content_type, gpu_seconds) ORDER BY job_id, attempt, worker_id), \
              target AS (SELECT jobs.id, jobs.state AS from_state, req.* FROM jobs JOIN req ON req.job_id = jobs.id \
                  AND jobs.attempt = req.attempt AND jobs.worker_id = req.worker_id WHERE jobs.state = 'running' \
                  ORDER BY jobs.id FOR UPDATE OF jobs), \
@@ -695,7 +680,7 @@ impl PgStore {
                  SELECT id, batch_id, from_state, state, attempt, 'worker:' || worker_id::text, 'completed' FROM upd), \
              credit AS (UPDATE workers w SET images_done = images_done + c.n, gpu_seconds = w.gpu_seconds + c.g \
                  FROM (SELECT worker_id, count(*) AS n, sum(gpu_seconds) AS g FROM upd GROUP BY worker_id ORDER BY worker_id) c WHERE w.id = c.worker_id) \
-             SELECT id FROM upd",
+             SELECT id, attempt, worker_id FROM upd",
         )
         .bind(&jobs)
         .bind(&attempts)
@@ -707,8 +692,8 @@ impl PgStore {
         .bind(&seconds)
         .fetch_all(&self.pool)
         .await?;
-        let mut done: std::collections::HashSet<Uuid> = done.into_iter().collect();
-        Ok(requests.iter().map(|c| done.remove(&c.job_id)).collect())
+        let mut done: std::collections::HashSet<(Uuid, i32, Uuid)> = done.into_iter().collect();
+        Ok(requests.iter().map(|c| done.remove(&(c.job_id, c.attempt as i32, c.worker_id))).collect())
     }
 
     /// Why StartJob did not start the job; a job refused because of its
@@ -742,7 +727,8 @@ impl PgStore {
         Ok(refusal)
     }
 
-    /// Records step progress of a running attempt and renews its lease.
+    /// Records step progress of a running attempt, renews its lease and
+    /// notifies every coordinator's watchers ([`PgStore::listen_progress`]).
     /// Returns the new lease expiry and the job's batch.
     ///
     /// # Errors
@@ -755,9 +741,14 @@ impl PgStore {
         step: u32,
         lease: Duration,
     ) -> Result<(DateTime<Utc>, Uuid), StoreError> {
+        // The notification goes out when the update commits, to every
+        // coordinator listening (crate::progress), whichever took the report.
         let renewed: Option<(DateTime<Utc>, Uuid)> = sqlx::query_as(
-            "UPDATE jobs SET progress_step = $4, lease_expires_at = now() + make_interval(secs => $5), updated_at = now() \
-             WHERE id = $1 AND attempt = $2 AND worker_id = $3 AND state = 'running' RETURNING lease_expires_at, batch_id",
+            "WITH upd AS (UPDATE jobs SET progress_step = $4, lease_expires_at = now() + make_interval(secs => $5), updated_at = now() \
+                 WHERE id = $1 AND attempt = $2 AND worker_id = $3 AND state = 'running' \
+                 RETURNING id, batch_id, attempt, steps, lease_expires_at), \
+             note AS (SELECT pg_notify('flowfarm_progress', json_build_object('b', batch_id, 'j', id, 'a', attempt, 's', $4, 't', steps)::text) FROM upd) \
+             SELECT upd.lease_expires_at, upd.batch_id FROM upd, note",
         )
         .bind(job_id)
         .bind(attempt as i32)
@@ -886,6 +877,70 @@ impl PgStore {
         );
         tx.commit().await?;
         Ok(moved)
+    }
+
+    /// Returns to the queue (attempt + 1, or dead on the last attempt) the
+    /// running jobs of `worker_id` that it did not list in a heartbeat although
+    /// they started more than `grace` ago: the worker no longer renders them.
+    /// `grace` covers a claim whose job the worker had not yet put in its list
+    /// when the heartbeat left.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn requeue_unlisted(&self, worker_id: Uuid, listed: &[Uuid], grace: Duration) -> Result<Vec<JobRow>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let actor = format!("worker:{worker_id}");
+        let reason = "the worker no longer lists it in its heartbeats";
+        let unlisted = |qb: &mut QueryBuilder<'_, Postgres>| {
+            qb.push("state = 'running' AND worker_id = ").push_bind(worker_id);
+            qb.push(" AND NOT (id = ANY(").push_bind(listed.to_vec()).push("))");
+            qb.push(" AND started_at < now() - make_interval(secs => ").push_bind(grace.as_secs_f64()).push(")");
+        };
+        let clear = |qb: &mut QueryBuilder<'_, Postgres>| {
+            qb.push(", lease_expires_at = NULL, error = ").push_bind(reason);
+        };
+        let backoff = self.backoff;
+        let retry = |qb: &mut QueryBuilder<'_, Postgres>| {
+            clear(qb);
+            push_retry_hold(qb, backoff);
+        };
+        let mut moved = Move { transition: Transition::Retry, actor: &actor, reason }
+            .run(&mut tx, |qb| { unlisted(qb); qb.push(" AND attempt < max_attempts"); }, retry, "ORDER BY id", false)
+            .await?;
+        moved.extend(
+            Move { transition: Transition::Die, actor: &actor, reason }
+                .run(&mut tx, unlisted, clear, "ORDER BY id", false)
+                .await?,
+        );
+        tx.commit().await?;
+        Ok(moved)
+    }
+
+    /// After the store or the coordinator could not be reached, nobody could
+    /// renew a lease or record a heartbeat: gives every running job at least
+    /// a full `lease` from now and counts every live worker as heard from now,
+    /// so the outage is not taken for dead workers. Returns the jobs renewed.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn forgive_outage(&self, lease: Duration) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let renewed = sqlx::query(
+            "UPDATE jobs SET lease_expires_at = GREATEST(lease_expires_at, now() + make_interval(secs => $1)) \
+             WHERE state = 'running'",
+        )
+        .bind(lease.as_secs_f64())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        sqlx::query(
+            "UPDATE workers SET last_heartbeat_at = GREATEST(last_heartbeat_at, now()) \
+             WHERE state IN ('active', 'draining', 'cordoned')",
+        )
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(renewed)
     }
 
     /// Sets or clears a pause; `model` empty is the global switch.

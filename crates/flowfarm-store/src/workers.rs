@@ -118,17 +118,24 @@ impl PgStore {
         gpu_seconds_delta: f64,
         lease: Duration,
     ) -> Result<HeartbeatOutcome, StoreError> {
+        let ids: Vec<Uuid> = running.iter().map(|(id, _)| *id).collect();
+        let attempts: Vec<i32> = running.iter().map(|(_, a)| *a as i32).collect();
         let mut tx = self.pool.begin().await?;
+        // Only the listed attempts are renewed: a job the worker dropped
+        // must not be kept alive by the worker's other work.
         // Job rows before the worker row, as CompleteJob takes them: the
         // other order deadlocks against a completion of this worker. An
         // unknown or gone worker returns early, rolling the renewal back.
         let lease_expires_at: DateTime<Utc> = sqlx::query_scalar(
             "WITH renewed AS (UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $2) \
-                WHERE worker_id = $1 AND state = 'running') \
+                FROM UNNEST($3::uuid[], $4::int4[]) AS r(id, attempt) \
+                WHERE jobs.id = r.id AND jobs.attempt = r.attempt AND jobs.worker_id = $1 AND jobs.state = 'running') \
              SELECT now() + make_interval(secs => $2)",
         )
         .bind(worker_id)
         .bind(lease.as_secs_f64())
+        .bind(&ids)
+        .bind(&attempts)
         .fetch_one(&mut *tx)
         .await?;
         let state: Option<String> = sqlx::query_scalar(
@@ -152,8 +159,6 @@ impl PgStore {
             }
             Some(Some(state)) => state,
         };
-        let ids: Vec<Uuid> = running.iter().map(|(id, _)| *id).collect();
-        let attempts: Vec<i32> = running.iter().map(|(_, a)| *a as i32).collect();
         let revoked: Vec<Uuid> = sqlx::query_scalar(
             "SELECT r.id FROM UNNEST($2::uuid[], $3::int4[]) AS r(id, attempt) \
              LEFT JOIN jobs j ON j.id = r.id AND j.attempt = r.attempt AND j.worker_id = $1 AND j.state = 'running' \
@@ -175,28 +180,31 @@ impl PgStore {
     /// [`StoreError::NotFound`]; [`StoreError::WorkerUnavailable`] if it is
     /// gone (or lost, for anything but gone).
     pub async fn set_worker_state(&self, worker_id: Uuid, state: WorkerState) -> Result<WorkerRow, StoreError> {
-        let current = self.get_worker(worker_id).await?;
-        let allowed = match (current.state, state) {
-            (WorkerState::Gone, _) => false,
-            (_, WorkerState::Gone) => true,
-            (WorkerState::Lost, _) => false,
+        // The states each target may be reached from, checked by the UPDATE
+        // itself: a drain racing a deregistration cannot bring a gone worker back.
+        let from: &[&str] = match state {
+            WorkerState::Gone => &["active", "draining", "cordoned", "lost"],
             // A draining worker is on its way out; cordon or uncordon cannot stop that.
-            (WorkerState::Draining, WorkerState::Active | WorkerState::Cordoned) => false,
-            _ => true,
+            WorkerState::Active | WorkerState::Cordoned => &["active", "cordoned"],
+            WorkerState::Draining => &["active", "cordoned", "draining"],
+            WorkerState::Lost => &["active", "draining", "cordoned"],
         };
-        if !allowed {
+        let moved = sqlx::query("UPDATE workers SET state = $2 WHERE id = $1 AND state = ANY($3)")
+            .bind(worker_id)
+            .bind(state.as_str())
+            .bind(from)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        let current = self.get_worker(worker_id).await?;
+        if moved == 0 {
             return Err(StoreError::WorkerUnavailable {
                 worker_id,
                 state: current.state.as_str().into(),
                 why: format!("cannot become {}", state.as_str()),
             });
         }
-        sqlx::query("UPDATE workers SET state = $2 WHERE id = $1")
-            .bind(worker_id)
-            .bind(state.as_str())
-            .execute(&self.pool)
-            .await?;
-        self.get_worker(worker_id).await
+        Ok(current)
     }
 
     /// Marks workers silent for longer than `timeout` as lost; returns their ids.

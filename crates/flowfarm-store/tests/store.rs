@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use flowfarm_core::{JobState, ResolvedJob, Role, TextEncoderSet, WorkerState};
-use flowfarm_store::{JobFilter, JobResultRow, JobSelector, NewBatch, NewWorker, PgStore, RetryBackoff, StoreError};
+use flowfarm_store::{JobCounts, JobFilter, JobResultRow, JobSelector, LogCursor, NewBatch, NewWorker, PgStore, RetryBackoff, StoreError};
 use flowfarm_testkit::TestDb;
 use uuid::Uuid;
 
@@ -102,8 +102,13 @@ async fn a_job_runs_start_progress_complete_and_completion_takes_effect_once() {
     let lease = Duration::from_secs(30);
     let running = s.start_job(job.id, w, lease).await.unwrap();
     assert_eq!((running.state, running.attempt, running.worker_id), (JobState::Running, 1, Some(w)));
-    // A duplicate queue message for the same job is refused.
-    assert!(matches!(s.start_job(job.id, w, lease).await, Err(StoreError::WrongState { .. })));
+    // A claim repeated by its holder gets the same answer; another worker's
+    // (a duplicate queue message) is refused.
+    let again = s.start_job(job.id, w, lease).await.unwrap();
+    assert_eq!((again.state, again.attempt, again.worker_id), (JobState::Running, 1, Some(w)));
+    let other = named_worker(s, "other", 1).await;
+    assert!(matches!(s.start_job(job.id, other, lease).await, Err(StoreError::WrongState { .. })));
+    assert_eq!(count(s, "SELECT count(*) FROM job_events WHERE to_state = 'running'").await, 1, "started once");
     s.report_progress(job.id, 1, w, 14, lease).await.unwrap();
     assert_eq!(s.get_job(job.id).await.unwrap().progress_step, 14);
     s.complete_job(job.id, 1, w, &result("a.png"), 2.5).await.unwrap();
@@ -356,9 +361,13 @@ async fn unstarted_dispatches_are_dispatched_again() {
     assert_eq!(again[0].state, JobState::Dispatched);
     assert_eq!(count(s, "SELECT count(*) FROM job_events WHERE from_state = 'dispatched' AND to_state = 'dispatched'").await, 1);
     assert!(s.redispatch_stale(Duration::from_secs(60), 10, "t").await.unwrap().is_empty(), "its clock restarted");
-    // The duplicate message is refused at start.
+    // The duplicate message is refused at start to any other worker; the
+    // holder gets its own claim back (it skips a job it already renders).
     s.start_job(out[1].id, w, Duration::from_secs(30)).await.unwrap();
-    assert!(matches!(s.start_job(out[1].id, w, Duration::from_secs(30)).await, Err(StoreError::WrongState { .. })));
+    let other = named_worker(s, "other", 1).await;
+    assert!(matches!(s.start_job(out[1].id, other, Duration::from_secs(30)).await, Err(StoreError::WrongState { .. })));
+    assert_eq!(s.start_job(out[1].id, w, Duration::from_secs(30)).await.unwrap().attempt, 1);
+    assert_eq!(count(s, &format!("SELECT count(*) FROM job_events WHERE job_id = '{}' AND to_state = 'running'", out[1].id)).await, 1);
 }
 
 /// Grouped StartJob and CompleteJob do what the single calls do, and leave
@@ -399,4 +408,191 @@ async fn grouped_starts_and_completions_match_the_single_calls() {
     // A repeat through the single path is a no-op.
     s.complete_job(out[0].id, 1, a, &result(&format!("{}.png", out[0].id)), 2.0).await.unwrap();
     assert_eq!(s.get_worker(a).await.unwrap().images_done, 1);
+}
+
+/// One group holding a stale completion (attempt 1, worker a, whose lease
+/// expired) and the live one (attempt 2, worker b) of the same job: each is
+/// answered by its own fence, and the job is counted once.
+#[tokio::test]
+async fn grouped_completions_answer_each_fence_on_its_own() {
+    let db = TestDb::new().await;
+    let s = &db.store;
+    submit(s, 1).await;
+    let (a, b) = (named_worker(s, "a", 1).await, named_worker(s, "b", 1).await);
+    let lease = Duration::from_secs(30);
+    let job = s.dispatch_jobs("sd3", 1, "t").await.unwrap().remove(0);
+    s.start_job(job.id, a, lease).await.unwrap();
+    sqlx::query("UPDATE jobs SET lease_expires_at = now() - interval '1 second'").execute(s.pool()).await.unwrap();
+    s.reap_expired_leases().await.unwrap();
+    s.dispatch_jobs("sd3", 1, "t").await.unwrap();
+    assert_eq!(s.start_job(job.id, b, lease).await.unwrap().attempt, 2);
+    let completion = |attempt: u32, worker_id: Uuid, key: &str| flowfarm_store::Completion {
+        job_id: job.id,
+        attempt,
+        worker_id,
+        result: result(key),
+        gpu_seconds: 1.0,
+    };
+    for order in [[0usize, 1], [1, 0]] {
+        let both = [completion(1, a, "stale.png"), completion(2, b, "live.png")];
+        let group: Vec<_> = order.iter().map(|&i| both[i].clone()).collect();
+        let took = s.complete_jobs(&group).await.unwrap();
+        let by_fence: Vec<(u32, bool)> = group.iter().zip(&took).map(|(c, t)| (c.attempt, *t)).collect();
+        assert!(by_fence.contains(&(1, false)), "the stale completion is not told it took effect: {by_fence:?}");
+        if order == [0, 1] {
+            assert!(by_fence.contains(&(2, true)), "{by_fence:?}");
+        }
+    }
+    let done = s.get_job(job.id).await.unwrap();
+    assert_eq!((done.state, done.result.unwrap().key), (JobState::Succeeded, "live.png".to_owned()));
+    assert_eq!(count(s, "SELECT count(*) FROM job_events WHERE to_state = 'succeeded'").await, 1);
+    assert_eq!(s.get_worker(b).await.unwrap().images_done, 1);
+    assert_eq!(s.get_worker(a).await.unwrap().images_done, 0);
+}
+
+/// A heartbeat renews the attempts it lists and nothing else; a job the
+/// worker holds but no longer lists goes back to the queue.
+#[tokio::test]
+async fn heartbeats_renew_only_the_jobs_they_list() {
+    let db = TestDb::new().await;
+    let s = &db.store;
+    submit(s, 2).await;
+    let w = worker(s).await;
+    let jobs = s.dispatch_jobs("sd3", 2, "t").await.unwrap();
+    for j in &jobs {
+        s.start_job(j.id, w, Duration::from_secs(1)).await.unwrap();
+    }
+    s.heartbeat(w, &[(jobs[0].id, 1)], 0.0, Duration::from_secs(60)).await.unwrap();
+    let listed = s.get_job(jobs[0].id).await.unwrap().lease_expires_at.unwrap();
+    let unlisted = s.get_job(jobs[1].id).await.unwrap().lease_expires_at.unwrap();
+    assert!(listed > chrono::Utc::now() + chrono::Duration::seconds(30));
+    assert!(unlisted < chrono::Utc::now() + chrono::Duration::seconds(2), "the dropped job's lease is not renewed");
+
+    // Within the grace period an unlisted job may be a claim the heartbeat did not know of yet.
+    assert!(s.requeue_unlisted(w, &[jobs[0].id], Duration::from_secs(60)).await.unwrap().is_empty());
+    let moved = s.requeue_unlisted(w, &[jobs[0].id], Duration::ZERO).await.unwrap();
+    assert_eq!(moved.iter().map(|j| (j.id, j.state, j.attempt)).collect::<Vec<_>>(), vec![(jobs[1].id, JobState::Queued, 2)]);
+    assert_eq!(s.get_job(jobs[0].id).await.unwrap().state, JobState::Running);
+}
+
+/// Drains racing deregistrations: a gone worker stays gone.
+#[tokio::test]
+async fn a_drain_racing_a_deregistration_cannot_bring_a_worker_back() {
+    let db = TestDb::new().await;
+    let s = &db.store;
+    let mut workers = Vec::new();
+    for i in 0..40 {
+        workers.push(named_worker(s, &format!("w{i}"), 1).await);
+    }
+    let races = workers.iter().map(|&w| {
+        let s = s.clone();
+        async move {
+            let (drain, gone) = tokio::join!(
+                s.set_worker_state(w, WorkerState::Draining),
+                s.set_worker_state(w, WorkerState::Gone)
+            );
+            gone.unwrap();
+            drop(drain);
+        }
+    });
+    futures::future::join_all(races).await;
+    for w in workers {
+        assert_eq!(s.get_worker(w).await.unwrap().state, WorkerState::Gone);
+    }
+}
+
+/// After an outage nobody could renew leases or heartbeat: every running
+/// job gets a full lease from now, every live worker counts as just heard.
+#[tokio::test]
+async fn an_outage_is_not_held_against_leases_or_workers() {
+    let db = TestDb::new().await;
+    let s = &db.store;
+    submit(s, 1).await;
+    let w = worker(s).await;
+    let job = s.dispatch_jobs("sd3", 1, "t").await.unwrap().remove(0);
+    s.start_job(job.id, w, Duration::from_secs(30)).await.unwrap();
+    sqlx::query("UPDATE jobs SET lease_expires_at = now() - interval '5 seconds'").execute(s.pool()).await.unwrap();
+    sqlx::query("UPDATE workers SET last_heartbeat_at = now() - interval '5 minutes'").execute(s.pool()).await.unwrap();
+    assert_eq!(s.forgive_outage(Duration::from_secs(30)).await.unwrap(), 1);
+    assert!(s.reap_expired_leases().await.unwrap().is_empty());
+    assert!(s.mark_lost_workers(Duration::from_secs(60)).await.unwrap().is_empty());
+    assert_eq!(s.get_job(job.id).await.unwrap().state, JobState::Running);
+}
+
+/// Reads the whole log from `cursor` on: every page of one read, then one
+/// more read. Returns the events and the cursor after them.
+async fn read_log(s: &PgStore, batch: Uuid, mut cursor: LogCursor, limit: u32) -> (Vec<flowfarm_store::EventRow>, LogCursor) {
+    let mut events = Vec::new();
+    loop {
+        let page = s.read_batch_log(batch, &cursor, limit, false).await.unwrap();
+        events.extend(page.events.into_iter().map(|(e, _)| e));
+        cursor = page.cursor;
+        if page.read_complete {
+            return (events, cursor);
+        }
+    }
+}
+
+/// A transition committed late behind a higher event id is still read,
+/// once: ids are taken at insert, commits come in another order.
+#[tokio::test]
+async fn the_log_delivers_an_event_committed_behind_a_higher_id() {
+    let db = TestDb::new().await;
+    let s = &db.store;
+    let batch = submit(s, 2).await;
+    let jobs = s.list_jobs(&JobFilter { batch_id: Some(batch), ..Default::default() }, None, 10).await.unwrap();
+    let (_, cursor) = s.batch_with_cursor(batch).await.unwrap();
+
+    // A transaction moves job 0 and stays open; job 1 moves and commits after it.
+    let mut slow = s.pool().begin().await.unwrap();
+    sqlx::query("UPDATE jobs SET priority = 5 WHERE id = $1").bind(jobs[0].id).execute(&mut *slow).await.unwrap();
+    sqlx::query(
+        "INSERT INTO job_events (job_id, batch_id, from_state, to_state, attempt, actor, reason) \
+         VALUES ($1, $2, 'queued', 'cancelled', 1, 'test', 'late')",
+    )
+    .bind(jobs[0].id)
+    .bind(batch)
+    .execute(&mut *slow)
+    .await
+    .unwrap();
+    sqlx::query("UPDATE jobs SET state = 'cancelled' WHERE id = $1").bind(jobs[0].id).execute(&mut *slow).await.unwrap();
+    s.cancel_jobs(&JobSelector::Ids(vec![jobs[1].id]), "t", "").await.unwrap();
+    let (first, cursor) = read_log(s, batch, cursor, 100).await;
+    assert_eq!(first.iter().map(|e| e.job_id).collect::<Vec<_>>(), vec![jobs[1].id], "only the committed change");
+
+    slow.commit().await.unwrap();
+    let (second, cursor) = read_log(s, batch, cursor, 100).await;
+    assert_eq!(second.iter().map(|e| e.job_id).collect::<Vec<_>>(), vec![jobs[0].id], "the late commit, behind a higher id");
+    assert!(second[0].id < first[0].id, "its id is the lower one: an id cursor would have skipped it");
+    let (third, _) = read_log(s, batch, cursor, 100).await;
+    assert!(third.is_empty(), "nothing twice");
+}
+
+/// The snapshot's counts and the log from its cursor add up to the batch
+/// as it is later, and the log pages through a large read without loss.
+#[tokio::test]
+async fn snapshot_counts_plus_the_log_equal_the_batch_later() {
+    let db = TestDb::new().await;
+    let s = &db.store;
+    let batch = submit(s, 30).await;
+    let w = named_worker(s, "w", 30).await;
+    let (snapshot, cursor) = s.batch_with_cursor(batch).await.unwrap();
+    assert_eq!(snapshot.counts.queued, 30);
+    let out = s.dispatch_jobs("sd3", 20, "t").await.unwrap();
+    for j in &out[..10] {
+        s.start_job(j.id, w, Duration::from_secs(30)).await.unwrap();
+    }
+    for j in &out[..5] {
+        s.complete_job(j.id, 1, w, &result("r.png"), 0.1).await.unwrap();
+    }
+    s.cancel_jobs(&JobSelector::Batch(batch), "t", "").await.unwrap();
+    let (events, _) = read_log(s, batch, cursor, 7).await;
+    let mut counts: JobCounts = snapshot.counts;
+    for e in &events {
+        counts.apply(e.from_state, e.to_state);
+    }
+    assert_eq!(counts, s.get_batch(batch).await.unwrap().counts);
+    assert_eq!(events.len(), 20 + 10 + 5 + 25, "every change once");
+    let ids: HashSet<i64> = events.iter().map(|e| e.id).collect();
+    assert_eq!(ids.len(), events.len());
 }

@@ -306,6 +306,9 @@ async fn claim_all(shared: &Shared, deliveries: Vec<Delivery>) -> Vec<(Delivery,
     let mut pending = Vec::new();
     // A re-dispatched job may come twice in one read: claim it once.
     let mut seen = std::collections::HashSet::new();
+    // A job this worker already renders (a duplicate message): claiming it
+    // again would be answered with the running job, and render it twice.
+    seen.extend(lock(&shared.running).keys().copied());
     for delivery in deliveries {
         match &delivery.job {
             Ok(message) if seen.insert(message.job_id) => pending.push((message.job_id, delivery)),
@@ -317,6 +320,7 @@ async fn claim_all(shared: &Shared, deliveries: Vec<Delivery>) -> Vec<(Delivery,
         }
     }
     let mut rounds = 0;
+    let claiming_since = Instant::now();
     while !pending.is_empty() {
         rounds += 1;
         let request = pb::StartJobsRequest {
@@ -348,7 +352,11 @@ async fn claim_all(shared: &Shared, deliveries: Vec<Delivery>) -> Vec<(Delivery,
         for ((job_id, delivery), outcome) in pending.drain(..).zip(outcomes) {
             match outcome.outcome {
                 Some(pb::start_job_outcome::Outcome::Started(start)) => claimed.push((delivery, Some(start))),
-                Some(pb::start_job_outcome::Outcome::Refused(r)) if Code::from_i32(r.code) == Code::Unavailable && rounds < 5 => {
+                // The coordinator could not reach its database: not an answer.
+                // Claims are idempotent, so asking again is safe.
+                Some(pb::start_job_outcome::Outcome::Refused(r))
+                    if transient(&Status::new(Code::from_i32(r.code), "")) && claiming_since.elapsed() < REPORT_PATIENCE =>
+                {
                     retry.push((job_id, delivery));
                 }
                 refused => {
@@ -363,7 +371,7 @@ async fn claim_all(shared: &Shared, deliveries: Vec<Delivery>) -> Vec<(Delivery,
             }
         }
         if !retry.is_empty() {
-            tokio::time::sleep(jitter(Duration::from_millis(100 << rounds))).await;
+            tokio::time::sleep(jitter(Duration::from_millis(100 << rounds.min(6)))).await;
         }
         pending = retry;
     }
@@ -493,7 +501,8 @@ async fn render(
 
 async fn complete(shared: &Shared, job: &pb::Job, attempt: u32, png: Vec<u8>, seconds: f64) -> Result<(), Status> {
     let job_id = Uuid::parse_str(&job.id).map_err(|e| Status::internal(e.to_string()))?;
-    let stored = match shared.results.put(&ResultStore::key_for(&job.batch_id, job_id), png).await {
+    let key = ResultStore::key_for(&job.batch_id, job_id, attempt, &shared.worker_id);
+    let stored = match shared.results.put(&key, png).await {
         Ok(stored) => stored,
         Err(e) => {
             tracing::warn!(job = %job_id, error = %e, "cannot store the image");
@@ -511,7 +520,18 @@ async fn complete(shared: &Shared, job: &pb::Job, attempt: u32, png: Vec<u8>, se
         }),
         gpu_seconds: seconds,
     };
-    shared.completions.call(completed).await.unwrap_or_else(|| Err(Status::cancelled("the worker is shutting down")))?;
+    let answer = shared.completions.call(completed).await.unwrap_or_else(|| Err(Status::cancelled("the worker is shutting down")));
+    if let Err(status) = answer {
+        // Refused for good (cancelled while the image was written, or the
+        // attempt is no longer ours): the object belongs to no job. After a
+        // transient error the completion may have been recorded: keep it.
+        if !transient(&status) {
+            if let Err(e) = shared.results.delete(&key).await {
+                tracing::warn!(job = %job_id, %key, error = %e, "cannot remove the image of a refused completion");
+            }
+        }
+        return Err(status);
+    }
     tracing::info!(job = %job_id, attempt, seconds, "completed");
     shared.metrics.finished("succeeded");
     shared.metrics.observe_render(seconds);
@@ -528,48 +548,89 @@ fn completion_reporter(client: Client, worker_id: String) -> Grouper<pb::Complet
     Grouper::new(MAX_REPORT_GROUP, move |jobs: Vec<pb::CompletedJob>| {
         let (client, worker_id) = (client.clone(), worker_id.clone());
         async move {
-            let request = pb::CompleteJobsRequest { worker_id: worker_id.clone(), jobs: jobs.clone() };
-            let answer = retrying("CompleteJobs", REPORT_PATIENCE, || {
-                let mut client = client.clone();
-                let request = request.clone();
-                async move { client.complete_jobs(request).await }
-            })
-            .await;
-            match answer {
-                Ok(response) => {
-                    let outcomes = response.into_inner().outcomes;
-                    (0..jobs.len())
-                        .map(|i| match outcomes.get(i) {
-                            Some(pb::CompleteJobOutcome { refused: None }) => Ok(()),
-                            Some(pb::CompleteJobOutcome { refused: Some(r) }) => Err(Status::new(Code::from_i32(r.code), r.message.clone())),
-                            None => Err(Status::internal("the coordinator answered fewer completions than were sent")),
-                        })
-                        .collect()
-                }
-                Err(status) if status.code() == Code::Unimplemented => {
-                    let mut answers = Vec::with_capacity(jobs.len());
-                    for job in jobs {
-                        let request = pb::CompleteJobRequest {
-                            worker_id: worker_id.clone(),
-                            job_id: job.job_id,
-                            attempt: job.attempt,
-                            result: job.result,
-                            gpu_seconds: job.gpu_seconds,
-                        };
-                        let answer = retrying("CompleteJob", REPORT_PATIENCE, || {
-                            let mut client = client.clone();
-                            let request = request.clone();
-                            async move { client.complete_job(request).await }
-                        })
-                        .await;
-                        answers.push(answer.map(|_| ()));
-                    }
-                    answers
-                }
-                Err(status) => jobs.iter().map(|_| Err(status.clone())).collect(),
+            match report_completions(&client, &worker_id, &jobs).await {
+                Some(answers) => answers,
+                None => report_completions_one_by_one(&client, &worker_id, jobs).await,
             }
         }
     })
+}
+
+/// One CompleteJobs for `jobs`, then again for those refused with a
+/// transient code (the coordinator could not reach its database), until
+/// each has a definite answer or [`REPORT_PATIENCE`] runs out. A repeated
+/// completion of the same attempt is a no-op, so sending one again is safe.
+/// None: the coordinator has no CompleteJobs.
+async fn report_completions(client: &Client, worker_id: &str, jobs: &[pb::CompletedJob]) -> Option<Vec<Result<(), Status>>> {
+    let started = Instant::now();
+    let mut answers: Vec<Option<Result<(), Status>>> = vec![None; jobs.len()];
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let open: Vec<usize> = (0..jobs.len()).filter(|&i| answers[i].is_none()).collect();
+        let request = pb::CompleteJobsRequest {
+            worker_id: worker_id.to_owned(),
+            jobs: open.iter().map(|&i| jobs[i].clone()).collect(),
+        };
+        let answer = retrying("CompleteJobs", REPORT_PATIENCE.saturating_sub(started.elapsed()), || {
+            let mut client = client.clone();
+            let request = request.clone();
+            async move { client.complete_jobs(request).await }
+        })
+        .await;
+        let outcomes = match answer {
+            Ok(response) => response.into_inner().outcomes,
+            Err(status) if status.code() == Code::Unimplemented => return None,
+            Err(status) => {
+                for &i in &open {
+                    answers[i] = Some(Err(status.clone()));
+                }
+                break;
+            }
+        };
+        let patient = started.elapsed() < REPORT_PATIENCE;
+        for (n, &i) in open.iter().enumerate() {
+            answers[i] = match outcomes.get(n) {
+                Some(pb::CompleteJobOutcome { refused: None }) => Some(Ok(())),
+                Some(pb::CompleteJobOutcome { refused: Some(r) }) => {
+                    let status = Status::new(Code::from_i32(r.code), r.message.clone());
+                    if transient(&status) && patient {
+                        None
+                    } else {
+                        Some(Err(status))
+                    }
+                }
+                None => Some(Err(Status::internal("the coordinator answered fewer completions than were sent"))),
+            };
+        }
+        if answers.iter().all(Option::is_some) {
+            break;
+        }
+        tokio::time::sleep(jitter(pause)).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+    Some(answers.into_iter().map(|a| a.unwrap_or_else(|| Err(Status::unavailable("no answer")))).collect())
+}
+
+/// CompleteJob per job, for coordinators without CompleteJobs.
+async fn report_completions_one_by_one(client: &Client, worker_id: &str, jobs: Vec<pb::CompletedJob>) -> Vec<Result<(), Status>> {
+    let mut answers = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let request = pb::CompleteJobRequest {
+            worker_id: worker_id.to_owned(),
+            job_id: job.job_id,
+            attempt: job.attempt,
+            result: job.result,
+            gpu_seconds: job.gpu_seconds,
+        };
+        let answer = retrying("CompleteJob", REPORT_PATIENCE, || {
+            let mut client = client.clone();
+            let request = request.clone();
+            async move { client.complete_job(request).await }
+        })
+        .await;
+        answers.push(answer.map(|_| ()));
+    }
+    answers
 }
 
 async fn fail(shared: &Shared, job_id: &str, attempt: u32, error: &str, retryable: bool) -> Result<(), Status> {

@@ -234,13 +234,20 @@ async fn main() -> Result<()> {
             println!("listening on {addr}");
             let dispatcher = tokio::spawn(run_dispatcher(coordinator.clone(), config.queue.redis_url.clone(), stopped()));
             let server = flowfarm_coordinator::serve(coordinator, listener, stopped());
-            let signal = async move {
-                shutdown_signal().await;
-                let _ = stop_tx.send(true);
+            tokio::pin!(server);
+            // A server that stops by itself has failed: stop the rest and exit non-zero.
+            let served = tokio::select! {
+                served = &mut server => {
+                    let _ = stop_tx.send(true);
+                    served.map_err(anyhow::Error::from).and_then(|()| Err(anyhow::anyhow!("the gRPC server stopped without being asked to")))
+                }
+                () = shutdown_signal() => {
+                    let _ = stop_tx.send(true);
+                    server.await.map_err(anyhow::Error::from)
+                }
             };
-            let (served, ()) = tokio::join!(server, signal);
-            served?;
             let _ = dispatcher.await;
+            served?;
         }
         Command::Migrate => {
             open_store(&config).await?;
