@@ -84,3 +84,6 @@ cargo build --locked --workspace --bins --tests
 
 say "testing"
 cargo test --locked --workspace
+
+say "checking deploy/ (renders the manifests, matches them against the code)"
+bash deploy/check.sh
