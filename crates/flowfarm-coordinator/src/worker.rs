@@ -237,22 +237,20 @@ impl WorkerService for Coordinator {
             .map(|(i, r)| Ok((parse_id(&format!("running[{i}].job_id"), &r.job_id)?, r.attempt)))
             .collect::<Result<Vec<(Uuid, u32)>, Status>>()?;
         self.check_worker(&caller, worker_id).await?;
+        // A job the worker holds but no longer lists was dropped by it: it is
+        // taken back now rather than when its lease would have run out. A
+        // claim made within the last heartbeat interval may not be listed yet.
+        let grace = std::time::Duration::from_secs(u64::from(self.shared.leases.heartbeat_interval_seconds.max(1)));
         let outcome = self
             .shared
             .store
-            .heartbeat(worker_id, &running, req.gpu_seconds_delta, self.shared.leases.lease())
+            .heartbeat(worker_id, &running, req.gpu_seconds_delta, self.shared.leases.lease(), grace)
             .await
             .map_err(store_status)?;
-        // A job the worker holds but no longer lists was dropped by it: back
-        // to the queue now rather than when its lease would have run out.
-        // A claim made within the last heartbeat interval may not be listed yet.
-        let listed: Vec<Uuid> = running.iter().map(|(id, _)| *id).collect();
-        let grace = std::time::Duration::from_secs(u64::from(self.shared.leases.heartbeat_interval_seconds.max(1)));
-        let requeued = self.shared.store.requeue_unlisted(worker_id, &listed, grace).await.map_err(store_status)?;
-        for job in &requeued {
-            tracing::warn!(job = %job.id, worker = %worker_id, state = %job.state, "the worker dropped a job it held; requeued");
+        for job in &outcome.taken_back {
+            tracing::warn!(job = %job.id, worker = %worker_id, state = %job.state, "the worker dropped a job it held; taken back");
         }
-        if !requeued.is_empty() {
+        if !outcome.taken_back.is_empty() {
             self.wake_dispatcher();
         }
         Ok(Response::new(pb::HeartbeatResponse {
@@ -312,7 +310,7 @@ impl WorkerService for Coordinator {
         }
         self.check_worker(&caller, worker_id).await?;
         // Watchers on every coordinator learn of it from the store (crate::progress).
-        let (lease_expires_at, _batch_id) = self
+        let lease_expires_at = self
             .shared
             .store
             .report_progress(job_id, attempt, worker_id, req.step, self.shared.leases.lease())

@@ -65,11 +65,6 @@ impl LogCursor {
         };
         parts.next().is_none().then_some(LogCursor { seen, reading })
     }
-
-    /// True between reads: no read is half-delivered.
-    pub fn is_between_reads(&self) -> bool {
-        self.reading.is_none()
-    }
 }
 
 impl fmt::Display for LogCursor {

@@ -175,6 +175,42 @@ fn push_retry_hold(qb: &mut QueryBuilder<'_, Postgres>, backoff: crate::RetryBac
         .push("::float8 * power(2, j.attempt - 1)) * (0.5 + random() * 0.5))");
 }
 
+/// Why running jobs are taken back from their worker: the actor, the event
+/// reason (also the job's error) of a retry, and that of a death on the last attempt.
+pub(crate) struct TakenBack<'a> {
+    pub(crate) actor: &'a str,
+    pub(crate) retry: &'a str,
+    pub(crate) last: &'a str,
+}
+
+/// Takes the running jobs `select` picks away from their worker: back to the
+/// queue with attempt + 1 (held back by `backoff`, the worker remembered in
+/// `failed_workers`), or dead on their last attempt. Returns the jobs moved.
+pub(crate) async fn take_back(
+    conn: &mut PgConnection,
+    select: impl Fn(&mut QueryBuilder<'_, Postgres>),
+    why: TakenBack<'_>,
+    backoff: crate::RetryBackoff,
+    skip_locked: bool,
+) -> Result<Vec<JobRow>, StoreError> {
+    let clear = |qb: &mut QueryBuilder<'_, Postgres>| {
+        qb.push(", lease_expires_at = NULL, error = ").push_bind(why.retry.to_owned());
+    };
+    let retry = |qb: &mut QueryBuilder<'_, Postgres>| {
+        clear(qb);
+        push_retry_hold(qb, backoff);
+    };
+    let mut moved = Move { transition: Transition::Retry, actor: why.actor, reason: why.retry }
+        .run(conn, |qb| { select(qb); qb.push(" AND attempt < max_attempts"); }, retry, "ORDER BY id", skip_locked)
+        .await?;
+    moved.extend(
+        Move { transition: Transition::Die, actor: why.actor, reason: why.last }
+            .run(conn, select, clear, "ORDER BY id", skip_locked)
+            .await?,
+    );
+    Ok(moved)
+}
+
 fn lease_interval(lease: Duration) -> f64 {
     lease.as_secs_f64()
 }
@@ -729,7 +765,7 @@ impl PgStore {
 
     /// Records step progress of a running attempt, renews its lease and
     /// notifies every coordinator's watchers ([`PgStore::listen_progress`]).
-    /// Returns the new lease expiry and the job's batch.
+    /// Returns the new lease expiry.
     ///
     /// # Errors
     /// [`StoreError::WrongState`] if that attempt no longer holds the job.
@@ -740,15 +776,15 @@ impl PgStore {
         worker_id: Uuid,
         step: u32,
         lease: Duration,
-    ) -> Result<(DateTime<Utc>, Uuid), StoreError> {
+    ) -> Result<DateTime<Utc>, StoreError> {
         // The notification goes out when the update commits, to every
         // coordinator listening (crate::progress), whichever took the report.
-        let renewed: Option<(DateTime<Utc>, Uuid)> = sqlx::query_as(
+        let renewed: Option<DateTime<Utc>> = sqlx::query_scalar(
             "WITH upd AS (UPDATE jobs SET progress_step = $4, lease_expires_at = now() + make_interval(secs => $5), updated_at = now() \
                  WHERE id = $1 AND attempt = $2 AND worker_id = $3 AND state = 'running' \
                  RETURNING id, batch_id, attempt, steps, lease_expires_at), \
              note AS (SELECT pg_notify('flowfarm_progress', json_build_object('b', batch_id, 'j', id, 'a', attempt, 's', $4, 't', steps)::text) FROM upd) \
-             SELECT upd.lease_expires_at, upd.batch_id FROM upd, note",
+             SELECT upd.lease_expires_at FROM upd, note",
         )
         .bind(job_id)
         .bind(attempt as i32)
@@ -808,36 +844,17 @@ impl PgStore {
     ) -> Result<JobState, StoreError> {
         let fence = Fence { job_id, attempt, worker_id };
         let actor = format!("worker:{worker_id}");
-        let set_error = |qb: &mut QueryBuilder<'_, Postgres>| {
-            qb.push(", lease_expires_at = NULL, error = ").push_bind(error.to_owned());
-        };
-        let backoff = self.backoff;
-        let set_retry = |qb: &mut QueryBuilder<'_, Postgres>| {
-            set_error(qb);
-            push_retry_hold(qb, backoff);
-        };
         let mut tx = self.pool.begin().await?;
         let mut moved = if retryable {
-            let retried = Move { transition: Transition::Retry, actor: &actor, reason: error }
-                .run(
-                    &mut tx,
-                    |qb| {
-                        push_fence(qb, fence);
-                        qb.push(" AND state = 'running' AND attempt < max_attempts");
-                    },
-                    set_retry,
-                    "",
-                    false,
-                )
-                .await?;
-            if retried.is_empty() {
-                Move { transition: Transition::Die, actor: &actor, reason: error }
-                    .run(&mut tx, |qb| { push_fence(qb, fence); qb.push(" AND state = 'running'"); }, set_error, "", false)
-                    .await?
-            } else {
-                retried
-            }
+            let held = |qb: &mut QueryBuilder<'_, Postgres>| {
+                push_fence(qb, fence);
+                qb.push(" AND state = 'running'");
+            };
+            take_back(&mut tx, held, TakenBack { actor: &actor, retry: error, last: error }, self.backoff, false).await?
         } else {
+            let set_error = |qb: &mut QueryBuilder<'_, Postgres>| {
+                qb.push(", lease_expires_at = NULL, error = ").push_bind(error.to_owned());
+            };
             Move { transition: Transition::Fail, actor: &actor, reason: error }
                 .run(&mut tx, |qb| push_fence(qb, fence), set_error, "", false)
                 .await?
@@ -859,59 +876,8 @@ impl PgStore {
         let expired = |qb: &mut QueryBuilder<'_, Postgres>| {
             qb.push("state = 'running' AND lease_expires_at < now()");
         };
-        let clear = |qb: &mut QueryBuilder<'_, Postgres>| {
-            qb.push(", lease_expires_at = NULL, error = 'lease expired'");
-        };
-        let backoff = self.backoff;
-        let retry = |qb: &mut QueryBuilder<'_, Postgres>| {
-            clear(qb);
-            push_retry_hold(qb, backoff);
-        };
-        let mut moved = Move { transition: Transition::Retry, actor: "reaper", reason: "lease expired" }
-            .run(&mut tx, |qb| { expired(qb); qb.push(" AND attempt < max_attempts"); }, retry, "", true)
-            .await?;
-        moved.extend(
-            Move { transition: Transition::Die, actor: "reaper", reason: "lease expired on the last attempt" }
-                .run(&mut tx, expired, clear, "", true)
-                .await?,
-        );
-        tx.commit().await?;
-        Ok(moved)
-    }
-
-    /// Returns to the queue (attempt + 1, or dead on the last attempt) the
-    /// running jobs of `worker_id` that it did not list in a heartbeat although
-    /// they started more than `grace` ago: the worker no longer renders them.
-    /// `grace` covers a claim whose job the worker had not yet put in its list
-    /// when the heartbeat left.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
-    pub async fn requeue_unlisted(&self, worker_id: Uuid, listed: &[Uuid], grace: Duration) -> Result<Vec<JobRow>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let actor = format!("worker:{worker_id}");
-        let reason = "the worker no longer lists it in its heartbeats";
-        let unlisted = |qb: &mut QueryBuilder<'_, Postgres>| {
-            qb.push("state = 'running' AND worker_id = ").push_bind(worker_id);
-            qb.push(" AND NOT (id = ANY(").push_bind(listed.to_vec()).push("))");
-            qb.push(" AND started_at < now() - make_interval(secs => ").push_bind(grace.as_secs_f64()).push(")");
-        };
-        let clear = |qb: &mut QueryBuilder<'_, Postgres>| {
-            qb.push(", lease_expires_at = NULL, error = ").push_bind(reason);
-        };
-        let backoff = self.backoff;
-        let retry = |qb: &mut QueryBuilder<'_, Postgres>| {
-            clear(qb);
-            push_retry_hold(qb, backoff);
-        };
-        let mut moved = Move { transition: Transition::Retry, actor: &actor, reason }
-            .run(&mut tx, |qb| { unlisted(qb); qb.push(" AND attempt < max_attempts"); }, retry, "ORDER BY id", false)
-            .await?;
-        moved.extend(
-            Move { transition: Transition::Die, actor: &actor, reason }
-                .run(&mut tx, unlisted, clear, "ORDER BY id", false)
-                .await?,
-        );
+        let why = TakenBack { actor: "reaper", retry: "lease expired", last: "lease expired on the last attempt" };
+        let moved = take_back(&mut tx, expired, why, self.backoff, true).await?;
         tx.commit().await?;
         Ok(moved)
     }

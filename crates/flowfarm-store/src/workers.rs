@@ -4,10 +4,11 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use flowfarm_core::{TextEncoderSet, WorkerState};
-use sqlx::Row;
+use sqlx::{Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
-use crate::{PgStore, StoreError, WorkerRow};
+use crate::jobs::{take_back, TakenBack};
+use crate::{JobRow, PgStore, StoreError, WorkerRow};
 
 const WORKER_COLUMNS: &str = "w.id, w.name, w.hostname, w.state, w.devices, w.models, w.text_encoder_sets, w.capacity, \
     w.version, w.images_done, w.gpu_seconds, w.registered_at, w.last_heartbeat_at, \
@@ -36,6 +37,9 @@ pub struct HeartbeatOutcome {
     pub revoked: Vec<Uuid>,
     /// New expiry of the leases of the jobs it still holds.
     pub lease_expires_at: DateTime<Utc>,
+    /// Jobs it held but no longer lists, taken back (requeued, or dead on
+    /// their last attempt).
+    pub taken_back: Vec<JobRow>,
 }
 
 impl PgStore {
@@ -104,9 +108,12 @@ impl PgStore {
         rows.iter().map(WorkerRow::from_row).collect()
     }
 
-    /// Records a heartbeat: renews the leases of every job the worker still
-    /// holds, adds its GPU time, brings a `lost` worker back to `active`, and
-    /// names the reported jobs it no longer holds.
+    /// Records a heartbeat, in one transaction: renews the leases of the
+    /// listed (job, attempt) pairs the worker still holds, and only those;
+    /// takes back the running jobs it holds but no longer lists, once they
+    /// started more than `grace` ago (a claim made since the heartbeat left
+    /// may not be listed yet); adds its GPU time; brings a `lost` worker back
+    /// to `active`; and names the listed jobs it no longer holds.
     ///
     /// # Errors
     /// [`StoreError::NotFound`] for an unknown worker;
@@ -117,6 +124,7 @@ impl PgStore {
         running: &[(Uuid, u32)],
         gpu_seconds_delta: f64,
         lease: Duration,
+        grace: Duration,
     ) -> Result<HeartbeatOutcome, StoreError> {
         let ids: Vec<Uuid> = running.iter().map(|(id, _)| *id).collect();
         let attempts: Vec<i32> = running.iter().map(|(_, a)| *a as i32).collect();
@@ -138,6 +146,15 @@ impl PgStore {
         .bind(&attempts)
         .fetch_one(&mut *tx)
         .await?;
+        let actor = format!("worker:{worker_id}");
+        let reason = "the worker no longer lists it in its heartbeats";
+        let unlisted = |qb: &mut QueryBuilder<'_, Postgres>| {
+            qb.push("state = 'running' AND worker_id = ").push_bind(worker_id);
+            qb.push(" AND NOT (id = ANY(").push_bind(ids.clone()).push("))");
+            qb.push(" AND started_at < now() - make_interval(secs => ").push_bind(grace.as_secs_f64()).push(")");
+        };
+        let why = TakenBack { actor: &actor, retry: reason, last: reason };
+        let taken_back = take_back(&mut tx, unlisted, why, self.backoff, false).await?;
         let state: Option<String> = sqlx::query_scalar(
             "UPDATE workers SET last_heartbeat_at = now(), gpu_seconds = gpu_seconds + $2, \
                  state = CASE WHEN state = 'lost' THEN 'active' ELSE state END \
@@ -170,7 +187,7 @@ impl PgStore {
         .fetch_all(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(HeartbeatOutcome { state, revoked, lease_expires_at })
+        Ok(HeartbeatOutcome { state, revoked, lease_expires_at, taken_back })
     }
 
     /// Moves a worker to `draining`, `cordoned` or back to `active`, or to

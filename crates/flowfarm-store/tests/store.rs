@@ -242,7 +242,7 @@ async fn heartbeats_renew_leases_and_name_revoked_jobs() {
         s.start_job(j.id, w, short).await.unwrap();
     }
     s.cancel_jobs(&JobSelector::Ids(vec![jobs[1].id]), "submitter:t", "").await.unwrap();
-    let beat = s.heartbeat(w, &[(jobs[0].id, 1), (jobs[1].id, 1)], 3.0, Duration::from_secs(60)).await.unwrap();
+    let beat = s.heartbeat(w, &[(jobs[0].id, 1), (jobs[1].id, 1)], 3.0, Duration::from_secs(60), Duration::from_secs(60)).await.unwrap();
     assert_eq!(beat.state, WorkerState::Active);
     assert_eq!(beat.revoked, vec![jobs[1].id]);
     let kept = s.get_job(jobs[0].id).await.unwrap();
@@ -462,15 +462,15 @@ async fn heartbeats_renew_only_the_jobs_they_list() {
     for j in &jobs {
         s.start_job(j.id, w, Duration::from_secs(1)).await.unwrap();
     }
-    s.heartbeat(w, &[(jobs[0].id, 1)], 0.0, Duration::from_secs(60)).await.unwrap();
+    // Within the grace period an unlisted job may be a claim the heartbeat did not know of yet.
+    let beat = s.heartbeat(w, &[(jobs[0].id, 1)], 0.0, Duration::from_secs(60), Duration::from_secs(60)).await.unwrap();
+    assert!(beat.taken_back.is_empty());
     let listed = s.get_job(jobs[0].id).await.unwrap().lease_expires_at.unwrap();
     let unlisted = s.get_job(jobs[1].id).await.unwrap().lease_expires_at.unwrap();
     assert!(listed > chrono::Utc::now() + chrono::Duration::seconds(30));
     assert!(unlisted < chrono::Utc::now() + chrono::Duration::seconds(2), "the dropped job's lease is not renewed");
 
-    // Within the grace period an unlisted job may be a claim the heartbeat did not know of yet.
-    assert!(s.requeue_unlisted(w, &[jobs[0].id], Duration::from_secs(60)).await.unwrap().is_empty());
-    let moved = s.requeue_unlisted(w, &[jobs[0].id], Duration::ZERO).await.unwrap();
+    let moved = s.heartbeat(w, &[(jobs[0].id, 1)], 0.0, Duration::from_secs(60), Duration::ZERO).await.unwrap().taken_back;
     assert_eq!(moved.iter().map(|j| (j.id, j.state, j.attempt)).collect::<Vec<_>>(), vec![(jobs[1].id, JobState::Queued, 2)]);
     assert_eq!(s.get_job(jobs[0].id).await.unwrap().state, JobState::Running);
 }

@@ -88,7 +88,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Whether a failed call may succeed if tried again (coordinator restarting,
 /// network hiccup) rather than being an answer.
 fn transient(status: &Status) -> bool {
-    matches!(status.code(), Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Internal | Code::Cancelled)
+    transient_code(status.code())
+}
+
+fn transient_code(code: Code) -> bool {
+    matches!(code, Code::Unavailable | Code::Unknown | Code::DeadlineExceeded | Code::Internal | Code::Cancelled)
 }
 
 /// Calls `call` until it answers something other than a transient error,
@@ -355,7 +359,7 @@ async fn claim_all(shared: &Shared, deliveries: Vec<Delivery>) -> Vec<(Delivery,
                 // The coordinator could not reach its database: not an answer.
                 // Claims are idempotent, so asking again is safe.
                 Some(pb::start_job_outcome::Outcome::Refused(r))
-                    if transient(&Status::new(Code::from_i32(r.code), "")) && claiming_since.elapsed() < REPORT_PATIENCE =>
+                    if transient_code(Code::from_i32(r.code)) && claiming_since.elapsed() < REPORT_PATIENCE =>
                 {
                     retry.push((job_id, delivery));
                 }
