@@ -16,7 +16,8 @@ pub enum ModelCommand {
     /// Show a checkpoint's layout, variant, sizes and which parts are present.
     Inspect { path: PathBuf },
     /// Render one image locally.
-    Render(RenderArgs),
+    // Boxed: the render flags dwarf every other command's.
+    Render(Box<RenderArgs>),
     /// Convert between a diffusers model folder and one SD3-style single
     /// file (transformer, VAE decoder, text encoders).
     Convert {

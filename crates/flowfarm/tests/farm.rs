@@ -191,7 +191,7 @@ impl Farm {
     /// Every job succeeded once: one `succeeded` event, one result whose
     /// file matches its hash and whose PNG metadata is the job's spec.
     async fn assert_each_succeeded_once(&self) {
-        let rows: Vec<(Uuid, String, String, i64, i32, i32, i32, f32, f64, String, String, i32)> = sqlx::query_as(
+        let rows: Vec<SucceededJobRow> = sqlx::query_as(
             "SELECT id, state, prompt, seed, width, height, steps, guidance, shift, result_key, result_sha256, \
              (SELECT count(*)::int4 FROM job_events e WHERE e.job_id = j.id AND e.to_state = 'succeeded') FROM jobs j",
         )
@@ -216,6 +216,10 @@ impl Farm {
         assert_eq!(files.len(), keys.len(), "one file per job and nothing else: {files:?}");
     }
 }
+
+/// id, state, prompt, seed, width, height, steps, guidance, shift,
+/// result key, result SHA-256, count of `succeeded` events.
+type SucceededJobRow = (Uuid, String, String, i64, i32, i32, i32, f32, f64, String, String, i32);
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();

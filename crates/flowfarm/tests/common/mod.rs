@@ -55,6 +55,9 @@ impl Server {
     }
 
     /// As [`Server::start_on`], with more environment variables.
+    // The child is returned inside `Server`, whose Drop kills and waits for
+    // it; clippy cannot follow it there from the loop's other branches.
+    #[allow(clippy::zombie_processes)]
     pub fn start_env(db: &TestDb, config: &Path, results: &Path, redis_url: &str, listen: &str, env: &[(String, String)]) -> Server {
         let mut child = Command::new(flowfarm_bin())
             .arg("--config")
