@@ -9,8 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     unsafe { std::env::set_var("PROTOC", protoc) };
 
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let files = ["common", "render", "admin", "worker"]
-        .map(|name| root.join(format!("flowfarm/v1/{name}.proto")));
+    let files = ["common", "render", "admin", "worker"].map(|name| root.join(format!("flowfarm/v1/{name}.proto")));
     for file in &files {
         println!("cargo:rerun-if-changed={}", file.display());
     }

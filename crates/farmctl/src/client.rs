@@ -42,9 +42,10 @@ impl Farm {
         let endpoint = Endpoint::from_shared(server.to_owned())
             .with_context(|| format!("`{server}` is not a server URL (expected http://host:port)"))?
             .connect_timeout(std::time::Duration::from_secs(5));
-        let channel = endpoint.connect().await.map_err(|e| {
-            anyhow!("cannot reach the coordinator at {server}: {e}; is it running? (set --server or FLOWFARM_SERVER)")
-        })?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| anyhow!("cannot reach the coordinator at {server}: {e}; is it running? (set --server or FLOWFARM_SERVER)"))?;
         let token = match token {
             Some(t) => Some(
                 format!("Bearer {t}")

@@ -96,8 +96,7 @@ pub fn read_batch(path: &Path) -> Result<pb::SubmitBatchRequest> {
                 if line.trim().is_empty() {
                     continue;
                 }
-                let spec: JobSpecInput =
-                    serde_json::from_str(line).with_context(|| format!("{name}:{}: not a job spec", n + 1))?;
+                let spec: JobSpecInput = serde_json::from_str(line).with_context(|| format!("{name}:{}: not a job spec", n + 1))?;
                 let path = format!("jobs[{}]", jobs.len());
                 jobs.push(spec.into_proto(&path).with_context(|| format!("{name}:{}", n + 1))?);
             }

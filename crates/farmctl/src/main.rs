@@ -247,17 +247,21 @@ async fn top(farm: &Farm, json: bool, interval: std::time::Duration, once: bool)
     let redraw = !once && !json && std::io::IsTerminal::is_terminal(&std::io::stdout());
     loop {
         let stats = admin.get_queue_stats(pb::GetQueueStatsRequest::default()).await.map_err(|s| farm.explain(s))?.into_inner();
-        let workers = admin.list_workers(pb::ListWorkersRequest { include_gone: false }).await.map_err(|s| farm.explain(s))?.into_inner().workers;
+        let workers =
+            admin.list_workers(pb::ListWorkersRequest { include_gone: false }).await.map_err(|s| farm.explain(s))?.into_inner().workers;
         let finished = stats.total.as_ref().map_or(0, |c| c.succeeded + c.failed + c.dead);
         let now = std::time::Instant::now();
         let rate = previous.map(|(at, n)| finished.saturating_sub(n) as f64 / (now - at).as_secs_f64().max(1e-3));
         previous = Some((now, finished));
         if json {
-            println!("{}", json!({
-                "queue": output::queue_stats(&stats),
-                "finished_per_second": rate,
-                "workers": workers.iter().map(output::worker).collect::<Vec<_>>(),
-            }));
+            println!(
+                "{}",
+                json!({
+                    "queue": output::queue_stats(&stats),
+                    "finished_per_second": rate,
+                    "workers": workers.iter().map(output::worker).collect::<Vec<_>>(),
+                })
+            );
         } else {
             let mut frame = String::new();
             if redraw {
@@ -354,9 +358,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
             };
             let scope = if state.model.is_empty() { "all models".to_owned() } else { format!("model {}", state.model) };
-            emit(json, output::queue_state(&state), || {
-                format!("queue for {scope}: {}", if state.paused { "paused" } else { "running" })
-            });
+            emit(json, output::queue_state(&state), || format!("queue for {scope}: {}", if state.paused { "paused" } else { "running" }));
         }
         Command::Top { interval, once } => {
             if !(interval.is_finite() && interval >= 0.1) {
@@ -368,20 +370,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let mut admin = farm.admin();
             let worker = match command {
                 WorkersCommand::List { all } => {
-                    let list = admin
-                        .list_workers(pb::ListWorkersRequest { include_gone: all })
-                        .await
-                        .map_err(|s| farm.explain(s))?
-                        .into_inner();
+                    let list =
+                        admin.list_workers(pb::ListWorkersRequest { include_gone: all }).await.map_err(|s| farm.explain(s))?.into_inner();
                     emit(json, json!(list.workers.iter().map(output::worker).collect::<Vec<_>>()), || {
                         if list.workers.is_empty() {
                             return "no workers".to_owned();
                         }
-                        list.workers
-                            .iter()
-                            .map(output::worker_line)
-                            .collect::<Vec<_>>()
-                            .join("\n")
+                        list.workers.iter().map(output::worker_line).collect::<Vec<_>>().join("\n")
                     });
                     return Ok(ExitCode::SUCCESS);
                 }
@@ -391,9 +386,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
             .map_err(|s| farm.explain(s))?
             .into_inner();
-            emit(json, output::worker(&worker), || {
-                format!("worker {} is {}", worker.id, output::worker_state_name(worker.state))
-            });
+            emit(json, output::worker(&worker), || format!("worker {} is {}", worker.id, output::worker_state_name(worker.state)));
         }
         Command::Results { command: ResultsCommand::Fetch { batch, out } } => fetch_results(&farm, &batch, &out, json).await?,
     }
@@ -548,7 +541,10 @@ async fn watch(farm: &Farm, batch_id: &str, json: bool) -> Result<ExitCode> {
             }
             Some(pb::watch_batch_event::Event::Progress(p)) => {
                 if json {
-                    println!("{}", json!({ "progress": { "job_id": p.job_id, "attempt": p.attempt, "step": p.step, "total_steps": p.total_steps } }));
+                    println!(
+                        "{}",
+                        json!({ "progress": { "job_id": p.job_id, "attempt": p.attempt, "step": p.step, "total_steps": p.total_steps } })
+                    );
                 }
                 steps.insert(p.job_id.clone(), (p.step, p.total_steps));
                 let (done, total) = steps.values().fold((0u32, 0u32), |acc, (s, t)| (acc.0 + s, acc.1 + t));
@@ -594,11 +590,8 @@ async fn fetch_results(farm: &Farm, batch_id: &str, out: &Path, json: bool) -> R
             let extension = if expected.content_type == "image/png" { "png" } else { "bin" };
             let path = out.join(format!("{:05}-{}.{extension}", job.index, job.id));
             let partial = path.with_extension("partial");
-            let mut stream = render
-                .get_result(pb::GetResultRequest { job_id: job.id.clone() })
-                .await
-                .map_err(|s| farm.explain(s))?
-                .into_inner();
+            let mut stream =
+                render.get_result(pb::GetResultRequest { job_id: job.id.clone() }).await.map_err(|s| farm.explain(s))?.into_inner();
             let mut file = std::fs::File::create(&partial).with_context(|| format!("cannot write {}", partial.display()))?;
             let mut hasher = Sha256::new();
             while let Some(chunk) = stream.next().await {

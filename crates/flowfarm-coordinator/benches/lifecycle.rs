@@ -41,7 +41,15 @@ struct Tally {
 /// When each job's StartJob was answered, by job id.
 type Started = Arc<Mutex<HashMap<String, Instant>>>;
 
-async fn play_worker(h: &Harness, redis: String, name: String, capacity: u32, tally: Arc<Tally>, waiters: Started, mut stop: watch::Receiver<bool>) {
+async fn play_worker(
+    h: &Harness,
+    redis: String,
+    name: String,
+    capacity: u32,
+    tally: Arc<Tally>,
+    waiters: Started,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut client = h.worker();
     let worker_id = client
         .register_worker(pb::RegisterWorkerRequest { name: name.clone(), models: vec![MODEL.into()], capacity, ..Default::default() })
@@ -67,8 +75,7 @@ async fn play_worker(h: &Harness, redis: String, name: String, capacity: u32, ta
             }
             // As the worker daemon does: one StartJobs for the read, one
             // CompleteJobs for what it started, one acknowledgement.
-            let job_ids: Vec<String> =
-                deliveries.iter().map(|d| d.job.as_ref().expect("well-formed message").job_id.to_string()).collect();
+            let job_ids: Vec<String> = deliveries.iter().map(|d| d.job.as_ref().expect("well-formed message").job_id.to_string()).collect();
             let t = Instant::now();
             let outcomes = client
                 .start_jobs(pb::StartJobsRequest { worker_id: worker_id.clone(), job_ids: job_ids.clone() })

@@ -55,9 +55,8 @@ impl Authenticator {
     /// UNAUTHENTICATED without a valid token; PERMISSION_DENIED for a role
     /// not in `allowed`; UNAVAILABLE if the token table cannot be read.
     pub async fn authorize(&self, metadata: &MetadataMap, allowed: &[Role]) -> Result<Caller, Status> {
-        let header = metadata
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>` header"))?;
+        let header =
+            metadata.get("authorization").ok_or_else(|| Status::unauthenticated("missing `authorization: Bearer <token>` header"))?;
         let secret = header
             .to_str()
             .ok()

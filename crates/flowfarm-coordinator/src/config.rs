@@ -85,12 +85,7 @@ pub struct LeaseConfig {
 
 impl Default for LeaseConfig {
     fn default() -> Self {
-        LeaseConfig {
-            lease_seconds: 30,
-            heartbeat_interval_seconds: 10,
-            worker_timeout_seconds: 60,
-            reaper_interval_seconds: 5.0,
-        }
+        LeaseConfig { lease_seconds: 30, heartbeat_interval_seconds: 10, worker_timeout_seconds: 60, reaper_interval_seconds: 5.0 }
     }
 }
 
@@ -199,8 +194,7 @@ impl Config {
     /// [`ConfigError`] naming the file, key or variable at fault.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        let mut config: Config =
-            toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+        let mut config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
         config.apply_env(|name| std::env::var(name).ok())?;
         config.check()?;
         Ok(config)
@@ -214,10 +208,9 @@ impl Config {
     /// [`ConfigError::Env`] for a listen address that does not parse.
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         if let Some(listen) = var("FLOWFARM_LISTEN") {
-            self.server.listen = listen.parse().map_err(|e| ConfigError::Env {
-                name: "FLOWFARM_LISTEN",
-                reason: format!("`{listen}` is not a socket address ({e})"),
-            })?;
+            self.server.listen = listen
+                .parse()
+                .map_err(|e| ConfigError::Env { name: "FLOWFARM_LISTEN", reason: format!("`{listen}` is not a socket address ({e})") })?;
         }
         if let Some(url) = var("FLOWFARM_DATABASE_URL").or_else(|| var("DATABASE_URL")) {
             self.database.url = url;
@@ -278,13 +271,13 @@ impl Config {
         let q = &self.queue;
         let positive = |v: f64| v.is_finite() && v > 0.0;
         if !positive(q.dispatch_interval_seconds) || !positive(q.redispatch_after_seconds) {
-            return Err(ConfigError::Invalid(
-                "queue.dispatch_interval_seconds and queue.redispatch_after_seconds must be positive".into(),
-            ));
+            return Err(ConfigError::Invalid("queue.dispatch_interval_seconds and queue.redispatch_after_seconds must be positive".into()));
         }
         let r = &self.retries;
-        let ok = r.backoff_base_seconds.is_finite() && r.backoff_base_seconds >= 0.0
-            && r.backoff_max_seconds.is_finite() && r.backoff_max_seconds >= r.backoff_base_seconds;
+        let ok = r.backoff_base_seconds.is_finite()
+            && r.backoff_base_seconds >= 0.0
+            && r.backoff_max_seconds.is_finite()
+            && r.backoff_max_seconds >= r.backoff_base_seconds;
         if !ok {
             return Err(ConfigError::Invalid("retries: need 0 ≤ backoff_base_seconds ≤ backoff_max_seconds".into()));
         }

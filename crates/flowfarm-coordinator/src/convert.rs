@@ -138,11 +138,7 @@ pub fn job_request(path: &str, spec: &pb::JobSpec) -> Result<JobRequest, FieldEr
 
 /// Every job request of a request's `jobs` list, or the first bad enum.
 pub fn job_requests(jobs: &[pb::JobSpec]) -> Result<Vec<JobRequest>, Status> {
-    jobs.iter()
-        .enumerate()
-        .map(|(i, spec)| job_request(&format!("jobs[{i}]"), spec))
-        .collect::<Result<_, _>>()
-        .map_err(field_status)
+    jobs.iter().enumerate().map(|(i, spec)| job_request(&format!("jobs[{i}]"), spec)).collect::<Result<_, _>>().map_err(field_status)
 }
 
 pub fn grid_request(grid: &pb::JobGrid) -> Result<GridRequest, Status> {
@@ -174,11 +170,7 @@ pub fn selector(field: &str, ids: &[String], batch_id: &str) -> Result<JobSelect
             if ids.len() > 10_000 {
                 return Err(invalid(&format!("{field}.job_ids"), "at most 10000 ids per call; select a batch instead"));
             }
-            let parsed = ids
-                .iter()
-                .enumerate()
-                .map(|(i, id)| parse_id(&format!("{field}.job_ids[{i}]"), id))
-                .collect::<Result<_, _>>()?;
+            let parsed = ids.iter().enumerate().map(|(i, id)| parse_id(&format!("{field}.job_ids[{i}]"), id)).collect::<Result<_, _>>()?;
             Ok(JobSelector::Ids(parsed))
         }
     }

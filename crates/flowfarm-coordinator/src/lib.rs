@@ -9,12 +9,12 @@
 //!
 //! [`serve`] runs everything on a listener until a shutdown future resolves.
 
+mod admin;
 pub mod auth;
 pub mod config;
 pub mod convert;
 pub mod dispatcher;
 pub mod metrics;
-mod admin;
 mod progress;
 mod reaper;
 mod render;
@@ -78,7 +78,10 @@ const MAX_GROUP: usize = 512;
 /// groups do not deadlock one another.
 const GROUPS_IN_FLIGHT: usize = 4;
 
-fn start_grouper(store: PgStore, lease: std::time::Duration) -> Grouper<(Uuid, Uuid), Result<flowfarm_store::JobRow, flowfarm_store::StoreError>> {
+fn start_grouper(
+    store: PgStore,
+    lease: std::time::Duration,
+) -> Grouper<(Uuid, Uuid), Result<flowfarm_store::JobRow, flowfarm_store::StoreError>> {
     Grouper::new(MAX_GROUP, move |requests: Vec<(Uuid, Uuid)>| {
         let store = store.clone();
         async move {

@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use flowfarm_store::{PgStore, StoreError};
 
-
 use crate::config::LeaseConfig;
 
 /// What one pass of the reaper did.

@@ -27,10 +27,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 
 #[tonic::async_trait]
 impl RenderService for Coordinator {
-    async fn submit_batch(
-        &self,
-        request: Request<pb::SubmitBatchRequest>,
-    ) -> Result<Response<pb::SubmitBatchResponse>, Status> {
+    async fn submit_batch(&self, request: Request<pb::SubmitBatchRequest>) -> Result<Response<pb::SubmitBatchResponse>, Status> {
         let caller = self.shared.auth.authorize(request.metadata(), SUBMITTERS).await?;
         let req = request.into_inner();
         check_idempotency_key(&req.idempotency_key).map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -58,10 +55,7 @@ impl RenderService for Coordinator {
         let outcome = shared.store.submit_batch(&batch, &jobs).await.map_err(store_status)?;
         self.wake_dispatcher();
         tracing::info!(batch = %outcome.batch.id, jobs = jobs.len(), created = outcome.created, submitter = %caller.name, "batch submitted");
-        Ok(Response::new(pb::SubmitBatchResponse {
-            batch: Some(batch_to_proto(&outcome.batch)),
-            created: outcome.created,
-        }))
+        Ok(Response::new(pb::SubmitBatchResponse { batch: Some(batch_to_proto(&outcome.batch)), created: outcome.created }))
     }
 
     async fn get_batch(&self, request: Request<pb::GetBatchRequest>) -> Result<Response<pb::Batch>, Status> {
@@ -88,12 +82,7 @@ impl RenderService for Coordinator {
         };
         let filter = JobFilter {
             batch_id: (!req.batch_id.is_empty()).then(|| parse_id("batch_id", &req.batch_id)).transpose()?,
-            states: req
-                .states
-                .iter()
-                .enumerate()
-                .map(|(i, s)| state_from_proto(&format!("states[{i}]"), *s))
-                .collect::<Result<_, _>>()?,
+            states: req.states.iter().enumerate().map(|(i, s)| state_from_proto(&format!("states[{i}]"), *s)).collect::<Result<_, _>>()?,
             label: (!req.label.is_empty())
                 .then(|| {
                     req.label

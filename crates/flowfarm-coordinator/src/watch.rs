@@ -181,12 +181,8 @@ impl Watcher {
             Err(e) => return Err(self.fail(store_status(e)).await),
         };
         for job in running {
-            let event = pb::JobProgress {
-                job_id: job.id.to_string(),
-                attempt: job.attempt,
-                step: job.progress_step,
-                total_steps: job.spec.steps,
-            };
+            let event =
+                pb::JobProgress { job_id: job.id.to_string(), attempt: job.attempt, step: job.progress_step, total_steps: job.spec.steps };
             self.send(pb::watch_batch_event::Event::Progress(event)).await?;
         }
         Ok(())

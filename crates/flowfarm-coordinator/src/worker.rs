@@ -88,12 +88,7 @@ fn completion(
         job_id,
         attempt,
         worker_id,
-        result: JobResultRow {
-            key: result.key,
-            sha256: result.sha256,
-            size_bytes: result.size_bytes,
-            content_type: result.content_type,
-        },
+        result: JobResultRow { key: result.key, sha256: result.sha256, size_bytes: result.size_bytes, content_type: result.content_type },
         gpu_seconds,
     })
 }
@@ -161,10 +156,7 @@ impl Coordinator {
 
 #[tonic::async_trait]
 impl WorkerService for Coordinator {
-    async fn register_worker(
-        &self,
-        request: Request<pb::RegisterWorkerRequest>,
-    ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
+    async fn register_worker(&self, request: Request<pb::RegisterWorkerRequest>) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
         let caller = self.shared.auth.authorize(request.metadata(), WORKERS).await?;
         let req = request.into_inner();
         if req.name.trim().is_empty() || req.name.chars().count() > 128 {
@@ -193,10 +185,7 @@ impl WorkerService for Coordinator {
             sets = vec![TextEncoderSet::All, TextEncoderSet::ClipOnly];
         }
         let devices = serde_json::Value::Array(
-            req.devices
-                .iter()
-                .map(|d| serde_json::json!({ "name": d.name, "memory_bytes": d.memory_bytes }))
-                .collect(),
+            req.devices.iter().map(|d| serde_json::json!({ "name": d.name, "memory_bytes": d.memory_bytes })).collect(),
         );
         let worker = self
             .shared
@@ -274,12 +263,8 @@ impl WorkerService for Coordinator {
         let req = request.into_inner();
         let worker_id = parse_id("worker_id", &req.worker_id)?;
         check_batch_len("job_ids", req.job_ids.len())?;
-        let job_ids = req
-            .job_ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| parse_id(&format!("job_ids[{i}]"), id))
-            .collect::<Result<Vec<Uuid>, Status>>()?;
+        let job_ids =
+            req.job_ids.iter().enumerate().map(|(i, id)| parse_id(&format!("job_ids[{i}]"), id)).collect::<Result<Vec<Uuid>, Status>>()?;
         check_distinct("job_ids", &job_ids)?;
         self.check_worker(&caller, worker_id).await?;
         // Each start joins the grouper's next statement with the other workers' calls.
@@ -296,10 +281,7 @@ impl WorkerService for Coordinator {
         Ok(Response::new(pb::StartJobsResponse { outcomes }))
     }
 
-    async fn report_progress(
-        &self,
-        request: Request<pb::ReportProgressRequest>,
-    ) -> Result<Response<pb::ReportProgressResponse>, Status> {
+    async fn report_progress(&self, request: Request<pb::ReportProgressRequest>) -> Result<Response<pb::ReportProgressResponse>, Status> {
         let caller = self.shared.auth.authorize(request.metadata(), WORKERS).await?;
         let req = request.into_inner();
         let worker_id = parse_id("worker_id", &req.worker_id)?;
@@ -349,10 +331,8 @@ impl WorkerService for Coordinator {
         check_distinct("jobs", &completions.iter().map(|c| c.job_id).collect::<Vec<_>>())?;
         self.check_worker(&caller, worker_id).await?;
         let outcomes = futures::future::join_all(completions.into_iter().map(|c| self.complete_one(c))).await;
-        let outcomes = outcomes
-            .into_iter()
-            .map(|outcome| pb::CompleteJobOutcome { refused: outcome.err().map(|status| refusal(&status)) })
-            .collect();
+        let outcomes =
+            outcomes.into_iter().map(|outcome| pb::CompleteJobOutcome { refused: outcome.err().map(|status| refusal(&status)) }).collect();
         Ok(Response::new(pb::CompleteJobsResponse { outcomes }))
     }
 
@@ -367,12 +347,7 @@ impl WorkerService for Coordinator {
             error = "unspecified worker error".into();
         }
         self.check_worker(&caller, worker_id).await?;
-        let state = self
-            .shared
-            .store
-            .fail_job(job_id, attempt, worker_id, &error, req.retryable)
-            .await
-            .map_err(store_status)?;
+        let state = self.shared.store.fail_job(job_id, attempt, worker_id, &error, req.retryable).await.map_err(store_status)?;
         self.shared.metrics.failure(if req.retryable { "retryable" } else { "fatal" });
         self.wake_dispatcher();
         Ok(Response::new(pb::FailJobResponse { state: state_to_proto(state) as i32 }))

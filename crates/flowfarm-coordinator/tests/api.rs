@@ -5,8 +5,8 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use flowfarm_testkit::Harness;
 use flowfarm_proto::v1 as pb;
+use flowfarm_testkit::Harness;
 use tokio_stream::StreamExt;
 use tonic::Code;
 
@@ -86,8 +86,17 @@ async fn every_rpc_checks_the_token_and_its_role() {
     }
     let render = ["SubmitBatch", "GetBatch", "GetJob", "ListJobs", "WatchBatch", "CancelJobs", "GetResult"];
     let admin = [
-        "PauseQueue", "ResumeQueue", "SetPriority", "RetryJobs", "RequeueJobs", "PurgeJobs", "GetQueueStats",
-        "ListWorkers", "DrainWorker", "CordonWorker", "UncordonWorker",
+        "PauseQueue",
+        "ResumeQueue",
+        "SetPriority",
+        "RetryJobs",
+        "RequeueJobs",
+        "PurgeJobs",
+        "GetQueueStats",
+        "ListWorkers",
+        "DrainWorker",
+        "CordonWorker",
+        "UncordonWorker",
     ];
     let worker = ["RegisterWorker", "Heartbeat", "StartJob", "ReportProgress", "CompleteJob", "FailJob", "DeregisterWorker"];
     let table: Vec<(&str, &str, &str)> = render
@@ -102,10 +111,7 @@ async fn every_rpc_checks_the_token_and_its_role() {
         assert_eq!(call(&h, rpc, Some("fft_not_a_token")).await, Code::Unauthenticated, "{rpc} with an unknown token");
         assert_eq!(call(&h, rpc, Some(wrong)).await, Code::PermissionDenied, "{rpc} with the wrong role");
         let allowed = call(&h, rpc, Some(right)).await;
-        assert!(
-            !matches!(allowed, Code::Unauthenticated | Code::PermissionDenied),
-            "{rpc} with the right role got {allowed:?}"
-        );
+        assert!(!matches!(allowed, Code::Unauthenticated | Code::PermissionDenied), "{rpc} with the right role got {allowed:?}");
     }
     // Admins may use the render API too.
     let code = call(&h, "ListJobs", Some(&adm)).await;
@@ -153,15 +159,39 @@ async fn bad_submissions_are_refused_field_by_field_and_store_nothing() {
             }),
             "jobs[0].text_encoders: model tiny does not allow `all`",
         ),
-        ("label key", job_with(|j| { j.labels.insert("Team".into(), "x".into()); }), "jobs[0].labels[\"Team\"]: label keys are"),
+        (
+            "label key",
+            job_with(|j| {
+                j.labels.insert("Team".into(), "x".into());
+            }),
+            "jobs[0].labels[\"Team\"]: label keys are",
+        ),
         ("33 labels", job_with(|j| j.labels = labels33.clone()), "jobs[0].labels: 33 labels, more than the limit of 32"),
-        ("label value", job_with(|j| { j.labels.insert("k".into(), "v".repeat(300)); }), "jobs[0].labels[\"k\"]: label values"),
+        (
+            "label value",
+            job_with(|j| {
+                j.labels.insert("k".into(), "v".repeat(300));
+            }),
+            "jobs[0].labels[\"k\"]: label values",
+        ),
         ("second job bad", jobs(vec![ok_job(), pb::JobSpec { width: 100, ..ok_job() }]), "jobs[1].width: 100 is not a multiple of 16"),
         ("no jobs", pb::SubmitBatchRequest::default(), "jobs: a batch needs at least one job"),
-        ("jobs and grid", pb::SubmitBatchRequest { grid: grid(&["a"], &[], &[], |_| {}).grid, ..jobs(vec![ok_job()]) }, "grid: give jobs or a grid, not both"),
+        (
+            "jobs and grid",
+            pb::SubmitBatchRequest { grid: grid(&["a"], &[], &[], |_| {}).grid, ..jobs(vec![ok_job()]) },
+            "grid: give jobs or a grid, not both",
+        ),
         ("grid without prompts", grid(&[], &[1], &[], |_| {}), "grid.prompts: a grid needs at least one prompt"),
-        ("grid without base", pb::SubmitBatchRequest { grid: Some(pb::JobGrid { prompts: vec!["a".into()], ..Default::default() }), ..Default::default() }, "grid.base: required"),
-        ("grid too big", grid(&["p"; 200], &(0..101).collect::<Vec<_>>(), &[], |_| {}), "grid: expands to 20200 jobs, more than the limit of 20000"),
+        (
+            "grid without base",
+            pb::SubmitBatchRequest { grid: Some(pb::JobGrid { prompts: vec!["a".into()], ..Default::default() }), ..Default::default() },
+            "grid.base: required",
+        ),
+        (
+            "grid too big",
+            grid(&["p"; 200], &(0..101).collect::<Vec<_>>(), &[], |_| {}),
+            "grid: expands to 20200 jobs, more than the limit of 20000",
+        ),
         ("grid size", grid(&["p"], &[], &[(512, 512), (512, 500)], |_| {}), "grid.sizes[1].height: 500 is not a multiple of 16"),
         ("grid zero size", grid(&["p"], &[], &[(0, 512)], |_| {}), "grid.sizes[0]: width and height must both be set"),
         ("grid base prompt", grid(&["p"], &[], &[], |b| b.prompt = "x".into()), "grid.base.prompt: must be empty"),
@@ -170,8 +200,16 @@ async fn bad_submissions_are_refused_field_by_field_and_store_nothing() {
         ("grid empty prompt", grid(&["p", ""], &[], &[], |_| {}), "grid.prompts[1]: must not be empty"),
         ("grid base steps", grid(&["p", "q"], &[], &[], |b| b.steps = 500), "grid.base.steps: 500 is outside 1..=200"),
         ("grid unknown model", grid(&["p"], &[], &[], |b| b.model = "nope".into()), "grid.base.model: unknown model `nope`"),
-        ("long idempotency key", pb::SubmitBatchRequest { idempotency_key: "k".repeat(129), ..jobs(vec![ok_job()]) }, "idempotency_key: longer than 128 characters"),
-        ("batch label", pb::SubmitBatchRequest { labels: BTreeMap::from([("Bad Key".into(), "v".into())]), ..jobs(vec![ok_job()]) }, "labels[\"Bad Key\"]: label keys are"),
+        (
+            "long idempotency key",
+            pb::SubmitBatchRequest { idempotency_key: "k".repeat(129), ..jobs(vec![ok_job()]) },
+            "idempotency_key: longer than 128 characters",
+        ),
+        (
+            "batch label",
+            pb::SubmitBatchRequest { labels: BTreeMap::from([("Bad Key".into(), "v".into())]), ..jobs(vec![ok_job()]) },
+            "labels[\"Bad Key\"]: label keys are",
+        ),
         ("too many jobs", jobs(vec![ok_job(); 20_001]), "jobs: 20001 jobs, more than the limit of 20000"),
     ];
     assert!(cases.len() >= 30, "{} cases", cases.len());
@@ -202,19 +240,28 @@ async fn bad_arguments_on_other_rpcs_name_the_field() {
     expect(r.get_batch(pb::GetBatchRequest::default()).await.map(drop), "batch_id: required");
     expect(r.list_jobs(pb::ListJobsRequest { page_size: 5000, ..Default::default() }).await.map(drop), "page_size: 5000");
     expect(r.list_jobs(pb::ListJobsRequest { states: vec![99], ..Default::default() }).await.map(drop), "states[0]: 99 is not a job state");
-    expect(r.list_jobs(pb::ListJobsRequest { label: "novalue".into(), ..Default::default() }).await.map(drop), "label: `novalue` is not key=value");
+    expect(
+        r.list_jobs(pb::ListJobsRequest { label: "novalue".into(), ..Default::default() }).await.map(drop),
+        "label: `novalue` is not key=value",
+    );
     expect(r.list_jobs(pb::ListJobsRequest { page_token: "zz".into(), ..Default::default() }).await.map(drop), "page_token:");
     expect(
         r.cancel_jobs(pb::CancelJobsRequest { job_ids: vec!["x".into()], batch_id: "y".into(), ..Default::default() }).await.map(drop),
         "request: give job ids or a batch id, not both",
     );
     expect(
-        a.set_priority(pb::SetPriorityRequest { jobs: Some(pb::JobSelector { batch_id: uuid::Uuid::nil().to_string(), ..Default::default() }), priority: 2000 })
-            .await
-            .map(drop),
+        a.set_priority(pb::SetPriorityRequest {
+            jobs: Some(pb::JobSelector { batch_id: uuid::Uuid::nil().to_string(), ..Default::default() }),
+            priority: 2000,
+        })
+        .await
+        .map(drop),
         "priority: 2000 is outside",
     );
-    expect(a.pause_queue(pb::PauseQueueRequest { model: "nope".into(), ..Default::default() }).await.map(drop), "model: unknown model `nope`");
+    expect(
+        a.pause_queue(pb::PauseQueueRequest { model: "nope".into(), ..Default::default() }).await.map(drop),
+        "model: unknown model `nope`",
+    );
     expect(a.purge_jobs(pb::PurgeJobsRequest::default()).await.map(drop), "jobs: give a job selector or older_than_seconds");
     expect(
         w.register_worker(pb::RegisterWorkerRequest { name: "w".into(), models: vec!["sd3".into()], capacity: 0, ..Default::default() })
@@ -223,9 +270,14 @@ async fn bad_arguments_on_other_rpcs_name_the_field() {
         "capacity: 0 is outside 1..=64",
     );
     expect(
-        w.register_worker(pb::RegisterWorkerRequest { name: "w".into(), models: vec!["sd3".into(), "x".into()], capacity: 1, ..Default::default() })
-            .await
-            .map(drop),
+        w.register_worker(pb::RegisterWorkerRequest {
+            name: "w".into(),
+            models: vec!["sd3".into(), "x".into()],
+            capacity: 1,
+            ..Default::default()
+        })
+        .await
+        .map(drop),
         "models[1]: unknown model `x`",
     );
     let id = uuid::Uuid::now_v7().to_string();
@@ -235,17 +287,30 @@ async fn bad_arguments_on_other_rpcs_name_the_field() {
             .map(drop),
         "step: 5 is beyond total_steps 4",
     );
-    let result = |key: &str, sha: &str| pb::JobResult { key: key.into(), sha256: sha.into(), size_bytes: 1, content_type: "image/png".into() };
+    let result =
+        |key: &str, sha: &str| pb::JobResult { key: key.into(), sha256: sha.into(), size_bytes: 1, content_type: "image/png".into() };
     expect(
-        w.complete_job(pb::CompleteJobRequest { worker_id: id.clone(), job_id: id.clone(), attempt: 1, result: Some(result("../etc/passwd", &"a".repeat(64))), gpu_seconds: 0.0 })
-            .await
-            .map(drop),
+        w.complete_job(pb::CompleteJobRequest {
+            worker_id: id.clone(),
+            job_id: id.clone(),
+            attempt: 1,
+            result: Some(result("../etc/passwd", &"a".repeat(64))),
+            gpu_seconds: 0.0,
+        })
+        .await
+        .map(drop),
         "result.key: `../etc/passwd` must be a relative path",
     );
     expect(
-        w.complete_job(pb::CompleteJobRequest { worker_id: id.clone(), job_id: id.clone(), attempt: 1, result: Some(result("a.png", "xyz")), gpu_seconds: 0.0 })
-            .await
-            .map(drop),
+        w.complete_job(pb::CompleteJobRequest {
+            worker_id: id.clone(),
+            job_id: id.clone(),
+            attempt: 1,
+            result: Some(result("a.png", "xyz")),
+            gpu_seconds: 0.0,
+        })
+        .await
+        .map(drop),
         "result.sha256: must be 64 lower-case hex digits",
     );
     expect(
@@ -301,11 +366,7 @@ async fn worker_protocol_runs_a_job_to_success_and_watchers_see_it() {
 
     let worker_id = register(&mut w).await;
     let job = h.db.store.dispatch_jobs("sd3", 10, "test").await.unwrap().remove(0);
-    let start = w
-        .start_job(pb::StartJobRequest { worker_id: worker_id.clone(), job_id: job.id.to_string() })
-        .await
-        .unwrap()
-        .into_inner();
+    let start = w.start_job(pb::StartJobRequest { worker_id: worker_id.clone(), job_id: job.id.to_string() }).await.unwrap().into_inner();
     assert_eq!(start.attempt, 1);
     let spec = start.job.unwrap().spec.unwrap();
     assert_eq!((spec.steps, spec.seed.is_some(), spec.shift), (4, true, Some(3.0)), "the worker gets the resolved spec");
@@ -326,7 +387,8 @@ async fn worker_protocol_runs_a_job_to_success_and_watchers_see_it() {
         use sha2::Digest;
         hex::encode(sha2::Sha256::digest(&png))
     };
-    let result = pb::JobResult { key: "out.png".into(), sha256: sha.clone(), size_bytes: png.len() as u64, content_type: "image/png".into() };
+    let result =
+        pb::JobResult { key: "out.png".into(), sha256: sha.clone(), size_bytes: png.len() as u64, content_type: "image/png".into() };
     let complete = pb::CompleteJobRequest {
         worker_id: worker_id.clone(),
         job_id: job.id.to_string(),
@@ -381,15 +443,14 @@ async fn batched_starts_and_completions_answer_job_by_job() {
     let worker_id = register(&mut w).await;
     let dispatched = h.db.store.dispatch_jobs("sd3", 3, "test").await.unwrap();
     assert_eq!(dispatched.len(), 3);
-    let queued = h
-        .db
-        .store
-        .list_jobs(&flowfarm_store::JobFilter { batch_id: Some(batch.id.parse().unwrap()), ..Default::default() }, None, 10)
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|j| !dispatched.iter().any(|d| d.id == j.id))
-        .expect("one job left queued");
+    let queued =
+        h.db.store
+            .list_jobs(&flowfarm_store::JobFilter { batch_id: Some(batch.id.parse().unwrap()), ..Default::default() }, None, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|j| !dispatched.iter().any(|d| d.id == j.id))
+            .expect("one job left queued");
     let ids: Vec<String> = dispatched.iter().map(|j| j.id.to_string()).collect();
 
     // Refused whole, before anything is recorded.
@@ -424,10 +485,7 @@ async fn batched_starts_and_completions_answer_job_by_job() {
     // Claimed again by the same worker (a retry after a lost answer): the
     // same claim comes back, and the job stays with its first start.
     let again = w.start_jobs(request(vec![ids[0].clone()])).await.unwrap().into_inner().outcomes;
-    assert!(
-        matches!(&again[0].outcome, Some(pb::start_job_outcome::Outcome::Started(s)) if s.attempt == started[0].1),
-        "{again:?}"
-    );
+    assert!(matches!(&again[0].outcome, Some(pb::start_job_outcome::Outcome::Started(s)) if s.attempt == started[0].1), "{again:?}");
 
     let done = |job_id: &str, attempt: u32, key: &str| pb::CompletedJob {
         job_id: job_id.into(),
@@ -437,10 +495,7 @@ async fn batched_starts_and_completions_answer_job_by_job() {
     };
     let complete = |jobs: Vec<pb::CompletedJob>| pb::CompleteJobsRequest { worker_id: worker_id.clone(), jobs };
     // One bad entry refuses the whole call: nothing completes.
-    let err = w
-        .complete_jobs(complete(vec![done(&ids[0], 1, "a.png"), done(&ids[1], 1, "../escape.png")]))
-        .await
-        .unwrap_err();
+    let err = w.complete_jobs(complete(vec![done(&ids[0], 1, "a.png"), done(&ids[1], 1, "../escape.png")])).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().starts_with("jobs[1].result.key"), "{}", err.message());
     assert_eq!(h.db.store.get_job(dispatched[0].id).await.unwrap().state, flowfarm_core::JobState::Running);
@@ -456,8 +511,11 @@ async fn batched_starts_and_completions_answer_job_by_job() {
     assert_eq!(refused, vec![None, Some(Code::FailedPrecondition as i32), None]);
     let repeat = w.complete_jobs(complete(vec![done(&ids[0], 1, "a.png")])).await.unwrap().into_inner().outcomes;
     assert!(repeat[0].refused.is_none(), "a repeated completion is a no-op");
-    let states: Vec<flowfarm_core::JobState> =
-        futures::future::join_all(dispatched.iter().map(|j| h.db.store.get_job(j.id))).await.into_iter().map(|j| j.unwrap().state).collect();
+    let states: Vec<flowfarm_core::JobState> = futures::future::join_all(dispatched.iter().map(|j| h.db.store.get_job(j.id)))
+        .await
+        .into_iter()
+        .map(|j| j.unwrap().state)
+        .collect();
     use flowfarm_core::JobState::{Running, Succeeded};
     assert_eq!(states, vec![Succeeded, Running, Succeeded]);
     let workers = h.admin().list_workers(pb::ListWorkersRequest::default()).await.unwrap().into_inner().workers;
@@ -496,11 +554,23 @@ async fn a_worker_token_acts_only_for_the_workers_it_registered() {
     // Its own token works; then the other token cannot report for the running job either.
     let started = w.start_job(pb::StartJobRequest { worker_id: worker_id.clone(), job_id: id.clone() }).await.unwrap().into_inner();
     let fail = other
-        .fail_job(pb::FailJobRequest { worker_id: worker_id.clone(), job_id: id.clone(), attempt: started.attempt, error: "x".into(), retryable: false })
+        .fail_job(pb::FailJobRequest {
+            worker_id: worker_id.clone(),
+            job_id: id.clone(),
+            attempt: started.attempt,
+            error: "x".into(),
+            retryable: false,
+        })
         .await;
     denied(fail.map(|r| r.map(|_| ())), "FailJob");
     let progress = other
-        .report_progress(pb::ReportProgressRequest { worker_id: worker_id.clone(), job_id: id, attempt: started.attempt, step: 1, total_steps: 28 })
+        .report_progress(pb::ReportProgressRequest {
+            worker_id: worker_id.clone(),
+            job_id: id,
+            attempt: started.attempt,
+            step: 1,
+            total_steps: 28,
+        })
         .await;
     denied(progress.map(|r| r.map(|_| ())), "ReportProgress");
     assert_eq!(h.db.store.get_job(job.id).await.unwrap().state, flowfarm_core::JobState::Running);
@@ -539,7 +609,13 @@ async fn leases_expire_stale_reports_are_refused_and_last_attempts_die() {
     assert_eq!(requeued.attempt, 2);
 
     let stale = w
-        .report_progress(pb::ReportProgressRequest { worker_id: worker_id.clone(), job_id: job_id.clone(), attempt: 1, step: 1, total_steps: 28 })
+        .report_progress(pb::ReportProgressRequest {
+            worker_id: worker_id.clone(),
+            job_id: job_id.clone(),
+            attempt: 1,
+            step: 1,
+            total_steps: 28,
+        })
         .await
         .unwrap_err();
     assert_eq!(stale.code(), Code::FailedPrecondition, "{stale:?}");
@@ -563,7 +639,13 @@ async fn leases_expire_stale_reports_are_refused_and_last_attempts_die() {
         assert!(beat.revoked_job_ids.is_empty());
     }
     let failed = w
-        .fail_job(pb::FailJobRequest { worker_id, job_id: job_id.clone(), attempt: 2, error: "CUDA error: device lost".into(), retryable: true })
+        .fail_job(pb::FailJobRequest {
+            worker_id,
+            job_id: job_id.clone(),
+            attempt: 2,
+            error: "CUDA error: device lost".into(),
+            retryable: true,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -612,12 +694,11 @@ async fn ten_thousand_jobs_page_and_cancel_with_one_event_each() {
         .cancelled;
     assert_eq!(cancelled, 10_000);
     assert_eq!(h.rows().await.2 - before_events, 10_000, "one event per job");
-    let per_job: i64 = sqlx::query_scalar(
-        "SELECT count(DISTINCT job_id) FROM job_events WHERE to_state = 'cancelled' AND reason = 'changed my mind'",
-    )
-    .fetch_one(h.db.store.pool())
-    .await
-    .unwrap();
+    let per_job: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT job_id) FROM job_events WHERE to_state = 'cancelled' AND reason = 'changed my mind'")
+            .fetch_one(h.db.store.pool())
+            .await
+            .unwrap();
     assert_eq!(per_job, 10_000);
     let b = r.get_batch(pb::GetBatchRequest { batch_id: batch.id }).await.unwrap().into_inner();
     assert_eq!(b.counts.unwrap().cancelled, 10_000);
@@ -668,7 +749,10 @@ async fn operators_pause_reprioritise_requeue_and_steer_workers() {
     let page = r.list_jobs(pb::ListJobsRequest { batch_id: batch.id.clone(), ..Default::default() }).await.unwrap().into_inner();
     let last = page.jobs[2].id.clone();
     let updated = a
-        .set_priority(pb::SetPriorityRequest { jobs: Some(pb::JobSelector { job_ids: vec![last.clone()], ..Default::default() }), priority: 100 })
+        .set_priority(pb::SetPriorityRequest {
+            jobs: Some(pb::JobSelector { job_ids: vec![last.clone()], ..Default::default() }),
+            priority: 100,
+        })
         .await
         .unwrap()
         .into_inner()
@@ -680,14 +764,21 @@ async fn operators_pause_reprioritise_requeue_and_steer_workers() {
     let worker_id = register(&mut w).await;
     w.start_job(pb::StartJobRequest { worker_id: worker_id.clone(), job_id: last.clone() }).await.unwrap();
     let requeued = a
-        .requeue_jobs(pb::RequeueJobsRequest { jobs: Some(pb::JobSelector { batch_id: batch.id.clone(), ..Default::default() }), reason: String::new() })
+        .requeue_jobs(pb::RequeueJobsRequest {
+            jobs: Some(pb::JobSelector { batch_id: batch.id.clone(), ..Default::default() }),
+            reason: String::new(),
+        })
         .await
         .unwrap()
         .into_inner()
         .updated;
     assert_eq!(requeued, 1, "only the running job is requeued");
     let beat = w
-        .heartbeat(pb::HeartbeatRequest { worker_id: worker_id.clone(), gpu_seconds_delta: 0.0, running: vec![pb::RunningJob { job_id: last.clone(), attempt: 1 }] })
+        .heartbeat(pb::HeartbeatRequest {
+            worker_id: worker_id.clone(),
+            gpu_seconds_delta: 0.0,
+            running: vec![pb::RunningJob { job_id: last.clone(), attempt: 1 }],
+        })
         .await
         .unwrap()
         .into_inner();
@@ -707,14 +798,20 @@ async fn operators_pause_reprioritise_requeue_and_steer_workers() {
     let cancelled = r.cancel_jobs(pb::CancelJobsRequest { batch_id: batch.id.clone(), ..Default::default() }).await.unwrap().into_inner();
     assert_eq!(cancelled.cancelled, 3);
     let retried = a
-        .retry_jobs(pb::RetryJobsRequest { jobs: Some(pb::JobSelector { batch_id: batch.id.clone(), ..Default::default() }), reason: String::new() })
+        .retry_jobs(pb::RetryJobsRequest {
+            jobs: Some(pb::JobSelector { batch_id: batch.id.clone(), ..Default::default() }),
+            reason: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(retried.updated, 3);
     r.cancel_jobs(pb::CancelJobsRequest { batch_id: batch.id.clone(), ..Default::default() }).await.unwrap();
     let purged = a
-        .purge_jobs(pb::PurgeJobsRequest { jobs: Some(pb::JobSelector { batch_id: batch.id.clone(), ..Default::default() }), older_than_seconds: 0 })
+        .purge_jobs(pb::PurgeJobsRequest {
+            jobs: Some(pb::JobSelector { batch_id: batch.id.clone(), ..Default::default() }),
+            older_than_seconds: 0,
+        })
         .await
         .unwrap()
         .into_inner();

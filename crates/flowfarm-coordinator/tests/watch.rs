@@ -143,10 +143,7 @@ async fn run_workers(h: &Harness, jobs: tokio::sync::mpsc::Receiver<Uuid>) {
                     }
                 }
                 let started = w
-                    .start_jobs(pb::StartJobsRequest {
-                        worker_id: worker_id.clone(),
-                        job_ids: take.iter().map(Uuid::to_string).collect(),
-                    })
+                    .start_jobs(pb::StartJobsRequest { worker_id: worker_id.clone(), job_ids: take.iter().map(Uuid::to_string).collect() })
                     .await
                     .expect("start jobs")
                     .into_inner();
@@ -269,9 +266,16 @@ async fn sixty_streams_and_resumed_ones_reconcile_with_job_events() {
         for change in &seen.changes {
             by_job.entry(change.job_id.clone()).or_default().push(change.id);
         }
-        for job in h.db.store.list_jobs(&flowfarm_store::JobFilter { batch_id: Some(batch_id), ..Default::default() }, None, 100).await.unwrap() {
+        for job in
+            h.db.store.list_jobs(&flowfarm_store::JobFilter { batch_id: Some(batch_id), ..Default::default() }, None, 100).await.unwrap()
+        {
             let events: Vec<u64> = h.db.store.job_events(job.id).await.unwrap().iter().skip(1).map(|e| e.id as u64).collect();
-            assert_eq!(by_job.get(&job.id.to_string()).cloned().unwrap_or_default(), events, "job {}: every transition once, in order", job.id);
+            assert_eq!(
+                by_job.get(&job.id.to_string()).cloned().unwrap_or_default(),
+                events,
+                "job {}: every transition once, in order",
+                job.id
+            );
         }
         let last_change = seen.changes.last().expect("changes");
         assert_eq!(last_change.to_state, pb::JobState::Succeeded as i32, "the last transition comes before the stream ends");
@@ -300,10 +304,7 @@ async fn a_cursor_from_elsewhere_is_refused_naming_the_field() {
         .batch
         .unwrap();
     for after in ["42", "x:y:", "1:2:/3:4:/-5"] {
-        let err = render
-            .watch_batch(pb::WatchBatchRequest { batch_id: batch.id.clone(), after: after.into() })
-            .await
-            .unwrap_err();
+        let err = render.watch_batch(pb::WatchBatchRequest { batch_id: batch.id.clone(), after: after.into() }).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{after}");
         assert!(err.message().starts_with("after:"), "{}", err.message());
     }

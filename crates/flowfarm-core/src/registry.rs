@@ -55,12 +55,7 @@ pub enum ShiftPolicy {
     /// α = alpha_ref · sqrt(pixels / (ref_width · ref_height)).
     Resolution { alpha_ref: f64, ref_width: u32, ref_height: u32 },
     /// diffusers' dynamic shifting: mu linear in image tokens, α = e^mu.
-    Dynamic {
-        base_shift: f64,
-        max_shift: f64,
-        base_image_seq_len: u64,
-        max_image_seq_len: u64,
-    },
+    Dynamic { base_shift: f64, max_shift: f64, base_image_seq_len: u64, max_image_seq_len: u64 },
 }
 
 /// Pixels per image token side: VAE downsampling 8 × patch size 2.
@@ -234,12 +229,7 @@ mod tests {
         let res = ShiftPolicy::Resolution { alpha_ref: 3.0, ref_width: 1024, ref_height: 1024 };
         assert_eq!(res.alpha_for(1024, 1024), 3.0);
         assert!((res.alpha_for(2048, 2048) - 6.0).abs() < 1e-12);
-        let dynamic = ShiftPolicy::Dynamic {
-            base_shift: 0.5,
-            max_shift: 1.15,
-            base_image_seq_len: 256,
-            max_image_seq_len: 4096,
-        };
+        let dynamic = ShiftPolicy::Dynamic { base_shift: 0.5, max_shift: 1.15, base_image_seq_len: 256, max_image_seq_len: 4096 };
         // 1024² is 64×64 = 4096 tokens: the maximum shift.
         assert!((dynamic.alpha_for(1024, 1024) - 1.15f64.exp()).abs() < 1e-12);
     }

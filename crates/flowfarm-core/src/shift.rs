@@ -48,13 +48,7 @@ pub fn resolution_alpha(alpha_ref: f64, reference_pixels: u64, pixels: u64) -> f
 /// α for diffusers' dynamic shifting: mu is linear in the number of image
 /// tokens between (base_seq_len, base_shift) and (max_seq_len, max_shift), and
 /// the exponential time shift with σ = 1 equals S_α with α = e^mu.
-pub fn dynamic_alpha(
-    base_shift: f64,
-    max_shift: f64,
-    base_seq_len: u64,
-    max_seq_len: u64,
-    image_tokens: u64,
-) -> f64 {
+pub fn dynamic_alpha(base_shift: f64, max_shift: f64, base_seq_len: u64, max_seq_len: u64, image_tokens: u64) -> f64 {
     let slope = (max_shift - base_shift) / (max_seq_len as f64 - base_seq_len as f64);
     let mu = base_shift + slope * (image_tokens as f64 - base_seq_len as f64);
     mu.exp()
@@ -128,9 +122,17 @@ mod tests {
                 6.0,
                 10,
                 &[
-                    1.0, 0.9797260165214539, 0.954878032207489, 0.923711359500885, 0.8834645748138428,
-                    0.8294931054115295, 0.753333330154419, 0.6377622485160828, 0.4415094256401062,
-                    0.03478260710835457, 0.0,
+                    1.0,
+                    0.9797260165214539,
+                    0.954878032207489,
+                    0.923711359500885,
+                    0.8834645748138428,
+                    0.8294931054115295,
+                    0.753333330154419,
+                    0.6377622485160828,
+                    0.4415094256401062,
+                    0.03478260710835457,
+                    0.0,
                 ],
             ),
         ];

@@ -187,10 +187,7 @@ fn check_text(path: &str, text: &str, required: bool, limits: &Limits, errors: &
     }
     let chars = text.chars().count();
     if chars > limits.max_prompt_chars {
-        errors.push(FieldError::new(
-            path,
-            format!("{chars} characters, more than the limit of {}", limits.max_prompt_chars),
-        ));
+        errors.push(FieldError::new(path, format!("{chars} characters, more than the limit of {}", limits.max_prompt_chars)));
     }
     if text.contains('\0') {
         errors.push(FieldError::new(path, "must not contain NUL characters"));
@@ -203,19 +200,11 @@ fn check_side(path: &str, side: u32, model: &ModelConfig, limits: &Limits, error
     } else if side < limits.min_side_px {
         errors.push(FieldError::new(path, format!("{side} is below the minimum of {}", limits.min_side_px)));
     } else if side > model.max_side_px {
-        errors.push(FieldError::new(
-            path,
-            format!("{side} exceeds model {}'s limit of {} pixels", model.name, model.max_side_px),
-        ));
+        errors.push(FieldError::new(path, format!("{side} exceeds model {}'s limit of {} pixels", model.name, model.max_side_px)));
     }
 }
 
-fn lookup_model<'r>(
-    path: &str,
-    name: &str,
-    registry: &'r ModelRegistry,
-    errors: &mut Vec<FieldError>,
-) -> Option<&'r ModelConfig> {
+fn lookup_model<'r>(path: &str, name: &str, registry: &'r ModelRegistry, errors: &mut Vec<FieldError>) -> Option<&'r ModelConfig> {
     if name.is_empty() {
         errors.push(FieldError::new(format!("{path}.model"), "required"));
         return None;
@@ -223,10 +212,7 @@ fn lookup_model<'r>(
     let model = registry.get(name);
     if model.is_none() {
         let served: Vec<&str> = registry.names().collect();
-        errors.push(FieldError::new(
-            format!("{path}.model"),
-            format!("unknown model `{name}` (served: {})", served.join(", ")),
-        ));
+        errors.push(FieldError::new(format!("{path}.model"), format!("unknown model `{name}` (served: {})", served.join(", "))));
     }
     model
 }
@@ -283,10 +269,7 @@ impl JobRequest {
         }
         if let Some(attempts) = self.max_attempts {
             if attempts == 0 || attempts > limits.max_attempts {
-                errors.push(FieldError::new(
-                    format!("{path}.max_attempts"),
-                    format!("{attempts} is outside 1..={}", limits.max_attempts),
-                ));
+                errors.push(FieldError::new(format!("{path}.max_attempts"), format!("{attempts} is outside 1..={}", limits.max_attempts)));
             }
         }
         check_labels(&format!("{path}.labels"), &self.labels, &mut errors);
@@ -352,15 +335,17 @@ pub fn resolve_jobs(
             Err(mut errs) => errors.append(&mut errs),
         }
     }
-    if errors.is_empty() { Ok(resolved) } else { Err(ValidationErrors(errors)) }
+    if errors.is_empty() {
+        Ok(resolved)
+    } else {
+        Err(ValidationErrors(errors))
+    }
 }
 
 impl GridRequest {
     /// Number of jobs the grid expands to (saturating).
     pub fn job_count(&self) -> u64 {
-        (self.prompts.len() as u64)
-            .saturating_mul(self.seeds.len().max(1) as u64)
-            .saturating_mul(self.sizes.len().max(1) as u64)
+        (self.prompts.len() as u64).saturating_mul(self.seeds.len().max(1) as u64).saturating_mul(self.sizes.len().max(1) as u64)
     }
 
     /// Checks the grid and expands it, prompts outermost, then seeds, then sizes.
@@ -417,16 +402,17 @@ impl GridRequest {
         }
         if let Err(errs) = probe.resolve("grid.base", registry, limits, &mut || 0) {
             // Prompt and size problems were reported above under their own paths.
-            errors.extend(errs.into_iter().filter(|e| {
-                !matches!(e.path.as_str(), "grid.base.prompt" | "grid.base.width" | "grid.base.height" | "grid.base.model")
-            }));
+            errors.extend(
+                errs.into_iter().filter(|e| {
+                    !matches!(e.path.as_str(), "grid.base.prompt" | "grid.base.width" | "grid.base.height" | "grid.base.model")
+                }),
+            );
         }
         if !errors.is_empty() {
             return Err(ValidationErrors(errors));
         }
 
-        let seeds: Vec<Option<u64>> =
-            if self.seeds.is_empty() { vec![None] } else { self.seeds.iter().copied().map(Some).collect() };
+        let seeds: Vec<Option<u64>> = if self.seeds.is_empty() { vec![None] } else { self.seeds.iter().copied().map(Some).collect() };
         let sizes: Vec<(Option<u32>, Option<u32>)> = if self.sizes.is_empty() {
             vec![(self.base.width, self.base.height)]
         } else {
@@ -437,9 +423,7 @@ impl GridRequest {
             for &seed in &seeds {
                 for &(width, height) in &sizes {
                     let job = JobRequest { prompt: prompt.clone(), seed, width, height, ..self.base.clone() };
-                    let resolved = job
-                        .resolve("grid", registry, limits, pick_seed)
-                        .map_err(ValidationErrors)?;
+                    let resolved = job.resolve("grid", registry, limits, pick_seed).map_err(ValidationErrors)?;
                     jobs.push(resolved);
                 }
             }

@@ -66,10 +66,7 @@ pub struct UnknownJobState(pub String);
 impl FromStr for JobState {
     type Err = UnknownJobState;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        JobState::ALL
-            .into_iter()
-            .find(|state| state.as_str() == s)
-            .ok_or_else(|| UnknownJobState(s.to_owned()))
+        JobState::ALL.into_iter().find(|state| state.as_str() == s).ok_or_else(|| UnknownJobState(s.to_owned()))
     }
 }
 
@@ -138,9 +135,7 @@ impl Transition {
 
     /// Whether `from → to` is a legal move of any transition.
     pub fn is_legal(from: JobState, to: JobState) -> bool {
-        ALL_TRANSITIONS
-            .iter()
-            .any(|t| t.to_state() == to && t.from_states().contains(&from))
+        ALL_TRANSITIONS.iter().any(|t| t.to_state() == to && t.from_states().contains(&from))
     }
 }
 
@@ -180,9 +175,7 @@ impl WorkerState {
 
     /// Parses the stored form; `None` for anything else.
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::Active, Self::Draining, Self::Cordoned, Self::Lost, Self::Gone]
-            .into_iter()
-            .find(|w| w.as_str() == s)
+        [Self::Active, Self::Draining, Self::Cordoned, Self::Lost, Self::Gone].into_iter().find(|w| w.as_str() == s)
     }
 }
 
@@ -245,11 +238,7 @@ mod tests {
         ];
         for from in JobState::ALL {
             for to in JobState::ALL {
-                assert_eq!(
-                    Transition::is_legal(from, to),
-                    legal.contains(&(from, to)),
-                    "{from} → {to}"
-                );
+                assert_eq!(Transition::is_legal(from, to), legal.contains(&(from, to)), "{from} → {to}");
             }
         }
     }

@@ -55,9 +55,16 @@ fn main() -> candle_core::Result<()> {
         Tensor::cat(&parts, 0)
     };
 
-    println!("one joint block's pieces, {dtype:?}, on {}, batch {BATCH}, {TOKENS} tokens, D {HIDDEN}, {HEADS} heads:", device_name(&device));
+    println!(
+        "one joint block's pieces, {dtype:?}, on {}, batch {BATCH}, {TOKENS} tokens, D {HIDDEN}, {HEADS} heads:",
+        device_name(&device)
+    );
     let rows: Vec<(&str, usize, f64)> = vec![
-        ("linear D→D, per sample + cat (×6 per block: q k v out ×2 streams, mostly image)", 6, time(&device, runs, &|| per_sample(&x, &w.t()?))),
+        (
+            "linear D→D, per sample + cat (×6 per block: q k v out ×2 streams, mostly image)",
+            6,
+            time(&device, runs, &|| per_sample(&x, &w.t()?)),
+        ),
         ("linear D→D, one batched GEMM", 6, time(&device, runs, &|| x.broadcast_matmul(&w.t()?))),
         ("MLP up D→4D, per sample + cat (×1; down is the same size)", 2, time(&device, runs, &|| per_sample(&x, &w_up.t()?))),
         ("GELU (tanh) on B×N×4D", 1, time(&device, runs, &|| up.gelu())),
@@ -67,13 +74,17 @@ fn main() -> candle_core::Result<()> {
         ("softmax F32 (candle's fused kernel)", 1, time(&device, runs, &|| candle_nn::ops::softmax_last_dim(&scores_f32))),
         ("probabilities F32 → model dtype", 1, time(&device, runs, &|| scores_f32.to_dtype(dtype))),
         ("P·V", 1, time(&device, runs, &|| scores.matmul(&q))),
-        ("layer norm, composed in F32 with casts (×4)", 4, time(&device, runs, &|| {
-            let x32 = x.to_dtype(DType::F32)?;
-            let mean = x32.mean_keepdim(D::Minus1)?;
-            let centered = x32.broadcast_sub(&mean)?;
-            let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
-            centered.broadcast_div(&(var + 1e-6)?.sqrt()?)?.to_dtype(dtype)
-        })),
+        (
+            "layer norm, composed in F32 with casts (×4)",
+            4,
+            time(&device, runs, &|| {
+                let x32 = x.to_dtype(DType::F32)?;
+                let mean = x32.mean_keepdim(D::Minus1)?;
+                let centered = x32.broadcast_sub(&mean)?;
+                let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
+                centered.broadcast_div(&(var + 1e-6)?.sqrt()?)?.to_dtype(dtype)
+            }),
+        ),
     ];
     let mut per_block = 0.0;
     for (what, count, ms) in &rows {

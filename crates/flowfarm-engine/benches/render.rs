@@ -41,9 +41,8 @@ fn main() {
         runs,
     );
     let cache = Arc::new(EmbeddingCache::new(256 << 20));
-    pipeline.encoders = flowfarm_engine::pipeline::TextEncoders::open(&model, 256, DType::F32, &dev)
-        .expect("encoders")
-        .with_cache(cache.clone());
+    pipeline.encoders =
+        flowfarm_engine::pipeline::TextEncoders::open(&model, 256, DType::F32, &dev).expect("encoders").with_cache(cache.clone());
     let cond = pipeline.encoders.encode("the cat on the mat, at dusk", true, joint, &dev).expect("warm cache");
     let uncond = pipeline.encoders.encode("", true, joint, &dev).expect("negative");
     let cached_ms = median(

@@ -171,7 +171,12 @@ mod tests {
         let key = |i: u32| cache_key(&[0; 32], DType::F32, 77, &[i]);
         let mut computed = 0;
         for i in [1, 2, 1] {
-            cache.get_or_insert(key(i), || { computed += 1; Ok(tensor(10)) }).unwrap();
+            cache
+                .get_or_insert(key(i), || {
+                    computed += 1;
+                    Ok(tensor(10))
+                })
+                .unwrap();
         }
         assert_eq!(computed, 2);
         assert_eq!(cache.stats(), CacheStats { hits: 1, misses: 2, entries: 2, bytes: 80 });
@@ -180,7 +185,12 @@ mod tests {
         assert_eq!(cache.stats().entries, 2);
         cache.get_or_insert(key(1), || panic!("1 must still be cached")).unwrap();
         let mut recomputed = false;
-        cache.get_or_insert(key(2), || { recomputed = true; Ok(tensor(10)) }).unwrap();
+        cache
+            .get_or_insert(key(2), || {
+                recomputed = true;
+                Ok(tensor(10))
+            })
+            .unwrap();
         assert!(recomputed, "2 was evicted");
         assert!(cache.stats().bytes <= 100);
         // Too big to keep: returned, not cached.

@@ -139,10 +139,10 @@ pub(crate) fn single_file_tensors(
         }
     }
     for (key, parts) in fused {
-        let parts: Vec<Tensor> = parts.into_iter().collect::<Option<_>>().ok_or_else(|| EngineError::Checkpoint {
-            path: path.display().to_string(),
-            reason: format!("{key}: q, k or v missing"),
-        })?;
+        let parts: Vec<Tensor> = parts
+            .into_iter()
+            .collect::<Option<_>>()
+            .ok_or_else(|| EngineError::Checkpoint { path: path.display().to_string(), reason: format!("{key}: q, k or v missing") })?;
         out.insert(key, Tensor::cat(&parts, 0)?);
     }
     Ok(out)
@@ -254,8 +254,7 @@ impl Checkpoint {
         let path = path.as_ref();
         let (files, config) = weight_files(path)?;
         // SAFETY: the files are mapped read-only; flowfarm never writes a checkpoint it has open.
-        let mapped = unsafe { MmapedSafetensors::multi(&files) }
-            .map_err(|e| bad(path, format!("not a safetensors checkpoint: {e}")))?;
+        let mapped = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| bad(path, format!("not a safetensors checkpoint: {e}")))?;
         let views = mapped.tensors();
         let shapes: HashMap<String, Vec<usize>> = views.iter().map(|(name, view)| (name.clone(), view.shape().to_vec())).collect();
         let dtype = views
@@ -273,11 +272,8 @@ impl Checkpoint {
             return Err(bad(path, "no MM-DiT weights (neither joint_blocks.* nor transformer_blocks.* keys)"));
         };
         let block_key = if layout == Layout::SingleFile { format!("{prefix}joint_blocks.") } else { "transformer_blocks.".into() };
-        let last_block = shapes
-            .keys()
-            .filter_map(|k| k.strip_prefix(&block_key)?.split('.').next()?.parse::<usize>().ok())
-            .max()
-            .unwrap_or(0);
+        let last_block =
+            shapes.keys().filter_map(|k| k.strip_prefix(&block_key)?.split('.').next()?.parse::<usize>().ok()).max().unwrap_or(0);
         let mut heads = None;
         if let Some(config) = &config {
             let json: serde_json::Value = crate::read_json(config, "a transformer config")?;
@@ -337,13 +333,10 @@ impl Checkpoint {
             .collect()
     }
 
-
     fn source(&self, name: &str) -> Option<(String, Transform)> {
         match self.layout {
             Layout::Diffusers => Some((name.to_owned(), Transform::Same)),
-            Layout::SingleFile => {
-                single_file_key(name, self.last_block).map(|(key, t)| (format!("{}{key}", self.prefix), t))
-            }
+            Layout::SingleFile => single_file_key(name, self.last_block).map(|(key, t)| (format!("{}{key}", self.prefix), t)),
         }
     }
 }

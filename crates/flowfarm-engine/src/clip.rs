@@ -107,7 +107,6 @@ pub struct ClipOutput {
     pub pooled: Tensor,
 }
 
-
 impl ClipTextEncoder {
     /// Opens a transformers/diffusers text-encoder folder (config.json +
     /// model.safetensors).
@@ -127,9 +126,7 @@ impl ClipTextEncoder {
     /// [`EngineError::Checkpoint`] for a missing or malformed config or weights.
     pub fn open_with(config_path: &Path, weights: &Path, prefix: &str, dtype: DType, device: &Device) -> Result<Self, EngineError> {
         let config: ClipConfig = crate::read_json(config_path, "a CLIP config")?;
-        if config.num_hidden_layers < 2
-            || config.num_attention_heads == 0
-            || !config.hidden_size.is_multiple_of(config.num_attention_heads)
+        if config.num_hidden_layers < 2 || config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads)
         {
             return Err(EngineError::checkpoint(config_path, "needs at least 2 layers and a width divisible by the head count"));
         }
@@ -199,9 +196,9 @@ impl ClipTextEncoder {
             .iter()
             .enumerate()
             .map(|(n, row)| {
-                row.iter().position(|&t| t == self.config.eos_token_id).ok_or_else(|| {
-                    EngineError::Input(format!("prompt {n} has no end token ({})", self.config.eos_token_id))
-                })
+                row.iter()
+                    .position(|&t| t == self.config.eos_token_id)
+                    .ok_or_else(|| EngineError::Input(format!("prompt {n} has no end token ({})", self.config.eos_token_id)))
             })
             .collect::<Result<_, _>>()?;
 
@@ -231,7 +228,8 @@ impl ClipTextEncoder {
             x = (&x + layer.fc2.forward(&self.activation(&layer.fc1.forward(&h)?)?)?)?;
         }
         let last = self.final_norm.forward(&x)?;
-        let pooled: Vec<Tensor> = eos.iter().enumerate().map(|(n, &e)| last.narrow(0, n, 1)?.narrow(1, e, 1)?.squeeze(1)).collect::<candle_core::Result<_>>()?;
+        let pooled: Vec<Tensor> =
+            eos.iter().enumerate().map(|(n, &e)| last.narrow(0, n, 1)?.narrow(1, e, 1)?.squeeze(1)).collect::<candle_core::Result<_>>()?;
         let pooled = self.projection.forward(&Tensor::cat(&pooled, 0)?)?;
         Ok(ClipOutput { penultimate: penultimate.unwrap_or(x), pooled: pooled.to_dtype(DType::F32)? })
     }

@@ -93,9 +93,11 @@ pub fn diffusers_to_single_file(dir: &Path, out: &Path) -> Result<Converted, Eng
     }
     parts.push("vae decoder");
 
-    for (folder, prefix, part) in
-        [("text_encoder", SINGLE_FILE_CLIP_L, "clip_l"), ("text_encoder_2", SINGLE_FILE_CLIP_G, "clip_g"), ("text_encoder_3", SINGLE_FILE_T5, "t5xxl")]
-    {
+    for (folder, prefix, part) in [
+        ("text_encoder", SINGLE_FILE_CLIP_L, "clip_l"),
+        ("text_encoder_2", SINGLE_FILE_CLIP_G, "clip_g"),
+        ("text_encoder_3", SINGLE_FILE_T5, "t5xxl"),
+    ] {
         let weights = dir.join(folder).join("model.safetensors");
         if weights.is_file() {
             tensors.extend(load(&weights)?.into_iter().map(|(name, t)| (format!("{prefix}{name}"), t)));
@@ -104,8 +106,7 @@ pub fn diffusers_to_single_file(dir: &Path, out: &Path) -> Result<Converted, Eng
     }
 
     let partial = out.with_extension("partial");
-    safetensors::serialize_to_file(tensors.iter(), Some(metadata), &partial)
-        .map_err(|e| EngineError::checkpoint(out, e.to_string()))?;
+    safetensors::serialize_to_file(tensors.iter(), Some(metadata), &partial).map_err(|e| EngineError::checkpoint(out, e.to_string()))?;
     std::fs::rename(&partial, out).map_err(io(out))?;
     Ok(Converted { tensors: tensors.len(), parts, left_out })
 }
@@ -210,9 +211,11 @@ pub fn single_file_to_diffusers(file: &Path, support: &Path, out: &Path) -> Resu
     std::fs::copy(support.join("vae/config.json"), partial.join("vae/config.json")).map_err(io(&support.join("vae/config.json")))?;
     parts.push("vae decoder");
 
-    for (folder, prefix, part) in
-        [("text_encoder", SINGLE_FILE_CLIP_L, "clip_l"), ("text_encoder_2", SINGLE_FILE_CLIP_G, "clip_g"), ("text_encoder_3", SINGLE_FILE_T5, "t5xxl")]
-    {
+    for (folder, prefix, part) in [
+        ("text_encoder", SINGLE_FILE_CLIP_L, "clip_l"),
+        ("text_encoder_2", SINGLE_FILE_CLIP_G, "clip_g"),
+        ("text_encoder_3", SINGLE_FILE_T5, "t5xxl"),
+    ] {
         let encoder: HashMap<String, Tensor> =
             all.iter().filter_map(|(k, t)| Some((k.strip_prefix(prefix)?.to_owned(), t.clone()))).collect();
         if encoder.is_empty() {

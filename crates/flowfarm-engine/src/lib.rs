@@ -35,6 +35,6 @@ pub mod tokenize;
 pub mod vae;
 
 pub use checkpoint::{Checkpoint, Layout};
-pub use error::EngineError;
 pub(crate) use error::read_json;
+pub use error::EngineError;
 pub use mmdit::{MmDit, MmDitConfig};

@@ -198,7 +198,13 @@ impl TextEncoders {
     /// # Errors
     /// [`EngineError::Checkpoint`] when a part does not fit its config;
     /// tokenizer errors.
-    pub fn open_weights(weights: &EncoderWeights, support: &Path, t5_length: usize, dtype: DType, device: &Device) -> Result<Self, EngineError> {
+    pub fn open_weights(
+        weights: &EncoderWeights,
+        support: &Path,
+        t5_length: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, EngineError> {
         let clip = |n: &str, at: &WeightsAt| {
             Part::open_single(&at.file, support, n, &at.prefix, CLIP_MAX_LENGTH, |config| {
                 ClipTextEncoder::open_with(config, &at.file, &at.prefix, dtype, device)
@@ -210,14 +216,7 @@ impl TextEncoders {
             })?),
             None => None,
         };
-        Ok(TextEncoders {
-            clip_l: clip("", &weights.clip_l)?,
-            clip_g: clip("_2", &weights.clip_g)?,
-            t5,
-            t5_length,
-            dtype,
-            cache: None,
-        })
+        Ok(TextEncoders { clip_l: clip("", &weights.clip_l)?, clip_g: clip("_2", &weights.clip_g)?, t5, t5_length, dtype, cache: None })
     }
 
     /// Shares `cache` for every encoding from now on.
@@ -272,7 +271,13 @@ impl TextEncoders {
     ///
     /// # Errors
     /// As [`TextEncoders::encode`].
-    pub fn encode_many(&self, prompts: &[&str], use_t5: bool, joint_width: usize, device: &Device) -> Result<Vec<Conditioning>, EngineError> {
+    pub fn encode_many(
+        &self,
+        prompts: &[&str],
+        use_t5: bool,
+        joint_width: usize,
+        device: &Device,
+    ) -> Result<Vec<Conditioning>, EngineError> {
         let mut done: HashMap<&str, Conditioning> = HashMap::new();
         prompts
             .iter()

@@ -19,7 +19,6 @@ pub struct T5Encoder {
     config: Config,
 }
 
-
 impl T5Encoder {
     /// Opens a transformers/diffusers T5 folder (config.json + model.safetensors).
     ///
@@ -42,7 +41,8 @@ impl T5Encoder {
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, device) }
             .map_err(|e| EngineError::checkpoint(weights, e.to_string()))?;
         let vb = if prefix.is_empty() { vb } else { vb.pp(prefix.trim_end_matches('.')) };
-        let model = T5EncoderModel::load(vb, &config).map_err(|e| EngineError::checkpoint(weights, format!("weights do not fit the config: {e}")))?;
+        let model = T5EncoderModel::load(vb, &config)
+            .map_err(|e| EngineError::checkpoint(weights, format!("weights do not fit the config: {e}")))?;
         Ok(T5Encoder { model: Mutex::new(model), config })
     }
 
@@ -60,9 +60,7 @@ impl T5Encoder {
         let ids = ids.to_dtype(DType::U32)?;
         let mut model = self.model.lock().unwrap_or_else(|p| p.into_inner());
         // One prompt at a time, so an encoding never depends on its batch mates.
-        let rows = (0..ids.dim(0)?)
-            .map(|i| model.forward(&ids.narrow(0, i, 1)?))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let rows = (0..ids.dim(0)?).map(|i| model.forward(&ids.narrow(0, i, 1)?)).collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Tensor::cat(&rows, 0)?.to_dtype(DType::F32)?)
     }
 }

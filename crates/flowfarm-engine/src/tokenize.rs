@@ -20,8 +20,6 @@ pub struct PromptTokenizer {
     max_length: usize,
 }
 
-
-
 /// CLIP's tokenizer pipeline around a BPE vocabulary and merges. The start,
 /// end and pad tokens are special tokens, matched before BPE, as
 /// transformers registers them (SD3's CLIP-G pads with "!", so a "!" in a
@@ -29,7 +27,9 @@ pub struct PromptTokenizer {
 fn clip_tokenizer_json(vocab: Value, merges: Vec<String>, pad_token: &str) -> Result<Value, String> {
     let id = |token: &str| vocab.get(token).and_then(Value::as_u64).ok_or_else(|| format!("vocab.json has no `{token}`"));
     let special = |token: &str| -> Result<Value, String> {
-        Ok(json!({ "id": id(token)?, "content": token, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true }))
+        Ok(
+            json!({ "id": id(token)?, "content": token, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true }),
+        )
     };
     let (bos, eos) = (id("<|startoftext|>")?, id("<|endoftext|>")?);
     let mut added = vec![special("<|startoftext|>")?, special("<|endoftext|>")?];
@@ -83,7 +83,8 @@ impl PromptTokenizer {
             let merges_path = dir.join("merges.txt");
             let merges = std::fs::read_to_string(&merges_path)
                 .map_err(|source| EngineError::Io { path: merges_path.display().to_string(), source })?;
-            let merges: Vec<String> = merges.lines().filter(|l| !l.starts_with("#version") && !l.trim().is_empty()).map(str::to_owned).collect();
+            let merges: Vec<String> =
+                merges.lines().filter(|l| !l.starts_with("#version") && !l.trim().is_empty()).map(str::to_owned).collect();
             let spec = clip_tokenizer_json(vocab, merges, &pad_token).map_err(|e| EngineError::checkpoint(dir, e))?;
             spec.to_string().parse::<Tokenizer>().map_err(|e| EngineError::checkpoint(dir, e.to_string()))?
         };

@@ -88,7 +88,10 @@ impl Conv2d {
             }
             Tensor::stack(&shifted, 2)?.reshape((b, c * self.kernel * self.kernel, h * w))?
         };
-        let out = crate::mmdit::layers::matmul(&self.weight.unsqueeze(0)?.broadcast_as((b, self.weight.dim(0)?, self.weight.dim(1)?))?.contiguous()?, &columns)?;
+        let out = crate::mmdit::layers::matmul(
+            &self.weight.unsqueeze(0)?.broadcast_as((b, self.weight.dim(0)?, self.weight.dim(1)?))?.contiguous()?,
+            &columns,
+        )?;
         out.broadcast_add(&self.bias.reshape((1, (), 1))?)?.reshape((b, (), h, w))
     }
 }
@@ -257,7 +260,6 @@ pub struct Vae {
     dtype: DType,
 }
 
-
 impl Vae {
     /// Opens a diffusers VAE: a model folder with `vae/`, or the `vae/`
     /// folder itself (config.json + diffusion_pytorch_model.safetensors).
@@ -311,7 +313,9 @@ impl Vae {
         }
         let metadata = crate::checkpoint::read_metadata(path)?;
         let number = |key: &str, default: usize| -> Result<usize, EngineError> {
-            metadata.get(key).map_or(Ok(default), |v| v.parse().map_err(|_| EngineError::checkpoint(path, format!("metadata {key}={v} is not a number"))))
+            metadata.get(key).map_or(Ok(default), |v| {
+                v.parse().map_err(|_| EngineError::checkpoint(path, format!("metadata {key}={v} is not a number")))
+            })
         };
         let config = DiffusersVaeConfig {
             latent_channels: shape("decoder.conv_in.weight")?[1],
@@ -338,8 +342,8 @@ impl Vae {
 
     fn build(config: DiffusersVaeConfig, vb: VarBuilder, dtype: DType, path: &Path) -> Result<Vae, EngineError> {
         let scale_factor = 1usize << config.block_out_channels.len().saturating_sub(1);
-        let model = Decoder::load(&vb, &config)
-            .map_err(|e| EngineError::checkpoint(path, format!("weights do not fit the config: {e}")))?;
+        let model =
+            Decoder::load(&vb, &config).map_err(|e| EngineError::checkpoint(path, format!("weights do not fit the config: {e}")))?;
         Ok(Vae {
             model,
             latent_channels: config.latent_channels,
@@ -503,7 +507,8 @@ mod tests {
         for (c, o, h, w) in [(16, 32, 16, 16), (16, 32, 8, 8), (3, 5, 7, 9), (32, 16, 16, 16)] {
             let x = Tensor::randn(0f32, 1.0, (1, c, h, w), &Device::Cpu).unwrap();
             let k = Tensor::randn(0f32, 1.0, (o, c, 3, 3), &Device::Cpu).unwrap();
-            let conv = Conv2d { weight: k.reshape((o, c * 9)).unwrap(), bias: Tensor::zeros(o, DType::F32, &Device::Cpu).unwrap(), kernel: 3 };
+            let conv =
+                Conv2d { weight: k.reshape((o, c * 9)).unwrap(), bias: Tensor::zeros(o, DType::F32, &Device::Cpu).unwrap(), kernel: 3 };
             let got = conv.forward(&x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
             let want = naive(&x.flatten_all().unwrap().to_vec1().unwrap(), &k.flatten_all().unwrap().to_vec1().unwrap(), c, o, h, w);
             let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);

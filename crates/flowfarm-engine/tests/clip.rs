@@ -21,7 +21,16 @@ fn encoders_match_transformers() {
         assert!(hidden <= 1e-5 && pooled <= 1e-5, "{name}: {hidden} / {pooled}");
         // A prompt's encoding does not depend on what else is in the batch.
         let alone = encoder.encode(&f["input_ids"].narrow(0, 1, 1).unwrap()).unwrap();
-        let diff = (&alone.penultimate - out.penultimate.narrow(0, 1, 1).unwrap()).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let diff = (&alone.penultimate - out.penultimate.narrow(0, 1, 1).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(diff, 0.0, "{name}: batch-dependent encoding");
     }
 }

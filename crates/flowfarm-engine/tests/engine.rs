@@ -65,7 +65,9 @@ fn sharded_diffusers_checkpoints_load() {
     names.sort();
     let (first, second) = names.split_at(names.len() / 2);
     let mut map = serde_json::Map::new();
-    for (file, part) in [("diffusion_pytorch_model-00001-of-00002.safetensors", first), ("diffusion_pytorch_model-00002-of-00002.safetensors", second)] {
+    for (file, part) in
+        [("diffusion_pytorch_model-00001-of-00002.safetensors", first), ("diffusion_pytorch_model-00002-of-00002.safetensors", second)]
+    {
         let shard: HashMap<String, Tensor> = part.iter().map(|n| ((*n).clone(), weights[*n].clone())).collect();
         candle_core::safetensors::save(&shard, folder.join(file)).unwrap();
         for n in part.iter() {

@@ -217,10 +217,7 @@ impl Consumer {
     /// # Errors
     /// [`QueueError::Redis`] if Redis is away (call again: it reconnects).
     pub async fn read(&mut self, count: usize, block: Duration) -> Result<Vec<Delivery>, QueueError> {
-        let options = StreamReadOptions::default()
-            .group(GROUP, &self.name)
-            .count(count.max(1))
-            .block(block.as_millis().max(1) as usize);
+        let options = StreamReadOptions::default().group(GROUP, &self.name).count(count.max(1)).block(block.as_millis().max(1) as usize);
         let ids = vec![">"; self.keys.len()];
         let reply: Result<Option<StreamReadReply>, RedisError> = self.reader.xread_options(&self.keys, &ids, &options).await;
         let reply = match reply {

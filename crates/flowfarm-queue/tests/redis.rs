@@ -69,7 +69,10 @@ async fn sweep_removes_messages_whose_reader_died() {
     let model = model();
     let models = vec![model.clone()];
     let queue = WorkQueue::connect(&url()).await.unwrap();
-    queue.publish(&model, &[JobMessage { job_id: Uuid::now_v7(), attempt: 1 }, JobMessage { job_id: Uuid::now_v7(), attempt: 1 }]).await.unwrap();
+    queue
+        .publish(&model, &[JobMessage { job_id: Uuid::now_v7(), attempt: 1 }, JobMessage { job_id: Uuid::now_v7(), attempt: 1 }])
+        .await
+        .unwrap();
     let mut dead = Consumer::connect(&url(), "dead", &models).await.unwrap();
     assert_eq!(dead.read(1, Duration::from_millis(100)).await.unwrap().len(), 1);
     drop(dead);

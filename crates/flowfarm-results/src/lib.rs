@@ -96,8 +96,7 @@ impl ResultStore {
             .build()
             .map_err(|e| bad(format!("{e} (set AWS_ENDPOINT_URL, AWS_REGION and credentials)")))?;
         let prefix = prefix.trim_matches('/');
-        let store: Arc<dyn ObjectStore> =
-            if prefix.is_empty() { Arc::new(s3) } else { Arc::new(PrefixStore::new(s3, prefix)) };
+        let store: Arc<dyn ObjectStore> = if prefix.is_empty() { Arc::new(s3) } else { Arc::new(PrefixStore::new(s3, prefix)) };
         Ok(ResultStore { store, location: url.to_owned() })
     }
 
@@ -191,11 +190,8 @@ mod tests {
     #[test]
     fn keys_differ_by_attempt_and_worker() {
         let job = Uuid::nil();
-        let keys = [
-            ResultStore::key_for("b", job, 1, "w1"),
-            ResultStore::key_for("b", job, 2, "w1"),
-            ResultStore::key_for("b", job, 1, "w2"),
-        ];
+        let keys =
+            [ResultStore::key_for("b", job, 1, "w1"), ResultStore::key_for("b", job, 2, "w1"), ResultStore::key_for("b", job, 1, "w2")];
         assert_eq!(keys.iter().collect::<std::collections::HashSet<_>>().len(), 3, "{keys:?}");
         assert!(keys.iter().all(|k| k.starts_with(&format!("b/{job}/"))));
     }

@@ -34,10 +34,7 @@ impl Snapshot {
         let mut parts = text.split(':');
         let (xmin, xmax, xip) = (parts.next()?, parts.next()?, parts.next()?);
         let number = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|b| b.is_ascii_digit());
-        let ok = parts.next().is_none()
-            && number(xmin)
-            && number(xmax)
-            && (xip.is_empty() || xip.split(',').all(number));
+        let ok = parts.next().is_none() && number(xmin) && number(xmax) && (xip.is_empty() || xip.split(',').all(number));
         ok.then(|| Snapshot(text.to_owned()))
     }
 }
@@ -141,13 +138,7 @@ impl PgStore {
     ///
     /// # Errors
     /// [`StoreError::Database`] on a failed query.
-    pub async fn read_batch_log(
-        &self,
-        batch_id: Uuid,
-        cursor: &LogCursor,
-        limit: u32,
-        want_counts: bool,
-    ) -> Result<LogPage, StoreError> {
+    pub async fn read_batch_log(&self, batch_id: Uuid, cursor: &LogCursor, limit: u32, want_counts: bool) -> Result<LogPage, StoreError> {
         let (upto, after) = match &cursor.reading {
             Some((upto, after)) => (Some(upto.0.clone()), *after),
             None => (None, 0),
@@ -174,10 +165,7 @@ impl PgStore {
         let first = rows.first().ok_or_else(|| StoreError::Corrupt("the log read returned no row".into()))?;
         let upto_text: String = first.try_get("upto")?;
         let upto = Snapshot::parse(&upto_text).ok_or_else(|| StoreError::Corrupt(format!("snapshot {upto_text}")))?;
-        let counts_at_end = first
-            .try_get::<Option<serde_json::Value>, _>("counts")?
-            .map(counts_from_json)
-            .transpose()?;
+        let counts_at_end = first.try_get::<Option<serde_json::Value>, _>("counts")?.map(counts_from_json).transpose()?;
         let mut events = Vec::with_capacity(rows.len());
         for row in &rows {
             if row.try_get::<Option<i64>, _>("id")?.is_none() {

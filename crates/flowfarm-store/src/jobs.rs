@@ -166,8 +166,10 @@ fn push_other_worker_available(qb: &mut QueryBuilder<'_, Postgres>) {
 /// the store's backoff (see [`crate::RetryBackoff`]). `j.attempt` is the
 /// attempt that just failed.
 fn push_retry_hold(qb: &mut QueryBuilder<'_, Postgres>, backoff: crate::RetryBackoff) {
-    qb.push(", failed_workers = CASE WHEN j.worker_id IS NULL OR j.worker_id = ANY(j.failed_workers) \
-        THEN j.failed_workers ELSE array_append(j.failed_workers, j.worker_id) END");
+    qb.push(
+        ", failed_workers = CASE WHEN j.worker_id IS NULL OR j.worker_id = ANY(j.failed_workers) \
+        THEN j.failed_workers ELSE array_append(j.failed_workers, j.worker_id) END",
+    );
     qb.push(", dispatched_at = NULL, not_before = now() + make_interval(secs => LEAST(")
         .push_bind(backoff.max.as_secs_f64())
         .push("::float8, ")
@@ -201,7 +203,16 @@ pub(crate) async fn take_back(
         push_retry_hold(qb, backoff);
     };
     let mut moved = Move { transition: Transition::Retry, actor: why.actor, reason: why.retry }
-        .run(conn, |qb| { select(qb); qb.push(" AND attempt < max_attempts"); }, retry, "ORDER BY id", skip_locked)
+        .run(
+            conn,
+            |qb| {
+                select(qb);
+                qb.push(" AND attempt < max_attempts");
+            },
+            retry,
+            "ORDER BY id",
+            skip_locked,
+        )
         .await?;
     moved.extend(
         Move { transition: Transition::Die, actor: why.actor, reason: why.last }
@@ -337,13 +348,11 @@ impl PgStore {
     /// # Errors
     /// [`StoreError::NotFound`] if there is no such batch.
     pub async fn get_batch(&self, id: Uuid) -> Result<BatchRow, StoreError> {
-        let row = sqlx::query(
-            "SELECT id, submitter, idempotency_key, labels, total_jobs, created_at FROM batches WHERE id = $1",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?
-        .ok_or(StoreError::NotFound { what: "batch", id })?;
+        let row = sqlx::query("SELECT id, submitter, idempotency_key, labels, total_jobs, created_at FROM batches WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NotFound { what: "batch", id })?;
         let counts = self.batch_counts(id).await?;
         Ok(BatchRow {
             id: row.try_get("id")?,
@@ -436,7 +445,15 @@ impl PgStore {
     pub async fn cancel_jobs(&self, selector: &JobSelector, actor: &str, reason: &str) -> Result<Vec<JobRow>, StoreError> {
         let mut conn = self.pool.acquire().await?;
         Move { transition: Transition::Cancel, actor, reason }
-            .run(&mut conn, |qb| push_selector(qb, selector), |qb| { qb.push(", lease_expires_at = NULL"); }, "", false)
+            .run(
+                &mut conn,
+                |qb| push_selector(qb, selector),
+                |qb| {
+                    qb.push(", lease_expires_at = NULL");
+                },
+                "",
+                false,
+            )
             .await
     }
 
@@ -466,7 +483,9 @@ impl PgStore {
             .run(
                 &mut conn,
                 |qb| push_selector(qb, selector),
-                |qb| { qb.push(", max_attempts = GREATEST(j.max_attempts, j.attempt + 1), lease_expires_at = NULL"); },
+                |qb| {
+                    qb.push(", max_attempts = GREATEST(j.max_attempts, j.attempt + 1), lease_expires_at = NULL");
+                },
                 "",
                 false,
             )
@@ -492,9 +511,7 @@ impl PgStore {
     /// [`StoreError::Database`] on a failed query.
     pub async fn purge_jobs(&self, selector: Option<&JobSelector>, older_than: Option<DateTime<Utc>>) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let mut qb = QueryBuilder::new(
-            "WITH del AS (DELETE FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled', 'dead')",
-        );
+        let mut qb = QueryBuilder::new("WITH del AS (DELETE FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled', 'dead')");
         if let Some(selector) = selector {
             qb.push(" AND ");
             push_selector(&mut qb, selector);
@@ -528,12 +545,10 @@ impl PgStore {
     /// [`StoreError::Database`] on a failed query.
     pub async fn dispatch_jobs(&self, model: &str, limit: u32, actor: &str) -> Result<Vec<JobRow>, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let paused: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM queue_state WHERE paused AND (model = '' OR model = $1))",
-        )
-        .bind(model)
-        .fetch_one(&mut *tx)
-        .await?;
+        let paused: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM queue_state WHERE paused AND (model = '' OR model = $1))")
+            .bind(model)
+            .fetch_one(&mut *tx)
+            .await?;
         if paused {
             return Ok(Vec::new());
         }
@@ -544,7 +559,9 @@ impl PgStore {
                     qb.push("model = ").push_bind(model.to_owned());
                     qb.push(" AND (not_before IS NULL OR not_before <= now())");
                 },
-                |qb| { qb.push(", dispatched_at = now(), not_before = NULL"); },
+                |qb| {
+                    qb.push(", dispatched_at = now(), not_before = NULL");
+                },
                 &format!("ORDER BY priority DESC, id LIMIT {limit}"),
                 true,
             )
@@ -736,10 +753,8 @@ impl PgStore {
     /// worker goes back to the queue so another worker gets it now.
     async fn start_refused(&self, job_id: Uuid, worker_id: Uuid, actor: &str) -> Result<StoreError, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let worker_state: Option<String> = sqlx::query_scalar("SELECT state FROM workers WHERE id = $1")
-            .bind(worker_id)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let worker_state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM workers WHERE id = $1").bind(worker_id).fetch_optional(&mut *tx).await?;
         let refusal = match worker_state.as_deref() {
             None => StoreError::NotFound { what: "worker", id: worker_id },
             Some("active") => {

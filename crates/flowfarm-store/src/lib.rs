@@ -12,8 +12,8 @@
 
 mod error;
 mod events;
-mod progress;
 mod jobs;
+mod progress;
 mod rows;
 mod tokens;
 mod workers;
@@ -25,8 +25,8 @@ use sqlx::PgPool;
 
 pub use error::StoreError;
 pub use events::{LogCursor, LogPage};
-pub use progress::{ProgressListener, ProgressNote};
 pub use jobs::{Completion, JobFilter, JobSelector, NewBatch, SubmitOutcome};
+pub use progress::{ProgressListener, ProgressNote};
 pub use rows::{BatchRow, EventRow, JobCounts, JobResultRow, JobRow, ModelStats, QueuePause, WorkerRow};
 pub use tokens::TokenInfo;
 pub use workers::{HeartbeatOutcome, NewWorker};
@@ -64,11 +64,8 @@ impl PgStore {
     /// within 10 seconds.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StoreError> {
         let options: PgConnectOptions = url.parse()?;
-        let pool = PgPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options)
-            .await?;
+        let pool =
+            PgPoolOptions::new().max_connections(max_connections).acquire_timeout(Duration::from_secs(10)).connect_with(options).await?;
         Ok(PgStore { pool, backoff: RetryBackoff::NONE })
     }
 

@@ -66,9 +66,7 @@ impl PgStore {
     /// # Errors
     /// [`StoreError::Database`] on a failed query.
     pub async fn list_tokens(&self) -> Result<Vec<TokenInfo>, StoreError> {
-        let rows = sqlx::query("SELECT id, name, role FROM api_tokens WHERE revoked_at IS NULL ORDER BY id")
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = sqlx::query("SELECT id, name, role FROM api_tokens WHERE revoked_at IS NULL ORDER BY id").fetch_all(&self.pool).await?;
         rows.iter()
             .map(|row| {
                 let role: String = row.try_get("role")?;

@@ -99,12 +99,10 @@ impl PgStore {
     /// # Errors
     /// [`StoreError::Database`] on a failed query.
     pub async fn list_workers(&self, include_gone: bool) -> Result<Vec<WorkerRow>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {WORKER_COLUMNS} FROM workers w WHERE $1 OR w.state <> 'gone' ORDER BY w.id"
-        ))
-        .bind(include_gone)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(&format!("SELECT {WORKER_COLUMNS} FROM workers w WHERE $1 OR w.state <> 'gone' ORDER BY w.id"))
+            .bind(include_gone)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(WorkerRow::from_row).collect()
     }
 

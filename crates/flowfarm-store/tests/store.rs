@@ -28,12 +28,7 @@ fn job(i: usize) -> ResolvedJob {
 }
 
 fn batch(key: Option<&str>, hash: u8) -> NewBatch {
-    NewBatch {
-        submitter: "tester".into(),
-        idempotency_key: key.map(str::to_owned),
-        content_hash: vec![hash; 32],
-        labels: BTreeMap::new(),
-    }
+    NewBatch { submitter: "tester".into(), idempotency_key: key.map(str::to_owned), content_hash: vec![hash; 32], labels: BTreeMap::new() }
 }
 
 async fn submit(store: &PgStore, n: usize) -> Uuid {
@@ -382,10 +377,8 @@ async fn grouped_starts_and_completions_match_the_single_calls() {
     s.set_worker_state(b, WorkerState::Cordoned).await.unwrap();
     let out = s.dispatch_jobs("sd3", 4, "t").await.unwrap();
     let lease = Duration::from_secs(30);
-    let started = s
-        .start_jobs(&[(out[0].id, a), (out[1].id, a), (out[0].id, a), (out[2].id, b), (Uuid::now_v7(), a)], lease)
-        .await
-        .unwrap();
+    let started =
+        s.start_jobs(&[(out[0].id, a), (out[1].id, a), (out[0].id, a), (out[2].id, b), (Uuid::now_v7(), a)], lease).await.unwrap();
     let ids: Vec<Option<Uuid>> = started.iter().map(|r| r.as_ref().map(|j| j.id)).collect();
     assert_eq!(ids, vec![Some(out[0].id), Some(out[1].id), None, None, None], "duplicate, cordoned worker, unknown job: not started");
     assert_eq!(started[0].as_ref().unwrap().state, JobState::Running);
@@ -487,10 +480,7 @@ async fn a_drain_racing_a_deregistration_cannot_bring_a_worker_back() {
     let races = workers.iter().map(|&w| {
         let s = s.clone();
         async move {
-            let (drain, gone) = tokio::join!(
-                s.set_worker_state(w, WorkerState::Draining),
-                s.set_worker_state(w, WorkerState::Gone)
-            );
+            let (drain, gone) = tokio::join!(s.set_worker_state(w, WorkerState::Draining), s.set_worker_state(w, WorkerState::Gone));
             gone.unwrap();
             drop(drain);
         }

@@ -3,12 +3,12 @@
 
 use std::net::SocketAddr;
 
+use crate::TestDb;
 use flowfarm_coordinator::{Config, Coordinator};
 use flowfarm_core::{ModelConfig, Role, ShiftPolicy, TextEncoderSet, Variant};
 use flowfarm_proto::v1::admin_service_client::AdminServiceClient;
 use flowfarm_proto::v1::render_service_client::RenderServiceClient;
 use flowfarm_proto::v1::worker_service_client::WorkerServiceClient;
-use crate::TestDb;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -135,17 +135,7 @@ impl Harness {
             let _ = stop_dispatch.send(());
         });
         let channel = Channel::from_shared(format!("http://{addr}")).expect("uri").connect_lazy();
-        Harness {
-            db,
-            addr,
-            channel,
-            submit_token,
-            admin_token,
-            worker_token,
-            results_dir,
-            stop: Some(stop),
-            server: Some(server),
-        }
+        Harness { db, addr, channel, submit_token, admin_token, worker_token, results_dir, stop: Some(stop), server: Some(server) }
     }
 
     pub fn render_as(&self, token: Option<&str>) -> Render {

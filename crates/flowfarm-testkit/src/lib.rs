@@ -34,9 +34,9 @@ impl TestDb {
     pub async fn new() -> TestDb {
         let server = server_url();
         let name = format!("ff_test_{}", Uuid::new_v4().simple());
-        let mut admin = PgConnection::connect(&server).await.unwrap_or_else(|e| {
-            panic!("cannot reach Postgres at {server} ({e}); run scripts/test.sh, or set FLOWFARM_TEST_DATABASE_URL")
-        });
+        let mut admin = PgConnection::connect(&server)
+            .await
+            .unwrap_or_else(|e| panic!("cannot reach Postgres at {server} ({e}); run scripts/test.sh, or set FLOWFARM_TEST_DATABASE_URL"));
         sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut admin).await.expect("create test database");
         let url = match server.rsplit_once('/') {
             Some((base, _)) => format!("{base}/{name}"),

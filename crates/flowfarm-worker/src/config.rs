@@ -106,8 +106,7 @@ impl WorkerConfig {
     /// [`WorkerConfigError`] naming the file, key or variable at fault.
     pub fn load(path: &Path) -> Result<Self, WorkerConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| WorkerConfigError::Read { path: path.into(), source })?;
-        let mut config: WorkerConfig =
-            toml::from_str(&text).map_err(|source| WorkerConfigError::Parse { path: path.into(), source })?;
+        let mut config: WorkerConfig = toml::from_str(&text).map_err(|source| WorkerConfigError::Parse { path: path.into(), source })?;
         config.apply_env(|name| std::env::var(name).ok())?;
         if config.token.is_empty() {
             if let Some(file) = &config.token_file {
@@ -195,7 +194,9 @@ impl WorkerConfig {
             return invalid("drain_timeout_seconds must be a non-negative number".into());
         }
         if self.token.is_empty() {
-            return invalid("no worker token: set FLOWFARM_TOKEN or token_file (create one with `flowfarm token create --role worker`)".into());
+            return invalid(
+                "no worker token: set FLOWFARM_TOKEN or token_file (create one with `flowfarm token create --role worker`)".into(),
+            );
         }
         Ok(())
     }

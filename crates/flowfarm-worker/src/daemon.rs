@@ -28,8 +28,8 @@ use uuid::Uuid;
 use crate::config::{hostname, WorkerConfig};
 use crate::metrics::WorkerMetrics;
 use crate::render::{resolved_job, JobRenderer};
-use flowfarm_results::ResultStore;
 use crate::WorkerError;
+use flowfarm_results::ResultStore;
 
 /// Longest wait on the streams before the loop looks at its state again.
 const READ_BLOCK: Duration = Duration::from_millis(500);
@@ -221,7 +221,8 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
             shared.mode.send_replace(Mode::Draining);
         });
     }
-    let heartbeat = tokio::spawn(heartbeat_loop(shared.clone(), Duration::from_secs(u64::from(registered.heartbeat_interval_seconds.max(1)))));
+    let heartbeat =
+        tokio::spawn(heartbeat_loop(shared.clone(), Duration::from_secs(u64::from(registered.heartbeat_interval_seconds.max(1)))));
 
     let slots = Arc::new(Semaphore::new(config.capacity as usize));
     let mut read_errors = 0u32;
@@ -327,10 +328,8 @@ async fn claim_all(shared: &Shared, deliveries: Vec<Delivery>) -> Vec<(Delivery,
     let claiming_since = Instant::now();
     while !pending.is_empty() {
         rounds += 1;
-        let request = pb::StartJobsRequest {
-            worker_id: shared.worker_id.clone(),
-            job_ids: pending.iter().map(|(id, _)| id.to_string()).collect(),
-        };
+        let request =
+            pb::StartJobsRequest { worker_id: shared.worker_id.clone(), job_ids: pending.iter().map(|(id, _)| id.to_string()).collect() };
         let answer = retrying("StartJobs", REPORT_PATIENCE, || {
             let mut client = shared.client.clone();
             let request = request.clone();
@@ -571,10 +570,7 @@ async fn report_completions(client: &Client, worker_id: &str, jobs: &[pb::Comple
     let mut pause = Duration::from_millis(100);
     loop {
         let open: Vec<usize> = (0..jobs.len()).filter(|&i| answers[i].is_none()).collect();
-        let request = pb::CompleteJobsRequest {
-            worker_id: worker_id.to_owned(),
-            jobs: open.iter().map(|&i| jobs[i].clone()).collect(),
-        };
+        let request = pb::CompleteJobsRequest { worker_id: worker_id.to_owned(), jobs: open.iter().map(|&i| jobs[i].clone()).collect() };
         let answer = retrying("CompleteJobs", REPORT_PATIENCE.saturating_sub(started.elapsed()), || {
             let mut client = client.clone();
             let request = request.clone();
@@ -638,13 +634,8 @@ async fn report_completions_one_by_one(client: &Client, worker_id: &str, jobs: V
 }
 
 async fn fail(shared: &Shared, job_id: &str, attempt: u32, error: &str, retryable: bool) -> Result<(), Status> {
-    let request = pb::FailJobRequest {
-        worker_id: shared.worker_id.clone(),
-        job_id: job_id.to_owned(),
-        attempt,
-        error: error.to_owned(),
-        retryable,
-    };
+    let request =
+        pb::FailJobRequest { worker_id: shared.worker_id.clone(), job_id: job_id.to_owned(), attempt, error: error.to_owned(), retryable };
     retrying("FailJob", REPORT_PATIENCE, || {
         let mut client = shared.client.clone();
         let request = request.clone();
@@ -661,10 +652,8 @@ async fn heartbeat_loop(shared: Arc<Shared>, interval: Duration) {
     let mut failing = false;
     loop {
         tokio::time::sleep(interval).await;
-        let running: Vec<pb::RunningJob> = lock(&shared.running)
-            .iter()
-            .map(|(id, r)| pb::RunningJob { job_id: id.to_string(), attempt: r.attempt })
-            .collect();
+        let running: Vec<pb::RunningJob> =
+            lock(&shared.running).iter().map(|(id, r)| pb::RunningJob { job_id: id.to_string(), attempt: r.attempt }).collect();
         let delta = std::mem::take(&mut *lock(&shared.gpu_seconds));
         let request = pb::HeartbeatRequest { worker_id: shared.worker_id.clone(), gpu_seconds_delta: delta, running };
         match shared.client.clone().heartbeat(request).await {

@@ -46,9 +46,7 @@ impl WorkerMetrics {
         registry.register("embedding_cache_hits", "Text encodings served from the L1 cache", cache_hits.clone());
         registry.register("embedding_cache_misses", "Text encodings computed", cache_misses.clone());
         registry.register("embedding_cache_bytes", "Bytes held by the L1 cache", cache_bytes.clone());
-        WorkerMetrics {
-            inner: Arc::new(Inner { registry, jobs, busy, render_seconds, cache_hits, cache_misses, cache_bytes, cache }),
-        }
+        WorkerMetrics { inner: Arc::new(Inner { registry, jobs, busy, render_seconds, cache_hits, cache_misses, cache_bytes, cache }) }
     }
 
     pub(crate) fn finished(&self, outcome: &'static str) {

@@ -4,12 +4,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
+use flowfarm_core::{ResolvedJob, TextEncoderSet};
 use flowfarm_engine::cache::EmbeddingCache;
 use flowfarm_engine::noise::initial_latent;
 use flowfarm_engine::pipeline::{EncoderWeights, Pipeline, RenderRequest};
 use flowfarm_engine::png_output::{encode, RenderParameters};
 use flowfarm_engine::EngineError;
-use flowfarm_core::{ResolvedJob, TextEncoderSet};
 use flowfarm_proto::v1 as pb;
 
 /// The resolved spec StartJob returned, as the engine renders it.

@@ -118,10 +118,7 @@ impl From<RoleArg> for Role {
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -134,9 +131,8 @@ async fn open_store(config: &Config) -> Result<PgStore> {
     PgStore::create_database_if_missing(url)
         .await
         .with_context(|| format!("cannot reach Postgres at {} (is it running? set FLOWFARM_DATABASE_URL)", redact(url)))?;
-    let store = PgStore::connect(url, config.database.max_connections)
-        .await
-        .with_context(|| format!("cannot connect to {}", redact(url)))?;
+    let store =
+        PgStore::connect(url, config.database.max_connections).await.with_context(|| format!("cannot connect to {}", redact(url)))?;
     store.migrate().await.context("applying migrations")?;
     Ok(store)
 }
@@ -206,9 +202,8 @@ async fn main() -> Result<()> {
         flowfarm_worker::run(config, shutdown_signal()).await?;
         return Ok(());
     }
-    let config = Config::load(&cli.config).with_context(|| {
-        "loading config (pass --config FILE or set FLOWFARM_CONFIG; config/flowfarm.toml is an example)".to_string()
-    })?;
+    let config = Config::load(&cli.config)
+        .with_context(|| "loading config (pass --config FILE or set FLOWFARM_CONFIG; config/flowfarm.toml is an example)".to_string())?;
     match cli.command {
         Command::Coordinator => {
             let store = open_store(&config).await?;

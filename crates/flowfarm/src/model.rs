@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Subcommand};
+use flowfarm_engine::device::{open_device, parse_dtype};
 use flowfarm_engine::pipeline::{EncoderWeights, Pipeline, RenderRequest, DEFAULT_T5_LENGTH};
 use flowfarm_engine::png_output::{encode, RenderParameters};
-use flowfarm_engine::device::{open_device, parse_dtype};
 use flowfarm_engine::{noise, Checkpoint};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -139,8 +139,14 @@ fn inspect(path: &Path) -> Result<()> {
     println!("dtype: {}", checkpoint.dtype().map_or("unknown", |d| d.as_str()));
     println!(
         "transformer: {} blocks, hidden {}, {} heads, patch {}, text width {}, pooled width {}, position grid {}×{}",
-        config.depth, config.hidden, config.heads, config.patch_size, config.joint_attention_dim, config.pooled_dim,
-        config.pos_embed_max_size, config.pos_embed_max_size
+        config.depth,
+        config.hidden,
+        config.heads,
+        config.patch_size,
+        config.joint_attention_dim,
+        config.pooled_dim,
+        config.pos_embed_max_size,
+        config.pos_embed_max_size
     );
     if path.is_dir() {
         for part in ["vae", "text_encoder", "text_encoder_2", "text_encoder_3"] {
@@ -174,8 +180,8 @@ fn scheduler_shift(model: &Path) -> Result<f64> {
     if !path.is_file() {
         return Ok(3.0);
     }
-    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
-        .with_context(|| format!("{} is not JSON", path.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path)?).with_context(|| format!("{} is not JSON", path.display()))?;
     Ok(json.get("shift").and_then(|v| v.as_f64()).unwrap_or(3.0))
 }
 
@@ -230,7 +236,9 @@ fn render(args: &RenderArgs) -> Result<()> {
         None => scheduler_shift(args.support.as_deref().filter(|_| args.model.is_file()).unwrap_or(&args.model))?,
     };
     let bar = ProgressBar::new(u64::from(args.steps));
-    bar.set_style(ProgressStyle::with_template("{bar:40} step {pos}/{len} [{elapsed_precise}]").unwrap_or_else(|_| ProgressStyle::default_bar()));
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} step {pos}/{len} [{elapsed_precise}]").unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     let request = RenderRequest {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative.clone(),
@@ -246,7 +254,12 @@ fn render(args: &RenderArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     if let Some(path) = &args.save_latent {
-        write_atomically(path, |tmp| Ok(candle_core::safetensors::save(&std::collections::HashMap::from([("latent".to_string(), rendered.latent.to_device(&Device::Cpu)?)]), tmp)?))?;
+        write_atomically(path, |tmp| {
+            Ok(candle_core::safetensors::save(
+                &std::collections::HashMap::from([("latent".to_string(), rendered.latent.to_device(&Device::Cpu)?)]),
+                tmp,
+            )?)
+        })?;
     }
     let parameters = RenderParameters {
         prompt: args.prompt.clone(),

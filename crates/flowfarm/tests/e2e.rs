@@ -13,9 +13,9 @@ use std::process::Command;
 use common::*;
 
 use flowfarm_proto::v1 as pb;
+use flowfarm_proto::v1::worker_service_client::WorkerServiceClient;
 use flowfarm_testkit::TestDb;
 use serde_json::Value;
-use flowfarm_proto::v1::worker_service_client::WorkerServiceClient;
 
 async fn rows(db: &TestDb) -> (i64, i64) {
     let batches = sqlx::query_scalar("SELECT count(*) FROM batches").fetch_one(db.store.pool()).await.unwrap();
@@ -60,16 +60,39 @@ async fn farmctl_refuses_bad_batch_files_with_field_messages() {
         ("empty.jsonl", "\n\n".into(), "empty.jsonl: no jobs in file"),
         ("batch.csv", "model,prompt\n".into(), "batch.csv: unknown batch file type"),
         ("noprompts.toml", grid("", ""), "grid.prompts: a grid needs at least one prompt"),
-        ("size.toml", grid("prompts = [\"a\"]\nsizes = [{ width = 1024, height = 1000 }]", ""), "grid.sizes[0].height: 1000 is not a multiple of 16"),
-        ("zero.toml", grid("prompts = [\"a\"]\nsizes = [{ width = 0, height = 512 }]", ""), "grid.sizes[0]: width and height must both be set"),
+        (
+            "size.toml",
+            grid("prompts = [\"a\"]\nsizes = [{ width = 1024, height = 1000 }]", ""),
+            "grid.sizes[0].height: 1000 is not a multiple of 16",
+        ),
+        (
+            "zero.toml",
+            grid("prompts = [\"a\"]\nsizes = [{ width = 0, height = 512 }]", ""),
+            "grid.sizes[0]: width and height must both be set",
+        ),
         ("baseprompt.toml", grid("prompts = [\"a\"]", "prompt = \"x\""), "grid.base.prompt: must be empty"),
         ("baseseed.toml", grid("prompts = [\"a\"]", "seed = 4"), "grid.base.seed: must be unset"),
         ("gridshift.toml", grid("prompts = [\"a\"]", "shift = 0.0"), "grid.base.shift: 0 is outside (0, 100]"),
         ("gridprompt.toml", grid("prompts = [\"a\", \"  \"]", ""), "grid.prompts[1]: must not be empty"),
         ("gridsteps.toml", grid("prompts = [\"a\"]", "steps = 999"), "grid.base.steps: 999 is outside 1..=200"),
         ("gridnan.toml", grid("prompts = [\"a\"]", "guidance_scale = nan"), "grid.base.guidance_scale: NaN is not a finite number"),
-        ("gridbig.toml", grid(&format!("prompts = [{}]\nseeds = [{}]", vec!["\"p\""; 400].join(","), (0..251).map(|i| i.to_string()).collect::<Vec<_>>().join(",")), ""), "grid: expands to 100400 jobs, more than the limit of 100000"),
-        ("gridkey.toml", grid("prompts = [\"a\"]\nidempotency_key = \"bad\\u0007key\"", ""), "idempotency_key: must not contain control characters"),
+        (
+            "gridbig.toml",
+            grid(
+                &format!(
+                    "prompts = [{}]\nseeds = [{}]",
+                    vec!["\"p\""; 400].join(","),
+                    (0..251).map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+                ),
+                "",
+            ),
+            "grid: expands to 100400 jobs, more than the limit of 100000",
+        ),
+        (
+            "gridkey.toml",
+            grid("prompts = [\"a\"]\nidempotency_key = \"bad\\u0007key\"", ""),
+            "idempotency_key: must not contain control characters",
+        ),
         ("gridlabel.toml", grid("prompts = [\"a\"]\nlabels = { \"Project X\" = \"1\" }", ""), "labels[\"Project X\"]: label keys are"),
         ("gridunknown.toml", grid("prompts = [\"a\"]\ncolour = \"red\"", ""), "gridunknown.toml: not a grid file"),
     ];
@@ -91,7 +114,12 @@ async fn registered_worker(server: &Server, token: &str) -> (flowfarm_testkit::W
     let channel = tonic::transport::Channel::from_shared(server.url()).unwrap().connect().await.unwrap();
     let mut client = WorkerServiceClient::with_interceptor(channel, flowfarm_testkit::Auth::bearer(token));
     let worker_id = client
-        .register_worker(pb::RegisterWorkerRequest { name: "w1".into(), models: vec!["sd3-medium".into()], capacity: 2, ..Default::default() })
+        .register_worker(pb::RegisterWorkerRequest {
+            name: "w1".into(),
+            models: vec!["sd3-medium".into()],
+            capacity: 2,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner()
@@ -132,7 +160,8 @@ async fn coordinator_restart_loses_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&db, dir.path());
     let (submitter, admin, worker) = (token(&db, "submit", "alice"), token(&db, "admin", "ops"), token(&db, "worker", "gpu"));
-    let grid = write(dir.path(), "grid.toml", "prompts = [\"a\", \"b\", \"c\"]\nseeds = [1, 2]\n[base]\nmodel = \"sd3-medium\"\nsteps = 20\n");
+    let grid =
+        write(dir.path(), "grid.toml", "prompts = [\"a\", \"b\", \"c\"]\nseeds = [1, 2]\n[base]\nmodel = \"sd3-medium\"\nsteps = 20\n");
     let jsonl = write(dir.path(), "jobs.jsonl", "{\"model\":\"sd3.5-large\",\"prompt\":\"x\",\"width\":2048,\"height\":1024}\n");
     let b1 = ok_json(farmctl(&server.url(), &submitter, &["--json", "submit", grid.to_str().unwrap()]));
     let b2 = ok_json(farmctl(&server.url(), &submitter, &["--json", "submit", "--label", "team=vfx", jsonl.to_str().unwrap()]));

@@ -14,9 +14,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use flowfarm_engine::png_output::read_parameters;
 use flowfarm_proto::v1 as pb;
 use flowfarm_proto::v1::render_service_client::RenderServiceClient;
-use flowfarm_engine::png_output::read_parameters;
 use flowfarm_testkit::TestDb;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -162,10 +162,8 @@ impl Farm {
         let deadline = Instant::now() + limit;
         while !done().await {
             if Instant::now() > deadline {
-                let states: Vec<(String, i64)> = sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state")
-                    .fetch_all(self.db.store.pool())
-                    .await
-                    .unwrap();
+                let states: Vec<(String, i64)> =
+                    sqlx::query_as("SELECT state, count(*) FROM jobs GROUP BY state").fetch_all(self.db.store.pool()).await.unwrap();
                 let logs: Vec<String> = workers.iter().map(|w| format!("--- {} ---\n{}", w.name, w.log())).collect();
                 panic!("timed out waiting for {what}; jobs by state: {states:?}\n{}", logs.join("\n"));
             }
@@ -207,7 +205,10 @@ impl Farm {
             let bytes = std::fs::read(self.results.join(&key)).unwrap_or_else(|e| panic!("result {key}: {e}"));
             assert_eq!(hex::encode(Sha256::digest(&bytes)), sha, "{key}");
             let p = read_parameters(&bytes).unwrap().unwrap_or_else(|| panic!("{key} has no parameters"));
-            assert_eq!((p.prompt.as_str(), p.seed, p.width, p.height, p.steps), (prompt.as_str(), seed as u64, width as u32, height as u32, steps as u32));
+            assert_eq!(
+                (p.prompt.as_str(), p.seed, p.width, p.height, p.steps),
+                (prompt.as_str(), seed as u64, width as u32, height as u32, steps as u32)
+            );
             assert_eq!((p.guidance, p.shift, p.model.as_str()), (guidance, shift, MODEL));
             let decoded = png::Decoder::new(std::io::Cursor::new(&bytes)).read_info().unwrap();
             assert_eq!((decoded.info().width, decoded.info().height), (width as u32, height as u32));
@@ -258,10 +259,8 @@ async fn two_workers_render_a_200_job_batch() {
     farm.wait_all_finished(&[&a, &b], Duration::from_secs(600)).await;
     farm.assert_each_succeeded_once().await;
 
-    let done: Vec<(String, i64)> = sqlx::query_as("SELECT name, images_done FROM workers ORDER BY name")
-        .fetch_all(farm.db.store.pool())
-        .await
-        .unwrap();
+    let done: Vec<(String, i64)> =
+        sqlx::query_as("SELECT name, images_done FROM workers ORDER BY name").fetch_all(farm.db.store.pool()).await.unwrap();
     assert_eq!(done.iter().map(|(_, n)| n).sum::<i64>(), 200, "{done:?}");
     assert!(done.iter().all(|(_, n)| *n > 0), "both workers rendered: {done:?}");
 
@@ -318,11 +317,8 @@ async fn a_killed_workers_job_finishes_on_the_other() {
     let b = farm.worker("b");
     farm.wait_all_finished(&[&b], Duration::from_secs(300)).await;
     farm.assert_each_succeeded_once().await;
-    let (attempt, worker): (i32, Uuid) = sqlx::query_as("SELECT attempt, worker_id FROM jobs WHERE id = $1")
-        .bind(victim)
-        .fetch_one(farm.db.store.pool())
-        .await
-        .unwrap();
+    let (attempt, worker): (i32, Uuid) =
+        sqlx::query_as("SELECT attempt, worker_id FROM jobs WHERE id = $1").bind(victim).fetch_one(farm.db.store.pool()).await.unwrap();
     assert_eq!(attempt, 2, "the killed attempt was the first");
     assert_eq!(worker, farm.worker_id("b").await);
     let expired = farm.count(&format!("SELECT count(*) FROM job_events WHERE job_id = '{victim}' AND reason = 'lease expired'")).await;
@@ -367,7 +363,8 @@ async fn cancelling_a_running_job_stops_it_at_the_next_step() {
     // Step progress reaches watchers from the worker's reports.
     let channel = tonic::transport::Channel::from_shared(farm.url()).unwrap().connect().await.unwrap();
     let mut render = RenderServiceClient::with_interceptor(channel, flowfarm_testkit::Auth::bearer(&farm.submitter));
-    let mut events = render.watch_batch(pb::WatchBatchRequest { batch_id: batch.clone(), ..Default::default() }).await.unwrap().into_inner();
+    let mut events =
+        render.watch_batch(pb::WatchBatchRequest { batch_id: batch.clone(), ..Default::default() }).await.unwrap().into_inner();
     let progress = loop {
         match events.message().await.unwrap().and_then(|e| e.event) {
             Some(pb::watch_batch_event::Event::Progress(p)) if p.step >= 1 => break p,

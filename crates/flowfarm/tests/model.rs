@@ -79,7 +79,11 @@ fn init_noise_of_the_wrong_shape_is_refused() {
     let out = dir.path().join("x.png");
     let result = render(&bundled(), &out, &["--init-noise", noise.to_str().unwrap()]);
     assert!(!result.status.success());
-    assert!(String::from_utf8_lossy(&result.stderr).contains("this render needs [1, 16, 24, 32]"), "{}", String::from_utf8_lossy(&result.stderr));
+    assert!(
+        String::from_utf8_lossy(&result.stderr).contains("this render needs [1, 16, 24, 32]"),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
 }
 
 fn copy_dir(from: &Path, to: &Path) {

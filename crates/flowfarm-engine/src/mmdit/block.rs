@@ -38,13 +38,7 @@ impl JointBlock {
         let qkv = |stem: &str, suffix: &str, norm: &str| {
             let names = ["q", "k", "v"].map(|x| format!("{p}.{stem}{x}{suffix}"));
             let norms = ["q", "k"].map(|x| format!("{p}.{norm}{x}"));
-            Qkv::load(
-                l,
-                [&names[0], &names[1], &names[2]],
-                config.qk_norm.then(|| [norms[0].as_str(), norms[1].as_str()]),
-                d,
-                heads,
-            )
+            Qkv::load(l, [&names[0], &names[1], &names[2]], config.qk_norm.then(|| [norms[0].as_str(), norms[1].as_str()]), d, heads)
         };
         let image_qkv = qkv("attn.to_", "", "attn.norm_")?;
         let context_qkv = qkv("attn.add_", "_proj", "attn.norm_added_")?;
@@ -57,11 +51,7 @@ impl JointBlock {
                 ff: FeedForward::load(l, &format!("{p}.ff_context"), d)?,
             }
         };
-        let dual = if dual {
-            Some((qkv("attn2.to_", "", "attn2.norm_")?, l.linear(&format!("{p}.attn2.to_out.0"), d, d)?))
-        } else {
-            None
-        };
+        let dual = if dual { Some((qkv("attn2.to_", "", "attn2.norm_")?, l.linear(&format!("{p}.attn2.to_out.0"), d, d)?)) } else { None };
         Ok(JointBlock {
             heads,
             modulation: Modulation::load(l, &format!("{p}.norm1"), d, if dual.is_some() { 9 } else { 6 })?,

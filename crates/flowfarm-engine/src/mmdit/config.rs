@@ -56,9 +56,7 @@ impl MmDitConfig {
     /// # Errors
     /// [`EngineError::Checkpoint`] if a tensor the detection needs is absent or odd.
     pub fn detect(weights: &dyn WeightSource, heads: Option<usize>) -> Result<MmDitConfig, EngineError> {
-        let shape = |name: &str| {
-            weights.shape(name).ok_or_else(|| EngineError::MissingTensor { key: name.to_owned() })
-        };
+        let shape = |name: &str| weights.shape(name).ok_or_else(|| EngineError::MissingTensor { key: name.to_owned() });
         let odd = |reason: String| EngineError::Checkpoint { path: String::new(), reason };
         let proj = shape("pos_embed.proj.weight")?; // (D, C, p, p)
         if proj.len() != 4 || proj[2] != proj[3] {

@@ -281,9 +281,8 @@ pub fn add_gated(x: &mut [f32], y: &[f32], bias: &[f32], rows_per_sample: usize,
 /// x += bias per row of `bias.len()`.
 pub fn add_bias(x: &mut [f32], bias: &[f32]) {
     let width = bias.len().max(1);
-    x.par_chunks_mut(rows_per_task(width) * width).for_each(|rows| {
-        rows.chunks_mut(width).for_each(|row| row.iter_mut().zip(bias).for_each(|(v, &b)| *v += b))
-    });
+    x.par_chunks_mut(rows_per_task(width) * width)
+        .for_each(|rows| rows.chunks_mut(width).for_each(|row| row.iter_mut().zip(bias).for_each(|(v, &b)| *v += b)));
 }
 
 /// GELU (tanh approximation) of x + bias, in place, per row of `bias.len()`.
@@ -326,36 +325,35 @@ pub fn split_heads(streams: &[StreamQkv], batch: usize, d: usize, heads: usize, 
     let seq: usize = streams.iter().map(|s| s.rows).sum();
     let scale = 1.0 / (head_dim as f32).sqrt();
     let per_head = seq * head_dim;
-    let (mut q, mut k_t, mut v) = (Scratch::new(batch * heads * per_head), Scratch::new(batch * heads * per_head), Scratch::new(batch * heads * per_head));
+    let (mut q, mut k_t, mut v) =
+        (Scratch::new(batch * heads * per_head), Scratch::new(batch * heads * per_head), Scratch::new(batch * heads * per_head));
     let chunk = per_head.max(1);
-    q.par_chunks_mut(chunk).zip(k_t.par_chunks_mut(chunk)).zip(v.par_chunks_mut(chunk)).enumerate().for_each(
-        |(task, ((q, k_t), v))| {
-            let (sample, head) = (task / heads, task % heads);
-            let col = head * head_dim;
-            let mut token = 0;
-            let mut kd = vec![0f32; head_dim];
-            for stream in streams {
-                let bias = |part: usize| &stream.bias[part * d + col..part * d + col + head_dim];
-                let (bq, bk, bv) = (bias(0), bias(1), bias(2));
-                for row in stream.qkv[sample * stream.rows * 3 * d..].chunks(3 * d).take(stream.rows) {
-                    let qd = &mut q[token * head_dim..(token + 1) * head_dim];
-                    qd.iter_mut().zip(&row[col..]).zip(bq).for_each(|((o, &x), &b)| *o = x + b);
-                    kd.iter_mut().zip(&row[d + col..]).zip(bk).for_each(|((o, &x), &b)| *o = x + b);
-                    if let Some((nq, nk)) = stream.norms {
-                        rms_norm(qd, nq, eps);
-                        rms_norm(&mut kd, nk, eps);
-                    }
-                    qd.iter_mut().for_each(|x| *x *= scale);
-                    for (j, &x) in kd.iter().enumerate() {
-                        k_t[j * seq + token] = x;
-                    }
-                    let vd = &mut v[token * head_dim..(token + 1) * head_dim];
-                    vd.iter_mut().zip(&row[2 * d + col..]).zip(bv).for_each(|((o, &x), &b)| *o = x + b);
-                    token += 1;
+    q.par_chunks_mut(chunk).zip(k_t.par_chunks_mut(chunk)).zip(v.par_chunks_mut(chunk)).enumerate().for_each(|(task, ((q, k_t), v))| {
+        let (sample, head) = (task / heads, task % heads);
+        let col = head * head_dim;
+        let mut token = 0;
+        let mut kd = vec![0f32; head_dim];
+        for stream in streams {
+            let bias = |part: usize| &stream.bias[part * d + col..part * d + col + head_dim];
+            let (bq, bk, bv) = (bias(0), bias(1), bias(2));
+            for row in stream.qkv[sample * stream.rows * 3 * d..].chunks(3 * d).take(stream.rows) {
+                let qd = &mut q[token * head_dim..(token + 1) * head_dim];
+                qd.iter_mut().zip(&row[col..]).zip(bq).for_each(|((o, &x), &b)| *o = x + b);
+                kd.iter_mut().zip(&row[d + col..]).zip(bk).for_each(|((o, &x), &b)| *o = x + b);
+                if let Some((nq, nk)) = stream.norms {
+                    rms_norm(qd, nq, eps);
+                    rms_norm(&mut kd, nk, eps);
                 }
+                qd.iter_mut().for_each(|x| *x *= scale);
+                for (j, &x) in kd.iter().enumerate() {
+                    k_t[j * seq + token] = x;
+                }
+                let vd = &mut v[token * head_dim..(token + 1) * head_dim];
+                vd.iter_mut().zip(&row[2 * d + col..]).zip(bv).for_each(|((o, &x), &b)| *o = x + b);
+                token += 1;
             }
-        },
-    );
+        }
+    });
     Heads { q, k_t, v, batch, heads, seq, head_dim }
 }
 
@@ -473,7 +471,11 @@ mod simd {
         let max = chunks.remainder().iter().chain(&lanes).copied().fold(f32::NEG_INFINITY, f32::max);
         let floored_exp = |v: f32| {
             let shifted = v - max;
-            if shifted < EXP_FLOOR { 0.0 } else { exp::<FMA>(shifted) }
+            if shifted < EXP_FLOOR {
+                0.0
+            } else {
+                exp::<FMA>(shifted)
+            }
         };
         let mut sums = [0f32; 16];
         let mut chunks = row.chunks_exact_mut(16);

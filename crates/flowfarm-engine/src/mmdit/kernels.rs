@@ -10,12 +10,8 @@ use rayon::prelude::*;
 use super::cpu;
 
 fn rows<'a>(storage: &'a CpuStorage, layout: &Layout, name: &str) -> Result<(&'a [f32], usize)> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!("{name}: only F32 is fused")
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("{name}: input must be contiguous")
-    };
+    let CpuStorage::F32(data) = storage else { candle_core::bail!("{name}: only F32 is fused") };
+    let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("{name}: input must be contiguous") };
     let width = layout.dims().last().copied().unwrap_or(1);
     Ok((&data[start..end], width))
 }
@@ -75,9 +71,7 @@ mod cuda {
         }
 
         fn cuda_fwd(&self, storage: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
-            let Some((start, end)) = layout.contiguous_offsets() else {
-                candle_core::bail!("flowfarm-softmax needs a contiguous input")
-            };
+            let Some((start, end)) = layout.contiguous_offsets() else { candle_core::bail!("flowfarm-softmax needs a contiguous input") };
             let dims = layout.shape().dims();
             let cols = *dims.last().unwrap_or(&1);
             let rows = (end - start) / cols.max(1);
@@ -157,9 +151,7 @@ mod tests {
     #[test]
     fn fused_ops_match_the_composed_ones() {
         let x = (Tensor::randn(0f32, 3.0, (4, 7, 33), &Device::Cpu).unwrap() + 10.0).unwrap();
-        let d = |a: &Tensor, b: &Tensor| {
-            (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-        };
+        let d = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(d(&softmax_last_dim(&x).unwrap(), &composed_softmax(&x)) < 1e-6);
         let mean = x.mean_keepdim(D::Minus1).unwrap();
         let c = x.broadcast_sub(&mean).unwrap();
@@ -182,11 +174,16 @@ mod tests {
             let reference = softmax_probabilities(&x).unwrap().to_dtype(DType::F32).unwrap();
             let fused = softmax_probabilities(&x.to_device(&gpu).unwrap()).unwrap().to_device(&Device::Cpu).unwrap();
             assert_eq!(fused.dtype(), dtype);
-            let diff = (fused.to_dtype(DType::F32).unwrap() - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let diff =
+                (fused.to_dtype(DType::F32).unwrap() - &reference).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             let top = reference.max_all().unwrap().to_scalar::<f32>().unwrap();
             // F32: the two sum 4250 terms in different orders (the CPU one
             // sequentially), ~1e-5 apart; F16 and BF16: one rounding of the output.
-            let ulp = match dtype { DType::F32 => 3e-5, DType::F16 => 1e-3, _ => 8e-3 };
+            let ulp = match dtype {
+                DType::F32 => 3e-5,
+                DType::F16 => 1e-3,
+                _ => 8e-3,
+            };
             println!("{dtype:?}: fused CUDA softmax vs F32 softmax on the CPU: max abs {diff:.2e} (largest probability {top:.3})");
             assert!(diff <= ulp * top, "{dtype:?}: {diff} vs max {top}");
         }

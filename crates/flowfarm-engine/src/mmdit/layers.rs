@@ -118,7 +118,15 @@ impl Linear {
 
     /// Fused CPU F32 residual update: residual += gate ⊙ (x·Wᵀ + b), `gate`
     /// one vector per sample (see [`Linear::product_fused`] for `x`).
-    pub fn add_gated_fused(&self, residual: &mut [f32], x: &[f32], batch: usize, rows: usize, sample_stride: usize, gate: &[&[f32]]) -> candle_core::Result<()> {
+    pub fn add_gated_fused(
+        &self,
+        residual: &mut [f32],
+        x: &[f32],
+        batch: usize,
+        rows: usize,
+        sample_stride: usize,
+        gate: &[&[f32]],
+    ) -> candle_core::Result<()> {
         let y = self.product_fused(x, batch, rows, sample_stride)?;
         cpu::add_gated(residual, &y, &F32View::of(&self.bias)?, rows, gate);
         Ok(())
@@ -201,13 +209,7 @@ pub struct Qkv {
 
 impl Qkv {
     /// `names`: the q, k, v linear prefixes and the q, k norm prefixes.
-    pub fn load(
-        l: &Loader,
-        names: [&str; 3],
-        norms: Option<[&str; 2]>,
-        hidden: usize,
-        heads: usize,
-    ) -> Result<Self, EngineError> {
+    pub fn load(l: &Loader, names: [&str; 3], norms: Option<[&str; 2]>, hidden: usize, heads: usize) -> Result<Self, EngineError> {
         let norm = match norms {
             Some([nq, nk]) => Some((l.rms_norm(nq, hidden / heads)?, l.rms_norm(nk, hidden / heads)?)),
             None => None,
@@ -318,10 +320,7 @@ pub struct Mlp2 {
 
 impl Mlp2 {
     pub fn load(l: &Loader, prefix: &str, input: usize, hidden: usize) -> Result<Self, EngineError> {
-        Ok(Mlp2 {
-            a: l.linear(&format!("{prefix}.linear_1"), input, hidden)?,
-            b: l.linear(&format!("{prefix}.linear_2"), hidden, hidden)?,
-        })
+        Ok(Mlp2 { a: l.linear(&format!("{prefix}.linear_1"), input, hidden)?, b: l.linear(&format!("{prefix}.linear_2"), hidden, hidden)? })
     }
 
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {

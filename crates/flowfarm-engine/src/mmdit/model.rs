@@ -129,10 +129,7 @@ impl MmDit {
         }
         let latents = latents.to_dtype(self.dtype)?;
         // (B, C, H, W) → (B, hp, wp, C, p, p) → (B, N, C·p·p), the conv's weight order.
-        let patches = latents
-            .reshape((b, c, hp, p, wp, p))?
-            .permute([0, 2, 4, 1, 3, 5])?
-            .reshape((b, hp * wp, c * p * p))?;
+        let patches = latents.reshape((b, c, hp, p, wp, p))?.permute([0, 2, 4, 1, 3, 5])?.reshape((b, hp * wp, c * p * p))?;
         let x = matmul(&patches, &self.patch_weight.t()?)?.broadcast_add(&self.patch_bias)?;
         // Centre crop of the position grid.
         let (top, left) = ((max - hp) / 2, (max - wp) / 2);
@@ -150,10 +147,8 @@ impl MmDit {
     /// # Errors
     /// [`EngineError::Input`] for an index past the last block.
     pub fn run_block(&self, index: usize, state: Embedded) -> Result<Embedded, EngineError> {
-        let block = self
-            .blocks
-            .get(index)
-            .ok_or_else(|| EngineError::Input(format!("block {index} of a {}-block model", self.blocks.len())))?;
+        let block =
+            self.blocks.get(index).ok_or_else(|| EngineError::Input(format!("block {index} of a {}-block model", self.blocks.len())))?;
         let (x, context) = block.forward(&state.x, &state.context, &state.conditioning)?;
         Ok(Embedded { x, context, ..state })
     }

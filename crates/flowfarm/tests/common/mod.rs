@@ -186,12 +186,7 @@ pub fn token(db: &TestDb, role: &str, name: &str) -> String {
 }
 
 pub fn farmctl(server: &str, token: &str, args: &[&str]) -> Output {
-    Command::new(farmctl_bin())
-        .args(args)
-        .env("FLOWFARM_SERVER", server)
-        .env("FLOWFARM_TOKEN", token)
-        .output()
-        .expect("run farmctl")
+    Command::new(farmctl_bin()).args(args).env("FLOWFARM_SERVER", server).env("FLOWFARM_TOKEN", token).output().expect("run farmctl")
 }
 
 pub fn ok_json(out: Output) -> Value {
@@ -221,7 +216,9 @@ impl S3Server {
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/flowfarm/tools/bin/s3s-fs")))
             .filter(|p| p.is_file())
-            .expect("s3s-fs not found: run scripts/test.sh, or `cargo install s3s-fs@0.14.1 --features binary` and set FLOWFARM_TEST_S3S_FS");
+            .expect(
+                "s3s-fs not found: run scripts/test.sh, or `cargo install s3s-fs@0.14.1 --features binary` and set FLOWFARM_TEST_S3S_FS",
+            );
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir(root.path().join(bucket)).unwrap();
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
