@@ -79,6 +79,11 @@ ensure_postgres
 ensure_redis
 ensure_s3s_fs
 
+if cargo fmt --version >/dev/null 2>&1; then
+  say "checking formatting (cargo fmt --check)"
+  cargo fmt --check
+fi
+
 say "building (every binary: the end-to-end tests run them)"
 cargo build --locked --workspace --bins --tests
 
