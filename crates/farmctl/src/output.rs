@@ -76,6 +76,7 @@ pub fn job(j: &pb::Job) -> Value {
         "error": j.error,
         "result": j.result.as_ref().map(|r| json!({
             "key": r.key, "sha256": r.sha256, "size_bytes": r.size_bytes, "content_type": r.content_type,
+            "model_hash": r.model_hash,
         })),
         "spec": {
             "model": s.model, "prompt": s.prompt, "negative_prompt": s.negative_prompt, "width": s.width,
@@ -113,7 +114,7 @@ pub fn worker(w: &pb::Worker) -> Value {
     json!({
         "id": w.id, "name": w.name, "hostname": w.hostname, "state": worker_state_name(w.state),
         "devices": w.devices.iter().map(|d| json!({"name": d.name, "memory_bytes": d.memory_bytes})).collect::<Vec<_>>(),
-        "models": w.models, "capacity": w.capacity, "current_job_ids": w.current_job_ids,
+        "models": w.models, "model_hashes": w.model_hashes, "capacity": w.capacity, "current_job_ids": w.current_job_ids,
         "images_done": w.images_done, "gpu_seconds": w.gpu_seconds,
         "registered_at": time(&w.registered_at), "last_heartbeat_at": time(&w.last_heartbeat_at),
     })
@@ -134,7 +135,15 @@ pub fn worker_line(w: &pb::Worker) -> String {
         w.capacity,
         w.images_done,
         w.gpu_seconds,
-        w.models.join(","),
+        w.models
+            .iter()
+            .map(|m| match w.model_hashes.get(m) {
+                // The short form image tools show as "Model hash".
+                Some(h) if h.len() >= 10 => format!("{m}@{}", &h[..10]),
+                _ => m.clone(),
+            })
+            .collect::<Vec<_>>()
+            .join(","),
     )
 }
 

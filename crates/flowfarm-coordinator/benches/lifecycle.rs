@@ -95,6 +95,7 @@ async fn play_worker(
                             sha256: "0".repeat(64),
                             size_bytes: 1,
                             content_type: "image/png".into(),
+                            ..Default::default()
                         }),
                         job_id,
                         attempt: started.attempt,

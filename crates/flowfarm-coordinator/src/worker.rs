@@ -39,6 +39,14 @@ fn check_result_key(field: &str, key: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// A weights identity: 64 lower-case hex digits.
+fn check_model_hash(field: &str, hash: &str) -> Result<(), Status> {
+    if hash.len() != 64 || !hash.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()) {
+        return Err(invalid(field, "must be 64 lower-case hex digits (the weights' identity)"));
+    }
+    Ok(())
+}
+
 /// Most jobs one StartJobs or CompleteJobs call may carry.
 const MAX_BATCH: usize = 256;
 
@@ -81,6 +89,9 @@ fn completion(
     if result.content_type.is_empty() {
         return Err(invalid(&named("result.content_type"), "required"));
     }
+    if !result.model_hash.is_empty() {
+        check_model_hash(&named("result.model_hash"), &result.model_hash)?;
+    }
     if !(gpu_seconds.is_finite() && gpu_seconds >= 0.0) {
         return Err(invalid(&named("gpu_seconds"), format!("{gpu_seconds} is not a non-negative number")));
     }
@@ -88,7 +99,13 @@ fn completion(
         job_id,
         attempt,
         worker_id,
-        result: JobResultRow { key: result.key, sha256: result.sha256, size_bytes: result.size_bytes, content_type: result.content_type },
+        result: JobResultRow {
+            key: result.key,
+            sha256: result.sha256,
+            size_bytes: result.size_bytes,
+            content_type: result.content_type,
+            model_hash: result.model_hash,
+        },
         gpu_seconds,
     })
 }
@@ -184,6 +201,15 @@ impl WorkerService for Coordinator {
         if sets.is_empty() {
             sets = vec![TextEncoderSet::All, TextEncoderSet::ClipOnly];
         }
+        let mut hashed: Vec<&String> = req.model_hashes.keys().collect();
+        hashed.sort();
+        for model in hashed {
+            let field = format!("model_hashes[{model}]");
+            if !req.models.contains(model) {
+                return Err(invalid(&field, "names a model that is not in `models`"));
+            }
+            check_model_hash(&field, &req.model_hashes[model])?;
+        }
         let devices = serde_json::Value::Array(
             req.devices.iter().map(|d| serde_json::json!({ "name": d.name, "memory_bytes": d.memory_bytes })).collect(),
         );
@@ -195,6 +221,7 @@ impl WorkerService for Coordinator {
                 hostname: req.hostname,
                 devices,
                 models: req.models,
+                model_hashes: req.model_hashes.into_iter().collect(),
                 text_encoder_sets: sets,
                 capacity: req.capacity,
                 version: req.version,

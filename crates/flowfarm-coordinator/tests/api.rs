@@ -280,6 +280,30 @@ async fn bad_arguments_on_other_rpcs_name_the_field() {
         .map(drop),
         "models[1]: unknown model `x`",
     );
+    expect(
+        w.register_worker(pb::RegisterWorkerRequest {
+            name: "w".into(),
+            models: vec!["sd3".into()],
+            model_hashes: [("sd3".to_owned(), "5D".repeat(32))].into(),
+            capacity: 1,
+            ..Default::default()
+        })
+        .await
+        .map(drop),
+        "model_hashes[sd3]: must be 64 lower-case hex digits",
+    );
+    expect(
+        w.register_worker(pb::RegisterWorkerRequest {
+            name: "w".into(),
+            models: vec!["sd3".into()],
+            model_hashes: [("other".to_owned(), "5d".repeat(32))].into(),
+            capacity: 1,
+            ..Default::default()
+        })
+        .await
+        .map(drop),
+        "model_hashes[other]: names a model that is not in `models`",
+    );
     let id = uuid::Uuid::now_v7().to_string();
     expect(
         w.report_progress(pb::ReportProgressRequest { worker_id: id.clone(), job_id: id.clone(), attempt: 1, step: 5, total_steps: 4 })
@@ -287,8 +311,13 @@ async fn bad_arguments_on_other_rpcs_name_the_field() {
             .map(drop),
         "step: 5 is beyond total_steps 4",
     );
-    let result =
-        |key: &str, sha: &str| pb::JobResult { key: key.into(), sha256: sha.into(), size_bytes: 1, content_type: "image/png".into() };
+    let result = |key: &str, sha: &str| pb::JobResult {
+        key: key.into(),
+        sha256: sha.into(),
+        size_bytes: 1,
+        content_type: "image/png".into(),
+        ..Default::default()
+    };
     expect(
         w.complete_job(pb::CompleteJobRequest {
             worker_id: id.clone(),
@@ -312,6 +341,18 @@ async fn bad_arguments_on_other_rpcs_name_the_field() {
         .await
         .map(drop),
         "result.sha256: must be 64 lower-case hex digits",
+    );
+    expect(
+        w.complete_job(pb::CompleteJobRequest {
+            worker_id: id.clone(),
+            job_id: id.clone(),
+            attempt: 1,
+            result: Some(pb::JobResult { model_hash: "abc".into(), ..result("a.png", &"a".repeat(64)) }),
+            gpu_seconds: 0.0,
+        })
+        .await
+        .map(drop),
+        "result.model_hash: must be 64 lower-case hex digits",
     );
     expect(
         w.fail_job(pb::FailJobRequest { worker_id: id.clone(), job_id: id, attempt: 0, ..Default::default() }).await.map(drop),
@@ -343,6 +384,7 @@ async fn register(w: &mut flowfarm_testkit::Worker) -> String {
         hostname: "gpu-box-1".into(),
         devices: vec![pb::Device { name: "cuda:0".into(), memory_bytes: 80 << 30 }],
         models: vec!["sd3".into()],
+        model_hashes: [("sd3".to_owned(), "5d".repeat(32))].into(),
         text_encoder_sets: vec![pb::TextEncoderSet::All as i32],
         capacity: 2,
         version: "test".into(),
@@ -387,8 +429,13 @@ async fn worker_protocol_runs_a_job_to_success_and_watchers_see_it() {
         use sha2::Digest;
         hex::encode(sha2::Sha256::digest(&png))
     };
-    let result =
-        pb::JobResult { key: "out.png".into(), sha256: sha.clone(), size_bytes: png.len() as u64, content_type: "image/png".into() };
+    let result = pb::JobResult {
+        key: "out.png".into(),
+        sha256: sha.clone(),
+        size_bytes: png.len() as u64,
+        content_type: "image/png".into(),
+        model_hash: "5d".repeat(32),
+    };
     let complete = pb::CompleteJobRequest {
         worker_id: worker_id.clone(),
         job_id: job.id.to_string(),
@@ -429,6 +476,9 @@ async fn worker_protocol_runs_a_job_to_success_and_watchers_see_it() {
     assert!(chunks > 1, "streamed in chunks");
     let workers = h.admin().list_workers(pb::ListWorkersRequest::default()).await.unwrap().into_inner().workers;
     assert_eq!((workers[0].images_done, workers[0].gpu_seconds), (1, 1.5));
+    assert_eq!(workers[0].model_hashes.get("sd3"), Some(&"5d".repeat(32)), "the weights it registered with");
+    let stored = r.get_job(pb::GetJobRequest { job_id: job.id.to_string() }).await.unwrap().into_inner();
+    assert_eq!(stored.result.unwrap().model_hash, "5d".repeat(32), "the weights that rendered it");
     h.stop().await;
 }
 
@@ -490,7 +540,13 @@ async fn batched_starts_and_completions_answer_job_by_job() {
     let done = |job_id: &str, attempt: u32, key: &str| pb::CompletedJob {
         job_id: job_id.into(),
         attempt,
-        result: Some(pb::JobResult { key: key.into(), sha256: "a".repeat(64), size_bytes: 3, content_type: "image/png".into() }),
+        result: Some(pb::JobResult {
+            key: key.into(),
+            sha256: "a".repeat(64),
+            size_bytes: 3,
+            content_type: "image/png".into(),
+            ..Default::default()
+        }),
         gpu_seconds: 0.5,
     };
     let complete = |jobs: Vec<pb::CompletedJob>| pb::CompleteJobsRequest { worker_id: worker_id.clone(), jobs };

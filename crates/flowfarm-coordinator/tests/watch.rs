@@ -170,6 +170,7 @@ async fn run_workers(h: &Harness, jobs: tokio::sync::mpsc::Receiver<Uuid>) {
                             sha256: "0".repeat(64),
                             size_bytes: 1,
                             content_type: "image/png".into(),
+                            ..Default::default()
                         }),
                         gpu_seconds: 0.01,
                     });

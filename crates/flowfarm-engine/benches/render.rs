@@ -86,6 +86,7 @@ fn main() {
         prompt: "the cat on the mat, at dusk".into(),
         negative_prompt: String::new(),
         model: "flowfarm-tiny".into(),
+        model_hash: None,
         width: w as u32,
         height: h as u32,
         steps: 28,

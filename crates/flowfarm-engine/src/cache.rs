@@ -4,8 +4,6 @@
 //! sizes; each distinct prompt is encoded once per encoder.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Read, Seek, SeekFrom};
-use std::path::Path;
 use std::sync::Mutex;
 
 use candle_core::{DType, Tensor};
@@ -13,37 +11,7 @@ use sha2::{Digest, Sha256};
 
 use crate::EngineError;
 
-/// Identifies an encoder's weights: SHA-256 of the safetensors header, the
-/// file length and 64 KiB read at 16 evenly spaced offsets. Reading a whole
-/// T5-XXL (9.5 GB) at every worker start would cost seconds; this catches any
-/// re-export or fine-tune in practice (a change confined to the unsampled
-/// bytes of an otherwise identical file would not be seen).
-///
-/// # Errors
-/// [`EngineError::Io`] if the file cannot be read.
-pub fn weights_identity(path: &Path) -> Result<[u8; 32], EngineError> {
-    let io = |source| EngineError::Io { path: path.display().to_string(), source };
-    let mut file = std::fs::File::open(path).map_err(io)?;
-    let len = file.metadata().map_err(io)?.len();
-    let mut hasher = Sha256::new();
-    hasher.update(len.to_le_bytes());
-    let mut header_len = [0u8; 8];
-    file.read_exact(&mut header_len).map_err(io)?;
-    let header_len = u64::from_le_bytes(header_len).min(len);
-    let mut header = vec![0u8; header_len.min(100 << 20) as usize];
-    file.read_exact(&mut header).map_err(io)?;
-    hasher.update(&header);
-    let mut chunk = vec![0u8; 64 * 1024];
-    for i in 0..16u64 {
-        let offset = len.saturating_sub(chunk.len() as u64) * i / 15;
-        file.seek(SeekFrom::Start(offset)).map_err(io)?;
-        let n = file.read(&mut chunk).map_err(io)?;
-        hasher.update(&chunk[..n]);
-    }
-    Ok(hasher.finalize().into())
-}
-
-/// Cache key: SHA-256 of (weights identity, dtype, length, token ids).
+/// Cache key: SHA-256 of (the encoder's weights identity, see [`crate::identity`], dtype, length, token ids).
 pub type CacheKey = [u8; 32];
 
 /// The key of one encoding.

@@ -16,10 +16,13 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::MmapedSafetensors;
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::mmdit::{MmDit, MmDitConfig, WeightSource};
+use crate::source::ComponentFiles;
+use crate::weights::TensorFiles;
 use crate::EngineError;
 
 /// Key prefix of the transformer in Stability AI's single files.
@@ -36,7 +39,7 @@ pub enum Layout {
 
 /// How a diffusers-named tensor is read from a single-file checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Transform {
+pub enum Transform {
     Same,
     /// Part `i` of 3 along dim 0 (q, k, v of a fused qkv).
     Third(usize),
@@ -163,22 +166,16 @@ pub(crate) fn apply(transform: Transform, t: Tensor) -> candle_core::Result<Tens
     }
 }
 
-/// An opened checkpoint: memory-mapped files plus what was learnt from their keys.
+/// An opened checkpoint: its files plus what was learnt from their keys.
 pub struct Checkpoint {
     path: PathBuf,
     layout: Layout,
     prefix: String,
-    files: MmapedSafetensors,
-    /// Shapes by key as stored (prefix included).
-    shapes: HashMap<String, Vec<usize>>,
+    files: Arc<TensorFiles>,
     /// Storage dtype of the weights (of the patch embedding, which every variant has).
     dtype: Option<DType>,
     heads: Option<usize>,
     last_block: usize,
-}
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
-    move |source| EngineError::io(path, source)
 }
 
 fn bad(path: &Path, reason: impl Into<String>) -> EngineError {
@@ -187,15 +184,16 @@ fn bad(path: &Path, reason: impl Into<String>) -> EngineError {
 
 /// The `__metadata__` map of a safetensors file, read from its header only.
 pub(crate) fn read_metadata(path: &Path) -> Result<HashMap<String, String>, EngineError> {
-    let mut file = std::fs::File::open(path).map_err(io_err(path))?;
+    let io_err = |source| EngineError::io(path, source);
+    let mut file = std::fs::File::open(path).map_err(io_err)?;
     let mut len = [0u8; 8];
-    file.read_exact(&mut len).map_err(io_err(path))?;
+    file.read_exact(&mut len).map_err(io_err)?;
     let len = u64::from_le_bytes(len);
     if len > 100 * 1024 * 1024 {
         return Err(bad(path, "safetensors header larger than 100 MiB"));
     }
     let mut header = vec![0u8; len as usize];
-    file.read_exact(&mut header).map_err(io_err(path))?;
+    file.read_exact(&mut header).map_err(io_err)?;
     let header: serde_json::Value =
         serde_json::from_slice(&header).map_err(|e| bad(path, format!("unreadable safetensors header: {e}")))?;
     Ok(header
@@ -216,31 +214,21 @@ fn weight_files(path: &Path) -> Result<(Vec<PathBuf>, Option<PathBuf>), EngineEr
     }
     let dir = if path.join("transformer").is_dir() { path.join("transformer") } else { path.to_owned() };
     let config = Some(dir.join("config.json")).filter(|c| c.is_file());
-    let index = dir.join("diffusion_pytorch_model.safetensors.index.json");
-    if index.is_file() {
-        let json: serde_json::Value = crate::read_json(&index, "a shard index")?;
-        let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad(&index, "no weight_map"))?;
-        let mut shards: Vec<PathBuf> = map.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect();
-        shards.sort();
-        shards.dedup();
-        if let Some(missing) = shards.iter().find(|s| !s.is_file()) {
-            return Err(bad(&index, format!("lists shard {} which does not exist", missing.display())));
+    match crate::source::folder_weights(&dir, "diffusion_pytorch_model", None) {
+        Ok((files, _)) => Ok((files, config)),
+        Err(e) => {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .map_err(|source| EngineError::io(&dir, source))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                .collect();
+            match found.len() {
+                1 => Ok((vec![found.remove(0)], config)),
+                0 => Err(bad(&dir, "no .safetensors files")),
+                _ if dir.join("diffusion_pytorch_model.safetensors.index.json").is_file() => Err(e),
+                _ => Err(bad(&dir, "several .safetensors files and no index.json; name the file")),
+            }
         }
-        return Ok((shards, config));
-    }
-    let single = dir.join("diffusion_pytorch_model.safetensors");
-    if single.is_file() {
-        return Ok((vec![single], config));
-    }
-    let mut found: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .map_err(io_err(&dir))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
-    match found.len() {
-        1 => Ok((found.pop().expect("one"), config)).map(|(f, c)| (vec![f], c)),
-        0 => Err(bad(&dir, "no .safetensors files")),
-        _ => Err(bad(&dir, "several .safetensors files and no index.json; name the file")),
     }
 }
 
@@ -253,15 +241,25 @@ impl Checkpoint {
     pub fn open(path: impl AsRef<Path>) -> Result<Checkpoint, EngineError> {
         let path = path.as_ref();
         let (files, config) = weight_files(path)?;
-        // SAFETY: the files are mapped read-only; flowfarm never writes a checkpoint it has open.
-        let mapped = unsafe { MmapedSafetensors::multi(&files) }.map_err(|e| bad(path, format!("not a safetensors checkpoint: {e}")))?;
-        let views = mapped.tensors();
-        let shapes: HashMap<String, Vec<usize>> = views.iter().map(|(name, view)| (name.clone(), view.shape().to_vec())).collect();
-        let dtype = views
-            .iter()
-            .find(|(name, _)| name.ends_with("x_embedder.proj.weight") || name.ends_with("pos_embed.proj.weight"))
-            .and_then(|(_, view)| DType::try_from(view.dtype()).ok());
-        let has = |prefix: &str| shapes.keys().any(|k| k.starts_with(prefix));
+        Self::from_files(path, Arc::new(TensorFiles::open(&files)?), config.as_deref())
+    }
+
+    /// The transformer of a resolved model.
+    ///
+    /// # Errors
+    /// As [`Checkpoint::open`].
+    pub fn from_component(c: &ComponentFiles) -> Result<Checkpoint, EngineError> {
+        let path = c.files.paths().first().cloned().unwrap_or_default();
+        Self::from_files(&path, c.files.clone(), c.config.as_deref())
+    }
+
+    fn from_files(path: &Path, files: Arc<TensorFiles>, config: Option<&Path>) -> Result<Checkpoint, EngineError> {
+        let dtype = files
+            .names()
+            .find(|name| name.ends_with("x_embedder.proj.weight") || name.ends_with("pos_embed.proj.weight"))
+            .and_then(|name| files.info(name))
+            .map(|info| info.dtype);
+        let has = |prefix: &str| files.has_prefix(prefix);
         let (layout, prefix) = if has(&format!("{SINGLE_FILE_PREFIX}joint_blocks.")) {
             (Layout::SingleFile, SINGLE_FILE_PREFIX.to_owned())
         } else if has("joint_blocks.") {
@@ -273,18 +271,18 @@ impl Checkpoint {
         };
         let block_key = if layout == Layout::SingleFile { format!("{prefix}joint_blocks.") } else { "transformer_blocks.".into() };
         let last_block =
-            shapes.keys().filter_map(|k| k.strip_prefix(&block_key)?.split('.').next()?.parse::<usize>().ok()).max().unwrap_or(0);
+            files.names().filter_map(|k| k.strip_prefix(&block_key)?.split('.').next()?.parse::<usize>().ok()).max().unwrap_or(0);
         let mut heads = None;
-        if let Some(config) = &config {
+        if let Some(config) = config {
             let json: serde_json::Value = crate::read_json(config, "a transformer config")?;
             heads = json.get("num_attention_heads").and_then(|h| h.as_u64()).map(|h| h as usize);
         }
-        for file in &files {
+        for file in files.paths() {
             if let Some(h) = read_metadata(file)?.get(HEADS_METADATA_KEY) {
                 heads = Some(h.parse().map_err(|_| bad(file, format!("metadata {HEADS_METADATA_KEY}={h} is not a number")))?);
             }
         }
-        Ok(Checkpoint { path: path.to_owned(), layout, prefix, files: mapped, shapes, dtype, heads, last_block })
+        Ok(Checkpoint { path: path.to_owned(), layout, prefix, files, dtype, heads, last_block })
     }
 
     pub fn layout(&self) -> Layout {
@@ -333,7 +331,14 @@ impl Checkpoint {
             .collect()
     }
 
-    fn source(&self, name: &str) -> Option<(String, Transform)> {
+    /// The files the weights are in.
+    pub fn files(&self) -> &Arc<TensorFiles> {
+        &self.files
+    }
+
+    /// The stored key of the diffusers-named weight `name`, and how it is
+    /// cut out of the stored tensor.
+    pub(crate) fn source(&self, name: &str) -> Option<(String, Transform)> {
         match self.layout {
             Layout::Diffusers => Some((name.to_owned(), Transform::Same)),
             Layout::SingleFile => single_file_key(name, self.last_block).map(|(key, t)| (format!("{}{key}", self.prefix), t)),
@@ -345,7 +350,7 @@ impl WeightSource for Checkpoint {
     fn tensor(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor, EngineError> {
         let missing = || EngineError::MissingTensor { key: name.to_owned() };
         let (key, transform) = self.source(name).ok_or_else(missing)?;
-        if !self.shapes.contains_key(&key) {
+        if self.files.info(&key).is_none() {
             return Err(if key == name { missing() } else { EngineError::MissingTensor { key: format!("{key} (for {name})") } });
         }
         let found = self.shape(name).ok_or_else(missing)?;
@@ -353,17 +358,17 @@ impl WeightSource for Checkpoint {
             let key = if key == name { key } else { format!("{key} (for {name})") };
             return Err(EngineError::ShapeMismatch { key, expected: shape.to_vec(), found });
         }
-        let raw = self.files.load(&key, device)?;
-        Ok(apply(transform, raw)?.to_dtype(dtype)?.contiguous()?)
+        let raw = self.files.load(&key, dtype, device)?;
+        Ok(apply(transform, raw)?.contiguous()?)
     }
 
     fn contains(&self, name: &str) -> bool {
-        self.source(name).is_some_and(|(key, _)| self.shapes.contains_key(&key))
+        self.source(name).is_some_and(|(key, _)| self.files.info(&key).is_some())
     }
 
     fn shape(&self, name: &str) -> Option<Vec<usize>> {
         let (key, transform) = self.source(name)?;
-        let mut shape = self.shapes.get(&key)?.clone();
+        let mut shape = self.files.info(&key)?.shape.clone();
         if let (Transform::Third(_), Some(first)) = (transform, shape.first_mut()) {
             *first /= 3;
         }

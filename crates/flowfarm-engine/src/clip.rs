@@ -9,6 +9,7 @@
 //! Shapes: B prompts, S tokens (77), D width, P projection width.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -16,6 +17,8 @@ use serde::Deserialize;
 
 use crate::mmdit::kernels;
 use crate::mmdit::layers::matmul;
+use crate::source::{ComponentFiles, Part};
+use crate::weights::{DryRun, FilesBackend, TensorFiles};
 use crate::EngineError;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -109,22 +112,31 @@ pub struct ClipOutput {
 
 impl ClipTextEncoder {
     /// Opens a transformers/diffusers text-encoder folder (config.json +
-    /// model.safetensors).
+    /// model.safetensors, or shards with an index).
     ///
     /// # Errors
     /// [`EngineError::Checkpoint`] for a missing or malformed config or weights.
     pub fn open(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self, EngineError> {
         let dir = dir.as_ref();
-        Self::open_with(&dir.join("config.json"), &dir.join("model.safetensors"), "", dtype, device)
+        let (files, index) = crate::source::folder_weights(dir, "model", None)?;
+        let c = ComponentFiles {
+            part: Part::ClipL,
+            files: Arc::new(TensorFiles::open(&files)?),
+            index,
+            prefix: String::new(),
+            config: Some(dir.join("config.json")),
+            tokenizer: None,
+        };
+        Self::from_component(&c, dtype, device, None)
     }
 
-    /// Opens the encoder whose transformers names stand under `prefix` in
-    /// `weights` (an SD3 single file's `text_encoders.clip_l.transformer.`,
-    /// say), with the config at `config_path`.
+    /// The encoder of a resolved model (its transformers names under the
+    /// component's prefix); with `dry`, checks and records what it would load.
     ///
     /// # Errors
     /// [`EngineError::Checkpoint`] for a missing or malformed config or weights.
-    pub fn open_with(config_path: &Path, weights: &Path, prefix: &str, dtype: DType, device: &Device) -> Result<Self, EngineError> {
+    pub fn from_component(c: &ComponentFiles, dtype: DType, device: &Device, dry: Option<Arc<Mutex<DryRun>>>) -> Result<Self, EngineError> {
+        let config_path = c.config.as_deref().ok_or_else(|| EngineError::Input(format!("{} has no config", c.part.as_str())))?;
         let config: ClipConfig = crate::read_json(config_path, "a CLIP config")?;
         if config.num_hidden_layers < 2 || config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads)
         {
@@ -133,11 +145,13 @@ impl ClipTextEncoder {
         if !matches!(config.hidden_act.as_str(), "quick_gelu" | "gelu") {
             return Err(EngineError::checkpoint(config_path, format!("activation `{}` is not quick_gelu or gelu", config.hidden_act)));
         }
-        // SAFETY: mapped read-only; flowfarm never writes a checkpoint it has open.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, device) }
-            .map_err(|e| EngineError::checkpoint(weights, e.to_string()))?;
-        let vb = if prefix.is_empty() { vb } else { vb.pp(prefix.trim_end_matches('.')) };
-        Self::load(config, &vb).map_err(|e| EngineError::checkpoint(weights, e.to_string()))
+        let backend = FilesBackend::new(c.files.clone(), &c.prefix);
+        let backend = match dry {
+            Some(dry) => backend.dry(dry),
+            None => backend,
+        };
+        let weights = c.files.paths().first().cloned().unwrap_or_default();
+        Self::load(config, &backend.into_var_builder(dtype, device)).map_err(|e| EngineError::checkpoint(&weights, e.to_string()))
     }
 
     fn load(config: ClipConfig, vb: &VarBuilder) -> candle_core::Result<Self> {

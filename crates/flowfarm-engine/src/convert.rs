@@ -11,6 +11,7 @@ use candle_core::{Device, Tensor};
 
 use crate::checkpoint::{single_file_tensors, HEADS_METADATA_KEY};
 use crate::pipeline::{SINGLE_FILE_CLIP_G, SINGLE_FILE_CLIP_L, SINGLE_FILE_T5};
+use crate::source::{folder_component, ComponentFiles, ModelSource, Part};
 use crate::vae::ldm_name;
 use crate::{Checkpoint, EngineError, Layout};
 
@@ -32,40 +33,45 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
     move |source| EngineError::Io { path: path.display().to_string(), source }
 }
 
-/// Every tensor of the safetensors files in `dir` (one file or shards).
-fn load_folder(dir: &Path) -> Result<HashMap<String, Tensor>, EngineError> {
-    let mut files: Vec<_> = std::fs::read_dir(dir)
-        .map_err(io(dir))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .collect();
-    files.sort();
+/// Every tensor of a part under its own names (the part's prefix taken off), as stored.
+fn load_component(c: &ComponentFiles) -> Result<HashMap<String, Tensor>, EngineError> {
     let mut all = HashMap::new();
-    for file in files {
-        all.extend(load(&file)?);
+    for name in c.files.names() {
+        if let Some(own) = name.strip_prefix(c.prefix.as_str()) {
+            let dtype = c.files.info(name).map_or(candle_core::DType::F32, |i| i.dtype);
+            all.insert(own.to_owned(), c.files.load(name, dtype, &Device::Cpu)?);
+        }
     }
     Ok(all)
 }
 
-/// Writes the diffusers model folder `dir` as one single file at `out`
-/// (through a temporary file, so a failure leaves nothing half-written).
-/// Tensors keep their dtype. The whole model passes through memory.
+/// Writes the diffusers model folder `source` names (any shards, its
+/// variant) as one single file at `out` (through a temporary file, so a
+/// failure leaves nothing half-written). Tensors keep their dtype. The whole
+/// model passes through memory.
 ///
 /// # Errors
-/// [`EngineError::Checkpoint`] if `dir` is not a diffusers folder with a
+/// [`EngineError::Checkpoint`] if `source` is not a diffusers folder with a
 /// transformer and a VAE; read and write errors.
-pub fn diffusers_to_single_file(dir: &Path, out: &Path) -> Result<Converted, EngineError> {
-    let checkpoint = Checkpoint::open(dir)?;
-    if checkpoint.layout() != Layout::Diffusers || !dir.is_dir() {
+pub fn diffusers_to_single_file(source: &ModelSource, out: &Path) -> Result<Converted, EngineError> {
+    let dir = source.path.as_path();
+    if !dir.is_dir() {
         return Err(EngineError::checkpoint(dir, "not a diffusers model folder (it is a single file already?)"));
     }
+    // Encoders are optional here: a folder without them makes a file without them.
+    let v = source.variant.as_deref();
+    let transformer = folder_component(Part::Transformer, dir, "transformer", "diffusion_pytorch_model", v)?;
+    let checkpoint = Checkpoint::from_component(&transformer)?;
+    if checkpoint.layout() != Layout::Diffusers {
+        return Err(EngineError::checkpoint(dir, "its transformer/ holds single-file keys"));
+    }
     let config = checkpoint.config()?;
-    let mut tensors = single_file_tensors(&config, &load_folder(&dir.join("transformer"))?, out)?;
+    let mut tensors = single_file_tensors(&config, &load_component(&transformer)?, out)?;
     let mut parts = vec!["transformer"];
     let mut metadata = HashMap::from([(HEADS_METADATA_KEY.to_owned(), config.heads.to_string())]);
 
     let vae_dir = dir.join("vae");
-    let vae = load(&vae_dir.join("diffusion_pytorch_model.safetensors"))?;
+    let vae = load_component(&folder_component(Part::Vae, dir, "vae", "diffusion_pytorch_model", v)?)?;
     let up = vae
         .keys()
         .filter_map(|k| k.strip_prefix("decoder.up_blocks.")?.split('.').next()?.parse::<usize>().ok())
@@ -93,14 +99,14 @@ pub fn diffusers_to_single_file(dir: &Path, out: &Path) -> Result<Converted, Eng
     }
     parts.push("vae decoder");
 
-    for (folder, prefix, part) in [
-        ("text_encoder", SINGLE_FILE_CLIP_L, "clip_l"),
-        ("text_encoder_2", SINGLE_FILE_CLIP_G, "clip_g"),
-        ("text_encoder_3", SINGLE_FILE_T5, "t5xxl"),
+    for (folder, encoder, prefix, part) in [
+        ("text_encoder", Part::ClipL, SINGLE_FILE_CLIP_L, "clip_l"),
+        ("text_encoder_2", Part::ClipG, SINGLE_FILE_CLIP_G, "clip_g"),
+        ("text_encoder_3", Part::T5, SINGLE_FILE_T5, "t5xxl"),
     ] {
-        let weights = dir.join(folder).join("model.safetensors");
-        if weights.is_file() {
-            tensors.extend(load(&weights)?.into_iter().map(|(name, t)| (format!("{prefix}{name}"), t)));
+        if dir.join(folder).is_dir() {
+            let c = folder_component(encoder, dir, folder, "model", v)?;
+            tensors.extend(load_component(&c)?.into_iter().map(|(name, t)| (format!("{prefix}{name}"), t)));
             parts.push(part);
         }
     }

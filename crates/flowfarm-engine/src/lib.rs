@@ -13,6 +13,11 @@
 //! - [`tiny`]: random tiny models in both layouts, for tests and benchmarks.
 //! - [`vae`]: the 16-channel VAE decoder (diffusers layout), latents to pixels.
 //! - [`png_output`]: PNG bytes carrying the render parameters.
+//! - [`source`]: where a model's parts are in each published form (diffusers
+//!   folders sharded or with variants, single files with or without encoders,
+//!   SD3.5-style separate encoder files); [`weights`] reads them, float8 included.
+//! - [`verify`]: every part checked without loading it; [`identity`]: one hash
+//!   of the weights, the same in every form.
 //! - [`device`]: `cpu` / `cuda:N` and `f32` / `f16` / `bf16` as configs name them.
 //!
 //! The timestep-shift math lives in `flowfarm_core::shift`, so the coordinator
@@ -24,17 +29,23 @@ pub mod clip;
 pub mod convert;
 pub mod device;
 mod error;
+pub mod identity;
 pub mod mmdit;
 pub mod noise;
 pub mod pipeline;
 pub mod png_output;
 pub mod sampler;
+pub mod source;
 pub mod t5;
 pub mod tiny;
 pub mod tokenize;
 pub mod vae;
+pub mod verify;
+pub mod weights;
 
 pub use checkpoint::{Checkpoint, Layout};
 pub(crate) use error::read_json;
 pub use error::EngineError;
+pub use identity::WeightsIdentity;
 pub use mmdit::{MmDit, MmDitConfig};
+pub use source::ModelSource;

@@ -15,12 +15,15 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use flowfarm_core::shift::flow_match_sigmas;
 
-use crate::cache::{cache_key, weights_identity, EmbeddingCache};
+use crate::cache::{cache_key, EmbeddingCache};
 use crate::clip::ClipTextEncoder;
+use crate::identity::WeightsIdentity;
 use crate::sampler::{sample, SampleJob, StepCallback};
+use crate::source::{ComponentFiles, ModelLayout, ModelSource, Part as ModelPart};
 use crate::t5::T5Encoder;
 use crate::tokenize::{PromptTokenizer, CLIP_MAX_LENGTH};
 use crate::vae::{to_rgb8, Vae};
+use crate::verify::ModelReport;
 use crate::{Checkpoint, EngineError, MmDit};
 
 /// T5 tokens SD3 encodes by default.
@@ -45,14 +48,9 @@ struct Part<E> {
 }
 
 impl<E> Part<E> {
-    fn open(dir: &Path, n: &str, max_length: usize, open: impl FnOnce(&Path) -> Result<E, EngineError>) -> Result<Self, EngineError> {
-        let encoder_dir = dir.join(format!("text_encoder{n}"));
-        Ok(Part {
-            tokenizer: PromptTokenizer::open(dir.join(format!("tokenizer{n}")), max_length)?,
-            identity: weights_identity(&encoder_dir.join("model.safetensors"))?,
-            encoder: open(&encoder_dir)?,
-            encodes: AtomicU64::new(0),
-        })
+    fn new(c: &ComponentFiles, identity: WeightsIdentity, max_length: usize, encoder: E) -> Result<Self, EngineError> {
+        let tokenizer = c.tokenizer.as_deref().ok_or_else(|| EngineError::Input(format!("{} has no tokenizer", c.part.as_str())))?;
+        Ok(Part { tokenizer: PromptTokenizer::open(tokenizer, max_length)?, identity: identity.0, encoder, encodes: AtomicU64::new(0) })
     }
 
     /// The encoder's outputs for `prompt`, from the cache when it has them.
@@ -76,86 +74,10 @@ impl<E> Part<E> {
     }
 }
 
-impl<E> Part<E> {
-    /// An encoder inside a single file under `prefix`; its tokenizer and
-    /// config come from the diffusers folder `support` (`tokenizer{n}`,
-    /// `text_encoder{n}/config.json`), as single files carry neither.
-    fn open_single(
-        file: &Path,
-        support: &Path,
-        n: &str,
-        prefix: &str,
-        max_length: usize,
-        open: impl FnOnce(&Path) -> Result<E, EngineError>,
-    ) -> Result<Self, EngineError> {
-        // One file holds every encoder: the prefix tells their caches apart.
-        use sha2::Digest;
-        let mut identity = sha2::Sha256::new();
-        identity.update(weights_identity(file)?);
-        identity.update(prefix.as_bytes());
-        Ok(Part {
-            tokenizer: PromptTokenizer::open(support.join(format!("tokenizer{n}")), max_length)?,
-            identity: identity.finalize().into(),
-            encoder: open(&support.join(format!("text_encoder{n}")).join("config.json"))?,
-            encodes: AtomicU64::new(0),
-        })
-    }
-}
-
 /// Where an SD3 single file keeps each text encoder (transformers names follow).
 pub const SINGLE_FILE_CLIP_L: &str = "text_encoders.clip_l.transformer.";
 pub const SINGLE_FILE_CLIP_G: &str = "text_encoders.clip_g.transformer.";
 pub const SINGLE_FILE_T5: &str = "text_encoders.t5xxl.transformer.";
-
-/// A text encoder's weights in a file, its transformers names under `prefix`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WeightsAt {
-    pub file: std::path::PathBuf,
-    pub prefix: String,
-}
-
-/// Where the text encoders are when they are not in a diffusers folder.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EncoderWeights {
-    pub clip_l: WeightsAt,
-    pub clip_g: WeightsAt,
-    /// None: no T5 (CLIP-only).
-    pub t5: Option<WeightsAt>,
-}
-
-impl EncoderWeights {
-    /// The encoders inside an SD3 single file: `text_encoders.clip_l.*`,
-    /// `clip_g`, and `t5xxl` when present.
-    ///
-    /// # Errors
-    /// [`EngineError::Checkpoint`] when the file is unreadable or has no CLIP encoders.
-    pub fn in_single_file(file: &Path) -> Result<Self, EngineError> {
-        // SAFETY: mapped read-only; only the header is read here.
-        let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::new(file) }
-            .map_err(|e| EngineError::checkpoint(file, format!("not a safetensors file: {e}")))?;
-        let names: Vec<String> = mapped.tensors().into_iter().map(|(n, _)| n).collect();
-        let has = |prefix: &str| names.iter().any(|n| n.starts_with(prefix));
-        if !has(SINGLE_FILE_CLIP_L) || !has(SINGLE_FILE_CLIP_G) {
-            return Err(EngineError::checkpoint(
-                file,
-                "no CLIP encoders (text_encoders.clip_l.*, text_encoders.clip_g.*) in this file: give the encoder files separately",
-            ));
-        }
-        let at = |prefix: &str| WeightsAt { file: file.to_owned(), prefix: prefix.to_owned() };
-        Ok(EncoderWeights {
-            clip_l: at(SINGLE_FILE_CLIP_L),
-            clip_g: at(SINGLE_FILE_CLIP_G),
-            t5: has(SINGLE_FILE_T5).then(|| at(SINGLE_FILE_T5)),
-        })
-    }
-
-    /// SD3.5-style separate files (clip_l.safetensors, clip_g.safetensors,
-    /// t5xxl_*.safetensors), transformers names at the top level.
-    pub fn separate(clip_l: &Path, clip_g: &Path, t5: Option<&Path>) -> Self {
-        let at = |file: &Path| WeightsAt { file: file.to_owned(), prefix: String::new() };
-        EncoderWeights { clip_l: at(clip_l), clip_g: at(clip_g), t5: t5.map(at) }
-    }
-}
 
 /// How many times each encoder actually ran (cache misses included, hits not).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -182,41 +104,33 @@ impl TextEncoders {
     /// # Errors
     /// [`EngineError::Checkpoint`] naming the part that is missing or malformed.
     pub fn open(dir: &Path, t5_length: usize, dtype: DType, device: &Device) -> Result<Self, EngineError> {
-        let clip = |n: &str| Part::open(dir, n, CLIP_MAX_LENGTH, |d| ClipTextEncoder::open(d, dtype, device));
-        let t5 = if dir.join("text_encoder_3").is_dir() {
-            Some(Part::open(dir, "_3", t5_length, |d| T5Encoder::open(d, dtype, device))?)
-        } else {
-            None
-        };
-        Ok(TextEncoders { clip_l: clip("")?, clip_g: clip("_2")?, t5, t5_length, dtype, cache: None })
+        let layout = ModelSource::at(dir).resolve()?;
+        let report = crate::verify::examine(&layout);
+        report.ensure_sound(dir)?;
+        Self::from_layout(&layout, &report, t5_length, dtype, device)
     }
 
-    /// Opens encoders from files outside a diffusers folder (inside an SD3
-    /// single file, or SD3.5-style separate files), with tokenizers and
-    /// configs from the diffusers folder `support`.
+    /// The encoders of a resolved and examined model.
     ///
     /// # Errors
-    /// [`EngineError::Checkpoint`] when a part does not fit its config;
-    /// tokenizer errors.
-    pub fn open_weights(
-        weights: &EncoderWeights,
-        support: &Path,
+    /// [`EngineError::Checkpoint`] when a part does not fit its config; tokenizer errors.
+    pub fn from_layout(
+        layout: &ModelLayout,
+        report: &ModelReport,
         t5_length: usize,
         dtype: DType,
         device: &Device,
     ) -> Result<Self, EngineError> {
-        let clip = |n: &str, at: &WeightsAt| {
-            Part::open_single(&at.file, support, n, &at.prefix, CLIP_MAX_LENGTH, |config| {
-                ClipTextEncoder::open_with(config, &at.file, &at.prefix, dtype, device)
-            })
+        let identity = |part| {
+            report.component(part).and_then(|c| c.identity).ok_or_else(|| EngineError::Input(format!("{} was not examined", part.as_str())))
         };
-        let t5 = match &weights.t5 {
-            Some(at) => Some(Part::open_single(&at.file, support, "_3", &at.prefix, t5_length, |config| {
-                T5Encoder::open_with(config, &at.file, &at.prefix, dtype, device)
-            })?),
+        let clip =
+            |c: &ComponentFiles| Part::new(c, identity(c.part)?, CLIP_MAX_LENGTH, ClipTextEncoder::from_component(c, dtype, device, None)?);
+        let t5 = match &layout.t5 {
+            Some(c) => Some(Part::new(c, identity(ModelPart::T5)?, t5_length, T5Encoder::from_component(c, dtype, device, None)?)?),
             None => None,
         };
-        Ok(TextEncoders { clip_l: clip("", &weights.clip_l)?, clip_g: clip("_2", &weights.clip_g)?, t5, t5_length, dtype, cache: None })
+        Ok(TextEncoders { clip_l: clip(&layout.clip_l)?, clip_g: clip(&layout.clip_g)?, t5, t5_length, dtype, cache: None })
     }
 
     /// Shares `cache` for every encoding from now on.
@@ -335,6 +249,12 @@ pub struct Pipeline {
     pub transformer: MmDit,
     pub vae: Vae,
     pub encoders: TextEncoders,
+    /// The weights' identity, the same in every form they come in.
+    pub identity: WeightsIdentity,
+    /// The form the model was found in, in words.
+    pub form: String,
+    /// The scheduler config's shift, when the model has one.
+    pub scheduler_shift: Option<f64>,
     device: Device,
 }
 
@@ -342,37 +262,32 @@ impl Pipeline {
     /// Opens a diffusers model folder.
     ///
     /// # Errors
-    /// As the parts' `open`.
+    /// As [`Pipeline::load`].
     pub fn open(dir: impl AsRef<Path>, t5_length: usize, dtype: DType, device: &Device) -> Result<Self, EngineError> {
-        let dir = dir.as_ref();
-        Ok(Pipeline {
-            transformer: Checkpoint::open(dir)?.load_model(dtype, device)?,
-            vae: Vae::open(dir, once_per_image_dtype(dtype, device), device)?,
-            encoders: TextEncoders::open(dir, t5_length, once_per_image_dtype(dtype, device), device)?,
-            device: device.clone(),
-        })
+        Self::load(&ModelSource::at(dir.as_ref()), t5_length, dtype, device)
     }
 
-    /// Opens a single file holding transformer and VAE, with the text
-    /// encoders in it (SD3) or in separate files (SD3.5); tokenizers and
-    /// encoder configs come from the diffusers folder `support` (single files
-    /// carry neither).
+    /// Finds the model's parts in whatever form `source` names, checks them
+    /// all ([`crate::verify::examine`]) and loads them.
     ///
     /// # Errors
-    /// As the parts' `open`.
-    pub fn open_single_file(
-        file: impl AsRef<Path>,
-        encoders: &EncoderWeights,
-        support: impl AsRef<Path>,
-        t5_length: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self, EngineError> {
-        let file = file.as_ref();
+    /// [`EngineError::Checkpoint`] naming every missing or malformed part.
+    pub fn load(source: &ModelSource, t5_length: usize, dtype: DType, device: &Device) -> Result<Self, EngineError> {
+        let layout = source.resolve()?;
+        let report = crate::verify::examine(&layout);
+        let identity = report.ensure_sound(&source.path)?;
+        let scheduler_shift = match &layout.scheduler_config {
+            Some(path) => crate::read_json::<serde_json::Value>(path, "a scheduler config")?.get("shift").and_then(|v| v.as_f64()),
+            None => None,
+        };
+        let once = once_per_image_dtype(dtype, device);
         Ok(Pipeline {
-            transformer: Checkpoint::open(file)?.load_model(dtype, device)?,
-            vae: Vae::open(file, once_per_image_dtype(dtype, device), device)?,
-            encoders: TextEncoders::open_weights(encoders, support.as_ref(), t5_length, once_per_image_dtype(dtype, device), device)?,
+            transformer: Checkpoint::from_component(&layout.transformer)?.load_model(dtype, device)?,
+            vae: Vae::from_component(&layout.vae, once, device, None)?,
+            encoders: TextEncoders::from_layout(&layout, &report, t5_length, once, device)?,
+            identity,
+            form: layout.form.clone(),
+            scheduler_shift,
             device: device.clone(),
         })
     }

@@ -26,6 +26,10 @@ pub struct RenderParameters {
     pub prompt: String,
     pub negative_prompt: String,
     pub model: String,
+    /// The weights' identity, short form ([`crate::WeightsIdentity::short`]),
+    /// shown as image tools show a "Model hash".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_hash: Option<String>,
     pub width: u32,
     pub height: u32,
     pub steps: u32,
@@ -45,8 +49,9 @@ impl RenderParameters {
         if !self.negative_prompt.is_empty() {
             text.push_str(&format!("\nNegative prompt: {}", self.negative_prompt));
         }
+        let hash = self.model_hash.as_ref().map(|h| format!("Model hash: {h}, ")).unwrap_or_default();
         text.push_str(&format!(
-            "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}, Shift: {}, Text encoders: {}",
+            "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, {hash}Model: {}, Shift: {}, Text encoders: {}",
             self.steps, self.sampler, self.guidance, self.seed, self.width, self.height, self.model, self.shift, self.text_encoders
         ));
         text
@@ -107,6 +112,7 @@ mod tests {
             prompt: "a lighthouse at dusk, ünïcödé ☀".into(),
             negative_prompt: "blurry".into(),
             model: "sd3-medium".into(),
+            model_hash: Some("0123456789".into()),
             width: 4,
             height: 2,
             steps: 28,
@@ -130,7 +136,11 @@ mod tests {
         reader.next_frame(&mut pixels).unwrap();
         assert_eq!(pixels, rgb);
         let summary = reader.info().utf8_text.iter().find(|c| c.keyword == SUMMARY_KEYWORD).unwrap().get_text().unwrap();
-        assert!(summary.contains("Negative prompt: blurry") && summary.contains("Seed: 9007199254740993, Size: 4x2"), "{summary}");
+        assert!(
+            summary.contains("Negative prompt: blurry")
+                && summary.contains("Seed: 9007199254740993, Size: 4x2, Model hash: 0123456789, Model: sd3-medium"),
+            "{summary}"
+        );
     }
 
     #[test]

@@ -5,12 +5,13 @@
 //! mutex: the type stays `Send + Sync` and concurrent encodes queue.
 
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use candle_transformers::models::t5::{Config, T5EncoderModel};
 
+use crate::source::{ComponentFiles, Part};
+use crate::weights::{DryRun, FilesBackend, TensorFiles};
 use crate::EngineError;
 
 /// A loaded T5 encoder.
@@ -20,29 +21,42 @@ pub struct T5Encoder {
 }
 
 impl T5Encoder {
-    /// Opens a transformers/diffusers T5 folder (config.json + model.safetensors).
+    /// Opens a transformers/diffusers T5 folder (config.json +
+    /// model.safetensors, or shards with an index).
     ///
     /// # Errors
     /// [`EngineError::Checkpoint`] for a missing or malformed config or weights.
     pub fn open(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self, EngineError> {
         let dir = dir.as_ref();
-        Self::open_with(&dir.join("config.json"), &dir.join("model.safetensors"), "", dtype, device)
+        let (files, index) = crate::source::folder_weights(dir, "model", None)?;
+        let c = ComponentFiles {
+            part: Part::T5,
+            files: Arc::new(TensorFiles::open(&files)?),
+            index,
+            prefix: String::new(),
+            config: Some(dir.join("config.json")),
+            tokenizer: None,
+        };
+        Self::from_component(&c, dtype, device, None)
     }
 
-    /// Opens the encoder whose transformers names stand under `prefix` in
-    /// `weights` (an SD3 single file's `text_encoders.t5xxl.transformer.`),
-    /// with the config at `config_path`.
+    /// The encoder of a resolved model (its transformers names under the
+    /// component's prefix; float8 weights upcast to `dtype`); with `dry`,
+    /// checks and records what it would load.
     ///
     /// # Errors
     /// [`EngineError::Checkpoint`] for a missing or malformed config or weights.
-    pub fn open_with(config_path: &Path, weights: &Path, prefix: &str, dtype: DType, device: &Device) -> Result<Self, EngineError> {
+    pub fn from_component(c: &ComponentFiles, dtype: DType, device: &Device, dry: Option<Arc<Mutex<DryRun>>>) -> Result<Self, EngineError> {
+        let config_path = c.config.as_deref().ok_or_else(|| EngineError::Input("t5 has no config".into()))?;
         let config: Config = crate::read_json(config_path, "a T5 config")?;
-        // SAFETY: mapped read-only; flowfarm never writes a checkpoint it has open.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[weights], dtype, device) }
-            .map_err(|e| EngineError::checkpoint(weights, e.to_string()))?;
-        let vb = if prefix.is_empty() { vb } else { vb.pp(prefix.trim_end_matches('.')) };
-        let model = T5EncoderModel::load(vb, &config)
-            .map_err(|e| EngineError::checkpoint(weights, format!("weights do not fit the config: {e}")))?;
+        let backend = FilesBackend::new(c.files.clone(), &c.prefix);
+        let backend = match dry {
+            Some(dry) => backend.dry(dry),
+            None => backend,
+        };
+        let weights = c.files.paths().first().cloned().unwrap_or_default();
+        let model = T5EncoderModel::load(backend.into_var_builder(dtype, device), &config)
+            .map_err(|e| EngineError::checkpoint(&weights, format!("weights do not fit the config: {e}")))?;
         Ok(T5Encoder { model: Mutex::new(model), config })
     }
 

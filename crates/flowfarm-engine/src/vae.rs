@@ -17,11 +17,14 @@
 //! read yet.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{GroupNorm, VarBuilder};
 use serde::Deserialize;
 
+use crate::source::{ComponentFiles, Part};
+use crate::weights::{DryRun, FilesBackend, TensorFiles};
 use crate::EngineError;
 
 /// SD3's latent scale and shift, used when a config does not give them.
@@ -261,54 +264,87 @@ pub struct Vae {
 }
 
 impl Vae {
-    /// Opens a diffusers VAE: a model folder with `vae/`, or the `vae/`
-    /// folder itself (config.json + diffusion_pytorch_model.safetensors).
+    /// Opens a diffusers VAE (a model folder with `vae/`, or the `vae/`
+    /// folder itself, its weights whole or sharded) or the decoder of an SD3
+    /// single file.
     ///
     /// # Errors
     /// [`EngineError::Checkpoint`] naming what is missing or malformed.
     pub fn open(path: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Vae, EngineError> {
         let path = path.as_ref();
-        if path.is_file() {
-            return Self::open_single_file(path, dtype, device);
-        }
-        let dir: PathBuf = if path.join("vae").is_dir() { path.join("vae") } else { path.to_owned() };
-        let config: DiffusersVaeConfig = crate::read_json(&dir.join("config.json"), "a VAE config")?;
-        let weights = dir.join("diffusion_pytorch_model.safetensors");
-        if !weights.is_file() {
-            return Err(EngineError::checkpoint(&dir, "no diffusion_pytorch_model.safetensors"));
-        }
-        // SAFETY: mapped read-only; flowfarm never writes a checkpoint it has open.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, device) }
-            .map_err(|e| EngineError::checkpoint(&weights, e.to_string()))?;
-        Self::build(config, vb, dtype, &weights)
+        let component = if path.is_file() {
+            ComponentFiles {
+                part: Part::Vae,
+                files: Arc::new(TensorFiles::open_one(path)?),
+                index: None,
+                prefix: String::new(),
+                config: None,
+                tokenizer: None,
+            }
+        } else {
+            let dir: PathBuf = if path.join("vae").is_dir() { path.join("vae") } else { path.to_owned() };
+            let (files, index) = crate::source::folder_weights(&dir, "diffusion_pytorch_model", None)?;
+            ComponentFiles {
+                part: Part::Vae,
+                files: Arc::new(TensorFiles::open(&files)?),
+                index,
+                prefix: String::new(),
+                config: Some(dir.join("config.json")),
+                tokenizer: None,
+            }
+        };
+        Self::from_component(&component, dtype, device, None)
+    }
+
+    /// The VAE of a resolved model; with `dry`, checks and records what it
+    /// would load instead of loading it.
+    ///
+    /// # Errors
+    /// [`EngineError::Checkpoint`] naming what is missing or malformed.
+    pub fn from_component(c: &ComponentFiles, dtype: DType, device: &Device, dry: Option<Arc<Mutex<DryRun>>>) -> Result<Vae, EngineError> {
+        let path = c.files.paths().first().cloned().unwrap_or_default();
+        let (config, backend) = match &c.config {
+            Some(config) => {
+                let config: DiffusersVaeConfig = crate::read_json(config, "a VAE config")?;
+                (config, FilesBackend::new(c.files.clone(), &c.prefix))
+            }
+            None => {
+                let (config, prefix) = Self::single_file_config(&c.files, &path)?;
+                let up = config.block_out_channels.len();
+                (config, FilesBackend::new(c.files.clone(), &prefix).renamed(move |name| ldm_name(name, up)))
+            }
+        };
+        let backend = match dry {
+            Some(dry) => backend.dry(dry),
+            None => backend,
+        };
+        Self::build(config, backend.into_var_builder(dtype, device), dtype, &path)
     }
 
     /// The decoder of an SD3 single file: `first_stage_model.decoder.*` (or
     /// `decoder.*`) in LDM names. Channel widths, depth and latent channels
     /// come from the shapes; the group count (32 in SD3) and tile size
     /// (1024) from the file's metadata when it has them.
-    fn open_single_file(path: &Path, dtype: DType, device: &Device) -> Result<Vae, EngineError> {
-        // SAFETY: as above.
-        let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
-            .map_err(|e| EngineError::checkpoint(path, format!("not a safetensors file: {e}")))?;
-        let shapes: std::collections::HashMap<String, Vec<usize>> =
-            mapped.tensors().into_iter().map(|(n, v)| (n, v.shape().to_vec())).collect();
-        let prefix = if shapes.keys().any(|k| k.starts_with("first_stage_model.decoder.")) {
+    fn single_file_config(files: &TensorFiles, path: &Path) -> Result<(DiffusersVaeConfig, String), EngineError> {
+        let prefix = if files.has_prefix("first_stage_model.decoder.") {
             "first_stage_model."
-        } else if shapes.keys().any(|k| k.starts_with("decoder.up.")) {
+        } else if files.has_prefix("decoder.up.") {
             ""
         } else {
             return Err(EngineError::checkpoint(path, "no VAE decoder (first_stage_model.decoder.*) in this file"));
         };
         let shape = |key: &str| {
-            shapes.get(&format!("{prefix}{key}")).cloned().ok_or_else(|| EngineError::MissingTensor { key: format!("{prefix}{key}") })
+            files
+                .info(&format!("{prefix}{key}"))
+                .map(|i| i.shape.clone())
+                .ok_or_else(|| EngineError::MissingTensor { key: format!("{prefix}{key}") })
         };
         let mut widths = Vec::new();
         while let Ok(s) = shape(&format!("decoder.up.{}.block.0.conv1.weight", widths.len())) {
             widths.push(s[0]);
         }
         let mut layers = 0;
-        while shapes.contains_key(&format!("{prefix}decoder.up.0.block.{}.conv1.weight", layers + 1)) {
+        while files.info(&format!("{prefix}decoder.up.0.block.{}.conv1.weight", layers + 1)).is_some() {
             layers += 1;
         }
         let metadata = crate::checkpoint::read_metadata(path)?;
@@ -323,7 +359,7 @@ impl Vae {
             block_out_channels: widths,
             layers_per_block: layers,
             norm_num_groups: number("norm_num_groups", 32)?,
-            use_post_quant_conv: shapes.contains_key(&format!("{prefix}post_quant_conv.weight")),
+            use_post_quant_conv: files.info(&format!("{prefix}post_quant_conv.weight")).is_some(),
             scaling_factor: None,
             shift_factor: None,
             sample_size: number("sample_size", 1024)?,
@@ -331,13 +367,7 @@ impl Vae {
         if config.block_out_channels.is_empty() {
             return Err(EngineError::checkpoint(path, "no decoder up blocks"));
         }
-        let up = config.block_out_channels.len();
-        let prefix = prefix.to_owned();
-        // SAFETY: as above.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], dtype, device) }
-            .map_err(|e| EngineError::checkpoint(path, e.to_string()))?
-            .rename_f(move |name| format!("{prefix}{}", ldm_name(name, up)));
-        Self::build(config, vb, dtype, path)
+        Ok((config, prefix.to_owned()))
     }
 
     fn build(config: DiffusersVaeConfig, vb: VarBuilder, dtype: DType, path: &Path) -> Result<Vae, EngineError> {

@@ -718,16 +718,19 @@ impl PgStore {
         let sizes: Vec<i64> = requests.iter().map(|c| c.result.size_bytes as i64).collect();
         let types: Vec<&str> = requests.iter().map(|c| c.result.content_type.as_str()).collect();
         let seconds: Vec<f64> = requests.iter().map(|c| c.gpu_seconds.max(0.0)).collect();
+        let model_hashes: Vec<Option<&str>> =
+            requests.iter().map(|c| Some(c.result.model_hash.as_str()).filter(|h| !h.is_empty())).collect();
         // Requests are matched by their whole fence: a stale and a live
         // completion of one job in the same group each get their own answer.
         let done: Vec<(Uuid, i32, Uuid)> = sqlx::query_as(
-            "WITH req AS (SELECT DISTINCT ON (job_id, attempt, worker_id) * FROM UNNEST($1::uuid[], $2::int4[], $3::uuid[], $4::text[], $5::text[], $6::int8[], $7::text[], $8::float8[]) \
-                 AS r(job_id, attempt, worker_id, key, sha256, size, content_type, gpu_seconds) ORDER BY job_id, attempt, worker_id), \
+            "WITH req AS (SELECT DISTINCT ON (job_id, attempt, worker_id) * FROM UNNEST($1::uuid[], $2::int4[], $3::uuid[], $4::text[], $5::text[], $6::int8[], $7::text[], $8::float8[], $9::text[]) \
+                 AS r(job_id, attempt, worker_id, key, sha256, size, content_type, gpu_seconds, model_hash) ORDER BY job_id, attempt, worker_id), \
              target AS (SELECT jobs.id, jobs.state AS from_state, req.* FROM jobs JOIN req ON req.job_id = jobs.id \
                  AND jobs.attempt = req.attempt AND jobs.worker_id = req.worker_id WHERE jobs.state = 'running' \
                  ORDER BY jobs.id FOR UPDATE OF jobs), \
              upd AS (UPDATE jobs j SET state = 'succeeded', lease_expires_at = NULL, error = NULL, progress_step = j.steps, \
-                 result_key = t.key, result_sha256 = t.sha256, result_size = t.size, result_content_type = t.content_type, updated_at = now() \
+                 result_key = t.key, result_sha256 = t.sha256, result_size = t.size, result_content_type = t.content_type, \
+                 result_model_hash = t.model_hash, updated_at = now() \
                  FROM target t WHERE j.id = t.id RETURNING j.id, j.batch_id, j.attempt, j.state, t.from_state, t.worker_id, t.gpu_seconds), \
              ev AS (INSERT INTO job_events (job_id, batch_id, from_state, to_state, attempt, actor, reason) \
                  SELECT id, batch_id, from_state, state, attempt, 'worker:' || worker_id::text, 'completed' FROM upd), \
@@ -743,6 +746,7 @@ impl PgStore {
         .bind(&sizes)
         .bind(&types)
         .bind(&seconds)
+        .bind(&model_hashes)
         .fetch_all(&self.pool)
         .await?;
         let mut done: std::collections::HashSet<(Uuid, i32, Uuid)> = done.into_iter().collect();

@@ -107,13 +107,15 @@ pub struct JobResultRow {
     pub sha256: String,
     pub size_bytes: u64,
     pub content_type: String,
+    /// Identity of the weights that rendered it; empty if not reported.
+    pub model_hash: String,
 }
 
 /// The columns [`JobRow::from_row`] reads, for SELECT lists.
 pub(crate) const JOB_COLUMNS: &str = "id, batch_id, idx, model, prompt, negative_prompt, width, height, steps, \
     guidance, seed, shift, text_encoders, priority, max_attempts, labels, state, attempt, worker_id, \
     lease_expires_at, progress_step, error, result_key, result_sha256, result_size, result_content_type, \
-    created_at, updated_at";
+    result_model_hash, created_at, updated_at";
 
 pub(crate) fn parse_state(s: &str) -> Result<JobState, StoreError> {
     s.parse().map_err(|e| StoreError::Corrupt(format!("{e}")))
@@ -136,6 +138,7 @@ impl JobRow {
                 sha256: row.try_get::<Option<String>, _>("result_sha256")?.unwrap_or_default(),
                 size_bytes: row.try_get::<Option<i64>, _>("result_size")?.unwrap_or(0) as u64,
                 content_type: row.try_get::<Option<String>, _>("result_content_type")?.unwrap_or_default(),
+                model_hash: row.try_get::<Option<String>, _>("result_model_hash")?.unwrap_or_default(),
             }),
             None => None,
         };
@@ -213,6 +216,8 @@ pub struct WorkerRow {
     /// `[{"name": "cuda:0", "memory_bytes": 85899345920}, …]`
     pub devices: serde_json::Value,
     pub models: Vec<String>,
+    /// Model name → identity of the weights the worker serves it with.
+    pub model_hashes: BTreeMap<String, String>,
     pub text_encoder_sets: Vec<TextEncoderSet>,
     pub capacity: u32,
     pub version: String,
@@ -234,6 +239,8 @@ impl WorkerRow {
             state: WorkerState::parse(&state).ok_or_else(|| StoreError::Corrupt(format!("worker state {state}")))?,
             devices: row.try_get("devices")?,
             models: row.try_get("models")?,
+            model_hashes: serde_json::from_value(row.try_get("model_hashes")?)
+                .map_err(|e| StoreError::Corrupt(format!("model_hashes: {e}")))?,
             text_encoder_sets: sets
                 .iter()
                 .map(|s| TextEncoderSet::parse(s).ok_or_else(|| StoreError::Corrupt(format!("text encoder set {s}"))))

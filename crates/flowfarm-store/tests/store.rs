@@ -41,7 +41,7 @@ async fn worker(store: &PgStore) -> Uuid {
 }
 
 fn result(key: &str) -> JobResultRow {
-    JobResultRow { key: key.into(), sha256: "0".repeat(64), size_bytes: 10, content_type: "image/png".into() }
+    JobResultRow { key: key.into(), sha256: "0".repeat(64), size_bytes: 10, content_type: "image/png".into(), model_hash: "ab".repeat(32) }
 }
 
 async fn count(store: &PgStore, sql: &str) -> i64 {
@@ -274,6 +274,7 @@ async fn named_worker(store: &PgStore, name: &str, capacity: u32) -> Uuid {
             hostname: "h".into(),
             devices: serde_json::json!([]),
             models: vec!["sd3".into()],
+            model_hashes: Default::default(),
             text_encoder_sets: vec![TextEncoderSet::All],
             capacity,
             version: "test".into(),

@@ -50,17 +50,45 @@ pub struct WorkerConfig {
     pub models: Vec<ModelEntry>,
 }
 
-/// A model to load: the name the farm knows it by, and where its weights are.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A model to load: the name the farm knows it by, and where its weights
+/// are, with the keys `flowfarm model render` has flags for.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelEntry {
     pub name: String,
-    /// A diffusers model folder, or an SD3 single file with its text encoders.
+    /// A diffusers model folder, or a single file (transformer and VAE, with
+    /// or without its text encoders).
     pub path: PathBuf,
     /// For a single file: a diffusers folder of the same architecture, for
-    /// the tokenizers and encoder configs a single file does not carry.
+    /// the tokenizers and configs a single file does not carry and any part
+    /// it leaves out.
     #[serde(default)]
     pub support: Option<PathBuf>,
+    /// SD3.5-style separate encoder files beside a single file: CLIP-L and
+    /// CLIP-G together, T5-XXL (F16 or float8) optional.
+    #[serde(default)]
+    pub clip_l: Option<PathBuf>,
+    #[serde(default)]
+    pub clip_g: Option<PathBuf>,
+    #[serde(default)]
+    pub t5: Option<PathBuf>,
+    /// A diffusers folder's weight variant (`fp16` reads `*.fp16.safetensors`).
+    #[serde(default)]
+    pub variant: Option<String>,
+}
+
+impl ModelEntry {
+    /// Where the weights are, as the engine takes it.
+    pub fn source(&self) -> flowfarm_engine::ModelSource {
+        flowfarm_engine::ModelSource {
+            path: self.path.clone(),
+            support: self.support.clone(),
+            clip_l: self.clip_l.clone(),
+            clip_g: self.clip_g.clone(),
+            t5: self.t5.clone(),
+            variant: self.variant.clone(),
+        }
+    }
 }
 
 impl Default for WorkerConfig {
@@ -225,7 +253,7 @@ mod tests {
         let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/flowfarm-tiny");
         WorkerConfig {
             token: "t".into(),
-            models: vec![ModelEntry { name: "flowfarm-tiny".into(), path: model, support: None }],
+            models: vec![ModelEntry { name: "flowfarm-tiny".into(), path: model, ..ModelEntry::default() }],
             ..WorkerConfig::default()
         }
     }

@@ -139,13 +139,13 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
     let (device_label, device_memory) = device_info(&device);
     let mut renderers = HashMap::new();
     for entry in &config.models {
-        let (path, support, t5, cache) = (entry.path.clone(), entry.support.clone(), config.t5_max_length, cache.clone());
+        let (source, t5, cache) = (entry.source(), config.t5_max_length, cache.clone());
         let on = device.clone();
-        let renderer = tokio::task::spawn_blocking(move || JobRenderer::open(&path, support.as_deref(), t5, cache, &on, dtype))
+        let renderer = tokio::task::spawn_blocking(move || JobRenderer::open(&source, t5, cache, &on, dtype))
             .await
             .map_err(|e| WorkerError::Internal(e.to_string()))?
             .map_err(|source| WorkerError::Model { name: entry.name.clone(), source })?;
-        tracing::info!(model = %entry.name, path = %entry.path.display(), t5 = renderer.has_t5(), device = %device_name(&device), ?dtype, "model loaded");
+        tracing::info!(model = %entry.name, path = %entry.path.display(), t5 = renderer.has_t5(), hash = %renderer.model_hash(), device = %device_name(&device), ?dtype, "model loaded");
         renderers.insert(entry.name.clone(), Arc::new(renderer));
     }
     let results = ResultStore::open(config.results_url.as_deref(), &config.results_dir)?;
@@ -174,6 +174,7 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
             memory_bytes: device_memory.unwrap_or_else(|| if device.is_cpu() { total_memory_bytes() } else { 0 }),
         }],
         models: config.models.iter().map(|m| m.name.clone()).collect(),
+        model_hashes: renderers.iter().map(|(name, r)| (name.clone(), r.model_hash())).collect(),
         text_encoder_sets: sets,
         capacity: config.capacity,
         version: env!("CARGO_PKG_VERSION").into(),
@@ -430,7 +431,10 @@ async fn run_job(shared: Arc<Shared>, delivery: Delivery, start: pb::StartJobRes
     let seconds = started.elapsed().as_secs_f64();
     *lock(&shared.gpu_seconds) += seconds;
     let report = match outcome {
-        Ok(png) => complete(&shared, &job, attempt, png, seconds).await,
+        Ok(png) => {
+            let model_hash = job.spec.as_ref().and_then(|s| shared.renderers.get(&s.model)).map(|r| r.model_hash()).unwrap_or_default();
+            complete(&shared, &job, attempt, png, &model_hash, seconds).await
+        }
         Err(EngineError::Cancelled { step }) if handed_back.load(Ordering::SeqCst) => {
             fail(&shared, &job.id, attempt, &format!("the worker shut down at step {step} before finishing"), true).await
         }
@@ -502,7 +506,7 @@ async fn render(
     .map_err(|e| EngineError::Input(format!("render thread failed: {e}")))?
 }
 
-async fn complete(shared: &Shared, job: &pb::Job, attempt: u32, png: Vec<u8>, seconds: f64) -> Result<(), Status> {
+async fn complete(shared: &Shared, job: &pb::Job, attempt: u32, png: Vec<u8>, model_hash: &str, seconds: f64) -> Result<(), Status> {
     let job_id = Uuid::parse_str(&job.id).map_err(|e| Status::internal(e.to_string()))?;
     let key = ResultStore::key_for(&job.batch_id, job_id, attempt, &shared.worker_id);
     let stored = match shared.results.put(&key, png).await {
@@ -520,6 +524,7 @@ async fn complete(shared: &Shared, job: &pb::Job, attempt: u32, png: Vec<u8>, se
             sha256: stored.sha256,
             size_bytes: stored.size_bytes,
             content_type: "image/png".into(),
+            model_hash: model_hash.to_owned(),
         }),
         gpu_seconds: seconds,
     };

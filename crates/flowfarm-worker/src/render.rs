@@ -1,15 +1,14 @@
 //! One job, prompt to PNG bytes, through flowfarm-engine.
 
-use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use flowfarm_core::{ResolvedJob, TextEncoderSet};
 use flowfarm_engine::cache::EmbeddingCache;
 use flowfarm_engine::noise::initial_latent;
-use flowfarm_engine::pipeline::{EncoderWeights, Pipeline, RenderRequest};
+use flowfarm_engine::pipeline::{Pipeline, RenderRequest};
 use flowfarm_engine::png_output::{encode, RenderParameters};
-use flowfarm_engine::EngineError;
+use flowfarm_engine::{EngineError, ModelSource};
 use flowfarm_proto::v1 as pb;
 
 /// The resolved spec StartJob returned, as the engine renders it.
@@ -40,11 +39,12 @@ pub fn resolved_job(job: &pb::Job) -> Result<ResolvedJob, EngineError> {
     })
 }
 
-fn parameters(job: &ResolvedJob) -> RenderParameters {
+fn parameters(job: &ResolvedJob, model_hash: String) -> RenderParameters {
     RenderParameters {
         prompt: job.prompt.clone(),
         negative_prompt: job.negative_prompt.clone(),
         model: job.model.clone(),
+        model_hash: Some(model_hash),
         width: job.width,
         height: job.height,
         steps: job.steps,
@@ -63,29 +63,26 @@ pub struct JobRenderer {
 }
 
 impl JobRenderer {
-    /// Loads the model at `path` on `device` in `dtype`: a diffusers folder,
-    /// or an SD3 single file with `support` naming a diffusers folder for its
-    /// tokenizers and encoder configs.
+    /// Finds, checks and loads the model `source` names, in any published
+    /// form, on `device` in `dtype`.
     ///
     /// # Errors
-    /// [`EngineError`] naming the part of the model that is missing or malformed.
+    /// [`EngineError`] naming every part of the model that is missing or malformed.
     pub fn open(
-        path: &Path,
-        support: Option<&Path>,
+        source: &ModelSource,
         t5_max_length: usize,
         cache: Arc<EmbeddingCache>,
         device: &Device,
         dtype: DType,
     ) -> Result<Self, EngineError> {
-        let mut pipeline = match support {
-            Some(support) if path.is_file() => {
-                let encoders = EncoderWeights::in_single_file(path)?;
-                Pipeline::open_single_file(path, &encoders, support, t5_max_length, dtype, device)?
-            }
-            _ => Pipeline::open(path, t5_max_length, dtype, device)?,
-        };
+        let mut pipeline = Pipeline::load(source, t5_max_length, dtype, device)?;
         pipeline.encoders = pipeline.encoders.with_cache(cache);
         Ok(JobRenderer { pipeline, device: device.clone() })
+    }
+
+    /// The weights' identity (64 hex characters), the same in every form.
+    pub fn model_hash(&self) -> String {
+        self.pipeline.identity.hex()
     }
 
     /// Whether this model can serve jobs that use T5.
@@ -121,6 +118,6 @@ impl JobRenderer {
             use_t5,
         };
         let rendered = self.pipeline.render(&request, &mut |step, total| on_step(step, total))?;
-        encode(rendered.width as u32, rendered.height as u32, &rendered.rgb, &parameters(job))
+        encode(rendered.width as u32, rendered.height as u32, &rendered.rgb, &parameters(job, self.pipeline.identity.short()))
     }
 }

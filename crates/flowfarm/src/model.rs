@@ -6,15 +6,61 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Subcommand};
 use flowfarm_engine::device::{open_device, parse_dtype};
-use flowfarm_engine::pipeline::{EncoderWeights, Pipeline, RenderRequest, DEFAULT_T5_LENGTH};
+use flowfarm_engine::pipeline::{Pipeline, RenderRequest, DEFAULT_T5_LENGTH};
 use flowfarm_engine::png_output::{encode, RenderParameters};
-use flowfarm_engine::{noise, Checkpoint};
+use flowfarm_engine::verify::examine;
+use flowfarm_engine::{noise, Checkpoint, ModelSource};
 use indicatif::{ProgressBar, ProgressStyle};
+
+/// A model as it was downloaded: the same keys a worker's `[[models]]` entry has.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// A diffusers model folder (e.g. models/flowfarm-tiny), or a single file
+    /// (transformer and VAE, with or without its text encoders).
+    #[arg(long = "model", value_name = "PATH")]
+    path: PathBuf,
+    /// For a single file: a diffusers folder of the same architecture, for the
+    /// tokenizers and configs a single file does not carry and for any part
+    /// the file leaves out.
+    #[arg(long)]
+    support: Option<PathBuf>,
+    /// For a single file without encoders inside (SD3.5 style): the CLIP-L
+    /// weights file (transformers names).
+    #[arg(long, requires = "clip_g")]
+    clip_l: Option<PathBuf>,
+    /// The CLIP-G weights file, with --clip-l.
+    #[arg(long, requires = "clip_l")]
+    clip_g: Option<PathBuf>,
+    /// The T5-XXL weights file (F16 or float8 e4m3fn), with --clip-l and
+    /// --clip-g (leave out for CLIP-only).
+    #[arg(long, requires = "clip_l")]
+    t5: Option<PathBuf>,
+    /// A diffusers folder's weight variant: `fp16` reads `*.fp16.safetensors`.
+    #[arg(long)]
+    variant: Option<String>,
+}
+
+impl ModelArgs {
+    fn source(&self) -> ModelSource {
+        ModelSource {
+            path: self.path.clone(),
+            support: self.support.clone(),
+            clip_l: self.clip_l.clone(),
+            clip_g: self.clip_g.clone(),
+            t5: self.t5.clone(),
+            variant: self.variant.clone(),
+        }
+    }
+}
 
 #[derive(Subcommand)]
 pub enum ModelCommand {
-    /// Show a checkpoint's layout, variant, sizes and which parts are present.
-    Inspect { path: PathBuf },
+    /// Show a model's form, variant, parts, parameters and memory per dtype.
+    Inspect(ModelArgs),
+    /// Check a model before serving it: every file present, shards complete,
+    /// every tensor's shape and dtype as the detected variant expects,
+    /// tokenizers and configs readable. Exit code 1 when anything is wrong.
+    Verify(ModelArgs),
     /// Render one image locally.
     // Boxed: the render flags dwarf every other command's.
     Render(Box<RenderArgs>),
@@ -23,6 +69,9 @@ pub enum ModelCommand {
     Convert {
         /// A diffusers model folder (to single-file) or a single file (to diffusers).
         path: PathBuf,
+        /// To single-file: the folder's weight variant (`fp16`).
+        #[arg(long)]
+        variant: Option<String>,
         #[arg(long, value_enum)]
         to: ConvertTo,
         /// The file or folder to write; must not exist.
@@ -44,25 +93,8 @@ pub enum ConvertTo {
 
 #[derive(Args)]
 pub struct RenderArgs {
-    /// Model folder in the diffusers layout (e.g. models/flowfarm-tiny), or
-    /// an SD3 single file with its text encoders inside (then pass --support).
-    #[arg(long)]
-    model: PathBuf,
-    /// For a single-file --model: a diffusers folder of the same model
-    /// architecture, for the tokenizers, the encoders' configs and the
-    /// scheduler (a single file carries none of them).
-    #[arg(long)]
-    support: Option<PathBuf>,
-    /// For a single-file --model without encoders inside (SD3.5 style): the
-    /// CLIP-L weights file (transformers names).
-    #[arg(long, requires = "clip_g")]
-    clip_l: Option<PathBuf>,
-    /// The CLIP-G weights file, with --clip-l.
-    #[arg(long, requires = "clip_l")]
-    clip_g: Option<PathBuf>,
-    /// The T5-XXL encoder weights file, with --clip-l and --clip-g (leave out for CLIP-only).
-    #[arg(long, requires = "clip_l")]
-    t5: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
     #[arg(long)]
     prompt: String,
     #[arg(long, default_value = "")]
@@ -105,14 +137,17 @@ pub struct RenderArgs {
 
 pub fn run(command: ModelCommand) -> Result<()> {
     match command {
-        ModelCommand::Inspect { path } => inspect(&path),
+        ModelCommand::Inspect(args) => inspect(&args.source()),
+        ModelCommand::Verify(args) => verify(&args.source()),
         ModelCommand::Render(args) => render(&args),
-        ModelCommand::Convert { path, to, out, support } => {
+        ModelCommand::Convert { path, variant, to, out, support } => {
             if out.exists() {
                 bail!("{} exists; choose another output path or remove it", out.display());
             }
             let done = match to {
-                ConvertTo::SingleFile => flowfarm_engine::convert::diffusers_to_single_file(&path, &out),
+                ConvertTo::SingleFile => {
+                    flowfarm_engine::convert::diffusers_to_single_file(&ModelSource { variant, ..ModelSource::at(&path) }, &out)
+                }
                 ConvertTo::Diffusers => {
                     let Some(support) = support else {
                         bail!("--to diffusers needs --support DIR: a diffusers folder of the same architecture for the configs and tokenizers a single file does not carry");
@@ -130,10 +165,13 @@ pub fn run(command: ModelCommand) -> Result<()> {
     }
 }
 
-fn inspect(path: &Path) -> Result<()> {
-    let checkpoint = Checkpoint::open(path).with_context(|| format!("opening {}", path.display()))?;
+fn inspect(source: &ModelSource) -> Result<()> {
+    let path = &source.path;
+    let layout = source.resolve().with_context(|| format!("opening {}", path.display()))?;
+    let checkpoint = Checkpoint::from_component(&layout.transformer)?;
     let config = checkpoint.config()?;
     println!("path: {}", path.display());
+    println!("form: {}", layout.form);
     println!("layout: {:?}", checkpoint.layout());
     println!("variant: {:?}", config.variant);
     println!("dtype: {}", checkpoint.dtype().map_or("unknown", |d| d.as_str()));
@@ -148,67 +186,124 @@ fn inspect(path: &Path) -> Result<()> {
         config.pos_embed_max_size,
         config.pos_embed_max_size
     );
-    if path.is_dir() {
-        for part in ["vae", "text_encoder", "text_encoder_2", "text_encoder_3"] {
-            println!("{part}: {}", if path.join(part).is_dir() { "present" } else { "absent" });
+    let report = examine(&layout);
+    println!();
+    println!("{:<12} {:>15} {:<22} {:>12} {:>12} {:>12}", "part", "parameters", "on disk", "F32", "F16", "BF16");
+    let mut total = [0u64; 4];
+    for c in &report.components {
+        let on_disk: Vec<String> = c.dtypes_on_disk().into_iter().map(|(dtype, n)| format!("{dtype} {}", human_count(n))).collect();
+        let at = [c.parameters(), c.bytes_at(DType::F32), c.bytes_at(DType::F16), c.bytes_at(DType::BF16)];
+        for (t, a) in total.iter_mut().zip(at) {
+            *t += a;
         }
-    } else {
-        let names = single_file_names(path)?;
-        let has = |prefix: &str| names.iter().any(|n| n.starts_with(prefix));
-        use flowfarm_engine::pipeline::{SINGLE_FILE_CLIP_G, SINGLE_FILE_CLIP_L, SINGLE_FILE_T5};
-        for (part, prefix) in [
-            ("vae decoder", "first_stage_model.decoder."),
-            ("clip_l", SINGLE_FILE_CLIP_L),
-            ("clip_g", SINGLE_FILE_CLIP_G),
-            ("t5xxl", SINGLE_FILE_T5),
-        ] {
-            println!("{part}: {}", if has(prefix) { "present" } else { "absent" });
-        }
+        println!(
+            "{:<12} {:>15} {:<22} {:>12} {:>12} {:>12}",
+            c.part.as_str(),
+            group_digits(at[0]),
+            on_disk.join(", "),
+            human_bytes(at[1]),
+            human_bytes(at[2]),
+            human_bytes(at[3])
+        );
+    }
+    if layout.t5.is_none() {
+        println!("{:<12} absent (CLIP-only)", "t5");
+    }
+    println!(
+        "{:<12} {:>15} {:<22} {:>12} {:>12} {:>12}",
+        "total",
+        group_digits(total[0]),
+        "",
+        human_bytes(total[1]),
+        human_bytes(total[2]),
+        human_bytes(total[3])
+    );
+    match report.identity {
+        Some(id) => println!("\nmodel hash: {} ({id})", id.short()),
+        None => println!("\nproblems (run `flowfarm model verify` for all of them): {}", report.problems().join("; ")),
     }
     Ok(())
 }
 
-fn single_file_names(path: &Path) -> Result<Vec<String>> {
-    // SAFETY: mapped read-only; only the header is read.
-    let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
-        .with_context(|| format!("{} is not a safetensors file", path.display()))?;
-    Ok(mapped.tensors().into_iter().map(|(name, _)| name).collect())
+fn verify(source: &ModelSource) -> Result<()> {
+    let path = &source.path;
+    let layout = match source.resolve() {
+        Ok(layout) => layout,
+        Err(e) => {
+            println!("{}: BROKEN", path.display());
+            println!("  {e}");
+            std::process::exit(1);
+        }
+    };
+    let report = examine(&layout);
+    println!("{} ({})", path.display(), report.form);
+    for c in &report.components {
+        let verdict = if c.problems.is_empty() { "ok" } else { "BROKEN" };
+        println!("  {:<12} {verdict}: {} tensors in {} file(s)", c.part.as_str(), c.tensors.len(), c.files.len());
+        for p in &c.problems {
+            println!("    - {p}");
+        }
+    }
+    if layout.t5.is_none() {
+        println!("  {:<12} absent: the model renders CLIP-only", "t5");
+    }
+    if !report.unused.is_empty() {
+        let shown: Vec<&str> = report.unused.iter().take(5).map(String::as_str).collect();
+        let more = report.unused.len().saturating_sub(shown.len());
+        let more = if more > 0 { format!(" and {more} more") } else { String::new() };
+        println!("  extra: {} stored tensors no part uses ({}{more})", report.unused.len(), shown.join(", "));
+    }
+    match report.identity {
+        Some(id) if report.is_sound() => {
+            println!("ok: model hash {} ({id})", id.short());
+            Ok(())
+        }
+        _ => {
+            println!("BROKEN: {} problem(s)", report.problems().len());
+            std::process::exit(1);
+        }
+    }
 }
 
-fn scheduler_shift(model: &Path) -> Result<f64> {
-    let path = model.join("scheduler/scheduler_config.json");
-    if !path.is_file() {
-        return Ok(3.0);
+fn group_digits(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
     }
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path)?).with_context(|| format!("{} is not JSON", path.display()))?;
-    Ok(json.get("shift").and_then(|v| v.as_f64()).unwrap_or(3.0))
+    out
+}
+
+fn human_count(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.1}M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1}K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+fn human_bytes(n: u64) -> String {
+    const GIB: f64 = (1u64 << 30) as f64;
+    const MIB: f64 = (1u64 << 20) as f64;
+    match n as f64 {
+        b if b >= GIB => format!("{:.2} GiB", b / GIB),
+        b if b >= MIB => format!("{:.1} MiB", b / MIB),
+        b => format!("{:.1} KiB", b / 1024.0),
+    }
 }
 
 fn render(args: &RenderArgs) -> Result<()> {
     let device = open_device(&args.device).context("--device")?;
     let dtype = parse_dtype(&args.dtype).context("--dtype")?;
-    let pipeline = if args.model.is_file() {
-        let Some(support) = &args.support else {
-            bail!(
-                "{} is a single file, which carries no tokenizers or encoder configs: pass --support DIR, a diffusers folder of the same architecture",
-                args.model.display()
-            );
-        };
-        let encoders = match (&args.clip_l, &args.clip_g) {
-            (Some(l), Some(g)) => EncoderWeights::separate(l, g, args.t5.as_deref()),
-            _ => EncoderWeights::in_single_file(&args.model)?,
-        };
-        Pipeline::open_single_file(&args.model, &encoders, support, args.t5_length, dtype, &device)
-    } else {
-        if args.clip_l.is_some() {
-            bail!("--clip-l, --clip-g and --t5 go with a single-file --model; {} is a folder", args.model.display());
-        }
-        Pipeline::open(&args.model, args.t5_length, dtype, &device)
-    }
-    .with_context(|| format!("loading model {}", args.model.display()))?;
+    let source = args.model.source();
+    let pipeline =
+        Pipeline::load(&source, args.t5_length, dtype, &device).with_context(|| format!("loading model {}", source.path.display()))?;
     if !args.clip_only && !pipeline.encoders.has_t5() {
-        bail!("{} has no T5 encoder (text_encoder_3); pass --clip-only", args.model.display());
+        bail!("{} has no T5 encoder; pass --clip-only, or --t5 FILE", source.path.display());
     }
     let factor = pipeline.vae.scale_factor() * pipeline.transformer.config().patch_size;
     if args.width == 0 || args.height == 0 || !args.width.is_multiple_of(factor) || !args.height.is_multiple_of(factor) {
@@ -233,7 +328,7 @@ fn render(args: &RenderArgs) -> Result<()> {
     let shift = match args.shift {
         Some(s) if s.is_finite() && s > 0.0 => s,
         Some(s) => bail!("--shift {s} must be a positive number"),
-        None => scheduler_shift(args.support.as_deref().filter(|_| args.model.is_file()).unwrap_or(&args.model))?,
+        None => pipeline.scheduler_shift.unwrap_or(3.0),
     };
     let bar = ProgressBar::new(u64::from(args.steps));
     bar.set_style(
@@ -264,7 +359,8 @@ fn render(args: &RenderArgs) -> Result<()> {
     let parameters = RenderParameters {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative.clone(),
-        model: model_name(&args.model),
+        model: model_name(&source.path),
+        model_hash: Some(pipeline.identity.short()),
         width: rendered.width as u32,
         height: rendered.height as u32,
         steps: args.steps,

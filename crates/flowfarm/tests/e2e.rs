@@ -300,7 +300,13 @@ async fn farmctl_fetches_results_and_watch_succeeds() {
             worker_id: worker_id.clone(),
             job_id: job.id.to_string(),
             attempt: 1,
-            result: Some(pb::JobResult { key, sha256: sha, size_bytes: bytes.len() as u64, content_type: "image/png".into() }),
+            result: Some(pb::JobResult {
+                key,
+                sha256: sha,
+                size_bytes: bytes.len() as u64,
+                content_type: "image/png".into(),
+                ..Default::default()
+            }),
             gpu_seconds: 0.5,
         })
         .await

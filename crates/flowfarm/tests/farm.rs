@@ -102,14 +102,15 @@ impl Farm {
     }
 
     fn worker(&self, name: &str) -> Worker {
-        let model = repo_path("models/flowfarm-tiny");
+        self.worker_serving(name, &format!("path = \"{}\"\n", repo_path("models/flowfarm-tiny").display()))
+    }
+
+    /// A worker whose `[[models]]` entry for the model is `name` plus `entry` (TOML keys).
+    fn worker_serving(&self, name: &str, entry: &str) -> Worker {
         let config = write(
             self.dir.path(),
             &format!("{name}.toml"),
-            &format!(
-                "name = \"{name}\"\ncapacity = 1\ndrain_timeout_seconds = 60\n[[models]]\nname = \"{MODEL}\"\npath = \"{}\"\n",
-                model.display()
-            ),
+            &format!("name = \"{name}\"\ncapacity = 1\ndrain_timeout_seconds = 60\n[[models]]\nname = \"{MODEL}\"\n{entry}"),
         );
         let log = self.dir.path().join(format!("{name}.log"));
         let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
@@ -500,4 +501,98 @@ async fn results_can_live_in_an_s3_bucket() {
         assert_eq!(std::fs::read(through_get_result).unwrap(), bytes, "GetResult streams the bucket's object");
     }
     assert!(walk(&farm.results).is_empty(), "nothing in the local results folder");
+}
+
+fn published(form: &str) -> PathBuf {
+    repo_path("crates/flowfarm-engine/tests/fixtures/published").join(form)
+}
+
+/// A worker configured with each published form renders a job; the PNG's
+/// "Model hash" is the weights' identity that GetJob returns and the worker
+/// registered, the same for the same weights in every form.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_render_every_published_form_and_stamp_the_weights() {
+    let farm = Farm::start().await;
+    let fp16 = published("diffusers-fp16");
+    let file = farm.dir.path().join("sd3_incl_clips_t5xxlfp16.safetensors");
+    let out = Command::new(flowfarm_bin())
+        .args(["model", "convert"])
+        .arg(&fp16)
+        .args(["--variant", "fp16", "--to", "single-file"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let enc = published("sd35-encoders");
+    let forms = [
+        ("sharded", format!("path = \"{}\"\n", published("diffusers-sharded").display())),
+        ("variant", format!("path = \"{}\"\nvariant = \"fp16\"\n", fp16.display())),
+        ("single-file", format!("path = \"{}\"\nsupport = \"{}\"\n", file.display(), fp16.display())),
+        (
+            "sd35-fp8",
+            format!(
+                "path = \"{}\"\nsupport = \"{}\"\nclip_l = \"{}\"\nclip_g = \"{}\"\nt5 = \"{}\"\n",
+                file.display(),
+                fp16.display(),
+                enc.join("clip_l.safetensors").display(),
+                enc.join("clip_g.safetensors").display(),
+                enc.join("t5xxl_fp8_e4m3fn.safetensors").display()
+            ),
+        ),
+    ];
+    let mut hashes = Vec::new();
+    for (i, (form, entry)) in forms.iter().enumerate() {
+        let worker = farm.worker_serving(form, entry);
+        let batch = farm.submit(&[job(&format!("a {form} render"), i as u64, 2)]);
+        farm.wait_all_finished(&[&worker], Duration::from_secs(120)).await;
+        let job_id: Uuid =
+            sqlx::query_scalar("SELECT id FROM jobs WHERE batch_id = $1::uuid").bind(&batch).fetch_one(farm.db.store.pool()).await.unwrap();
+        let shown = ok_json(farm.farmctl(&farm.submitter, &["--json", "jobs", "show", &job_id.to_string()]));
+        assert_eq!(shown["state"], "succeeded", "{form}: {shown}\n{}", worker.log());
+        let hash = shown["result"]["model_hash"].as_str().unwrap().to_owned();
+        assert_eq!(hash.len(), 64, "{form}: {shown}");
+        let bytes = std::fs::read(farm.results.join(shown["result"]["key"].as_str().unwrap())).unwrap();
+        let params = read_parameters(&bytes).unwrap().unwrap();
+        assert_eq!(params.model_hash.as_deref(), Some(&hash[..10]), "{form}: the PNG names the weights GetJob names");
+        let reader = png::Decoder::new(std::io::Cursor::new(&bytes)).read_info().unwrap();
+        let summary = reader.info().utf8_text.iter().find(|c| c.keyword == "parameters").unwrap().get_text().unwrap();
+        assert!(summary.contains(&format!("Model hash: {}, Model: {MODEL}", &hash[..10])), "{summary}");
+        let registered: serde_json::Value = sqlx::query_scalar("SELECT model_hashes FROM workers WHERE name = $1")
+            .bind(form)
+            .fetch_one(farm.db.store.pool())
+            .await
+            .unwrap();
+        assert_eq!(registered[MODEL], hash.as_str(), "{form}: the worker registered the weights it renders with");
+        hashes.push(hash);
+        drop(worker);
+    }
+    assert_ne!(hashes[0], hashes[1], "the bundled weights and their float16 rounding are different weights");
+    assert_eq!(hashes[1], hashes[2], "the same float16 weights as a folder and as a single file");
+    assert_ne!(hashes[2], hashes[3], "float8 T5 is other weights");
+    let listed = ok_json(farm.farmctl(&farm.admin, &["--json", "workers", "list", "--all"]));
+    assert!(listed.to_string().contains(&hashes[0]), "ListWorkers shows the weights: {listed}");
+}
+
+/// A worker refuses to start on a model with a shard missing, naming the
+/// file, instead of registering and failing jobs.
+#[test]
+fn a_worker_refuses_a_model_with_a_missing_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("partial-download");
+    let status = Command::new("cp").arg("-r").arg(published("diffusers-sharded")).arg(&copy).status().unwrap();
+    assert!(status.success());
+    std::fs::remove_file(copy.join("text_encoder_3/model-00003-of-00003.safetensors")).unwrap();
+    let config = write(dir.path(), "worker.toml", &format!("[[models]]\nname = \"{MODEL}\"\npath = \"{}\"\n", copy.display()));
+    let out = Command::new(flowfarm_bin())
+        .arg("worker")
+        .arg("--worker-config")
+        .arg(&config)
+        .env("FLOWFARM_TOKEN", "unused: the worker stops before it connects")
+        .env("FLOWFARM_SERVER", "http://127.0.0.1:1")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains(MODEL) && stderr.contains("model-00003-of-00003.safetensors, which is missing"), "{stderr}");
 }
