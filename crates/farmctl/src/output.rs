@@ -139,7 +139,7 @@ pub fn worker_line(w: &pb::Worker) -> String {
             .iter()
             .map(|m| match w.model_hashes.get(m) {
                 // The short form image tools show as "Model hash".
-                Some(h) if h.len() >= 10 => format!("{m}@{}", &h[..10]),
+                Some(h) if h.get(..10).is_some() => format!("{m}@{}", &h[..10]),
                 _ => m.clone(),
             })
             .collect::<Vec<_>>()

@@ -126,6 +126,7 @@ impl ClipTextEncoder {
             prefix: String::new(),
             config: Some(dir.join("config.json")),
             tokenizer: None,
+            variant: None,
         };
         Self::from_component(&c, dtype, device, None)
     }

@@ -104,7 +104,9 @@ pub fn diffusers_to_single_file(source: &ModelSource, out: &Path) -> Result<Conv
         ("text_encoder_2", Part::ClipG, SINGLE_FILE_CLIP_G, "clip_g"),
         ("text_encoder_3", Part::T5, SINGLE_FILE_T5, "t5xxl"),
     ] {
-        if dir.join(folder).is_dir() {
+        if crate::source::folder_weights(&dir.join(folder), "model", v).is_ok()
+            || crate::source::folder_weights(&dir.join(folder), "model", None).is_ok()
+        {
             let c = folder_component(encoder, dir, folder, "model", v)?;
             tensors.extend(load_component(&c)?.into_iter().map(|(name, t)| (format!("{prefix}{name}"), t)));
             parts.push(part);

@@ -98,8 +98,9 @@ pub struct TextEncoders {
 }
 
 impl TextEncoders {
-    /// Opens `text_encoder{,_2,_3}` and `tokenizer{,_2,_3}` under a diffusers
-    /// model folder; T5 is optional (a folder without `text_encoder_3`).
+    /// Opens the encoders of a whole diffusers model folder
+    /// (`text_encoder{,_2,_3}`, `tokenizer{,_2,_3}`; T5 optional), after
+    /// examining the whole model as [`Pipeline::load`] does.
     ///
     /// # Errors
     /// [`EngineError::Checkpoint`] naming the part that is missing or malformed.

@@ -12,35 +12,27 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-
 use crate::pipeline::{SINGLE_FILE_CLIP_G, SINGLE_FILE_CLIP_L, SINGLE_FILE_T5};
 use crate::weights::TensorFiles;
 use crate::EngineError;
 
 /// A model as the user names it: the flags of `flowfarm model render` and
 /// the keys of a worker's `[[models]]` entry.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ModelSource {
     /// A diffusers model folder, or a single file (transformer and VAE, maybe encoders).
     pub path: PathBuf,
     /// For a single file: a diffusers folder of the same architecture, for the
     /// tokenizers and configs a single file does not carry, and for any part
     /// the file and the encoder files below leave out.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub support: Option<PathBuf>,
     /// SD3.5-style separate CLIP-L weights (transformers names), with `clip_g`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_l: Option<PathBuf>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_g: Option<PathBuf>,
     /// Separate T5-XXL weights (F16 or float8 e4m3fn); with separate CLIP
     /// files and no T5 file the model is CLIP-only.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub t5: Option<PathBuf>,
     /// A diffusers folder's weight variant (`fp16` reads `*.fp16.safetensors`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variant: Option<String>,
 }
 
@@ -79,6 +71,8 @@ pub struct ComponentFiles {
     pub config: Option<PathBuf>,
     /// The encoder's tokenizer folder.
     pub tokenizer: Option<PathBuf>,
+    /// The diffusers variant its files are (`fp16`); None for plain files.
+    pub variant: Option<String>,
 }
 
 /// A resolved model: every part found, every file opened.
@@ -175,11 +169,12 @@ pub fn index_weight_map(index: &Path) -> Result<Vec<(String, String)>, EngineErr
 }
 
 fn component(part: Part, files: Arc<TensorFiles>, index: Option<PathBuf>, prefix: &str) -> ComponentFiles {
-    ComponentFiles { part, files, index, prefix: prefix.to_owned(), config: None, tokenizer: None }
+    ComponentFiles { part, files, index, prefix: prefix.to_owned(), config: None, tokenizer: None, variant: None }
 }
 
 /// A diffusers component folder `dir/{folder}`: its weights named `stem`
-/// (whole, sharded, or the variant's) and its config.json.
+/// (whole or sharded) and its config.json. With a variant, a part that has
+/// no files of that variant takes its plain files, as diffusers does.
 pub(crate) fn folder_component(
     part: Part,
     dir: &Path,
@@ -188,12 +183,30 @@ pub(crate) fn folder_component(
     variant: Option<&str>,
 ) -> Result<ComponentFiles, EngineError> {
     let sub = dir.join(folder);
-    let (files, index) = folder_weights(&sub, stem, variant)?;
+    let (files, index, used) = match variant {
+        Some(v) => match folder_weights(&sub, stem, Some(v)) {
+            Ok((files, index)) => (files, index, Some(v.to_owned())),
+            Err(variant_missing) => match folder_weights(&sub, stem, None) {
+                Ok((files, index)) => (files, index, None),
+                Err(_) => return Err(variant_missing),
+            },
+        },
+        None => {
+            let (files, index) = folder_weights(&sub, stem, None)?;
+            (files, index, None)
+        }
+    };
     let config = sub.join("config.json");
     if !config.is_file() {
         return Err(bad(&sub, "no config.json"));
     }
-    Ok(ComponentFiles { config: Some(config), ..component(part, Arc::new(TensorFiles::open(&files)?), index, "") })
+    Ok(ComponentFiles { config: Some(config), variant: used, ..component(part, Arc::new(TensorFiles::open(&files)?), index, "") })
+}
+
+/// Whether `dir/{folder}` holds weights named `stem` (not only a config).
+fn has_weights(dir: &Path, folder: &str, stem: &str, variant: Option<&str>) -> bool {
+    let sub = dir.join(folder);
+    folder_weights(&sub, stem, variant).is_ok() || folder_weights(&sub, stem, None).is_ok()
 }
 
 /// An encoder's config and tokenizer from a diffusers folder.
@@ -254,7 +267,7 @@ impl ModelSource {
             Ok(c)
         };
         let t5 = if dir.join("text_encoder_3").is_dir() { Some(encoder(Part::T5, "_3")?) } else { None };
-        Ok(ModelLayout {
+        let layout = ModelLayout {
             form: match v {
                 Some(v) => format!("diffusers folder, variant {v}"),
                 None => "diffusers folder".into(),
@@ -265,7 +278,13 @@ impl ModelSource {
             clip_g: encoder(Part::ClipG, "_2")?,
             t5,
             scheduler_config: Some(dir.join("scheduler/scheduler_config.json")).filter(|p| p.is_file()),
-        })
+        };
+        if let Some(v) = v {
+            if layout.components().iter().all(|c| c.variant.is_none()) {
+                return Err(bad(dir, format!("no part has `{v}` variant files (*.{v}.safetensors); leave variant out or name one it has")));
+            }
+        }
+        Ok(layout)
     }
 
     fn resolve_single_file(&self) -> Result<ModelLayout, EngineError> {
@@ -305,7 +324,7 @@ impl ModelSource {
                     form.push("CLIP inside".into());
                     (inside(Part::ClipL, SINGLE_FILE_CLIP_L, "")?, inside(Part::ClipG, SINGLE_FILE_CLIP_G, "_2")?)
                 }
-                _ if support.join("text_encoder").is_dir() && support.join("text_encoder_2").is_dir() => {
+                _ if has_weights(support, "text_encoder", "model", v) && has_weights(support, "text_encoder_2", "model", v) => {
                     form.push("CLIP from support".into());
                     (from_support(Part::ClipL, "")?, from_support(Part::ClipG, "_2")?)
                 }
@@ -320,7 +339,7 @@ impl ModelSource {
         } else if main.has_prefix(SINGLE_FILE_T5) {
             form.push("T5 inside".into());
             Some(inside(Part::T5, SINGLE_FILE_T5, "_3")?)
-        } else if self.clip_l.is_none() && support.join("text_encoder_3").is_dir() {
+        } else if self.clip_l.is_none() && has_weights(support, "text_encoder_3", "model", v) {
             form.push("T5 from support".into());
             Some(from_support(Part::T5, "_3")?)
         } else {

@@ -36,6 +36,7 @@ impl T5Encoder {
             prefix: String::new(),
             config: Some(dir.join("config.json")),
             tokenizer: None,
+            variant: None,
         };
         Self::from_component(&c, dtype, device, None)
     }

@@ -280,6 +280,7 @@ impl Vae {
                 prefix: String::new(),
                 config: None,
                 tokenizer: None,
+                variant: None,
             }
         } else {
             let dir: PathBuf = if path.join("vae").is_dir() { path.join("vae") } else { path.to_owned() };
@@ -291,6 +292,7 @@ impl Vae {
                 prefix: String::new(),
                 config: Some(dir.join("config.json")),
                 tokenizer: None,
+                variant: None,
             }
         };
         Self::from_component(&component, dtype, device, None)

@@ -4,8 +4,10 @@
 //! The same pass gives `model inspect` its sizes and the model its
 //! [`WeightsIdentity`].
 //!
-//! Invariant: what [`examine`] checks is what loading asks for, because it
-//! runs the loaders themselves over a recording backend.
+//! Invariant: what [`examine`] checks is what loading asks for: the VAE and
+//! the encoders are built by their own loaders over a recording backend; the
+//! transformer's list is `tiny::weight_shapes`, the names and shapes
+//! `MmDit::load` asks for (a unit test of the engine holds the two together).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -33,15 +35,17 @@ pub struct ComponentReport {
 }
 
 impl ComponentReport {
+    /// Parameters the part loads, counted in the model's own shapes (a fused
+    /// qkv stored once is q, k and v, each counted once).
     pub fn parameters(&self) -> u64 {
-        self.tensors.iter().map(|(_, info)| info.elements() as u64).sum()
+        self.tensors.iter().map(|(r, _)| r.shape.iter().product::<usize>() as u64).sum()
     }
 
     /// Parameters per storage dtype.
     pub fn dtypes_on_disk(&self) -> BTreeMap<&'static str, u64> {
         let mut out = BTreeMap::new();
-        for (_, info) in &self.tensors {
-            *out.entry(info.dtype.as_str()).or_default() += info.elements() as u64;
+        for (r, info) in &self.tensors {
+            *out.entry(info.dtype.as_str()).or_default() += r.shape.iter().product::<usize>() as u64;
         }
         out
     }
@@ -109,10 +113,21 @@ fn index_problems(c: &ComponentFiles) -> Vec<String> {
     problems
 }
 
+/// "Scaled" float8 files (ComfyUI's `*_fp8_scaled`) store a scale beside
+/// each weight; read without it the weights are wrong by that factor.
+fn scaled_float8(c: &ComponentFiles) -> Option<String> {
+    let name =
+        c.files.names().filter(|n| n.starts_with(c.prefix.as_str())).find(|n| n.ends_with(".scale_weight") || n.ends_with("scaled_fp8"))?;
+    Some(format!(
+        "`{name}`: scaled float8 weights (a scale per tensor) are not supported; use the unscaled file (e.g. t5xxl_fp8_e4m3fn.safetensors) or F16"
+    ))
+}
+
 /// Builds one part dry and reports on it.
 fn examine_component(c: &ComponentFiles) -> ComponentReport {
     let dry = Arc::new(Mutex::new(DryRun::default()));
     let mut problems = index_problems(c);
+    problems.extend(scaled_float8(c));
     let mut transforms: Vec<Transform> = Vec::new();
     let cpu = Device::Cpu;
     let built: Result<(), EngineError> = match c.part {
@@ -211,10 +226,12 @@ fn mismatches(layout: &ModelLayout) -> Vec<String> {
             problems.push(format!("takes text {} wide, but T5 gives {width} (d_model)", config.joint_attention_dim));
         }
     }
-    let dry = Some(Arc::new(Mutex::new(DryRun::default())));
-    if let Ok(vae) = crate::vae::Vae::from_component(&layout.vae, DType::F32, &Device::Cpu, dry) {
-        if vae.latent_channels() != config.in_channels {
-            problems.push(format!("takes {} latent channels, but the VAE has {}", config.in_channels, vae.latent_channels()));
+    // The decoder's first convolution takes the latent: (C, latent channels, 3, 3) in either layout.
+    let vae = &layout.vae;
+    let conv_in = vae.files.names().find(|n| n.starts_with(vae.prefix.as_str()) && n.ends_with("decoder.conv_in.weight"));
+    if let Some(channels) = conv_in.and_then(|n| vae.files.info(n)).and_then(|i| i.shape.get(1).copied()) {
+        if channels != config.in_channels {
+            problems.push(format!("takes {} latent channels, but the VAE has {channels}", config.in_channels));
         }
     }
     problems
@@ -259,4 +276,50 @@ pub fn examine(layout: &ModelLayout) -> ModelReport {
         ])
     });
     ModelReport { form: layout.form.clone(), components, unused: unused.into_iter().collect(), identity }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeSet, HashMap};
+    use std::sync::Mutex;
+
+    use candle_core::{DType, Device, Tensor};
+
+    use crate::mmdit::{MmDit, Variant, WeightSource};
+    use crate::tiny::{random_weights, tiny_config, weight_shapes};
+
+    /// Random weights that note every name and shape the model asks for.
+    struct Recording {
+        weights: HashMap<String, Tensor>,
+        asked: Mutex<BTreeSet<(String, Vec<usize>)>>,
+    }
+
+    impl WeightSource for Recording {
+        fn tensor(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor, crate::EngineError> {
+            self.asked.lock().unwrap().insert((name.to_owned(), shape.to_vec()));
+            let t = self.weights.get(name).ok_or_else(|| crate::EngineError::MissingTensor { key: name.to_owned() })?;
+            Ok(t.to_dtype(dtype)?.to_device(device)?)
+        }
+
+        fn contains(&self, name: &str) -> bool {
+            self.weights.contains_key(name)
+        }
+
+        fn shape(&self, name: &str) -> Option<Vec<usize>> {
+            self.weights.get(name).map(|t| t.dims().to_vec())
+        }
+    }
+
+    /// `examine` checks the transformer against `weight_shapes`: it must be
+    /// exactly what `MmDit::load` asks for, in every variant.
+    #[test]
+    fn the_transformer_check_lists_what_loading_asks_for() {
+        for variant in [Variant::Sd3Medium, Variant::Sd35Medium, Variant::Sd35Large] {
+            let config = tiny_config(variant);
+            let source = Recording { weights: random_weights(&config, 1).unwrap(), asked: Mutex::new(BTreeSet::new()) };
+            MmDit::load(config.clone(), &source, DType::F32, &Device::Cpu).unwrap();
+            let listed: BTreeSet<(String, Vec<usize>)> = weight_shapes(&config).into_iter().collect();
+            assert_eq!(source.asked.into_inner().unwrap(), listed, "{variant:?}");
+        }
+    }
 }

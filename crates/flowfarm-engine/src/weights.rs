@@ -75,6 +75,10 @@ impl TensorFiles {
             let one = unsafe { MmapedSafetensors::new(path) }
                 .map_err(|e| EngineError::checkpoint(path, format!("not a complete safetensors file ({e}); download it again")))?;
             for (name, view) in one.tensors() {
+                if let Some(&other) = file_of.get(&name) {
+                    let other: &PathBuf = &paths[other];
+                    return Err(EngineError::checkpoint(path, format!("`{name}` is also in {}: which copy is meant?", other.display())));
+                }
                 let dtype = DType::try_from(view.dtype()).map_err(|_| {
                     EngineError::checkpoint(path, format!("`{name}` has dtype {:?}, which flowfarm cannot read", view.dtype()))
                 })?;
@@ -214,8 +218,10 @@ impl FilesBackend {
         }
     }
 
-    fn placeholder(shape: &[usize], dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
-        Tensor::zeros((), dtype, device)?.broadcast_as(shape)
+    /// A stand-in for a weight in a dry run: one byte broadcast, so it takes
+    /// no memory; where a loader reshapes it (a copy), a byte per element.
+    fn placeholder(shape: &[usize], _dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        Tensor::zeros((), DType::U8, device)?.broadcast_as(shape)
     }
 }
 
@@ -257,7 +263,7 @@ impl SimpleBackend for FilesBackend {
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let key = self.key(name);
         let Some(info) = self.files.info(&key) else {
-            self.record(|d| d.problems.push(format!("missing tensor `{key}`")));
+            // The loader stops here; its error is the problem reported.
             return Err(candle_core::Error::CannotFindTensor { path: key });
         };
         if self.dry.is_some() {

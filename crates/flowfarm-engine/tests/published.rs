@@ -143,7 +143,7 @@ fn variant_files_are_chosen_by_the_variant_and_render_as_the_plain_files() {
 
     let unknown = ModelSource { variant: Some("bf16".into()), ..plain.clone() };
     let err = unknown.resolve().unwrap_err().to_string();
-    assert!(err.contains(".bf16.safetensors") && err.contains("it has"), "{err}");
+    assert!(err.contains("no part has `bf16` variant files"), "{err}");
     let only_variant = tempfile::tempdir().unwrap();
     let folder = only_variant.path().join("transformer");
     std::fs::create_dir_all(&folder).unwrap();
@@ -286,6 +286,73 @@ fn broken_copies_are_named() {
     assert!(!report.is_sound() && report.identity.is_none());
     assert!(
         problems.contains(&format!("vae: tensor `{name}` has shape [{o}, {i}, {}, {w}], expected [{o}, {i}, {h}, {w}]", h + 1)),
+        "{problems}"
+    );
+}
+
+/// Parts a single file leaves out come from the support folder only where it
+/// has their weights: a support folder of configs and tokenizers makes a
+/// file with CLIP inside CLIP-only, as it was before any T5 was found.
+#[test]
+fn support_folders_lend_weights_only_when_they_have_them() {
+    let files = single_files();
+    let dir = tempfile::tempdir().unwrap();
+    let support = dir.path().join("configs-only");
+    copy_dir(&fixtures().join("diffusers-fp16"), &support);
+    for part in ["text_encoder_3"] {
+        for entry in std::fs::read_dir(support.join(part)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "safetensors") {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+    }
+    let layout = ModelSource { support: Some(support), ..ModelSource::at(&files.clips) }.resolve().unwrap();
+    assert!(layout.t5.is_none() && layout.form.ends_with("no T5"), "{}", layout.form);
+}
+
+/// A variant missing for one part falls back to that part's plain files, as
+/// diffusers does; the counts are the model's, whatever the layout.
+#[test]
+fn a_part_without_the_variant_takes_its_plain_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("mixed");
+    copy_dir(&fixtures().join("diffusers-fp16"), &folder);
+    std::fs::remove_file(folder.join("vae/diffusion_pytorch_model.fp16.safetensors")).unwrap();
+    let layout = ModelSource { variant: Some("fp16".into()), ..ModelSource::at(&folder) }.resolve().unwrap();
+    assert_eq!((layout.transformer.variant.as_deref(), layout.vae.variant.as_deref()), (Some("fp16"), None));
+
+    let files = single_files();
+    let single =
+        examine(&ModelSource { support: Some(fixtures().join("diffusers-fp16")), ..ModelSource::at(&files.all) }.resolve().unwrap());
+    let folder = examine(&fp16_folder().resolve().unwrap());
+    for part in [Part::Transformer, Part::Vae, Part::T5] {
+        assert_eq!(single.component(part).unwrap().parameters(), folder.component(part).unwrap().parameters(), "{part:?}");
+    }
+}
+
+/// ComfyUI's "scaled" float8 files carry a scale per weight that plain
+/// upcasting would drop: refused, with what to use instead.
+#[test]
+fn scaled_float8_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let scaled = dir.path().join("t5xxl_fp8_e4m3fn_scaled.safetensors");
+    let mut tensors = load(&fixtures().join("sd35-encoders/t5xxl_fp8_e4m3fn.safetensors"));
+    tensors.insert("encoder.block.0.layer.0.SelfAttention.q.scale_weight".into(), Tensor::ones(1, DType::F32, &Device::Cpu).unwrap());
+    save(&tensors, &scaled);
+    let files = single_files();
+    let enc = fixtures().join("sd35-encoders");
+    let source = ModelSource {
+        support: Some(fixtures().join("diffusers-fp16")),
+        clip_l: Some(enc.join("clip_l.safetensors")),
+        clip_g: Some(enc.join("clip_g.safetensors")),
+        t5: Some(scaled),
+        ..ModelSource::at(&files.bare)
+    };
+    let report = examine(&source.resolve().unwrap());
+    let problems = report.problems().join("\n");
+    assert!(
+        !report.is_sound() && problems.contains("t5: `encoder.block.0.layer.0.SelfAttention.q.scale_weight`: scaled float8"),
         "{problems}"
     );
 }

@@ -5,7 +5,8 @@
 //! - `flowfarm worker`: the worker daemon (its own config, `config/worker.toml`).
 //! - `flowfarm migrate`: apply database migrations and exit.
 //! - `flowfarm token create|list|revoke`: manage API tokens.
-//! - `flowfarm model inspect|render`: local work with a model folder.
+//! - `flowfarm model inspect|verify|render|convert`: local work with a model,
+//!   in any form its weights are published in.
 
 mod model;
 
