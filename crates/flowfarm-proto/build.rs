@@ -18,6 +18,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(&descriptor)
         // Ordered maps make encodings deterministic, so equal requests hash equally (idempotency).
         .btree_map(".")
+        // Undecodable requests are the sender's fault: INVALID_ARGUMENT, not INTERNAL.
+        .codec_path("crate::codec::FlowfarmCodec")
         .compile_protos(&files, &[root])?;
     Ok(())
 }

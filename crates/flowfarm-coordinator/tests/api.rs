@@ -875,3 +875,65 @@ async fn operators_pause_reprioritise_requeue_and_steer_workers() {
     assert_eq!(r.get_batch(pb::GetBatchRequest { batch_id: batch.id }).await.unwrap_err().code(), Code::NotFound);
     h.stop().await;
 }
+
+/// GetJobRequest with its string field as raw bytes, so a test can send what
+/// no generated client would: a job id that is not UTF-8.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawGetJobRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    job_id: Vec<u8>,
+}
+
+/// An undecodable request is the sender's fault: INVALID_ARGUMENT naming the
+/// field, not INTERNAL (which invites a retry that can never succeed).
+#[tokio::test]
+async fn undecodable_requests_are_invalid_arguments() {
+    let h = Harness::start().await;
+    let mut grpc = tonic::client::Grpc::new(h.channel.clone());
+    grpc.ready().await.unwrap();
+    let mut request = tonic::Request::new(RawGetJobRequest { job_id: vec![0x66, 0xff, 0xfe, 0x6f] });
+    request.metadata_mut().insert("authorization", format!("Bearer {}", h.submit_token).parse().unwrap());
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/flowfarm.v1.RenderService/GetJob");
+    let codec = flowfarm_proto::codec::FlowfarmCodec::<RawGetJobRequest, pb::Job>::default();
+    let status = grpc.unary(request, path, codec).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("GetJobRequest.job_id") && status.message().contains("UTF-8"), "{}", status.message());
+    h.stop().await;
+}
+
+/// A batch's labels select its jobs in ListJobs, as their own labels do.
+#[tokio::test]
+async fn label_filters_see_the_batchs_labels_on_its_jobs() {
+    let h = Harness::start().await;
+    let mut r = h.render();
+    let spec = |prompt: &str, labels: &[(&str, &str)]| pb::JobSpec {
+        model: "sd3".into(),
+        prompt: prompt.into(),
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ..Default::default()
+    };
+    r.submit_batch(pb::SubmitBatchRequest {
+        labels: [("shot".to_owned(), "s010".to_owned())].into(),
+        jobs: vec![spec("a", &[]), spec("b", &[("take", "2")])],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    r.submit_batch(pb::SubmitBatchRequest { jobs: vec![spec("c", &[("shot", "s010")]), spec("d", &[])], ..Default::default() })
+        .await
+        .unwrap();
+    let listed = |label: &str| {
+        let mut r = r.clone();
+        let label = label.to_owned();
+        async move {
+            let jobs = r.list_jobs(pb::ListJobsRequest { label, ..Default::default() }).await.unwrap().into_inner().jobs;
+            let mut prompts: Vec<String> = jobs.into_iter().map(|j| j.spec.unwrap().prompt).collect();
+            prompts.sort();
+            prompts
+        }
+    };
+    assert_eq!(listed("shot=s010").await, vec!["a", "b", "c"], "the batch's label and a job's own");
+    assert_eq!(listed("take=2").await, vec!["b"]);
+    assert!(listed("shot=s020").await.is_empty());
+    h.stop().await;
+}

@@ -4,6 +4,8 @@
 //! and limits of every field. This crate only compiles them (tonic + prost) and
 //! exposes the encoded file descriptor set for gRPC server reflection.
 
+pub mod codec;
+
 /// Package `flowfarm.v1`: messages, clients (`*_client`) and servers (`*_server`).
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]

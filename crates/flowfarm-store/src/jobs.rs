@@ -52,7 +52,7 @@ pub enum JobSelector {
 pub struct JobFilter {
     pub batch_id: Option<Uuid>,
     pub states: Vec<JobState>,
-    /// (key, value): jobs whose labels hold that pair.
+    /// (key, value): jobs whose labels, or whose batch's labels, hold that pair.
     pub label: Option<(String, String)>,
     pub model: Option<String>,
 }
@@ -408,8 +408,10 @@ impl PgStore {
             qb.push(" AND state = ANY(").push_bind(states).push(")");
         }
         if let Some((key, value)) = &filter.label {
+            // A batch's labels are its jobs' labels too.
             let pair = serde_json::json!({ key: value });
-            qb.push(" AND labels @> ").push_bind(pair);
+            qb.push(" AND (labels @> ").push_bind(pair.clone());
+            qb.push(" OR batch_id IN (SELECT id FROM batches WHERE labels @> ").push_bind(pair).push("))");
         }
         if let Some(model) = &filter.model {
             qb.push(" AND model = ").push_bind(model.clone());
