@@ -318,10 +318,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             request.labels.extend(labels);
             let response = farm.render().submit_batch(request).await.map_err(|s| farm.explain(s))?.into_inner();
             let batch = response.batch.context("coordinator returned no batch")?;
-            emit(json, json!({ "created": response.created, "batch": output::batch(&batch) }), || {
+            emit(json, json!({ "created": response.created, "batch": output::batch(&batch), "warnings": response.warnings }), || {
                 let verb = if response.created { "submitted" } else { "already submitted" };
                 format!("{verb} batch {} ({} jobs)", batch.id, batch.total_jobs)
             });
+            for warning in &response.warnings {
+                eprintln!("warning: {warning}");
+            }
             if then_watch {
                 return watch(&farm, &batch.id, json).await;
             }

@@ -158,6 +158,14 @@ pub fn queue_stats_text(stats: &pb::QueueStats) -> String {
             counts_line(&m.counts),
             m.oldest_queued_seconds
         ));
+        for w in &m.waiting_for_worker {
+            text.push_str(&format!(
+                "\n  {} job(s) waiting for a worker serving {} with text encoders {}",
+                w.jobs,
+                m.model,
+                encoders_name(w.text_encoders)
+            ));
+        }
     }
     text
 }
@@ -176,6 +184,9 @@ pub fn queue_stats(s: &pb::QueueStats) -> Value {
         "models": s.models.iter().map(|m| json!({
             "model": m.model, "paused": m.paused, "counts": counts(&m.counts),
             "oldest_queued_seconds": m.oldest_queued_seconds,
+            "waiting_for_worker": m.waiting_for_worker.iter().map(|w| json!({
+                "text_encoders": encoders_name(w.text_encoders), "jobs": w.jobs,
+            })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
 }

@@ -127,6 +127,11 @@ impl AdminService for Coordinator {
                     counts: Some(counts_to_proto(&s.counts)),
                     paused: s.paused,
                     oldest_queued_seconds: s.oldest_queued_seconds,
+                    waiting_for_worker: s
+                        .waiting_for_worker
+                        .iter()
+                        .map(|(set, jobs)| pb::WaitingForWorker { text_encoders: encoders_to_proto(*set) as i32, jobs: *jobs })
+                        .collect(),
                 }
             })
             .collect();

@@ -1,5 +1,8 @@
-//! The dispatcher: moves queued jobs from Postgres into the models' Redis
-//! streams, a bounded window ahead of the fleet's free capacity.
+//! The dispatcher: moves queued jobs from Postgres into the Redis streams of
+//! their lanes (a model, and whether a job needs T5: see `flowfarm_queue::lane`),
+//! a bounded window ahead of the free capacity of the workers serving each
+//! lane. A job no active worker can serve stays queued, where GetQueueStats
+//! shows it as waiting for a worker.
 //!
 //! Postgres commits first, then the messages go out. If Redis is away at
 //! that moment, or loses its data later, the jobs stay `dispatched` without
@@ -12,13 +15,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flowfarm_queue::{JobMessage, QueueError, WorkQueue};
+use flowfarm_core::TextEncoderSet;
+use flowfarm_queue::{lane, JobMessage, QueueError, WorkQueue};
 use flowfarm_store::{JobRow, StoreError};
 use tokio::sync::Notify;
 
 use crate::Coordinator;
 
-/// Largest number of jobs moved per model in one pass.
+/// Largest number of jobs moved per lane in one pass.
 const MAX_PER_PASS: u32 = 2000;
 /// Shortest time between two passes: under load every completion wakes the
 /// dispatcher, and one pass per wake would cost more than the jobs it moves.
@@ -57,7 +61,9 @@ impl Dispatcher {
         self.coordinator.shared.dispatch_wake.clone()
     }
 
-    /// Fills every model's window. Returns how many jobs went out.
+    /// Fills every lane's window: T5 jobs first (fewer workers can take
+    /// them), then CLIP-only jobs into what is left. Returns how many jobs
+    /// went out.
     ///
     /// # Errors
     /// [`DispatchError`] from Postgres or Redis; what was committed stays
@@ -66,14 +72,16 @@ impl Dispatcher {
         let shared = &self.coordinator.shared;
         let mut sent = 0;
         for model in shared.registry.names() {
-            let window = shared.store.dispatch_window(model, shared.queue.lookahead_per_worker).await?;
-            if window == 0 {
-                continue;
+            for set in [TextEncoderSet::All, TextEncoderSet::ClipOnly] {
+                let window = shared.store.dispatch_window(model, set, shared.queue.lookahead_per_worker).await?;
+                if window == 0 {
+                    continue;
+                }
+                let jobs = shared.store.dispatch_jobs(model, set, window.min(MAX_PER_PASS), "dispatcher").await?;
+                self.publish(&jobs).await?;
+                shared.metrics.dispatched.inc_by(jobs.len() as u64);
+                sent += jobs.len();
             }
-            let jobs = shared.store.dispatch_jobs(model, window.min(MAX_PER_PASS), "dispatcher").await?;
-            self.publish(&jobs).await?;
-            shared.metrics.dispatched.inc_by(jobs.len() as u64);
-            sent += jobs.len();
         }
         Ok(sent)
     }
@@ -94,18 +102,21 @@ impl Dispatcher {
         shared.metrics.redispatched.inc_by(stale.len() as u64);
         let mut swept = 0;
         for model in shared.registry.names() {
-            swept += self.queue.sweep_pending(model, after).await?;
+            for needs_t5 in [true, false] {
+                swept += self.queue.sweep_pending(&lane(model, needs_t5), after).await?;
+            }
         }
         Ok((stale.len(), swept))
     }
 
     async fn publish(&self, jobs: &[JobRow]) -> Result<(), QueueError> {
-        let mut by_model: BTreeMap<&str, Vec<JobMessage>> = BTreeMap::new();
+        let mut by_lane: BTreeMap<String, Vec<JobMessage>> = BTreeMap::new();
         for job in jobs {
-            by_model.entry(&job.spec.model).or_default().push(JobMessage { job_id: job.id, attempt: job.attempt });
+            let needs_t5 = job.spec.text_encoders == TextEncoderSet::All;
+            by_lane.entry(lane(&job.spec.model, needs_t5)).or_default().push(JobMessage { job_id: job.id, attempt: job.attempt });
         }
-        for (model, messages) in by_model {
-            self.queue.publish(model, &messages).await?;
+        for (lane, messages) in by_lane {
+            self.queue.publish(&lane, &messages).await?;
         }
         Ok(())
     }

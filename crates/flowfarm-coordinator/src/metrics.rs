@@ -30,7 +30,7 @@ pub struct Metrics {
     pub submit_to_start: Histogram,
     /// Device time per completed job, as the worker reported it.
     pub render_seconds: Histogram,
-    /// Failed attempts by reason: `retryable`, `fatal`, `lease_expired`.
+    /// Failed attempts by reason: `bad_input`, `worker_cannot`, `transient`, `lease_expired`.
     pub failures: Family<Labels, Counter>,
     pub dispatched: Counter,
     pub redispatched: Counter,
@@ -56,7 +56,11 @@ impl Metrics {
         let workers = Family::<Labels, Gauge>::default();
         registry.register("submit_to_start_seconds", "Submission to start of a job's first attempt", submit_to_start.clone());
         registry.register("render_seconds", "Device seconds per completed job, as workers report", render_seconds.clone());
-        registry.register("job_failures", "Failed attempts by reason (retryable, fatal, lease_expired)", failures.clone());
+        registry.register(
+            "job_failures",
+            "Failed attempts by reason (bad_input, worker_cannot, transient, lease_expired)",
+            failures.clone(),
+        );
         registry.register("jobs_dispatched", "Jobs handed to the work streams", dispatched.clone());
         registry.register("jobs_redispatched", "Jobs dispatched again after their message was not taken in time", redispatched.clone());
         registry.register("jobs_completed", "Jobs completed through this coordinator", completed.clone());

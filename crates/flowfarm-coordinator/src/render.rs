@@ -3,7 +3,7 @@
 use std::pin::Pin;
 
 use flowfarm_core::spec::{check_idempotency_key, check_labels, resolve_jobs};
-use flowfarm_core::{JobState, Role};
+use flowfarm_core::{JobState, Role, TextEncoderSet};
 use flowfarm_proto::v1 as pb;
 use flowfarm_proto::v1::render_service_server::RenderService;
 use flowfarm_store::{JobFilter, NewBatch};
@@ -55,7 +55,17 @@ impl RenderService for Coordinator {
         let outcome = shared.store.submit_batch(&batch, &jobs).await.map_err(store_status)?;
         self.wake_dispatcher();
         tracing::info!(batch = %outcome.batch.id, jobs = jobs.len(), created = outcome.created, submitter = %caller.name, "batch submitted");
-        Ok(Response::new(pb::SubmitBatchResponse { batch: Some(batch_to_proto(&outcome.batch)), created: outcome.created }))
+        let needs: std::collections::BTreeSet<(&str, TextEncoderSet)> = jobs.iter().map(|j| (j.model.as_str(), j.text_encoders)).collect();
+        let mut warnings = Vec::new();
+        for (model, set) in needs {
+            if shared.store.serving_workers(model, set).await.map_err(store_status)? == 0 {
+                warnings.push(format!(
+                    "model `{model}`: no active worker serves it with text encoders `{}`; its jobs wait in the queue until one registers",
+                    set.as_str()
+                ));
+            }
+        }
+        Ok(Response::new(pb::SubmitBatchResponse { batch: Some(batch_to_proto(&outcome.batch)), created: outcome.created, warnings }))
     }
 
     async fn get_batch(&self, request: Request<pb::GetBatchRequest>) -> Result<Response<pb::Batch>, Status> {

@@ -7,7 +7,7 @@ use std::path::{Component, Path};
 use flowfarm_core::{Role, TextEncoderSet};
 use flowfarm_proto::v1 as pb;
 use flowfarm_proto::v1::worker_service_server::WorkerService;
-use flowfarm_store::{JobResultRow, NewWorker};
+use flowfarm_store::{FailureCause, JobResultRow, NewWorker};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -373,9 +373,20 @@ impl WorkerService for Coordinator {
         if error.trim().is_empty() {
             error = "unspecified worker error".into();
         }
+        let cause = match pb::FailureCause::try_from(req.cause) {
+            Ok(pb::FailureCause::Unspecified) if req.retryable => FailureCause::Transient,
+            Ok(pb::FailureCause::Unspecified) | Ok(pb::FailureCause::BadInput) => FailureCause::BadInput,
+            Ok(pb::FailureCause::WorkerCannot) => FailureCause::WorkerCannot,
+            Ok(pb::FailureCause::Transient) => FailureCause::Transient,
+            Err(_) => return Err(invalid("cause", format!("{} is not a FailureCause", req.cause))),
+        };
         self.check_worker(&caller, worker_id).await?;
-        let state = self.shared.store.fail_job(job_id, attempt, worker_id, &error, req.retryable).await.map_err(store_status)?;
-        self.shared.metrics.failure(if req.retryable { "retryable" } else { "fatal" });
+        let state = self.shared.store.fail_job(job_id, attempt, worker_id, &error, cause).await.map_err(store_status)?;
+        self.shared.metrics.failure(match cause {
+            FailureCause::BadInput => "bad_input",
+            FailureCause::WorkerCannot => "worker_cannot",
+            FailureCause::Transient => "transient",
+        });
         self.wake_dispatcher();
         Ok(Response::new(pb::FailJobResponse { state: state_to_proto(state) as i32 }))
     }

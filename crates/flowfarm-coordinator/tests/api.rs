@@ -407,7 +407,7 @@ async fn worker_protocol_runs_a_job_to_success_and_watchers_see_it() {
     assert!(matches!(first.event, Some(pb::watch_batch_event::Event::Snapshot(_))));
 
     let worker_id = register(&mut w).await;
-    let job = h.db.store.dispatch_jobs("sd3", 10, "test").await.unwrap().remove(0);
+    let job = h.db.store.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 10, "test").await.unwrap().remove(0);
     let start = w.start_job(pb::StartJobRequest { worker_id: worker_id.clone(), job_id: job.id.to_string() }).await.unwrap().into_inner();
     assert_eq!(start.attempt, 1);
     let spec = start.job.unwrap().spec.unwrap();
@@ -491,7 +491,7 @@ async fn batched_starts_and_completions_answer_job_by_job() {
     let (mut r, mut w) = (h.render(), h.worker());
     let batch = r.submit_batch(grid(&["a", "b", "c", "d"], &[1], &[], |_| {})).await.unwrap().into_inner().batch.unwrap();
     let worker_id = register(&mut w).await;
-    let dispatched = h.db.store.dispatch_jobs("sd3", 3, "test").await.unwrap();
+    let dispatched = h.db.store.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 3, "test").await.unwrap();
     assert_eq!(dispatched.len(), 3);
     let queued =
         h.db.store
@@ -589,7 +589,7 @@ async fn a_worker_token_acts_only_for_the_workers_it_registered() {
     let (_, other_secret) = h.db.store.create_token("other-fleet", flowfarm_core::Role::Worker, rand::random()).await.unwrap();
     let mut other = h.worker_as(Some(&other_secret));
     h.render().submit_batch(job_with(|_| {})).await.unwrap();
-    let job = h.db.store.dispatch_jobs("sd3", 1, "test").await.unwrap().remove(0);
+    let job = h.db.store.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "test").await.unwrap().remove(0);
     let id = job.id.to_string();
 
     let denied = |r: Result<tonic::Response<_>, tonic::Status>, what: &str| {
@@ -615,7 +615,7 @@ async fn a_worker_token_acts_only_for_the_workers_it_registered() {
             job_id: id.clone(),
             attempt: started.attempt,
             error: "x".into(),
-            retryable: false,
+            ..Default::default()
         })
         .await;
     denied(fail.map(|r| r.map(|_| ())), "FailJob");
@@ -646,7 +646,7 @@ async fn leases_expire_stale_reports_are_refused_and_last_attempts_die() {
     let (mut r, mut w) = (h.render(), h.worker());
     r.submit_batch(job_with(|j| j.max_attempts = 2)).await.unwrap();
     let worker_id = register(&mut w).await;
-    let job = h.db.store.dispatch_jobs("sd3", 1, "test").await.unwrap().remove(0);
+    let job = h.db.store.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "test").await.unwrap().remove(0);
     let job_id = job.id.to_string();
     let start = pb::StartJobRequest { worker_id: worker_id.clone(), job_id: job_id.clone() };
     w.start_job(start.clone()).await.unwrap();
@@ -677,7 +677,7 @@ async fn leases_expire_stale_reports_are_refused_and_last_attempts_die() {
     assert_eq!(stale.code(), Code::FailedPrecondition, "{stale:?}");
     assert!(stale.message().contains("attempt 1"), "{}", stale.message());
 
-    h.db.store.dispatch_jobs("sd3", 1, "test").await.unwrap();
+    h.db.store.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "test").await.unwrap();
     let second = w.start_job(start).await.unwrap().into_inner();
     assert_eq!(second.attempt, 2);
     // Heartbeats keep the lease alive past its length.
@@ -701,6 +701,7 @@ async fn leases_expire_stale_reports_are_refused_and_last_attempts_die() {
             attempt: 2,
             error: "CUDA error: device lost".into(),
             retryable: true,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -796,7 +797,10 @@ async fn operators_pause_reprioritise_requeue_and_steer_workers() {
     let paused = a.pause_queue(pb::PauseQueueRequest { model: "sd3".into(), reason: "driver update".into() }).await.unwrap().into_inner();
     assert!(paused.paused);
     assert_eq!(paused.updated_by, "admin:adm");
-    assert!(h.db.store.dispatch_jobs("sd3", 10, "t").await.unwrap().is_empty(), "a paused model dispatches nothing");
+    assert!(
+        h.db.store.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 10, "t").await.unwrap().is_empty(),
+        "a paused model dispatches nothing"
+    );
     let stats = a.get_queue_stats(pb::GetQueueStatsRequest::default()).await.unwrap().into_inner();
     assert!(stats.models[0].paused);
     assert_eq!(stats.total.unwrap().queued, 3);
@@ -814,7 +818,7 @@ async fn operators_pause_reprioritise_requeue_and_steer_workers() {
         .into_inner()
         .updated;
     assert_eq!(updated, 1);
-    let first = h.db.store.dispatch_jobs("sd3", 1, "t").await.unwrap().remove(0);
+    let first = h.db.store.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
     assert_eq!(first.id.to_string(), last);
 
     let worker_id = register(&mut w).await;
@@ -842,7 +846,7 @@ async fn operators_pause_reprioritise_requeue_and_steer_workers() {
 
     let cordoned = a.cordon_worker(pb::WorkerRef { worker_id: worker_id.clone() }).await.unwrap().into_inner();
     assert_eq!(cordoned.state, pb::WorkerState::Cordoned as i32);
-    let next = h.db.store.dispatch_jobs("sd3", 1, "t").await.unwrap().remove(0);
+    let next = h.db.store.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
     let refused = w.start_job(pb::StartJobRequest { worker_id: worker_id.clone(), job_id: next.id.to_string() }).await.unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition);
     a.uncordon_worker(pb::WorkerRef { worker_id: worker_id.clone() }).await.unwrap();
@@ -935,5 +939,43 @@ async fn label_filters_see_the_batchs_labels_on_its_jobs() {
     assert_eq!(listed("shot=s010").await, vec!["a", "b", "c"], "the batch's label and a job's own");
     assert_eq!(listed("take=2").await, vec!["b"]);
     assert!(listed("shot=s020").await.is_empty());
+    h.stop().await;
+}
+
+/// A batch for a model and encoders no active worker serves is accepted,
+/// with a warning per such model and set; GetQueueStats shows its jobs as
+/// waiting for a worker.
+#[tokio::test]
+async fn submissions_no_worker_can_serve_are_warned_about() {
+    let h = Harness::start().await;
+    let (mut r, mut w, mut a) = (h.render(), h.worker(), h.admin());
+    let spec = |set: pb::TextEncoderSet| pb::JobSpec {
+        model: "sd3".into(),
+        prompt: "a lighthouse".into(),
+        text_encoders: set as i32,
+        ..Default::default()
+    };
+    let submit = |specs: Vec<pb::JobSpec>| pb::SubmitBatchRequest { jobs: specs, ..Default::default() };
+    let warned =
+        r.submit_batch(submit(vec![spec(pb::TextEncoderSet::All), spec(pb::TextEncoderSet::ClipOnly)])).await.unwrap().into_inner();
+    assert_eq!(warned.warnings.len(), 2, "{:?}", warned.warnings);
+    assert!(warned.warnings[0].contains("model `sd3`: no active worker serves it with text encoders `all`"), "{:?}", warned.warnings);
+
+    w.register_worker(pb::RegisterWorkerRequest {
+        name: "clip-only".into(),
+        models: vec!["sd3".into()],
+        text_encoder_sets: vec![pb::TextEncoderSet::ClipOnly as i32],
+        capacity: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let warned =
+        r.submit_batch(submit(vec![spec(pb::TextEncoderSet::All), spec(pb::TextEncoderSet::ClipOnly)])).await.unwrap().into_inner();
+    assert_eq!(warned.warnings.len(), 1, "CLIP-only is served now: {:?}", warned.warnings);
+    let stats = a.get_queue_stats(pb::GetQueueStatsRequest { model: "sd3".into() }).await.unwrap().into_inner();
+    let waiting = &stats.models[0].waiting_for_worker;
+    assert_eq!(waiting.len(), 1);
+    assert_eq!((waiting[0].text_encoders, waiting[0].jobs), (pb::TextEncoderSet::All as i32, 2));
     h.stop().await;
 }

@@ -230,7 +230,7 @@ async fn sixty_streams_and_resumed_ones_reconcile_with_job_events() {
         let mut sent = 0;
         while sent < BATCHES * JOBS_PER_BATCH {
             // Several small dispatch statements at once, so commits interleave.
-            let rounds = (0..3).map(|_| store.dispatch_jobs("sd3", 4, "test"));
+            let rounds = (0..3).map(|_| store.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 4, "test"));
             for jobs in futures::future::join_all(rounds).await {
                 for job in jobs.expect("dispatch") {
                     tx.send(job.id).await.expect("send");

@@ -24,6 +24,10 @@ pub enum EngineError {
     /// Inputs that do not fit together (batch sizes, channels, steps).
     #[error("invalid input: {0}")]
     Input(String),
+    /// What this worker loaded cannot serve the request (a model or an
+    /// encoder it lacks); another worker's may.
+    #[error("not served here: {0}")]
+    Unserved(String),
     /// A device or dtype name that cannot be used here.
     #[error("device `{spec}`: {reason}")]
     Device { spec: String, reason: String },

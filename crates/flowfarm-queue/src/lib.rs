@@ -1,6 +1,9 @@
-//! flowfarm's work queue: one Redis Stream per model (`ff:jobs:{model}`),
-//! read through one consumer group (`workers`) so that each message goes to
-//! one worker.
+//! flowfarm's work queue: one Redis Stream per lane, read through one
+//! consumer group (`workers`) so that each message goes to one worker. A lane
+//! is a model and what a job of it needs from a worker: `{model}` for jobs
+//! that use T5 (`ff:jobs:{model}`), `{model}:clip-only` for jobs that do not.
+//! A worker reads only the lanes it can serve ([`lane`]), so a job never
+//! reaches a worker without the encoders it needs.
 //!
 //! A message only says "job J, attempt A is ready": the job itself lives in
 //! Postgres and a worker claims it with StartJob, which refuses duplicates.
@@ -22,9 +25,18 @@ use uuid::Uuid;
 /// The consumer group every worker reads through.
 pub const GROUP: &str = "workers";
 
-/// The stream of `model`'s work.
-pub fn stream_key(model: &str) -> String {
-    format!("ff:jobs:{model}")
+/// The stream of a lane's work.
+pub fn stream_key(lane: &str) -> String {
+    format!("ff:jobs:{lane}")
+}
+
+/// The lane of `model`'s jobs that use T5 (`needs_t5`) or only CLIP.
+pub fn lane(model: &str, needs_t5: bool) -> String {
+    if needs_t5 {
+        model.to_owned()
+    } else {
+        format!("{model}:clip-only")
+    }
 }
 
 /// What went wrong talking to Redis.
@@ -54,7 +66,8 @@ pub struct JobMessage {
 /// A message as a worker received it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
-    pub model: String,
+    /// The lane it came from ([`lane`]).
+    pub lane: String,
     /// The stream entry id, for [`Consumer::ack`].
     pub message_id: String,
     /// The job, or why the message could not be read (acknowledge and drop it).
@@ -73,11 +86,11 @@ async fn manager(url: &str, response_timeout: Option<Duration>) -> Result<Connec
     ConnectionManager::new_with_config(client(url)?, config).await.map_err(QueueError::redis("connect"))
 }
 
-/// Creates `model`'s stream and group if missing. The group starts at the
+/// Creates a lane's stream and group if missing. The group starts at the
 /// stream's beginning, so messages added before it existed (after a flush,
 /// by a coordinator that got there first) are still delivered.
-async fn ensure_group(conn: &mut ConnectionManager, model: &str) -> Result<(), QueueError> {
-    let created: Result<(), RedisError> = conn.xgroup_create_mkstream(stream_key(model), GROUP, "0").await;
+async fn ensure_group(conn: &mut ConnectionManager, lane: &str) -> Result<(), QueueError> {
+    let created: Result<(), RedisError> = conn.xgroup_create_mkstream(stream_key(lane), GROUP, "0").await;
     match created {
         Err(e) if e.code() != Some("BUSYGROUP") => Err(QueueError::Redis { action: "XGROUP CREATE", source: e }),
         _ => Ok(()),
@@ -105,17 +118,17 @@ impl WorkQueue {
         Ok(WorkQueue { conn: manager(url, Some(Duration::from_secs(5))).await? })
     }
 
-    /// Appends one message per job to `model`'s stream, in order, in one round trip.
+    /// Appends one message per job to a lane's stream, in order, in one round trip.
     ///
     /// # Errors
     /// [`QueueError::Redis`] if Redis is away; some messages may have been added.
-    pub async fn publish(&self, model: &str, jobs: &[JobMessage]) -> Result<(), QueueError> {
+    pub async fn publish(&self, lane: &str, jobs: &[JobMessage]) -> Result<(), QueueError> {
         if jobs.is_empty() {
             return Ok(());
         }
         let mut conn = self.conn.clone();
-        ensure_group(&mut conn, model).await?;
-        let key = stream_key(model);
+        ensure_group(&mut conn, lane).await?;
+        let key = stream_key(lane);
         let mut pipe = redis::pipe();
         for job in jobs {
             pipe.xadd(&key, "*", &[("job", job.job_id.to_string()), ("attempt", job.attempt.to_string())]).ignore();
@@ -123,30 +136,30 @@ impl WorkQueue {
         pipe.query_async::<()>(&mut conn).await.map_err(QueueError::redis("XADD"))
     }
 
-    /// Messages in `model`'s stream not yet acknowledged or swept.
+    /// Messages in a lane's stream not yet acknowledged or swept.
     ///
     /// # Errors
     /// [`QueueError::Redis`] if Redis is away.
-    pub async fn depth(&self, model: &str) -> Result<u64, QueueError> {
+    pub async fn depth(&self, lane: &str) -> Result<u64, QueueError> {
         let mut conn = self.conn.clone();
-        conn.xlen(stream_key(model)).await.map_err(QueueError::redis("XLEN"))
+        conn.xlen(stream_key(lane)).await.map_err(QueueError::redis("XLEN"))
     }
 
-    /// Acknowledges and deletes messages of `model` that a consumer read but
+    /// Acknowledges and deletes messages of a lane that a consumer read but
     /// has not acknowledged for longer than `idle` (a worker that died
     /// before acknowledging). Postgres decides what happens to their jobs;
     /// this only keeps Redis from growing. Returns how many were removed.
     ///
     /// # Errors
     /// [`QueueError::Redis`] if Redis is away.
-    pub async fn sweep_pending(&self, model: &str, idle: Duration) -> Result<u64, QueueError> {
+    pub async fn sweep_pending(&self, lane: &str, idle: Duration) -> Result<u64, QueueError> {
         let mut conn = self.conn.clone();
-        let key = stream_key(model);
+        let key = stream_key(lane);
         let exists: bool = conn.exists(&key).await.map_err(QueueError::redis("EXISTS"))?;
         if !exists {
             return Ok(0);
         }
-        ensure_group(&mut conn, model).await?;
+        ensure_group(&mut conn, lane).await?;
         let mut removed = 0;
         let mut start = "0-0".to_owned();
         loop {
@@ -177,7 +190,7 @@ impl WorkQueue {
     }
 }
 
-/// A worker's reader of its models' streams. Reconnects by itself; a read
+/// A worker's reader of its lanes' streams. Reconnects by itself; a read
 /// after Redis lost its data recreates the groups. Clones share the
 /// connections: one task reads, any may acknowledge.
 #[derive(Clone)]
@@ -187,32 +200,26 @@ pub struct Consumer {
     reader: ConnectionManager,
     writer: ConnectionManager,
     name: String,
-    models: Vec<String>,
+    lanes: Vec<String>,
     keys: Vec<String>,
 }
 
 impl Consumer {
-    /// Connects to `url` as consumer `name` (unique per worker) reading `models`.
+    /// Connects to `url` as consumer `name` (unique per worker) reading `lanes`.
     ///
     /// # Errors
     /// [`QueueError`] if the URL is malformed or Redis cannot be reached.
-    pub async fn connect(url: &str, name: &str, models: &[String]) -> Result<Self, QueueError> {
+    pub async fn connect(url: &str, name: &str, lanes: &[String]) -> Result<Self, QueueError> {
         // No response timeout: XREADGROUP BLOCK holds the reply back on purpose.
         let reader = manager(url, None).await?;
         let mut writer = manager(url, Some(Duration::from_secs(5))).await?;
-        for model in models {
-            ensure_group(&mut writer, model).await?;
+        for lane in lanes {
+            ensure_group(&mut writer, lane).await?;
         }
-        Ok(Consumer {
-            reader,
-            writer,
-            name: name.to_owned(),
-            keys: models.iter().map(|m| stream_key(m)).collect(),
-            models: models.to_vec(),
-        })
+        Ok(Consumer { reader, writer, name: name.to_owned(), keys: lanes.iter().map(|l| stream_key(l)).collect(), lanes: lanes.to_vec() })
     }
 
-    /// Waits up to `block` for at most `count` new messages across the models.
+    /// Waits up to `block` for at most `count` new messages across the lanes.
     ///
     /// # Errors
     /// [`QueueError::Redis`] if Redis is away (call again: it reconnects).
@@ -223,8 +230,8 @@ impl Consumer {
         let reply = match reply {
             Err(e) if e.code() == Some("NOGROUP") => {
                 tracing::warn!("work streams are gone (Redis restarted or flushed?): creating them again");
-                for model in &self.models {
-                    ensure_group(&mut self.writer, model).await?;
+                for lane in &self.lanes {
+                    ensure_group(&mut self.writer, lane).await?;
                 }
                 return Ok(Vec::new());
             }
@@ -232,9 +239,9 @@ impl Consumer {
         };
         let mut out = Vec::new();
         for stream in reply.map(|r| r.keys).unwrap_or_default() {
-            let model = stream.key.strip_prefix("ff:jobs:").unwrap_or(&stream.key).to_owned();
+            let lane = stream.key.strip_prefix("ff:jobs:").unwrap_or(&stream.key).to_owned();
             for entry in stream.ids {
-                out.push(Delivery { model: model.clone(), job: parse_message(&entry), message_id: entry.id });
+                out.push(Delivery { lane: lane.clone(), job: parse_message(&entry), message_id: entry.id });
             }
         }
         Ok(out)
@@ -257,7 +264,7 @@ impl Consumer {
     pub async fn ack_many(&self, deliveries: &[Delivery]) -> Result<(), QueueError> {
         let mut by_stream: std::collections::BTreeMap<String, Vec<&str>> = std::collections::BTreeMap::new();
         for d in deliveries {
-            by_stream.entry(stream_key(&d.model)).or_default().push(d.message_id.as_str());
+            by_stream.entry(stream_key(&d.lane)).or_default().push(d.message_id.as_str());
         }
         if by_stream.is_empty() {
             return Ok(());

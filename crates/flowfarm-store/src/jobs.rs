@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use flowfarm_core::{JobState, ResolvedJob, Transition};
+use flowfarm_core::{JobState, ResolvedJob, TextEncoderSet, Transition};
 use sqlx::postgres::PgRow;
 use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
@@ -141,7 +141,7 @@ async fn decline(
                 qb.push("id = ").push_bind(job_id);
                 if only_if_excluded {
                     qb.push(" AND ").push_bind(worker_id).push(" = ANY(failed_workers) AND ");
-                    push_other_worker_available(qb);
+                    push_other_worker_available(qb, false);
                 }
             },
             |qb| {
@@ -153,13 +153,27 @@ async fn decline(
         .await
 }
 
-/// Whether an active worker serving the job's model, other than those that
-/// failed it, exists (inside a `jobs` scan).
-fn push_other_worker_available(qb: &mut QueryBuilder<'_, Postgres>) {
+/// Whether an active worker that can serve the job (its model and its text
+/// encoders), other than those that failed it and, with `not_the_holder`,
+/// the one holding it, exists (inside a `jobs` scan).
+fn push_other_worker_available(qb: &mut QueryBuilder<'_, Postgres>, not_the_holder: bool) {
     qb.push(
         "EXISTS (SELECT 1 FROM workers w WHERE w.state = 'active' AND jobs.model = ANY(w.models) \
-         AND NOT (w.id = ANY(jobs.failed_workers)))",
+         AND jobs.text_encoders = ANY(w.text_encoder_sets) AND NOT (w.id = ANY(jobs.failed_workers))",
     );
+    qb.push(if not_the_holder { " AND w.id <> jobs.worker_id)" } else { ")" });
+}
+
+/// Why a worker failed a job, which decides where the job goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureCause {
+    /// Nobody can render it: failed for good.
+    BadInput,
+    /// This worker lacks what it needs: requeued for another worker without
+    /// using up an attempt while one can take it, else as `Transient`.
+    WorkerCannot,
+    /// Crash, device error: retried while attempts remain, then dead.
+    Transient,
 }
 
 /// For a retry: remember the worker that failed, and hold the job back by
@@ -538,14 +552,15 @@ impl PgStore {
         Ok(deleted)
     }
 
-    /// Moves up to `limit` queued jobs of `model` to dispatched, highest
-    /// priority then oldest first, skipping rows another coordinator holds
-    /// and jobs still in their retry backoff; returns them in that order.
-    /// Returns nothing while the queue (global or the model's) is paused.
+    /// Moves up to `limit` queued jobs of `model` that use the text encoders
+    /// `set` to dispatched, highest priority then oldest first, skipping rows
+    /// another coordinator holds and jobs still in their retry backoff;
+    /// returns them in that order. Returns nothing while the queue (global or
+    /// the model's) is paused.
     ///
     /// # Errors
     /// [`StoreError::Database`] on a failed query.
-    pub async fn dispatch_jobs(&self, model: &str, limit: u32, actor: &str) -> Result<Vec<JobRow>, StoreError> {
+    pub async fn dispatch_jobs(&self, model: &str, set: TextEncoderSet, limit: u32, actor: &str) -> Result<Vec<JobRow>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let paused: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM queue_state WHERE paused AND (model = '' OR model = $1))")
             .bind(model)
@@ -559,6 +574,7 @@ impl PgStore {
                 &mut tx,
                 |qb| {
                     qb.push("model = ").push_bind(model.to_owned());
+                    qb.push(" AND text_encoders = ").push_bind(set.as_str());
                     qb.push(" AND (not_before IS NULL OR not_before <= now())");
                 },
                 |qb| {
@@ -575,25 +591,44 @@ impl PgStore {
         Ok(rows)
     }
 
-    /// How many more jobs of `model` may be dispatched now: the free slots of
-    /// the active workers serving it (capacity minus dispatched and running
-    /// jobs) plus `lookahead_per_worker` per worker, so that workers never
-    /// wait on the dispatcher while the rest stays in Postgres, where
-    /// priority changes, pauses and cancels act on it.
+    /// How many more jobs of `model` using the text encoders `set` may be
+    /// dispatched now: the free slots of the active workers serving that
+    /// model with that set (capacity minus the jobs they may be holding) plus
+    /// `lookahead_per_worker` per worker, so that workers never wait on the
+    /// dispatcher while the rest stays in Postgres, where priority changes,
+    /// pauses and cancels act on it. A worker with T5 also serves CLIP-only
+    /// jobs, so every job of the model counts against the CLIP-only window,
+    /// and only T5 jobs against the T5 one.
     ///
     /// # Errors
     /// [`StoreError::Database`] on a failed query.
-    pub async fn dispatch_window(&self, model: &str, lookahead_per_worker: u32) -> Result<u32, StoreError> {
+    pub async fn dispatch_window(&self, model: &str, set: TextEncoderSet, lookahead_per_worker: u32) -> Result<u32, StoreError> {
         let (capacity, workers, outstanding): (i64, i64, i64) = sqlx::query_as(
             "SELECT COALESCE(sum(capacity), 0)::int8, count(*), \
-                 (SELECT count(*) FROM jobs WHERE model = $1 AND state IN ('dispatched', 'running')) \
-             FROM workers WHERE state = 'active' AND $1 = ANY(models)",
+                 (SELECT count(*) FROM jobs WHERE model = $1 AND state IN ('dispatched', 'running') \
+                     AND ($2 = 'clip-only' OR text_encoders = $2)) \
+             FROM workers WHERE state = 'active' AND $1 = ANY(models) AND $2 = ANY(text_encoder_sets)",
         )
         .bind(model)
+        .bind(set.as_str())
         .fetch_one(&self.pool)
         .await?;
         let window = capacity + workers * i64::from(lookahead_per_worker) - outstanding;
         Ok(window.clamp(0, i64::from(u32::MAX)) as u32)
+    }
+
+    /// Active workers that serve `model` with the text encoders `set`.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn serving_workers(&self, model: &str, set: TextEncoderSet) -> Result<u64, StoreError> {
+        let n: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM workers WHERE state = 'active' AND $1 = ANY(models) AND $2 = ANY(text_encoder_sets)")
+                .bind(model)
+                .bind(set.as_str())
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(n as u64)
     }
 
     /// Dispatches again up to `limit` jobs that were dispatched more than
@@ -672,7 +707,8 @@ impl PgStore {
             "WITH req AS (SELECT DISTINCT ON (job_id) job_id, worker_id FROM UNNEST($1::uuid[], $2::uuid[]) AS r(job_id, worker_id) ORDER BY job_id), \
              target AS (SELECT jobs.id, jobs.state AS from_state, req.worker_id FROM jobs JOIN req ON req.job_id = jobs.id \
                  WHERE jobs.state = 'dispatched' \
-                 AND EXISTS (SELECT 1 FROM workers w WHERE w.id = req.worker_id AND w.state = 'active') \
+                 AND EXISTS (SELECT 1 FROM workers w WHERE w.id = req.worker_id AND w.state = 'active' \
+                     AND jobs.model = ANY(w.models) AND jobs.text_encoders = ANY(w.text_encoder_sets)) \
                  AND NOT (req.worker_id = ANY(jobs.failed_workers) AND EXISTS (SELECT 1 FROM workers w WHERE w.state = 'active' \
                      AND jobs.model = ANY(w.models) AND NOT (w.id = ANY(jobs.failed_workers)))) \
                  ORDER BY jobs.id FOR UPDATE OF jobs), \
@@ -764,6 +800,20 @@ impl PgStore {
         let refusal = match worker_state.as_deref() {
             None => StoreError::NotFound { what: "worker", id: worker_id },
             Some("active") => {
+                let capable: Option<bool> = sqlx::query_scalar(
+                    "SELECT j.model = ANY(w.models) AND j.text_encoders = ANY(w.text_encoder_sets) FROM jobs j, workers w \
+                     WHERE j.id = $1 AND w.id = $2",
+                )
+                .bind(job_id)
+                .bind(worker_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+                if capable == Some(false)
+                    && !decline(&mut tx, job_id, worker_id, actor, "this worker cannot serve it", false).await?.is_empty()
+                {
+                    tx.commit().await?;
+                    return Ok(StoreError::Declined { job_id, worker_id });
+                }
                 if decline(&mut tx, job_id, worker_id, actor, "this worker failed it before", true).await?.is_empty() {
                     tx.commit().await?;
                     return Ok(self.wrong_state(job_id, "only a dispatched job can be started").await);
@@ -849,9 +899,11 @@ impl PgStore {
         Ok(())
     }
 
-    /// Records a failed attempt: a non-retryable error fails the job for
-    /// good; a retryable one requeues it (attempt + 1) while attempts remain,
-    /// else it is dead. Returns the job's new state.
+    /// Records a failed attempt, by `cause`: bad input fails the job for
+    /// good; a transient error requeues it (attempt + 1) while attempts
+    /// remain, else it is dead; a worker that cannot serve it hands it to
+    /// another without using up an attempt where one can take it. Returns
+    /// the job's new state.
     ///
     /// # Errors
     /// [`StoreError::WrongState`] if that attempt no longer holds the job.
@@ -861,12 +913,38 @@ impl PgStore {
         attempt: u32,
         worker_id: Uuid,
         error: &str,
-        retryable: bool,
+        cause: FailureCause,
     ) -> Result<JobState, StoreError> {
         let fence = Fence { job_id, attempt, worker_id };
         let actor = format!("worker:{worker_id}");
         let mut tx = self.pool.begin().await?;
-        let mut moved = if retryable {
+        let elsewhere = if cause == FailureCause::WorkerCannot {
+            // The attempt is spent (it fences this worker's reports) but not
+            // counted: max_attempts grows with it.
+            let backoff = self.backoff;
+            Move { transition: Transition::Retry, actor: &actor, reason: error }
+                .run(
+                    &mut tx,
+                    |qb| {
+                        push_fence(qb, fence);
+                        qb.push(" AND state = 'running' AND ");
+                        push_other_worker_available(qb, true);
+                    },
+                    |qb| {
+                        qb.push(", lease_expires_at = NULL, max_attempts = j.max_attempts + 1, error = ").push_bind(error.to_owned());
+                        push_retry_hold(qb, backoff);
+                    },
+                    "",
+                    false,
+                )
+                .await?
+        } else {
+            Vec::new()
+        };
+        let retryable = cause != FailureCause::BadInput;
+        let mut moved = if !elsewhere.is_empty() {
+            elsewhere
+        } else if retryable {
             let held = |qb: &mut QueryBuilder<'_, Postgres>| {
                 push_fence(qb, fence);
                 qb.push(" AND state = 'running'");
@@ -973,13 +1051,38 @@ impl PgStore {
         .bind(model)
         .fetch_all(&self.pool)
         .await?;
+        // Waiting jobs no active worker can take: grouped first, then each
+        // group held against the (small) workers table.
+        let unserved: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT g.model, g.text_encoders, g.n FROM (SELECT model, text_encoders, count(*) AS n FROM jobs \
+                 WHERE state IN ('queued', 'dispatched') AND ($1::text IS NULL OR model = $1) GROUP BY model, text_encoders) g \
+             WHERE NOT EXISTS (SELECT 1 FROM workers w WHERE w.state = 'active' AND g.model = ANY(w.models) \
+                 AND g.text_encoders = ANY(w.text_encoder_sets)) ORDER BY 1, 2",
+        )
+        .bind(model)
+        .fetch_all(&self.pool)
+        .await?;
         let pauses = self.pauses().await?;
         let mut stats: Vec<ModelStats> = Vec::new();
         for row in rows {
             let name: String = row.try_get("model")?;
             if stats.last().map(|s| &s.model) != Some(&name) {
                 let paused = pauses.iter().any(|p| p.paused && p.model == name);
-                stats.push(ModelStats { model: name, counts: JobCounts::default(), paused, oldest_queued_seconds: 0.0 });
+                let waiting_for_worker = unserved
+                    .iter()
+                    .filter(|(m, _, _)| *m == name)
+                    .map(|(_, set, n)| {
+                        let set = TextEncoderSet::parse(set).ok_or_else(|| StoreError::Corrupt(format!("text_encoders `{set}`")))?;
+                        Ok((set, *n as u64))
+                    })
+                    .collect::<Result<_, StoreError>>()?;
+                stats.push(ModelStats {
+                    model: name,
+                    counts: JobCounts::default(),
+                    paused,
+                    oldest_queued_seconds: 0.0,
+                    waiting_for_worker,
+                });
             }
             let entry = stats.last_mut().expect("pushed above");
             let state = parse_state(row.try_get("state")?)?;

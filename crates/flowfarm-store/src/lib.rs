@@ -25,7 +25,7 @@ use sqlx::PgPool;
 
 pub use error::StoreError;
 pub use events::{LogCursor, LogPage};
-pub use jobs::{Completion, JobFilter, JobSelector, NewBatch, SubmitOutcome};
+pub use jobs::{Completion, FailureCause, JobFilter, JobSelector, NewBatch, SubmitOutcome};
 pub use progress::{ProgressListener, ProgressNote};
 pub use rows::{BatchRow, EventRow, JobCounts, JobResultRow, JobRow, ModelStats, QueuePause, WorkerRow};
 pub use tokens::TokenInfo;

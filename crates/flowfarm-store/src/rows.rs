@@ -273,4 +273,7 @@ pub struct ModelStats {
     pub counts: JobCounts,
     pub paused: bool,
     pub oldest_queued_seconds: f64,
+    /// Text-encoder sets no active worker serves this model with, and how
+    /// many queued or dispatched jobs wait for one.
+    pub waiting_for_worker: Vec<(TextEncoderSet, u64)>,
 }

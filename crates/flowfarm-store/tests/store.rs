@@ -5,7 +5,9 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use flowfarm_core::{JobState, ResolvedJob, Role, TextEncoderSet, WorkerState};
-use flowfarm_store::{JobCounts, JobFilter, JobResultRow, JobSelector, LogCursor, NewBatch, NewWorker, PgStore, RetryBackoff, StoreError};
+use flowfarm_store::{
+    FailureCause, JobCounts, JobFilter, JobResultRow, JobSelector, LogCursor, NewBatch, NewWorker, PgStore, RetryBackoff, StoreError,
+};
 use flowfarm_testkit::TestDb;
 use uuid::Uuid;
 
@@ -92,7 +94,7 @@ async fn a_job_runs_start_progress_complete_and_completion_takes_effect_once() {
     let s = &db.store;
     submit(s, 1).await;
     let w = worker(s).await;
-    let job = s.dispatch_jobs("sd3", 10, "test").await.unwrap().remove(0);
+    let job = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 10, "test").await.unwrap().remove(0);
     assert_eq!(job.state, JobState::Dispatched);
     let lease = Duration::from_secs(30);
     let running = s.start_job(job.id, w, lease).await.unwrap();
@@ -124,7 +126,7 @@ async fn expired_lease_requeues_with_next_attempt_and_fences_the_old_one() {
     let s = &db.store;
     submit(s, 1).await;
     let w = worker(s).await;
-    let job = s.dispatch_jobs("sd3", 1, "test").await.unwrap().remove(0);
+    let job = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "test").await.unwrap().remove(0);
     s.start_job(job.id, w, Duration::from_secs(30)).await.unwrap();
     // Let the lease lapse without waiting for it.
     sqlx::query("UPDATE jobs SET lease_expires_at = now() - interval '1 second'").execute(s.pool()).await.unwrap();
@@ -136,7 +138,7 @@ async fn expired_lease_requeues_with_next_attempt_and_fences_the_old_one() {
     assert!(s.complete_job(job.id, 1, w, &result("x"), 0.0).await.is_err());
 
     // Second and last attempt (max_attempts = 2) also lapses: dead.
-    s.dispatch_jobs("sd3", 1, "test").await.unwrap();
+    s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "test").await.unwrap();
     let second = s.start_job(job.id, w, Duration::from_secs(30)).await.unwrap();
     assert_eq!(second.attempt, 2);
     sqlx::query("UPDATE jobs SET lease_expires_at = now() - interval '1 second'").execute(s.pool()).await.unwrap();
@@ -151,17 +153,17 @@ async fn retryable_failures_requeue_until_the_last_attempt_then_dead() {
     submit(s, 2).await;
     let w = worker(s).await;
     let lease = Duration::from_secs(30);
-    let jobs = s.dispatch_jobs("sd3", 2, "t").await.unwrap();
+    let jobs = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 2, "t").await.unwrap();
     let (a, b) = (jobs[0].id, jobs[1].id);
     s.start_job(a, w, lease).await.unwrap();
-    assert_eq!(s.fail_job(a, 1, w, "CUDA out of memory", true).await.unwrap(), JobState::Queued);
-    s.dispatch_jobs("sd3", 1, "t").await.unwrap();
+    assert_eq!(s.fail_job(a, 1, w, "CUDA out of memory", FailureCause::Transient).await.unwrap(), JobState::Queued);
+    s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "t").await.unwrap();
     s.start_job(a, w, lease).await.unwrap();
-    assert_eq!(s.fail_job(a, 2, w, "CUDA out of memory", true).await.unwrap(), JobState::Dead);
+    assert_eq!(s.fail_job(a, 2, w, "CUDA out of memory", FailureCause::Transient).await.unwrap(), JobState::Dead);
     assert_eq!(s.get_job(a).await.unwrap().error.as_deref(), Some("CUDA out of memory"));
     // A non-retryable error fails at once.
     s.start_job(b, w, lease).await.unwrap();
-    assert_eq!(s.fail_job(b, 1, w, "prompt refused", false).await.unwrap(), JobState::Failed);
+    assert_eq!(s.fail_job(b, 1, w, "prompt refused", FailureCause::BadInput).await.unwrap(), JobState::Failed);
     // An operator retry gives one more attempt.
     let retried = s.retry_jobs(&JobSelector::Ids(vec![a, b]), "admin:x", "again").await.unwrap();
     assert_eq!(retried.len(), 2);
@@ -178,7 +180,7 @@ async fn concurrent_dispatchers_never_take_the_same_job() {
         tokio::spawn(async move {
             let mut got = Vec::new();
             loop {
-                let batch = s.dispatch_jobs("sd3", 25, &format!("d{i}")).await.unwrap();
+                let batch = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 25, &format!("d{i}")).await.unwrap();
                 if batch.is_empty() {
                     return got;
                 }
@@ -199,12 +201,12 @@ async fn dispatch_follows_priority_and_pauses() {
     let jobs = s.list_jobs(&JobFilter { batch_id: Some(id), ..Default::default() }, None, 10).await.unwrap();
     assert_eq!(s.set_priority(&JobSelector::Ids(vec![jobs[2].id]), 10).await.unwrap(), 1);
     s.set_paused("", true, "maintenance", "admin:x").await.unwrap();
-    assert!(s.dispatch_jobs("sd3", 10, "t").await.unwrap().is_empty());
+    assert!(s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 10, "t").await.unwrap().is_empty());
     s.set_paused("", false, "", "admin:x").await.unwrap();
     s.set_paused("sd3", true, "", "admin:x").await.unwrap();
-    assert!(s.dispatch_jobs("sd3", 10, "t").await.unwrap().is_empty());
+    assert!(s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 10, "t").await.unwrap().is_empty());
     s.set_paused("sd3", false, "", "admin:x").await.unwrap();
-    let first = s.dispatch_jobs("sd3", 1, "t").await.unwrap();
+    let first = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "t").await.unwrap();
     assert_eq!(first[0].id, jobs[2].id, "the raised priority goes first");
 }
 
@@ -214,7 +216,7 @@ async fn cancel_and_purge_touch_only_what_they_may() {
     let s = &db.store;
     let id = submit(s, 5).await;
     let w = worker(s).await;
-    let j = s.dispatch_jobs("sd3", 1, "t").await.unwrap().remove(0);
+    let j = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
     s.start_job(j.id, w, Duration::from_secs(30)).await.unwrap();
     s.complete_job(j.id, 1, w, &result("r"), 1.0).await.unwrap();
     let cancelled = s.cancel_jobs(&JobSelector::Batch(id), "submitter:t", "no longer needed").await.unwrap();
@@ -231,7 +233,7 @@ async fn heartbeats_renew_leases_and_name_revoked_jobs() {
     let s = &db.store;
     submit(s, 2).await;
     let w = worker(s).await;
-    let jobs = s.dispatch_jobs("sd3", 2, "t").await.unwrap();
+    let jobs = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 2, "t").await.unwrap();
     let short = Duration::from_secs(1);
     for j in &jobs {
         s.start_job(j.id, w, short).await.unwrap();
@@ -245,7 +247,7 @@ async fn heartbeats_renew_leases_and_name_revoked_jobs() {
 
     s.set_worker_state(w, WorkerState::Cordoned).await.unwrap();
     submit(s, 1).await;
-    let next = s.dispatch_jobs("sd3", 1, "t").await.unwrap().remove(0);
+    let next = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
     assert!(matches!(s.start_job(next.id, w, short).await, Err(StoreError::WorkerUnavailable { .. })));
     assert_eq!(s.get_job(next.id).await.unwrap().state, JobState::Queued, "the refused job went back to the queue");
 
@@ -292,16 +294,20 @@ async fn the_dispatch_window_follows_the_fleet() {
     let db = TestDb::new().await;
     let s = &db.store;
     submit(s, 20).await;
-    assert_eq!(s.dispatch_window("sd3", 2).await.unwrap(), 0, "no workers, nothing goes out");
+    assert_eq!(s.dispatch_window("sd3", flowfarm_core::TextEncoderSet::All, 2).await.unwrap(), 0, "no workers, nothing goes out");
     let a = named_worker(s, "a", 3).await;
     named_worker(s, "b", 1).await;
-    assert_eq!(s.dispatch_window("sd3", 2).await.unwrap(), 3 + 1 + 2 * 2);
-    let out = s.dispatch_jobs("sd3", 5, "t").await.unwrap();
+    assert_eq!(s.dispatch_window("sd3", flowfarm_core::TextEncoderSet::All, 2).await.unwrap(), 3 + 1 + 2 * 2);
+    let out = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 5, "t").await.unwrap();
     s.start_job(out[0].id, a, Duration::from_secs(30)).await.unwrap();
-    assert_eq!(s.dispatch_window("sd3", 2).await.unwrap(), 8 - 5, "dispatched and running jobs both count");
+    assert_eq!(
+        s.dispatch_window("sd3", flowfarm_core::TextEncoderSet::All, 2).await.unwrap(),
+        8 - 5,
+        "dispatched and running jobs both count"
+    );
     s.set_worker_state(a, WorkerState::Cordoned).await.unwrap();
-    assert_eq!(s.dispatch_window("sd3", 2).await.unwrap(), 0, "a cordoned worker's slots do not count");
-    assert_eq!(s.dispatch_window("other-model", 2).await.unwrap(), 0);
+    assert_eq!(s.dispatch_window("sd3", flowfarm_core::TextEncoderSet::All, 2).await.unwrap(), 0, "a cordoned worker's slots do not count");
+    assert_eq!(s.dispatch_window("other-model", flowfarm_core::TextEncoderSet::All, 2).await.unwrap(), 0);
 }
 
 /// A retried job waits out its backoff before it is dispatched again, and
@@ -312,10 +318,10 @@ async fn retries_back_off_and_go_to_another_worker() {
     let s = db.store.clone().with_retry_backoff(RetryBackoff { base: Duration::from_millis(600), max: Duration::from_secs(5) });
     submit(&s, 1).await;
     let a = named_worker(&s, "a", 1).await;
-    let j = s.dispatch_jobs("sd3", 1, "t").await.unwrap().remove(0);
+    let j = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
     s.start_job(j.id, a, Duration::from_secs(30)).await.unwrap();
-    assert_eq!(s.fail_job(j.id, 1, a, "out of memory", true).await.unwrap(), JobState::Queued);
-    assert!(s.dispatch_jobs("sd3", 1, "t").await.unwrap().is_empty(), "held back by the backoff");
+    assert_eq!(s.fail_job(j.id, 1, a, "out of memory", FailureCause::Transient).await.unwrap(), JobState::Queued);
+    assert!(s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "t").await.unwrap().is_empty(), "held back by the backoff");
     let row: (Option<chrono::DateTime<chrono::Utc>>, Vec<Uuid>) =
         sqlx::query_as("SELECT not_before, failed_workers FROM jobs").fetch_one(s.pool()).await.unwrap();
     let wait = row.0.unwrap() - chrono::Utc::now();
@@ -324,7 +330,7 @@ async fn retries_back_off_and_go_to_another_worker() {
 
     tokio::time::sleep(Duration::from_millis(650)).await;
     // Alone, the failed worker may take it again.
-    let j = s.dispatch_jobs("sd3", 1, "t").await.unwrap().remove(0);
+    let j = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
     assert_eq!(j.attempt, 2);
     let b = named_worker(&s, "b", 1).await;
     // With another worker there, it declines: back to the queue, same attempt.
@@ -332,11 +338,11 @@ async fn retries_back_off_and_go_to_another_worker() {
     let declined = s.get_job(j.id).await.unwrap();
     assert_eq!((declined.state, declined.attempt), (JobState::Queued, 2));
     sqlx::query("UPDATE jobs SET not_before = NULL").execute(s.pool()).await.unwrap();
-    let j = s.dispatch_jobs("sd3", 1, "t").await.unwrap().remove(0);
+    let j = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
     assert_eq!(s.start_job(j.id, b, Duration::from_secs(30)).await.unwrap().attempt, 2);
 
     // Its last attempt failing leaves it dead, with the error.
-    assert_eq!(s.fail_job(j.id, 2, b, "device lost", true).await.unwrap(), JobState::Dead);
+    assert_eq!(s.fail_job(j.id, 2, b, "device lost", FailureCause::Transient).await.unwrap(), JobState::Dead);
     assert_eq!(s.get_job(j.id).await.unwrap().error.as_deref(), Some("device lost"));
 }
 
@@ -348,7 +354,7 @@ async fn unstarted_dispatches_are_dispatched_again() {
     let s = &db.store;
     submit(s, 2).await;
     let w = worker(s).await;
-    let out = s.dispatch_jobs("sd3", 2, "t").await.unwrap();
+    let out = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 2, "t").await.unwrap();
     s.start_job(out[0].id, w, Duration::from_secs(30)).await.unwrap();
     assert!(s.redispatch_stale(Duration::from_secs(60), 10, "t").await.unwrap().is_empty(), "not stale yet");
     sqlx::query("UPDATE jobs SET dispatched_at = now() - interval '2 minutes'").execute(s.pool()).await.unwrap();
@@ -376,7 +382,7 @@ async fn grouped_starts_and_completions_match_the_single_calls() {
     submit(s, 4).await;
     let (a, b) = (named_worker(s, "a", 4).await, named_worker(s, "b", 4).await);
     s.set_worker_state(b, WorkerState::Cordoned).await.unwrap();
-    let out = s.dispatch_jobs("sd3", 4, "t").await.unwrap();
+    let out = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 4, "t").await.unwrap();
     let lease = Duration::from_secs(30);
     let started =
         s.start_jobs(&[(out[0].id, a), (out[1].id, a), (out[0].id, a), (out[2].id, b), (Uuid::now_v7(), a)], lease).await.unwrap();
@@ -414,11 +420,11 @@ async fn grouped_completions_answer_each_fence_on_its_own() {
     submit(s, 1).await;
     let (a, b) = (named_worker(s, "a", 1).await, named_worker(s, "b", 1).await);
     let lease = Duration::from_secs(30);
-    let job = s.dispatch_jobs("sd3", 1, "t").await.unwrap().remove(0);
+    let job = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
     s.start_job(job.id, a, lease).await.unwrap();
     sqlx::query("UPDATE jobs SET lease_expires_at = now() - interval '1 second'").execute(s.pool()).await.unwrap();
     s.reap_expired_leases().await.unwrap();
-    s.dispatch_jobs("sd3", 1, "t").await.unwrap();
+    s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "t").await.unwrap();
     assert_eq!(s.start_job(job.id, b, lease).await.unwrap().attempt, 2);
     let completion = |attempt: u32, worker_id: Uuid, key: &str| flowfarm_store::Completion {
         job_id: job.id,
@@ -452,7 +458,7 @@ async fn heartbeats_renew_only_the_jobs_they_list() {
     let s = &db.store;
     submit(s, 2).await;
     let w = worker(s).await;
-    let jobs = s.dispatch_jobs("sd3", 2, "t").await.unwrap();
+    let jobs = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 2, "t").await.unwrap();
     for j in &jobs {
         s.start_job(j.id, w, Duration::from_secs(1)).await.unwrap();
     }
@@ -500,7 +506,7 @@ async fn an_outage_is_not_held_against_leases_or_workers() {
     let s = &db.store;
     submit(s, 1).await;
     let w = worker(s).await;
-    let job = s.dispatch_jobs("sd3", 1, "t").await.unwrap().remove(0);
+    let job = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
     s.start_job(job.id, w, Duration::from_secs(30)).await.unwrap();
     sqlx::query("UPDATE jobs SET lease_expires_at = now() - interval '5 seconds'").execute(s.pool()).await.unwrap();
     sqlx::query("UPDATE workers SET last_heartbeat_at = now() - interval '5 minutes'").execute(s.pool()).await.unwrap();
@@ -569,7 +575,7 @@ async fn snapshot_counts_plus_the_log_equal_the_batch_later() {
     let w = named_worker(s, "w", 30).await;
     let (snapshot, cursor) = s.batch_with_cursor(batch).await.unwrap();
     assert_eq!(snapshot.counts.queued, 30);
-    let out = s.dispatch_jobs("sd3", 20, "t").await.unwrap();
+    let out = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 20, "t").await.unwrap();
     for j in &out[..10] {
         s.start_job(j.id, w, Duration::from_secs(30)).await.unwrap();
     }
@@ -586,4 +592,95 @@ async fn snapshot_counts_plus_the_log_equal_the_batch_later() {
     assert_eq!(events.len(), 20 + 10 + 5 + 25, "every change once");
     let ids: HashSet<i64> = events.iter().map(|e| e.id).collect();
     assert_eq!(ids.len(), events.len());
+}
+
+async fn worker_with_sets(store: &PgStore, name: &str, sets: Vec<TextEncoderSet>) -> Uuid {
+    store
+        .register_worker(&NewWorker {
+            name: name.into(),
+            hostname: "h".into(),
+            devices: serde_json::json!([]),
+            models: vec!["sd3".into()],
+            model_hashes: Default::default(),
+            text_encoder_sets: sets,
+            capacity: 1,
+            version: "test".into(),
+            token_id: None,
+        })
+        .await
+        .unwrap()
+        .id
+}
+
+/// Jobs go only to workers that have the encoders they need: a worker
+/// without T5 opens no window for T5 jobs, cannot start one (the job goes
+/// back to the queue), and the jobs show as waiting for a worker.
+#[tokio::test]
+async fn claims_respect_the_workers_text_encoders() {
+    let db = TestDb::new().await;
+    let s = &db.store;
+    let clip_job = ResolvedJob { text_encoders: TextEncoderSet::ClipOnly, ..job(100) };
+    s.submit_batch(&batch(None, 1), &[job(0), job(1), clip_job]).await.unwrap();
+    let clip = worker_with_sets(s, "clip", vec![TextEncoderSet::ClipOnly]).await;
+    assert_eq!(s.dispatch_window("sd3", TextEncoderSet::All, 2).await.unwrap(), 0, "no worker with T5");
+    assert_eq!(s.dispatch_window("sd3", TextEncoderSet::ClipOnly, 2).await.unwrap(), 1 + 2);
+    assert_eq!(s.serving_workers("sd3", TextEncoderSet::All).await.unwrap(), 0);
+    let stats = s.queue_stats(Some("sd3")).await.unwrap();
+    assert_eq!(stats[0].waiting_for_worker, vec![(TextEncoderSet::All, 2)], "two T5 jobs wait for a worker with T5");
+
+    let clip_out = s.dispatch_jobs("sd3", TextEncoderSet::ClipOnly, 10, "t").await.unwrap();
+    assert_eq!(clip_out.len(), 1, "only the CLIP-only job is in the CLIP-only lane");
+    s.start_job(clip_out[0].id, clip, Duration::from_secs(30)).await.unwrap();
+
+    // A T5 job in front of a worker without T5 (a stale message, say) is not started by it.
+    let t5 = s.dispatch_jobs("sd3", TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
+    assert!(matches!(s.start_job(t5.id, clip, Duration::from_secs(30)).await, Err(StoreError::Declined { .. })));
+    let back = s.get_job(t5.id).await.unwrap();
+    assert_eq!((back.state, back.attempt), (JobState::Queued, 1), "back in the queue, no attempt used");
+
+    let full = worker_with_sets(s, "full", vec![TextEncoderSet::All, TextEncoderSet::ClipOnly]).await;
+    assert!(s.queue_stats(Some("sd3")).await.unwrap()[0].waiting_for_worker.is_empty());
+    assert_eq!(s.dispatch_window("sd3", TextEncoderSet::All, 2).await.unwrap(), 1 + 2);
+    sqlx::query("UPDATE jobs SET not_before = NULL").execute(s.pool()).await.unwrap();
+    let t5 = s.dispatch_jobs("sd3", TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
+    s.start_job(t5.id, full, Duration::from_secs(30)).await.unwrap();
+}
+
+/// Failures by cause: bad input fails for good; a worker that cannot serve
+/// a job hands it to another without using up an attempt, and counts one
+/// when no other worker could take it.
+#[tokio::test]
+async fn failures_are_handled_by_cause() {
+    let db = TestDb::new().await;
+    let s = &db.store;
+    s.submit_batch(&batch(None, 2), &[job(0), job(1)]).await.unwrap();
+    let a = worker_with_sets(s, "a", vec![TextEncoderSet::All, TextEncoderSet::ClipOnly]).await;
+    let jobs = s.dispatch_jobs("sd3", TextEncoderSet::All, 2, "t").await.unwrap();
+    for j in &jobs {
+        s.start_job(j.id, a, Duration::from_secs(30)).await.unwrap();
+    }
+    assert_eq!(s.fail_job(jobs[0].id, 1, a, "1000×1000 is not a multiple of 64", FailureCause::BadInput).await.unwrap(), JobState::Failed);
+
+    // Alone, a worker that cannot serve the job uses up an attempt (max 2 here).
+    assert_eq!(s.fail_job(jobs[1].id, 1, a, "no T5 loaded", FailureCause::WorkerCannot).await.unwrap(), JobState::Queued);
+    let j = s.get_job(jobs[1].id).await.unwrap();
+    assert_eq!((j.attempt, j.spec.max_attempts), (2, 2), "counted: nobody else could take it");
+
+    // With another worker able to, it does not.
+    let b = worker_with_sets(s, "b", vec![TextEncoderSet::All, TextEncoderSet::ClipOnly]).await;
+    sqlx::query("UPDATE jobs SET not_before = NULL").execute(s.pool()).await.unwrap();
+    let j = s.dispatch_jobs("sd3", TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
+    // a failed it before and b can take it: a is declined; b starts it.
+    assert!(matches!(s.start_job(j.id, a, Duration::from_secs(30)).await, Err(StoreError::Declined { .. })));
+    sqlx::query("UPDATE jobs SET not_before = NULL").execute(s.pool()).await.unwrap();
+    let j = s.dispatch_jobs("sd3", TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
+    s.start_job(j.id, b, Duration::from_secs(30)).await.unwrap();
+    worker_with_sets(s, "c", vec![TextEncoderSet::All, TextEncoderSet::ClipOnly]).await;
+    assert_eq!(
+        s.fail_job(j.id, 2, b, "shutting down", FailureCause::WorkerCannot).await.unwrap(),
+        JobState::Queued,
+        "on its last attempt, yet not dead"
+    );
+    let j = s.get_job(j.id).await.unwrap();
+    assert_eq!((j.attempt, j.spec.max_attempts), (3, 3), "the attempt fences b out but is not counted");
 }

@@ -190,8 +190,17 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
     let worker_id = registered.worker_id;
     tracing::info!(worker = %worker_id, %name, capacity = config.capacity, "registered");
 
-    let models: Vec<String> = config.models.iter().map(|m| m.name.clone()).collect();
-    let consumer = connect_consumer(&config.redis_url, &worker_id, &models).await;
+    // The lanes this worker can serve: every model's CLIP-only jobs, and its
+    // T5 jobs when every model it loaded has T5 (as registered above).
+    let lanes: Vec<String> = config
+        .models
+        .iter()
+        .flat_map(|m| {
+            let t5 = all_t5.then(|| flowfarm_queue::lane(&m.name, true));
+            t5.into_iter().chain([flowfarm_queue::lane(&m.name, false)])
+        })
+        .collect();
+    let consumer = connect_consumer(&config.redis_url, &worker_id, &lanes).await;
     let metrics = WorkerMetrics::new(cache);
     let (mode, mut mode_rx) = watch::channel(Mode::Active);
     let completions = completion_reporter(client.clone(), worker_id.clone());
@@ -290,10 +299,10 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
     Ok(())
 }
 
-async fn connect_consumer(url: &str, worker_id: &str, models: &[String]) -> Consumer {
+async fn connect_consumer(url: &str, worker_id: &str, lanes: &[String]) -> Consumer {
     let mut pause = Duration::from_millis(200);
     loop {
-        match Consumer::connect(url, worker_id, models).await {
+        match Consumer::connect(url, worker_id, lanes).await {
             Ok(consumer) => return consumer,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reach Redis; retrying");
@@ -436,7 +445,9 @@ async fn run_job(shared: Arc<Shared>, delivery: Delivery, start: pb::StartJobRes
             complete(&shared, &job, attempt, png, &model_hash, seconds).await
         }
         Err(EngineError::Cancelled { step }) if handed_back.load(Ordering::SeqCst) => {
-            fail(&shared, &job.id, attempt, &format!("the worker shut down at step {step} before finishing"), true).await
+            // Handed back: another worker takes it without an attempt used up.
+            let why = format!("the worker shut down at step {step} before finishing");
+            fail(&shared, &job.id, attempt, &why, pb::FailureCause::WorkerCannot).await
         }
         Err(EngineError::Cancelled { step }) => {
             tracing::info!(job = %job_id, step, "stopped: the job is no longer this worker's");
@@ -445,9 +456,13 @@ async fn run_job(shared: Arc<Shared>, delivery: Delivery, start: pb::StartJobRes
         }
         Err(e) => {
             // Bad input can only fail again; anything else may be this machine's trouble.
-            let retryable = !matches!(e, EngineError::Input(_) | EngineError::TooLarge { .. });
-            tracing::warn!(job = %job_id, error = %e, retryable, "render failed");
-            fail(&shared, &job.id, attempt, &e.to_string(), retryable).await
+            let cause = match e {
+                EngineError::Input(_) | EngineError::TooLarge { .. } => pb::FailureCause::BadInput,
+                EngineError::Unserved(_) => pb::FailureCause::WorkerCannot,
+                _ => pb::FailureCause::Transient,
+            };
+            tracing::warn!(job = %job_id, error = %e, ?cause, "render failed");
+            fail(&shared, &job.id, attempt, &e.to_string(), cause).await
         }
     };
     if let Err(status) = report {
@@ -474,7 +489,7 @@ async fn render(
         .renderers
         .get(&spec.model)
         .cloned()
-        .ok_or_else(|| EngineError::Input(format!("this worker does not serve model `{}`", spec.model)))?;
+        .ok_or_else(|| EngineError::Unserved(format!("this worker does not serve model `{}`", spec.model)))?;
     let handle = tokio::runtime::Handle::current();
     let shared = shared.clone();
     let job_id = job.id.clone();
@@ -513,7 +528,7 @@ async fn complete(shared: &Shared, job: &pb::Job, attempt: u32, png: Vec<u8>, mo
         Ok(stored) => stored,
         Err(e) => {
             tracing::warn!(job = %job_id, error = %e, "cannot store the image");
-            return fail(shared, &job.id, attempt, &e.to_string(), true).await;
+            return fail(shared, &job.id, attempt, &e.to_string(), pb::FailureCause::Transient).await;
         }
     };
     let completed = pb::CompletedJob {
@@ -638,9 +653,15 @@ async fn report_completions_one_by_one(client: &Client, worker_id: &str, jobs: V
     answers
 }
 
-async fn fail(shared: &Shared, job_id: &str, attempt: u32, error: &str, retryable: bool) -> Result<(), Status> {
-    let request =
-        pb::FailJobRequest { worker_id: shared.worker_id.clone(), job_id: job_id.to_owned(), attempt, error: error.to_owned(), retryable };
+async fn fail(shared: &Shared, job_id: &str, attempt: u32, error: &str, cause: pb::FailureCause) -> Result<(), Status> {
+    let request = pb::FailJobRequest {
+        worker_id: shared.worker_id.clone(),
+        job_id: job_id.to_owned(),
+        attempt,
+        error: error.to_owned(),
+        retryable: cause != pb::FailureCause::BadInput,
+        cause: cause as i32,
+    };
     retrying("FailJob", REPORT_PATIENCE, || {
         let mut client = shared.client.clone();
         let request = request.clone();
@@ -714,7 +735,7 @@ async fn drain(shared: &Shared, slots: &Arc<Semaphore>, capacity: u32, timeout: 
     for job in lock(&shared.running).values() {
         job.handed_back.store(true, Ordering::SeqCst);
     }
-    // They stop at their next step and report themselves failed (retryable).
+    // They stop at their next step and hand themselves back ("worker cannot").
     let _ = slots.acquire_many(capacity).await;
 }
 

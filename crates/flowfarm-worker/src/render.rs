@@ -95,11 +95,12 @@ impl JobRenderer {
     ///
     /// # Errors
     /// [`EngineError::Cancelled`]; [`EngineError::Input`] for a size the model
-    /// cannot render or T5 asked of a CLIP-only model; engine errors.
+    /// cannot render; [`EngineError::Unserved`] for T5 asked of a CLIP-only
+    /// model; engine errors.
     pub fn render_png(&self, job: &ResolvedJob, on_step: &mut dyn FnMut(usize, usize) -> bool) -> Result<Vec<u8>, EngineError> {
         let use_t5 = job.text_encoders == TextEncoderSet::All;
         if use_t5 && !self.has_t5() {
-            return Err(EngineError::Input("this worker's model has no T5 encoder; the job needs one".into()));
+            return Err(EngineError::Unserved("this worker's model has no T5 encoder; the job needs one".into()));
         }
         let scale = self.pipeline.vae.scale_factor();
         let factor = scale * self.pipeline.transformer.config().patch_size;

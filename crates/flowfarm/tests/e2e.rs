@@ -170,13 +170,19 @@ async fn coordinator_restart_loses_and_changes_nothing() {
 
     // Drive some jobs into other states through the worker API.
     let (mut w, worker_id) = registered_worker(&server, &worker).await;
-    let dispatched = db.store.dispatch_jobs("sd3-medium", 3, "test").await.unwrap();
+    let dispatched = db.store.dispatch_jobs("sd3-medium", flowfarm_core::TextEncoderSet::All, 3, "test").await.unwrap();
     for job in &dispatched[..2] {
         w.start_job(pb::StartJobRequest { worker_id: worker_id.clone(), job_id: job.id.to_string() }).await.unwrap();
     }
-    w.fail_job(pb::FailJobRequest { worker_id, job_id: dispatched[1].id.to_string(), attempt: 1, error: "bad".into(), retryable: false })
-        .await
-        .unwrap();
+    w.fail_job(pb::FailJobRequest {
+        worker_id,
+        job_id: dispatched[1].id.to_string(),
+        attempt: 1,
+        error: "bad".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let mut cancel_one = farmctl(&server.url(), &submitter, &["jobs", "cancel", &dispatched[2].id.to_string()]);
     assert!(cancel_one.status.success(), "{}", String::from_utf8_lossy(&cancel_one.stderr));
 
@@ -286,7 +292,7 @@ async fn farmctl_fetches_results_and_watch_succeeds() {
 
     let (mut w, worker_id) = registered_worker(&server, &worker).await;
     let mut images = Vec::new();
-    for (i, job) in db.store.dispatch_jobs("sd3-medium", 2, "test").await.unwrap().iter().enumerate() {
+    for (i, job) in db.store.dispatch_jobs("sd3-medium", flowfarm_core::TextEncoderSet::All, 2, "test").await.unwrap().iter().enumerate() {
         w.start_job(pb::StartJobRequest { worker_id: worker_id.clone(), job_id: job.id.to_string() }).await.unwrap();
         let bytes = format!("image {i} of job {}", job.id).repeat(10_000).into_bytes();
         let key = format!("{}/{}.png", job.batch_id, job.id);

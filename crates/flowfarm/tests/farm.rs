@@ -596,3 +596,54 @@ fn a_worker_refuses_a_model_with_a_missing_shard() {
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains(MODEL) && stderr.contains("model-00003-of-00003.safetensors, which is missing"), "{stderr}");
 }
+
+/// Routing by capability, through real Redis lanes: a worker whose model has
+/// no T5 renders only CLIP-only jobs; T5 jobs wait, shown as waiting for a
+/// worker serving the model with T5, none failed; a worker with T5 then
+/// renders them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_reach_only_workers_with_the_encoders_they_need() {
+    let farm = Farm::start().await;
+    let no_t5 = farm.dir.path().join("flowfarm-tiny-no-t5");
+    let status = Command::new("cp").arg("-r").arg(repo_path("models/flowfarm-tiny")).arg(&no_t5).status().unwrap();
+    assert!(status.success());
+    std::fs::remove_dir_all(no_t5.join("text_encoder_3")).unwrap();
+    let clip_worker = farm.worker_serving("clip", &format!("path = \"{}\"\n", no_t5.display()));
+
+    let spec = |i: u64, set: &str| {
+        format!("{{\"model\":\"{MODEL}\",\"prompt\":\"shot {i}\",\"seed\":{i},\"steps\":2,\"width\":64,\"height\":64,\"text_encoders\":\"{set}\"}}")
+    };
+    let jobs: Vec<String> = (0..6).map(|i| spec(i, if i % 2 == 0 { "clip-only" } else { "all" })).collect();
+    let path = write(farm.dir.path(), "mixed.jsonl", &(jobs.join("\n") + "\n"));
+    let out = farm.farmctl(&farm.submitter, &["submit", path.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The CLIP-only worker may not have registered yet: a warning then names CLIP-only too.
+    assert!(String::from_utf8_lossy(&out.stderr).contains("with text encoders `all`"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    farm.wait_for("the CLIP-only jobs", Duration::from_secs(120), &[&clip_worker], async || {
+        farm.count("SELECT count(*) FROM jobs WHERE text_encoders = 'clip-only' AND state = 'succeeded'").await == 3
+    })
+    .await;
+    let top = farm.farmctl(&farm.admin, &["top", "--once"]);
+    let text = String::from_utf8_lossy(&top.stdout);
+    assert!(text.contains(&format!("3 job(s) waiting for a worker serving {MODEL} with text encoders all")), "{text}");
+    assert_eq!(farm.count("SELECT count(*) FROM jobs WHERE state IN ('failed', 'dead')").await, 0, "nothing failed for want of T5");
+    assert_eq!(
+        farm.count(
+            "SELECT count(*) FROM job_events WHERE to_state = 'running' AND job_id IN (SELECT id FROM jobs WHERE text_encoders = 'all')"
+        )
+        .await,
+        0
+    );
+
+    let full_worker = farm.worker("full");
+    farm.wait_all_finished(&[&clip_worker, &full_worker], Duration::from_secs(120)).await;
+    farm.assert_each_succeeded_once().await;
+    let clip_id = farm.worker_id("clip").await;
+    let t5_on_clip: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE text_encoders = 'all' AND worker_id = $1")
+        .bind(clip_id)
+        .fetch_one(farm.db.store.pool())
+        .await
+        .unwrap();
+    assert_eq!(t5_on_clip, 0, "no T5 job ran on the worker without T5");
+}
