@@ -333,7 +333,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Batch { batch } => {
             let b = farm.render().get_batch(pb::GetBatchRequest { batch_id: batch }).await.map_err(|s| farm.explain(s))?.into_inner();
             emit(json, output::batch(&b), || {
-                format!("batch {} by {} · {} jobs\n{}", b.id, b.submitter, b.total_jobs, output::counts_line(&b.counts))
+                format!(
+                    "batch {} by {} · {} jobs · {:.1} gpu-seconds\n{}",
+                    b.id,
+                    b.submitter,
+                    b.total_jobs,
+                    b.gpu_seconds,
+                    output::counts_line(&b.counts)
+                )
             });
         }
         Command::Jobs { command } => jobs(&farm, command, json).await?,

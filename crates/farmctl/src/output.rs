@@ -65,6 +65,7 @@ pub fn batch(b: &pb::Batch) -> Value {
     json!({
         "id": b.id, "idempotency_key": b.idempotency_key, "submitter": b.submitter, "labels": b.labels,
         "created_at": time(&b.created_at), "total_jobs": b.total_jobs, "counts": counts(&b.counts),
+        "gpu_seconds": b.gpu_seconds,
     })
 }
 
@@ -73,7 +74,7 @@ pub fn job(j: &pb::Job) -> Value {
     json!({
         "id": j.id, "batch_id": j.batch_id, "index": j.index, "state": state_name(j.state), "attempt": j.attempt,
         "worker_id": j.worker_id, "lease_expires_at": time(&j.lease_expires_at), "progress_step": j.progress_step,
-        "error": j.error,
+        "error": j.error, "gpu_seconds": j.gpu_seconds,
         "result": j.result.as_ref().map(|r| json!({
             "key": r.key, "sha256": r.sha256, "size_bytes": r.size_bytes, "content_type": r.content_type,
             "model_hash": r.model_hash,
@@ -167,6 +168,10 @@ pub fn queue_stats_text(stats: &pb::QueueStats) -> String {
             ));
         }
     }
+    if !stats.submitters.is_empty() {
+        let usage: Vec<String> = stats.submitters.iter().map(|u| format!("{} {:.1}s", u.submitter, u.gpu_seconds)).collect();
+        text.push_str(&format!("\ngpu-seconds by submitter: {}", usage.join(", ")));
+    }
     text
 }
 
@@ -188,6 +193,7 @@ pub fn queue_stats(s: &pb::QueueStats) -> Value {
                 "text_encoders": encoders_name(w.text_encoders), "jobs": w.jobs,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
+        "submitters": s.submitters.iter().map(|u| json!({ "submitter": u.submitter, "gpu_seconds": u.gpu_seconds })).collect::<Vec<_>>(),
     })
 }
 

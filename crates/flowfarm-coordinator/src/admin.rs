@@ -135,7 +135,14 @@ impl AdminService for Coordinator {
                 }
             })
             .collect();
-        Ok(Response::new(pb::QueueStats { paused, models, total: Some(counts_to_proto(&total)) }))
+        let submitters = store
+            .gpu_seconds_by_submitter()
+            .await
+            .map_err(store_status)?
+            .into_iter()
+            .map(|(submitter, gpu_seconds)| pb::SubmitterUsage { submitter, gpu_seconds })
+            .collect();
+        Ok(Response::new(pb::QueueStats { paused, models, total: Some(counts_to_proto(&total)), submitters }))
     }
 
     async fn list_workers(&self, request: Request<pb::ListWorkersRequest>) -> Result<Response<pb::ListWorkersResponse>, Status> {

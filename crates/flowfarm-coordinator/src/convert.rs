@@ -197,6 +197,7 @@ pub fn batch_to_proto(b: &BatchRow) -> pb::Batch {
         created_at: Some(timestamp(b.created_at)),
         total_jobs: b.total_jobs,
         counts: Some(counts_to_proto(&b.counts)),
+        gpu_seconds: b.gpu_seconds,
     }
 }
 
@@ -236,6 +237,7 @@ pub fn job_to_proto(j: &JobRow) -> pb::Job {
         }),
         created_at: Some(timestamp(j.created_at)),
         updated_at: Some(timestamp(j.updated_at)),
+        gpu_seconds: j.gpu_seconds,
     }
 }
 
@@ -249,6 +251,7 @@ pub fn event_to_proto(e: &EventRow) -> pb::JobEvent {
         actor: e.actor.clone(),
         reason: e.reason.clone(),
         at: Some(timestamp(e.at)),
+        gpu_seconds: e.gpu_seconds.unwrap_or(0.0),
     }
 }
 

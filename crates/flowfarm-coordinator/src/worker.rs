@@ -257,12 +257,7 @@ impl WorkerService for Coordinator {
         // taken back now rather than when its lease would have run out. A
         // claim made within the last heartbeat interval may not be listed yet.
         let grace = std::time::Duration::from_secs(u64::from(self.shared.leases.heartbeat_interval_seconds.max(1)));
-        let outcome = self
-            .shared
-            .store
-            .heartbeat(worker_id, &running, req.gpu_seconds_delta, self.shared.leases.lease(), grace)
-            .await
-            .map_err(store_status)?;
+        let outcome = self.shared.store.heartbeat(worker_id, &running, self.shared.leases.lease(), grace).await.map_err(store_status)?;
         for job in &outcome.taken_back {
             tracing::warn!(job = %job.id, worker = %worker_id, state = %job.state, "the worker dropped a job it held; taken back");
         }
@@ -373,6 +368,9 @@ impl WorkerService for Coordinator {
         if error.trim().is_empty() {
             error = "unspecified worker error".into();
         }
+        if !(req.gpu_seconds.is_finite() && req.gpu_seconds >= 0.0) {
+            return Err(invalid("gpu_seconds", format!("{} is not a non-negative number", req.gpu_seconds)));
+        }
         let cause = match pb::FailureCause::try_from(req.cause) {
             Ok(pb::FailureCause::Unspecified) if req.retryable => FailureCause::Transient,
             Ok(pb::FailureCause::Unspecified) | Ok(pb::FailureCause::BadInput) => FailureCause::BadInput,
@@ -381,7 +379,7 @@ impl WorkerService for Coordinator {
             Err(_) => return Err(invalid("cause", format!("{} is not a FailureCause", req.cause))),
         };
         self.check_worker(&caller, worker_id).await?;
-        let state = self.shared.store.fail_job(job_id, attempt, worker_id, &error, cause).await.map_err(store_status)?;
+        let state = self.shared.store.fail_job(job_id, attempt, worker_id, &error, cause, req.gpu_seconds).await.map_err(store_status)?;
         self.shared.metrics.failure(match cause {
             FailureCause::BadInput => "bad_input",
             FailureCause::WorkerCannot => "worker_cannot",

@@ -443,6 +443,8 @@ async fn worker_protocol_runs_a_job_to_success_and_watchers_see_it() {
         result: Some(result),
         gpu_seconds: 1.5,
     };
+    // A heartbeat's delta is not counted: the completion's 1.5 s are the attempt's.
+    w.heartbeat(pb::HeartbeatRequest { worker_id: worker_id.clone(), gpu_seconds_delta: 5.0, running: vec![] }).await.unwrap();
     w.complete_job(complete.clone()).await.unwrap();
     w.complete_job(complete).await.expect("a repeated completion is a no-op");
 
@@ -479,6 +481,12 @@ async fn worker_protocol_runs_a_job_to_success_and_watchers_see_it() {
     assert_eq!(workers[0].model_hashes.get("sd3"), Some(&"5d".repeat(32)), "the weights it registered with");
     let stored = r.get_job(pb::GetJobRequest { job_id: job.id.to_string() }).await.unwrap().into_inner();
     assert_eq!(stored.result.unwrap().model_hash, "5d".repeat(32), "the weights that rendered it");
+    assert_eq!(stored.gpu_seconds, 1.5);
+    let b = r.get_batch(pb::GetBatchRequest { batch_id: batch.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(b.gpu_seconds, 1.5);
+    let stats = h.admin().get_queue_stats(pb::GetQueueStatsRequest::default()).await.unwrap().into_inner();
+    let usage: Vec<(String, f64)> = stats.submitters.into_iter().map(|u| (u.submitter, u.gpu_seconds)).collect();
+    assert_eq!(usage, vec![("sub".to_owned(), 1.5)], "per submitter (the harness's submit token is `sub`)");
     h.stop().await;
 }
 

@@ -110,7 +110,8 @@ impl PgStore {
     pub async fn batch_with_cursor(&self, id: Uuid) -> Result<(BatchRow, LogCursor), StoreError> {
         let row = sqlx::query(&format!(
             "SELECT id, submitter, idempotency_key, labels, total_jobs, created_at, \
-                    {COUNTS_SQL} AS counts, pg_current_snapshot()::text AS snap \
+                    {COUNTS_SQL} AS counts, pg_current_snapshot()::text AS snap, \
+                    (SELECT COALESCE(sum(gpu_seconds), 0) FROM jobs WHERE batch_id = batches.id) AS gpu_seconds \
              FROM batches WHERE id = $1"
         ))
         .bind(id)
@@ -127,6 +128,7 @@ impl PgStore {
             total_jobs: row.try_get::<i32, _>("total_jobs")? as u64,
             created_at: row.try_get("created_at")?,
             counts: counts_from_json(row.try_get("counts")?)?,
+            gpu_seconds: row.try_get("gpu_seconds")?,
         };
         Ok((batch, LogCursor { seen, reading: None }))
     }
@@ -146,7 +148,7 @@ impl PgStore {
         let rows = sqlx::query(&format!(
             "WITH s AS (SELECT COALESCE($2::text::pg_snapshot, pg_current_snapshot()) AS upto) \
              SELECT s.upto::text AS upto, CASE WHEN $5 THEN {COUNTS_SQL} END AS counts, \
-                    e.id, e.job_id, e.batch_id, e.from_state, e.to_state, e.attempt, e.actor, e.reason, e.at \
+                    e.id, e.job_id, e.batch_id, e.from_state, e.to_state, e.attempt, e.actor, e.reason, e.at, e.gpu_seconds \
              FROM s LEFT JOIN LATERAL ( \
                  SELECT * FROM job_events e WHERE e.batch_id = $1 \
                      AND e.xid >= pg_snapshot_xmin($3::text::pg_snapshot) \

@@ -362,11 +362,14 @@ impl PgStore {
     /// # Errors
     /// [`StoreError::NotFound`] if there is no such batch.
     pub async fn get_batch(&self, id: Uuid) -> Result<BatchRow, StoreError> {
-        let row = sqlx::query("SELECT id, submitter, idempotency_key, labels, total_jobs, created_at FROM batches WHERE id = $1")
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or(StoreError::NotFound { what: "batch", id })?;
+        let row = sqlx::query(
+            "SELECT id, submitter, idempotency_key, labels, total_jobs, created_at, \
+                 (SELECT COALESCE(sum(gpu_seconds), 0) FROM jobs WHERE batch_id = $1) AS gpu_seconds FROM batches WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StoreError::NotFound { what: "batch", id })?;
         let counts = self.batch_counts(id).await?;
         Ok(BatchRow {
             id: row.try_get("id")?,
@@ -376,6 +379,7 @@ impl PgStore {
             total_jobs: row.try_get::<i32, _>("total_jobs")? as u64,
             created_at: row.try_get("created_at")?,
             counts,
+            gpu_seconds: row.try_get("gpu_seconds")?,
         })
     }
 
@@ -444,7 +448,7 @@ impl PgStore {
     /// [`StoreError::Database`] on a failed query.
     pub async fn job_events(&self, job_id: Uuid) -> Result<Vec<EventRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, job_id, batch_id, from_state, to_state, attempt, actor, reason, at FROM job_events \
+            "SELECT id, job_id, batch_id, from_state, to_state, attempt, actor, reason, at, gpu_seconds FROM job_events \
              WHERE job_id = $1 ORDER BY id",
         )
         .bind(job_id)
@@ -768,10 +772,10 @@ impl PgStore {
                  ORDER BY jobs.id FOR UPDATE OF jobs), \
              upd AS (UPDATE jobs j SET state = 'succeeded', lease_expires_at = NULL, error = NULL, progress_step = j.steps, \
                  result_key = t.key, result_sha256 = t.sha256, result_size = t.size, result_content_type = t.content_type, \
-                 result_model_hash = t.model_hash, updated_at = now() \
+                 result_model_hash = t.model_hash, gpu_seconds = j.gpu_seconds + t.gpu_seconds, updated_at = now() \
                  FROM target t WHERE j.id = t.id RETURNING j.id, j.batch_id, j.attempt, j.state, t.from_state, t.worker_id, t.gpu_seconds), \
-             ev AS (INSERT INTO job_events (job_id, batch_id, from_state, to_state, attempt, actor, reason) \
-                 SELECT id, batch_id, from_state, state, attempt, 'worker:' || worker_id::text, 'completed' FROM upd), \
+             ev AS (INSERT INTO job_events (job_id, batch_id, from_state, to_state, attempt, actor, reason, gpu_seconds) \
+                 SELECT id, batch_id, from_state, state, attempt, 'worker:' || worker_id::text, 'completed', gpu_seconds FROM upd), \
              credit AS (UPDATE workers w SET images_done = images_done + c.n, gpu_seconds = w.gpu_seconds + c.g \
                  FROM (SELECT worker_id, count(*) AS n, sum(gpu_seconds) AS g FROM upd GROUP BY worker_id ORDER BY worker_id) c WHERE w.id = c.worker_id) \
              SELECT id, attempt, worker_id FROM upd",
@@ -902,8 +906,9 @@ impl PgStore {
     /// Records a failed attempt, by `cause`: bad input fails the job for
     /// good; a transient error requeues it (attempt + 1) while attempts
     /// remain, else it is dead; a worker that cannot serve it hands it to
-    /// another without using up an attempt where one can take it. Returns
-    /// the job's new state.
+    /// another without using up an attempt where one can take it.
+    /// `gpu_seconds`, the attempt's device time, is recorded on its event and
+    /// added to the job's and the worker's totals. Returns the job's new state.
     ///
     /// # Errors
     /// [`StoreError::WrongState`] if that attempt no longer holds the job.
@@ -914,6 +919,7 @@ impl PgStore {
         worker_id: Uuid,
         error: &str,
         cause: FailureCause,
+        gpu_seconds: f64,
     ) -> Result<JobState, StoreError> {
         let fence = Fence { job_id, attempt, worker_id };
         let actor = format!("worker:{worker_id}");
@@ -958,6 +964,20 @@ impl PgStore {
                 .run(&mut tx, |qb| push_fence(qb, fence), set_error, "", false)
                 .await?
         };
+        if !moved.is_empty() && gpu_seconds > 0.0 {
+            // The attempt's time, on the event that just ended it (the job's
+            // latest: its row is locked), the job's total and the worker's.
+            sqlx::query(
+                "WITH job AS (UPDATE jobs SET gpu_seconds = gpu_seconds + $2 WHERE id = $1), \
+                 ev AS (UPDATE job_events SET gpu_seconds = $2 WHERE id = (SELECT max(id) FROM job_events WHERE job_id = $1)) \
+                 UPDATE workers SET gpu_seconds = gpu_seconds + $2 WHERE id = $3",
+            )
+            .bind(job_id)
+            .bind(gpu_seconds)
+            .bind(worker_id)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         match moved.pop() {
             Some(job) => Ok(job.state),
@@ -1092,6 +1112,19 @@ impl PgStore {
             }
         }
         Ok(stats)
+    }
+
+    /// Device time per submitter over all their jobs' attempts, most first.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn gpu_seconds_by_submitter(&self) -> Result<Vec<(String, f64)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT b.submitter, sum(j.gpu_seconds)::float8 FROM jobs j JOIN batches b ON b.id = j.batch_id \
+             GROUP BY b.submitter HAVING sum(j.gpu_seconds) > 0 ORDER BY 2 DESC, 1",
+        )
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     async fn wrong_state(&self, job_id: Uuid, why: &str) -> StoreError {

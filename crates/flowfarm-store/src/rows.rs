@@ -81,6 +81,8 @@ pub struct BatchRow {
     pub total_jobs: u64,
     pub created_at: DateTime<Utc>,
     pub counts: JobCounts,
+    /// Device time over all its jobs' attempts.
+    pub gpu_seconds: f64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -96,6 +98,8 @@ pub struct JobRow {
     pub progress_step: u32,
     pub error: Option<String>,
     pub result: Option<JobResultRow>,
+    /// Device time over all its attempts, as their workers reported it.
+    pub gpu_seconds: f64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -115,7 +119,7 @@ pub struct JobResultRow {
 pub(crate) const JOB_COLUMNS: &str = "id, batch_id, idx, model, prompt, negative_prompt, width, height, steps, \
     guidance, seed, shift, text_encoders, priority, max_attempts, labels, state, attempt, worker_id, \
     lease_expires_at, progress_step, error, result_key, result_sha256, result_size, result_content_type, \
-    result_model_hash, created_at, updated_at";
+    result_model_hash, gpu_seconds, created_at, updated_at";
 
 pub(crate) fn parse_state(s: &str) -> Result<JobState, StoreError> {
     s.parse().map_err(|e| StoreError::Corrupt(format!("{e}")))
@@ -170,6 +174,7 @@ impl JobRow {
             error: row.try_get("error")?,
             result,
             created_at: row.try_get("created_at")?,
+            gpu_seconds: row.try_get("gpu_seconds")?,
             updated_at: row.try_get("updated_at")?,
         })
     }
@@ -188,6 +193,8 @@ pub struct EventRow {
     pub actor: String,
     pub reason: String,
     pub at: DateTime<Utc>,
+    /// On the event that ends an attempt: the device time the worker reported.
+    pub gpu_seconds: Option<f64>,
 }
 
 impl EventRow {
@@ -203,6 +210,7 @@ impl EventRow {
             actor: row.try_get("actor")?,
             reason: row.try_get("reason")?,
             at: row.try_get("at")?,
+            gpu_seconds: row.try_get("gpu_seconds")?,
         })
     }
 }

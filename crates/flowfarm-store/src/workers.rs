@@ -123,7 +123,6 @@ impl PgStore {
         &self,
         worker_id: Uuid,
         running: &[(Uuid, u32)],
-        gpu_seconds_delta: f64,
         lease: Duration,
         grace: Duration,
     ) -> Result<HeartbeatOutcome, StoreError> {
@@ -157,12 +156,11 @@ impl PgStore {
         let why = TakenBack { actor: &actor, retry: reason, last: reason };
         let taken_back = take_back(&mut tx, unlisted, why, self.backoff, false).await?;
         let state: Option<String> = sqlx::query_scalar(
-            "UPDATE workers SET last_heartbeat_at = now(), gpu_seconds = gpu_seconds + $2, \
+            "UPDATE workers SET last_heartbeat_at = now(), \
                  state = CASE WHEN state = 'lost' THEN 'active' ELSE state END \
              WHERE id = $1 RETURNING state",
         )
         .bind(worker_id)
-        .bind(gpu_seconds_delta.max(0.0))
         .fetch_optional(&mut *tx)
         .await?;
         let state = match state.as_deref().map(WorkerState::parse) {

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use flowfarm_core::{JobState, ResolvedJob, Role, TextEncoderSet, WorkerState};
 use flowfarm_store::{
-    FailureCause, JobCounts, JobFilter, JobResultRow, JobSelector, LogCursor, NewBatch, NewWorker, PgStore, RetryBackoff, StoreError,
+    Completion, FailureCause, JobCounts, JobFilter, JobResultRow, JobSelector, LogCursor, NewBatch, NewWorker, PgStore, RetryBackoff,
+    StoreError,
 };
 use flowfarm_testkit::TestDb;
 use uuid::Uuid;
@@ -156,14 +157,14 @@ async fn retryable_failures_requeue_until_the_last_attempt_then_dead() {
     let jobs = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 2, "t").await.unwrap();
     let (a, b) = (jobs[0].id, jobs[1].id);
     s.start_job(a, w, lease).await.unwrap();
-    assert_eq!(s.fail_job(a, 1, w, "CUDA out of memory", FailureCause::Transient).await.unwrap(), JobState::Queued);
+    assert_eq!(s.fail_job(a, 1, w, "CUDA out of memory", FailureCause::Transient, 0.0).await.unwrap(), JobState::Queued);
     s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "t").await.unwrap();
     s.start_job(a, w, lease).await.unwrap();
-    assert_eq!(s.fail_job(a, 2, w, "CUDA out of memory", FailureCause::Transient).await.unwrap(), JobState::Dead);
+    assert_eq!(s.fail_job(a, 2, w, "CUDA out of memory", FailureCause::Transient, 0.0).await.unwrap(), JobState::Dead);
     assert_eq!(s.get_job(a).await.unwrap().error.as_deref(), Some("CUDA out of memory"));
     // A non-retryable error fails at once.
     s.start_job(b, w, lease).await.unwrap();
-    assert_eq!(s.fail_job(b, 1, w, "prompt refused", FailureCause::BadInput).await.unwrap(), JobState::Failed);
+    assert_eq!(s.fail_job(b, 1, w, "prompt refused", FailureCause::BadInput, 0.0).await.unwrap(), JobState::Failed);
     // An operator retry gives one more attempt.
     let retried = s.retry_jobs(&JobSelector::Ids(vec![a, b]), "admin:x", "again").await.unwrap();
     assert_eq!(retried.len(), 2);
@@ -239,7 +240,7 @@ async fn heartbeats_renew_leases_and_name_revoked_jobs() {
         s.start_job(j.id, w, short).await.unwrap();
     }
     s.cancel_jobs(&JobSelector::Ids(vec![jobs[1].id]), "submitter:t", "").await.unwrap();
-    let beat = s.heartbeat(w, &[(jobs[0].id, 1), (jobs[1].id, 1)], 3.0, Duration::from_secs(60), Duration::from_secs(60)).await.unwrap();
+    let beat = s.heartbeat(w, &[(jobs[0].id, 1), (jobs[1].id, 1)], Duration::from_secs(60), Duration::from_secs(60)).await.unwrap();
     assert_eq!(beat.state, WorkerState::Active);
     assert_eq!(beat.revoked, vec![jobs[1].id]);
     let kept = s.get_job(jobs[0].id).await.unwrap();
@@ -320,7 +321,7 @@ async fn retries_back_off_and_go_to_another_worker() {
     let a = named_worker(&s, "a", 1).await;
     let j = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
     s.start_job(j.id, a, Duration::from_secs(30)).await.unwrap();
-    assert_eq!(s.fail_job(j.id, 1, a, "out of memory", FailureCause::Transient).await.unwrap(), JobState::Queued);
+    assert_eq!(s.fail_job(j.id, 1, a, "out of memory", FailureCause::Transient, 0.0).await.unwrap(), JobState::Queued);
     assert!(s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "t").await.unwrap().is_empty(), "held back by the backoff");
     let row: (Option<chrono::DateTime<chrono::Utc>>, Vec<Uuid>) =
         sqlx::query_as("SELECT not_before, failed_workers FROM jobs").fetch_one(s.pool()).await.unwrap();
@@ -342,7 +343,7 @@ async fn retries_back_off_and_go_to_another_worker() {
     assert_eq!(s.start_job(j.id, b, Duration::from_secs(30)).await.unwrap().attempt, 2);
 
     // Its last attempt failing leaves it dead, with the error.
-    assert_eq!(s.fail_job(j.id, 2, b, "device lost", FailureCause::Transient).await.unwrap(), JobState::Dead);
+    assert_eq!(s.fail_job(j.id, 2, b, "device lost", FailureCause::Transient, 0.0).await.unwrap(), JobState::Dead);
     assert_eq!(s.get_job(j.id).await.unwrap().error.as_deref(), Some("device lost"));
 }
 
@@ -463,14 +464,14 @@ async fn heartbeats_renew_only_the_jobs_they_list() {
         s.start_job(j.id, w, Duration::from_secs(1)).await.unwrap();
     }
     // Within the grace period an unlisted job may be a claim the heartbeat did not know of yet.
-    let beat = s.heartbeat(w, &[(jobs[0].id, 1)], 0.0, Duration::from_secs(60), Duration::from_secs(60)).await.unwrap();
+    let beat = s.heartbeat(w, &[(jobs[0].id, 1)], Duration::from_secs(60), Duration::from_secs(60)).await.unwrap();
     assert!(beat.taken_back.is_empty());
     let listed = s.get_job(jobs[0].id).await.unwrap().lease_expires_at.unwrap();
     let unlisted = s.get_job(jobs[1].id).await.unwrap().lease_expires_at.unwrap();
     assert!(listed > chrono::Utc::now() + chrono::Duration::seconds(30));
     assert!(unlisted < chrono::Utc::now() + chrono::Duration::seconds(2), "the dropped job's lease is not renewed");
 
-    let moved = s.heartbeat(w, &[(jobs[0].id, 1)], 0.0, Duration::from_secs(60), Duration::ZERO).await.unwrap().taken_back;
+    let moved = s.heartbeat(w, &[(jobs[0].id, 1)], Duration::from_secs(60), Duration::ZERO).await.unwrap().taken_back;
     assert_eq!(moved.iter().map(|j| (j.id, j.state, j.attempt)).collect::<Vec<_>>(), vec![(jobs[1].id, JobState::Queued, 2)]);
     assert_eq!(s.get_job(jobs[0].id).await.unwrap().state, JobState::Running);
 }
@@ -659,10 +660,13 @@ async fn failures_are_handled_by_cause() {
     for j in &jobs {
         s.start_job(j.id, a, Duration::from_secs(30)).await.unwrap();
     }
-    assert_eq!(s.fail_job(jobs[0].id, 1, a, "1000×1000 is not a multiple of 64", FailureCause::BadInput).await.unwrap(), JobState::Failed);
+    assert_eq!(
+        s.fail_job(jobs[0].id, 1, a, "1000×1000 is not a multiple of 64", FailureCause::BadInput, 0.0).await.unwrap(),
+        JobState::Failed
+    );
 
     // Alone, a worker that cannot serve the job uses up an attempt (max 2 here).
-    assert_eq!(s.fail_job(jobs[1].id, 1, a, "no T5 loaded", FailureCause::WorkerCannot).await.unwrap(), JobState::Queued);
+    assert_eq!(s.fail_job(jobs[1].id, 1, a, "no T5 loaded", FailureCause::WorkerCannot, 0.0).await.unwrap(), JobState::Queued);
     let j = s.get_job(jobs[1].id).await.unwrap();
     assert_eq!((j.attempt, j.spec.max_attempts), (2, 2), "counted: nobody else could take it");
 
@@ -677,10 +681,49 @@ async fn failures_are_handled_by_cause() {
     s.start_job(j.id, b, Duration::from_secs(30)).await.unwrap();
     worker_with_sets(s, "c", vec![TextEncoderSet::All, TextEncoderSet::ClipOnly]).await;
     assert_eq!(
-        s.fail_job(j.id, 2, b, "shutting down", FailureCause::WorkerCannot).await.unwrap(),
+        s.fail_job(j.id, 2, b, "shutting down", FailureCause::WorkerCannot, 0.0).await.unwrap(),
         JobState::Queued,
         "on its last attempt, yet not dead"
     );
     let j = s.get_job(j.id).await.unwrap();
     assert_eq!((j.attempt, j.spec.max_attempts), (3, 3), "the attempt fences b out but is not counted");
+}
+
+/// GPU-seconds are counted once, per attempt, when it ends: on its event, in
+/// the job's total, the worker's, the batch's and the submitter's; heartbeats
+/// add nothing.
+#[tokio::test]
+async fn gpu_seconds_are_counted_once_per_attempt() {
+    let db = TestDb::new().await;
+    let s = &db.store;
+    let batch_id = submit(s, 1).await;
+    let other = NewBatch { submitter: "other".into(), ..batch(None, 9) };
+    s.submit_batch(&other, &[job(7)]).await.unwrap();
+    let w = worker_with_sets(s, "w", vec![TextEncoderSet::All]).await;
+    let lease = Duration::from_secs(30);
+
+    let j = s.dispatch_jobs("sd3", TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
+    s.start_job(j.id, w, lease).await.unwrap();
+    s.heartbeat(w, &[(j.id, 1)], lease, lease).await.unwrap();
+    assert_eq!(s.fail_job(j.id, 1, w, "out of memory", FailureCause::Transient, 0.5).await.unwrap(), JobState::Queued);
+    sqlx::query("UPDATE jobs SET not_before = NULL").execute(s.pool()).await.unwrap();
+    let j = s.dispatch_jobs("sd3", TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
+    s.start_job(j.id, w, lease).await.unwrap();
+    s.heartbeat(w, &[(j.id, 2)], lease, lease).await.unwrap();
+    let done = Completion { job_id: j.id, attempt: 2, worker_id: w, result: result("a.png"), gpu_seconds: 2.0 };
+    assert_eq!(s.complete_jobs(std::slice::from_ref(&done)).await.unwrap(), vec![true]);
+    s.complete_job(j.id, 2, w, &done.result, 2.0).await.expect("a repeat is a no-op");
+
+    let attempts: Vec<(String, Option<f64>)> =
+        sqlx::query_as("SELECT to_state, gpu_seconds FROM job_events WHERE job_id = $1 AND gpu_seconds IS NOT NULL ORDER BY id")
+            .bind(j.id)
+            .fetch_all(s.pool())
+            .await
+            .unwrap();
+    let ended = vec![("queued".to_owned(), Some(0.5)), ("succeeded".to_owned(), Some(2.0))];
+    assert_eq!(attempts, ended, "each attempt's time on the event that ended it");
+    assert_eq!(s.get_job(j.id).await.unwrap().gpu_seconds, 2.5);
+    assert_eq!(s.get_batch(batch_id).await.unwrap().gpu_seconds, 2.5);
+    assert_eq!(s.get_worker(w).await.unwrap().gpu_seconds, 2.5, "heartbeats and the repeated completion add nothing");
+    assert_eq!(s.gpu_seconds_by_submitter().await.unwrap(), vec![("tester".to_owned(), 2.5)], "a submitter with none is left out");
 }

@@ -69,8 +69,6 @@ struct Shared {
     client: Client,
     worker_id: String,
     running: Mutex<HashMap<Uuid, RunningJob>>,
-    /// Device seconds not yet reported by a heartbeat.
-    gpu_seconds: Mutex<f64>,
     mode: watch::Sender<Mode>,
     renderers: HashMap<String, Arc<JobRenderer>>,
     results: ResultStore,
@@ -209,7 +207,6 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
         worker_id,
         completions,
         running: Mutex::new(HashMap::new()),
-        gpu_seconds: Mutex::new(0.0),
         mode,
         renderers,
         results,
@@ -438,7 +435,6 @@ async fn run_job(shared: Arc<Shared>, delivery: Delivery, start: pb::StartJobRes
     let started = Instant::now();
     let outcome = render(&shared, &job, attempt, revoked.clone(), handed_back.clone()).await;
     let seconds = started.elapsed().as_secs_f64();
-    *lock(&shared.gpu_seconds) += seconds;
     let report = match outcome {
         Ok(png) => {
             let model_hash = job.spec.as_ref().and_then(|s| shared.renderers.get(&s.model)).map(|r| r.model_hash()).unwrap_or_default();
@@ -447,7 +443,7 @@ async fn run_job(shared: Arc<Shared>, delivery: Delivery, start: pb::StartJobRes
         Err(EngineError::Cancelled { step }) if handed_back.load(Ordering::SeqCst) => {
             // Handed back: another worker takes it without an attempt used up.
             let why = format!("the worker shut down at step {step} before finishing");
-            fail(&shared, &job.id, attempt, &why, pb::FailureCause::WorkerCannot).await
+            fail(&shared, &job.id, attempt, &why, pb::FailureCause::WorkerCannot, seconds).await
         }
         Err(EngineError::Cancelled { step }) => {
             tracing::info!(job = %job_id, step, "stopped: the job is no longer this worker's");
@@ -462,7 +458,7 @@ async fn run_job(shared: Arc<Shared>, delivery: Delivery, start: pb::StartJobRes
                 _ => pb::FailureCause::Transient,
             };
             tracing::warn!(job = %job_id, error = %e, ?cause, "render failed");
-            fail(&shared, &job.id, attempt, &e.to_string(), cause).await
+            fail(&shared, &job.id, attempt, &e.to_string(), cause, seconds).await
         }
     };
     if let Err(status) = report {
@@ -528,7 +524,7 @@ async fn complete(shared: &Shared, job: &pb::Job, attempt: u32, png: Vec<u8>, mo
         Ok(stored) => stored,
         Err(e) => {
             tracing::warn!(job = %job_id, error = %e, "cannot store the image");
-            return fail(shared, &job.id, attempt, &e.to_string(), pb::FailureCause::Transient).await;
+            return fail(shared, &job.id, attempt, &e.to_string(), pb::FailureCause::Transient, seconds).await;
         }
     };
     let completed = pb::CompletedJob {
@@ -653,7 +649,7 @@ async fn report_completions_one_by_one(client: &Client, worker_id: &str, jobs: V
     answers
 }
 
-async fn fail(shared: &Shared, job_id: &str, attempt: u32, error: &str, cause: pb::FailureCause) -> Result<(), Status> {
+async fn fail(shared: &Shared, job_id: &str, attempt: u32, error: &str, cause: pb::FailureCause, gpu_seconds: f64) -> Result<(), Status> {
     let request = pb::FailJobRequest {
         worker_id: shared.worker_id.clone(),
         job_id: job_id.to_owned(),
@@ -661,6 +657,7 @@ async fn fail(shared: &Shared, job_id: &str, attempt: u32, error: &str, cause: p
         error: error.to_owned(),
         retryable: cause != pb::FailureCause::BadInput,
         cause: cause as i32,
+        gpu_seconds,
     };
     retrying("FailJob", REPORT_PATIENCE, || {
         let mut client = shared.client.clone();
@@ -680,8 +677,8 @@ async fn heartbeat_loop(shared: Arc<Shared>, interval: Duration) {
         tokio::time::sleep(interval).await;
         let running: Vec<pb::RunningJob> =
             lock(&shared.running).iter().map(|(id, r)| pb::RunningJob { job_id: id.to_string(), attempt: r.attempt }).collect();
-        let delta = std::mem::take(&mut *lock(&shared.gpu_seconds));
-        let request = pb::HeartbeatRequest { worker_id: shared.worker_id.clone(), gpu_seconds_delta: delta, running };
+        // Device time is reported per attempt, with its completion or failure.
+        let request = pb::HeartbeatRequest { worker_id: shared.worker_id.clone(), gpu_seconds_delta: 0.0, running };
         match shared.client.clone().heartbeat(request).await {
             Ok(response) => {
                 if failing {
@@ -714,7 +711,6 @@ async fn heartbeat_loop(shared: Arc<Shared>, interval: Duration) {
                 }
             }
             Err(status) => {
-                *lock(&shared.gpu_seconds) += delta;
                 if !failing {
                     tracing::warn!(error = %status.message(), "heartbeat failed; retrying");
                     failing = true;

@@ -277,6 +277,13 @@ async fn two_workers_render_a_200_job_batch() {
     let top = farm.farmctl(&farm.admin, &["top", "--once"]);
     let text = String::from_utf8_lossy(&top.stdout);
     assert!(top.status.success() && text.contains("succeeded 200") && text.contains("workers: 2"), "{text}");
+    assert!(text.contains("gpu-seconds by submitter: alice "), "{text}");
+
+    // GPU time counted once: the batch's total is what the workers were credited.
+    let shown = ok_json(farm.farmctl(&farm.submitter, &["--json", "batch", &batch]));
+    let batch_seconds = shown["gpu_seconds"].as_f64().unwrap();
+    let credited: f64 = workers.as_array().unwrap().iter().map(|w| w["gpu_seconds"].as_f64().unwrap_or(0.0)).sum();
+    assert!(batch_seconds > 0.0 && (batch_seconds - credited).abs() < 1e-6, "batch {batch_seconds} s, workers {credited} s");
 
     let metrics = scrape(farm.server.as_ref().unwrap().metrics.expect("metrics served"));
     assert!(metrics.contains(&format!("flowfarm_jobs{{model=\"{MODEL}\",state=\"succeeded\"}} 200")), "{metrics}");
