@@ -52,19 +52,24 @@ impl RenderService for Coordinator {
             content_hash: Sha256::digest(req.encode_to_vec()).to_vec(),
             labels: req.labels.clone(),
         };
-        let outcome = shared.store.submit_batch(&batch, &jobs).await.map_err(store_status)?;
+        // Whether the fleet serves what the batch needs, asked beside the
+        // write rather than after it, so the answer is not held up.
+        let needs: Vec<(String, TextEncoderSet)> =
+            jobs.iter().map(|j| (j.model.clone(), j.text_encoders)).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        let (outcome, unserved) = tokio::join!(shared.store.submit_batch(&batch, &jobs), shared.store.unserved(&needs));
+        let outcome = outcome.map_err(store_status)?;
         self.wake_dispatcher();
         tracing::info!(batch = %outcome.batch.id, jobs = jobs.len(), created = outcome.created, submitter = %caller.name, "batch submitted");
-        let needs: std::collections::BTreeSet<(&str, TextEncoderSet)> = jobs.iter().map(|j| (j.model.as_str(), j.text_encoders)).collect();
-        let mut warnings = Vec::new();
-        for (model, set) in needs {
-            if shared.store.serving_workers(model, set).await.map_err(store_status)? == 0 {
-                warnings.push(format!(
+        let warnings = unserved
+            .map_err(store_status)?
+            .into_iter()
+            .map(|(model, set)| {
+                format!(
                     "model `{model}`: no active worker serves it with text encoders `{}`; its jobs wait in the queue until one registers",
                     set.as_str()
-                ));
-            }
-        }
+                )
+            })
+            .collect();
         Ok(Response::new(pb::SubmitBatchResponse { batch: Some(batch_to_proto(&outcome.batch)), created: outcome.created, warnings }))
     }
 

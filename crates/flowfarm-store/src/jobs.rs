@@ -565,21 +565,19 @@ impl PgStore {
     /// # Errors
     /// [`StoreError::Database`] on a failed query.
     pub async fn dispatch_jobs(&self, model: &str, set: TextEncoderSet, limit: u32, actor: &str) -> Result<Vec<JobRow>, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let paused: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM queue_state WHERE paused AND (model = '' OR model = $1))")
-            .bind(model)
-            .fetch_one(&mut *tx)
-            .await?;
-        if paused {
-            return Ok(Vec::new());
-        }
+        // One statement (the pause checked in it): a pass over an empty lane
+        // costs one round trip.
+        let mut conn = self.pool.acquire().await?;
         let rows = Move { transition: Transition::Dispatch, actor, reason: "dispatched" }
             .run(
-                &mut tx,
+                &mut conn,
                 |qb| {
                     qb.push("model = ").push_bind(model.to_owned());
                     qb.push(" AND text_encoders = ").push_bind(set.as_str());
                     qb.push(" AND (not_before IS NULL OR not_before <= now())");
+                    qb.push(" AND NOT EXISTS (SELECT 1 FROM queue_state WHERE paused AND (model = '' OR model = ")
+                        .push_bind(model.to_owned())
+                        .push("))");
                 },
                 |qb| {
                     qb.push(", dispatched_at = now(), not_before = NULL");
@@ -588,7 +586,6 @@ impl PgStore {
                 true,
             )
             .await?;
-        tx.commit().await?;
         // In the order they are to run, for the work stream.
         let mut rows = rows;
         rows.sort_by(|a, b| b.spec.priority.cmp(&a.spec.priority).then(a.id.cmp(&b.id)));
@@ -619,6 +616,26 @@ impl PgStore {
         .await?;
         let window = capacity + workers * i64::from(lookahead_per_worker) - outstanding;
         Ok(window.clamp(0, i64::from(u32::MAX)) as u32)
+    }
+
+    /// Of the (model, text encoders) pairs `needs`, those no active worker
+    /// serves, in one round trip.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn unserved(&self, needs: &[(String, TextEncoderSet)]) -> Result<Vec<(String, TextEncoderSet)>, StoreError> {
+        let models: Vec<&str> = needs.iter().map(|(m, _)| m.as_str()).collect();
+        let sets: Vec<&str> = needs.iter().map(|(_, s)| s.as_str()).collect();
+        let unserved: Vec<i32> = sqlx::query_scalar(
+            "SELECT (n.i - 1)::int4 FROM UNNEST($1::text[], $2::text[]) WITH ORDINALITY AS n(model, set, i) \
+             WHERE NOT EXISTS (SELECT 1 FROM workers w WHERE w.state = 'active' AND n.model = ANY(w.models) \
+                 AND n.set = ANY(w.text_encoder_sets)) ORDER BY n.i",
+        )
+        .bind(&models)
+        .bind(&sets)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(unserved.into_iter().filter_map(|i| needs.get(i as usize).cloned()).collect())
     }
 
     /// Active workers that serve `model` with the text encoders `set`.
