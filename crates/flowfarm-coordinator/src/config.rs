@@ -104,11 +104,15 @@ pub struct ResultsConfig {
     /// An S3-compatible bucket instead of the folder: `s3://bucket[/prefix]`,
     /// endpoint and credentials from the `AWS_*` variables. Env: `FLOWFARM_RESULTS_URL`.
     pub url: Option<String>,
+    /// How often objects no success recorded (a worker killed between its
+    /// upload and its report, a purged job) are removed, once 10 minutes
+    /// old; 0 turns the sweep off.
+    pub sweep_interval_seconds: f64,
 }
 
 impl Default for ResultsConfig {
     fn default() -> Self {
-        ResultsConfig { dir: PathBuf::from("results"), url: None }
+        ResultsConfig { dir: PathBuf::from("results"), url: None, sweep_interval_seconds: 300.0 }
     }
 }
 
@@ -239,6 +243,10 @@ impl Config {
     /// [`ConfigError::Invalid`] saying which key is wrong.
     pub fn check(&self) -> Result<(), ConfigError> {
         self.registry()?;
+        let sweep = self.results.sweep_interval_seconds;
+        if !(sweep.is_finite() && (sweep == 0.0 || (1.0..=86_400.0).contains(&sweep))) {
+            return Err(ConfigError::Invalid(format!("results.sweep_interval_seconds: {sweep} must be 0 (off) or between 1 and 86400")));
+        }
         if self.models.is_empty() {
             return Err(ConfigError::Invalid("models: at least one [[models]] entry is needed".into()));
         }

@@ -19,6 +19,7 @@ mod progress;
 mod reaper;
 mod render;
 mod server;
+pub mod sweeper;
 mod watch;
 mod worker;
 
@@ -55,6 +56,8 @@ struct Shared {
     limits: Limits,
     leases: LeaseConfig,
     results: flowfarm_results::ResultStore,
+    /// Zero: no sweep of orphaned result objects.
+    results_sweep_interval: std::time::Duration,
     shutdown_grace: std::time::Duration,
     auth: Authenticator,
     progress: broadcast::Sender<Progress>,
@@ -160,6 +163,7 @@ impl Coordinator {
                 limits: config.limits.clone(),
                 leases: config.leases.clone(),
                 results,
+                results_sweep_interval: std::time::Duration::from_secs_f64(config.results.sweep_interval_seconds),
                 shutdown_grace: config.server.shutdown_grace(),
                 store,
                 progress,

@@ -53,6 +53,8 @@ pub async fn serve(
     };
     let reaper = tokio::spawn(run_reaper(coordinator.clone(), stopped()));
     let progress = tokio::spawn(crate::progress::relay_progress(coordinator.clone(), stopped()));
+    let sweep_every = coordinator.shared.results_sweep_interval;
+    let sweeper = (!sweep_every.is_zero()).then(|| tokio::spawn(crate::sweeper::run_sweeper(coordinator.clone(), sweep_every, stopped())));
 
     let render = RenderServiceServer::new(coordinator.clone())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -88,6 +90,9 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     let _ = reaper.await;
     let _ = progress.await;
+    if let Some(sweeper) = sweeper {
+        let _ = sweeper.await;
+    }
     result?;
     Ok(())
 }

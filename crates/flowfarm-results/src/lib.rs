@@ -126,6 +126,21 @@ impl ResultStore {
         }
     }
 
+    /// Every object below `prefix` (a folder: `{batch}`), with when it was
+    /// last written.
+    ///
+    /// # Errors
+    /// [`ResultError::Object`] from the store.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<(String, std::time::SystemTime)>, ResultError> {
+        let mut listing = self.store.list(Some(&object_store::path::Path::from(prefix)));
+        let mut out = Vec::new();
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(|e| self.object(prefix, e))?;
+            out.push((meta.location.to_string(), meta.last_modified.into()));
+        }
+        Ok(out)
+    }
+
     /// Writes `bytes` under `key` (atomically: readers see all or nothing).
     ///
     /// # Errors

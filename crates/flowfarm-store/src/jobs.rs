@@ -1131,6 +1131,31 @@ impl PgStore {
         Ok(stats)
     }
 
+    /// Batches with a job that reached a terminal state within `within`:
+    /// where result objects of attempts that did not succeed may be left.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn batches_finished_within(&self, within: Duration) -> Result<Vec<Uuid>, StoreError> {
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT batch_id FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled', 'dead') \
+                 AND updated_at > now() - make_interval(secs => $1) ORDER BY 1",
+        )
+        .bind(within.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Each job of `batch`: its state and the result key it recorded.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn result_keys(&self, batch: Uuid) -> Result<HashMap<Uuid, (JobState, Option<String>)>, StoreError> {
+        let rows: Vec<(Uuid, String, Option<String>)> =
+            sqlx::query_as("SELECT id, state, result_key FROM jobs WHERE batch_id = $1").bind(batch).fetch_all(&self.pool).await?;
+        rows.into_iter().map(|(id, state, key)| Ok((id, (parse_state(&state)?, key)))).collect()
+    }
+
     /// Device time per submitter over all their jobs' attempts, most first.
     ///
     /// # Errors

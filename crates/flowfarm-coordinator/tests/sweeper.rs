@@ -1,0 +1,73 @@
+//! The result sweeper removes objects no success recorded, of jobs that
+//! have ended or no longer exist, once past the grace period; it keeps the
+//! recorded results and anything a running job may still report.
+
+use std::time::Duration;
+
+use flowfarm_coordinator::sweeper::sweep_orphans;
+use flowfarm_core::TextEncoderSet;
+use flowfarm_proto::v1 as pb;
+use flowfarm_results::ResultStore;
+use flowfarm_store::{FailureCause, JobResultRow};
+use flowfarm_testkit::Harness;
+
+#[tokio::test]
+async fn orphaned_result_objects_are_removed_and_nothing_else() {
+    let h = Harness::start().await;
+    let mut r = h.render();
+    let spec = |p: &str| pb::JobSpec { model: "sd3".into(), prompt: p.into(), ..Default::default() };
+    let batch = r
+        .submit_batch(pb::SubmitBatchRequest { jobs: vec![spec("a"), spec("b"), spec("c")], ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .batch
+        .unwrap()
+        .id;
+    let mut w = h.worker();
+    let worker = w
+        .register_worker(pb::RegisterWorkerRequest { name: "w".into(), models: vec!["sd3".into()], capacity: 3, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .worker_id
+        .parse()
+        .unwrap();
+    let store = &h.db.store;
+    let mut jobs = store.dispatch_jobs("sd3", TextEncoderSet::All, 3, "t").await.unwrap();
+    jobs.sort_by_key(|j| j.index);
+    for j in &jobs {
+        store.start_job(j.id, worker, Duration::from_secs(60)).await.unwrap();
+    }
+    let (done, failed, running) = (jobs[0].id, jobs[1].id, jobs[2].id);
+    let results = ResultStore::local(h.results_dir.path()).unwrap();
+    let put = |job: uuid::Uuid, name: &str| {
+        let key = format!("{batch}/{job}/{name}");
+        let results = &results;
+        async move { results.put(&key, b"png bytes".to_vec()).await.unwrap().key }
+    };
+    let recorded = put(done, "a1-w.png").await;
+    let result = JobResultRow {
+        key: recorded.clone(),
+        sha256: "0".repeat(64),
+        size_bytes: 9,
+        content_type: "image/png".into(),
+        model_hash: String::new(),
+    };
+    store.complete_job(done, 1, worker, &result, 1.0).await.unwrap();
+    store.fail_job(failed, 1, worker, "bad size", FailureCause::BadInput, 0.5).await.unwrap();
+    let stale = put(done, "a0-lost-worker.png").await;
+    let of_failed = put(failed, "a1-w.png").await;
+    let in_flight = put(running, "a1-w.png").await;
+    let of_purged = put(uuid::Uuid::now_v7(), "a1-w.png").await;
+
+    let within = Duration::from_secs(3600);
+    assert_eq!(sweep_orphans(store, &results, within, Duration::from_secs(3600)).await.unwrap(), 0, "nothing past the grace yet");
+    assert_eq!(sweep_orphans(store, &results, within, Duration::ZERO).await.unwrap(), 3);
+    let mut left: Vec<String> = results.list(&batch).await.unwrap().into_iter().map(|(k, _)| k).collect();
+    left.sort();
+    let mut kept = vec![recorded, in_flight];
+    kept.sort();
+    assert_eq!(left, kept, "removed: {stale}, {of_failed}, {of_purged}");
+    h.stop().await;
+}
