@@ -654,3 +654,32 @@ async fn jobs_reach_only_workers_with_the_encoders_they_need() {
         .unwrap();
     assert_eq!(t5_on_clip, 0, "no T5 job ran on the worker without T5");
 }
+
+/// Step progress reaches watchers on every coordinator: the worker reports
+/// to coordinator A, a client watches through coordinator B (Postgres
+/// notifications carry the steps between them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_reaches_watchers_on_another_coordinator() {
+    let farm = Farm::start().await;
+    let b = Server::start_env(&farm.db, &farm.config, &farm.results, &farm.redis.url(), "127.0.0.1:0", &farm.env);
+    let worker = farm.worker("a-only");
+    let batch = farm.submit(&[job("a slow one", 1, 40)]);
+    let channel = tonic::transport::Channel::from_shared(b.url()).unwrap().connect().await.unwrap();
+    let mut client = RenderServiceClient::with_interceptor(channel, flowfarm_testkit::Auth::bearer(&farm.submitter));
+    let mut stream = client.watch_batch(pb::WatchBatchRequest { batch_id: batch, ..Default::default() }).await.unwrap().into_inner();
+    let mut steps = Vec::new();
+    let mut snapshots = 0;
+    while let Some(message) =
+        tokio::time::timeout(Duration::from_secs(120), tokio_stream::StreamExt::next(&mut stream)).await.expect("watch stalled")
+    {
+        match message.unwrap().event {
+            Some(pb::watch_batch_event::Event::Progress(p)) => steps.push(p.step),
+            Some(pb::watch_batch_event::Event::Snapshot(_)) => snapshots += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(snapshots, 2, "a first and a final snapshot\n{}", worker.log());
+    assert!(steps.len() >= 10, "steps reported to A seen through B: {steps:?}");
+    assert!(steps.windows(2).all(|w| w[0] <= w[1]), "in order: {steps:?}");
+    b.stop();
+}

@@ -57,13 +57,18 @@ impl Server {
     /// As [`Server::start_on`], with more environment variables.
     // The child is returned inside `Server`, whose Drop kills and waits for
     // it; clippy cannot follow it there from the loop's other branches.
-    #[allow(clippy::zombie_processes)]
     pub fn start_env(db: &TestDb, config: &Path, results: &Path, redis_url: &str, listen: &str, env: &[(String, String)]) -> Server {
+        Server::spawn(&db.url, config, results, redis_url, listen, env)
+    }
+
+    /// A coordinator over the database at `database_url` (which it migrates).
+    #[allow(clippy::zombie_processes)]
+    pub fn spawn(database_url: &str, config: &Path, results: &Path, redis_url: &str, listen: &str, env: &[(String, String)]) -> Server {
         let mut child = Command::new(flowfarm_bin())
             .arg("--config")
             .arg(config)
             .arg("coordinator")
-            .env("FLOWFARM_DATABASE_URL", &db.url)
+            .env("FLOWFARM_DATABASE_URL", database_url)
             .env("FLOWFARM_LISTEN", listen)
             .env("FLOWFARM_METRICS_LISTEN", "127.0.0.1:0")
             .env("FLOWFARM_RESULTS_DIR", results)
@@ -93,6 +98,12 @@ impl Server {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// kill -9: no shutdown at all.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// SIGTERM, then wait: the coordinator shuts down gracefully.
@@ -174,11 +185,16 @@ impl Drop for RedisServer {
 }
 
 pub fn token(db: &TestDb, role: &str, name: &str) -> String {
+    token_at(&db.url, role, name)
+}
+
+/// A token created in the database at `database_url`.
+pub fn token_at(database_url: &str, role: &str, name: &str) -> String {
     let out = Command::new(flowfarm_bin())
         .arg("--config")
         .arg(config_path())
         .args(["token", "create", "--role", role, "--name", name])
-        .env("FLOWFARM_DATABASE_URL", &db.url)
+        .env("FLOWFARM_DATABASE_URL", database_url)
         .output()
         .expect("flowfarm token create");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
