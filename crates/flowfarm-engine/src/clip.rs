@@ -18,7 +18,7 @@ use serde::Deserialize;
 use crate::mmdit::kernels;
 use crate::mmdit::layers::matmul;
 use crate::source::{ComponentFiles, Part};
-use crate::weights::{DryRun, FilesBackend, TensorFiles};
+use crate::weights::{DryRun, FilesBackend};
 use crate::EngineError;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -117,18 +117,7 @@ impl ClipTextEncoder {
     /// # Errors
     /// [`EngineError::Checkpoint`] for a missing or malformed config or weights.
     pub fn open(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self, EngineError> {
-        let dir = dir.as_ref();
-        let (files, index) = crate::source::folder_weights(dir, "model", None)?;
-        let c = ComponentFiles {
-            part: Part::ClipL,
-            files: Arc::new(TensorFiles::open(&files)?),
-            index,
-            prefix: String::new(),
-            config: Some(dir.join("config.json")),
-            tokenizer: None,
-            variant: None,
-        };
-        Self::from_component(&c, dtype, device, None)
+        Self::from_component(&ComponentFiles::folder(Part::ClipL, dir.as_ref(), "model")?, dtype, device, None)
     }
 
     /// The encoder of a resolved model (its transformers names under the

@@ -25,10 +25,6 @@ pub struct Converted {
     pub left_out: usize,
 }
 
-fn load(path: &Path) -> Result<HashMap<String, Tensor>, EngineError> {
-    candle_core::safetensors::load(path, &Device::Cpu).map_err(|e| EngineError::checkpoint(path, e.to_string()))
-}
-
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> EngineError + '_ {
     move |source| EngineError::Io { path: path.display().to_string(), source }
 }
@@ -166,18 +162,25 @@ fn save_folder_file(tensors: &HashMap<String, Tensor>, dir: &Path, name: &str) -
     safetensors::serialize_to_file(tensors.iter(), None, &path).map_err(|e| EngineError::checkpoint(&path, e.to_string()))
 }
 
-/// Writes an SD3-style single file as a diffusers folder at `out` (which
-/// must not exist; built beside it and renamed at the end): `transformer/`
-/// and `vae/` from the file, `text_encoder{,_2,_3}/` from the encoders in
-/// it; the configs a single file does not carry (VAE, encoders) and the
-/// tokenizers, scheduler and model_index.json come from the diffusers
-/// folder `support`.
+/// Writes a single file as a diffusers folder at `out` (which must not
+/// exist; built beside it and renamed at the end): `transformer/` and `vae/`
+/// from the file, `text_encoder{,_2,_3}/` from wherever `source` has its
+/// encoders (inside the file, SD3.5-style separate files, or the support
+/// folder); the configs a single file does not carry (VAE, encoders), the
+/// tokenizers, the scheduler and model_index.json come from `source.support`.
+/// Tensors keep their dtype (float8 T5 stays float8).
 ///
 /// # Errors
-/// [`EngineError::Checkpoint`] if `file` is not a single file with a
-/// transformer and a VAE decoder, or `support` lacks a config it needs.
-pub fn single_file_to_diffusers(file: &Path, support: &Path, out: &Path) -> Result<Converted, EngineError> {
-    let checkpoint = Checkpoint::open(file)?;
+/// [`EngineError::Checkpoint`] if `source.path` is not a single file with a
+/// transformer and a VAE decoder, or the support folder lacks a config it needs.
+pub fn single_file_to_diffusers(source: &ModelSource, out: &Path) -> Result<Converted, EngineError> {
+    let file = source.path.as_path();
+    if !file.is_file() {
+        return Err(EngineError::checkpoint(file, "not a single file"));
+    }
+    let layout = source.resolve()?;
+    let support = source.support.as_deref().ok_or_else(|| EngineError::checkpoint(file, "a single file needs a support folder"))?;
+    let checkpoint = Checkpoint::from_component(&layout.transformer)?;
     if checkpoint.layout() != Layout::SingleFile {
         return Err(EngineError::checkpoint(file, "not a single file"));
     }
@@ -191,47 +194,27 @@ pub fn single_file_to_diffusers(file: &Path, support: &Path, out: &Path) -> Resu
     let mut written = weights.len();
     let mut parts = vec!["transformer"];
 
-    let all = load(file)?;
-    let up = all
-        .keys()
-        .filter_map(|k| k.strip_prefix("first_stage_model.decoder.up.")?.split('.').next()?.parse::<usize>().ok())
-        .collect::<BTreeSet<_>>()
-        .len();
-    let mut vae = HashMap::new();
-    for (key, tensor) in &all {
-        let Some(ldm) = key.strip_prefix("first_stage_model.") else { continue };
-        if !(ldm.starts_with("decoder.") || ldm.starts_with("post_quant_conv.")) {
-            continue;
-        }
-        let name = diffusers_vae_name(ldm, up).ok_or_else(|| EngineError::checkpoint(file, format!("`{key}` has no diffusers name")))?;
-        let tensor = if name.contains(".attentions.") && name.ends_with(".weight") && tensor.rank() == 4 {
-            tensor.squeeze(3)?.squeeze(2)?
-        } else {
-            tensor.clone()
-        };
-        vae.insert(name, tensor);
-    }
-    if vae.is_empty() {
-        return Err(EngineError::checkpoint(file, "no VAE decoder (first_stage_model.decoder.*)"));
-    }
+    let vae = if layout.vae.config.is_some() {
+        // Taken from the support folder: already in diffusers names.
+        load_component(&layout.vae)?
+    } else {
+        vae_from_single_file(&layout.vae, file)?
+    };
     written += vae.len();
     save_folder_file(&vae, &partial.join("vae"), "diffusion_pytorch_model.safetensors")?;
     std::fs::copy(support.join("vae/config.json"), partial.join("vae/config.json")).map_err(io(&support.join("vae/config.json")))?;
     parts.push("vae decoder");
 
-    for (folder, prefix, part) in [
-        ("text_encoder", SINGLE_FILE_CLIP_L, "clip_l"),
-        ("text_encoder_2", SINGLE_FILE_CLIP_G, "clip_g"),
-        ("text_encoder_3", SINGLE_FILE_T5, "t5xxl"),
+    for (folder, component, part) in [
+        ("text_encoder", Some(&layout.clip_l), "clip_l"),
+        ("text_encoder_2", Some(&layout.clip_g), "clip_g"),
+        ("text_encoder_3", layout.t5.as_ref(), "t5xxl"),
     ] {
-        let encoder: HashMap<String, Tensor> =
-            all.iter().filter_map(|(k, t)| Some((k.strip_prefix(prefix)?.to_owned(), t.clone()))).collect();
-        if encoder.is_empty() {
-            continue;
-        }
+        let Some(c) = component else { continue };
+        let encoder = load_component(c)?;
         written += encoder.len();
         save_folder_file(&encoder, &partial.join(folder), "model.safetensors")?;
-        let config = support.join(folder).join("config.json");
+        let config = c.config.clone().unwrap_or_else(|| support.join(folder).join("config.json"));
         std::fs::copy(&config, partial.join(folder).join("config.json")).map_err(io(&config))?;
         parts.push(part);
     }
@@ -245,4 +228,37 @@ pub fn single_file_to_diffusers(file: &Path, support: &Path, out: &Path) -> Resu
     }
     std::fs::rename(&partial, out).map_err(io(out))?;
     Ok(Converted { tensors: written, parts, left_out: 0 })
+}
+
+/// The VAE decoder of a single file (`first_stage_model.*`, LDM names) under
+/// its diffusers names.
+fn vae_from_single_file(vae: &ComponentFiles, file: &Path) -> Result<HashMap<String, Tensor>, EngineError> {
+    let mut all = HashMap::new();
+    for name in vae.files.names().filter(|n| n.starts_with("first_stage_model.")) {
+        let dtype = vae.files.info(name).map_or(candle_core::DType::F32, |i| i.dtype);
+        all.insert(name.to_owned(), vae.files.load(name, dtype, &Device::Cpu)?);
+    }
+    let up = all
+        .keys()
+        .filter_map(|k| k.strip_prefix("first_stage_model.decoder.up.")?.split('.').next()?.parse::<usize>().ok())
+        .collect::<BTreeSet<_>>()
+        .len();
+    let mut out = HashMap::new();
+    for (key, tensor) in &all {
+        let Some(ldm) = key.strip_prefix("first_stage_model.") else { continue };
+        if !(ldm.starts_with("decoder.") || ldm.starts_with("post_quant_conv.")) {
+            continue;
+        }
+        let name = diffusers_vae_name(ldm, up).ok_or_else(|| EngineError::checkpoint(file, format!("`{key}` has no diffusers name")))?;
+        let tensor = if name.contains(".attentions.") && name.ends_with(".weight") && tensor.rank() == 4 {
+            tensor.squeeze(3)?.squeeze(2)?
+        } else {
+            tensor.clone()
+        };
+        out.insert(name, tensor);
+    }
+    if out.is_empty() {
+        return Err(EngineError::checkpoint(file, "no VAE decoder (first_stage_model.decoder.*)"));
+    }
+    Ok(out)
 }

@@ -220,6 +220,25 @@ fn with_support(mut c: ComponentFiles, support: &Path, n: &str) -> Result<Compon
     Ok(c)
 }
 
+impl ComponentFiles {
+    /// One part's own folder (`config.json` and weights named `stem`, whole
+    /// or sharded), outside any model folder.
+    ///
+    /// # Errors
+    /// As [`folder_weights`]; a missing config.json.
+    pub fn folder(part: Part, dir: &Path, stem: &str) -> Result<Self, EngineError> {
+        folder_component(part, dir, "", stem, None)
+    }
+
+    /// One file holding a part under its own names (a single file's VAE).
+    ///
+    /// # Errors
+    /// As [`TensorFiles::open`].
+    pub fn file(part: Part, file: &Path) -> Result<Self, EngineError> {
+        Ok(component(part, Arc::new(TensorFiles::open_one(file)?), None, ""))
+    }
+}
+
 impl ModelSource {
     /// A diffusers folder or single file with nothing else named.
     pub fn at(path: impl Into<PathBuf>) -> Self {

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::t5::{Config, T5EncoderModel};
 
 use crate::source::{ComponentFiles, Part};
-use crate::weights::{DryRun, FilesBackend, TensorFiles};
+use crate::weights::{DryRun, FilesBackend};
 use crate::EngineError;
 
 /// A loaded T5 encoder.
@@ -27,18 +27,7 @@ impl T5Encoder {
     /// # Errors
     /// [`EngineError::Checkpoint`] for a missing or malformed config or weights.
     pub fn open(dir: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Self, EngineError> {
-        let dir = dir.as_ref();
-        let (files, index) = crate::source::folder_weights(dir, "model", None)?;
-        let c = ComponentFiles {
-            part: Part::T5,
-            files: Arc::new(TensorFiles::open(&files)?),
-            index,
-            prefix: String::new(),
-            config: Some(dir.join("config.json")),
-            tokenizer: None,
-            variant: None,
-        };
-        Self::from_component(&c, dtype, device, None)
+        Self::from_component(&ComponentFiles::folder(Part::T5, dir.as_ref(), "model")?, dtype, device, None)
     }
 
     /// The encoder of a resolved model (its transformers names under the

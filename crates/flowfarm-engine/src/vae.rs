@@ -273,27 +273,10 @@ impl Vae {
     pub fn open(path: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Vae, EngineError> {
         let path = path.as_ref();
         let component = if path.is_file() {
-            ComponentFiles {
-                part: Part::Vae,
-                files: Arc::new(TensorFiles::open_one(path)?),
-                index: None,
-                prefix: String::new(),
-                config: None,
-                tokenizer: None,
-                variant: None,
-            }
+            ComponentFiles::file(Part::Vae, path)?
         } else {
             let dir: PathBuf = if path.join("vae").is_dir() { path.join("vae") } else { path.to_owned() };
-            let (files, index) = crate::source::folder_weights(&dir, "diffusion_pytorch_model", None)?;
-            ComponentFiles {
-                part: Part::Vae,
-                files: Arc::new(TensorFiles::open(&files)?),
-                index,
-                prefix: String::new(),
-                config: Some(dir.join("config.json")),
-                tokenizer: None,
-                variant: None,
-            }
+            ComponentFiles::folder(Part::Vae, &dir, "diffusion_pytorch_model")?
         };
         Self::from_component(&component, dtype, device, None)
     }

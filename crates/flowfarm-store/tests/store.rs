@@ -271,6 +271,11 @@ async fn tokens_authenticate_until_revoked() {
 }
 
 async fn named_worker(store: &PgStore, name: &str, capacity: u32) -> Uuid {
+    registered(store, name, capacity, vec![TextEncoderSet::All]).await
+}
+
+/// A worker serving `sd3` with the text-encoder `sets`.
+async fn registered(store: &PgStore, name: &str, capacity: u32, sets: Vec<TextEncoderSet>) -> Uuid {
     store
         .register_worker(&NewWorker {
             name: name.into(),
@@ -278,7 +283,7 @@ async fn named_worker(store: &PgStore, name: &str, capacity: u32) -> Uuid {
             devices: serde_json::json!([]),
             models: vec!["sd3".into()],
             model_hashes: Default::default(),
-            text_encoder_sets: vec![TextEncoderSet::All],
+            text_encoder_sets: sets,
             capacity,
             version: "test".into(),
             token_id: None,
@@ -596,21 +601,7 @@ async fn snapshot_counts_plus_the_log_equal_the_batch_later() {
 }
 
 async fn worker_with_sets(store: &PgStore, name: &str, sets: Vec<TextEncoderSet>) -> Uuid {
-    store
-        .register_worker(&NewWorker {
-            name: name.into(),
-            hostname: "h".into(),
-            devices: serde_json::json!([]),
-            models: vec!["sd3".into()],
-            model_hashes: Default::default(),
-            text_encoder_sets: sets,
-            capacity: 1,
-            version: "test".into(),
-            token_id: None,
-        })
-        .await
-        .unwrap()
-        .id
+    registered(store, name, 1, sets).await
 }
 
 /// Jobs go only to workers that have the encoders they need: a worker

@@ -77,9 +77,19 @@ pub enum ModelCommand {
         /// The file or folder to write; must not exist.
         out: PathBuf,
         /// To diffusers: a diffusers folder of the same architecture, for the
-        /// configs, tokenizers and scheduler a single file does not carry.
+        /// configs, tokenizers and scheduler a single file does not carry
+        /// (and any encoder neither inside nor given).
         #[arg(long)]
         support: Option<PathBuf>,
+        /// To diffusers, from an SD3.5-style file: the CLIP-L weights file.
+        #[arg(long, requires = "clip_g")]
+        clip_l: Option<PathBuf>,
+        /// The CLIP-G weights file, with --clip-l.
+        #[arg(long, requires = "clip_l")]
+        clip_g: Option<PathBuf>,
+        /// The T5-XXL weights file, with --clip-l and --clip-g.
+        #[arg(long, requires = "clip_l")]
+        t5: Option<PathBuf>,
     },
 }
 
@@ -140,7 +150,7 @@ pub fn run(command: ModelCommand) -> Result<()> {
         ModelCommand::Inspect(args) => inspect(&args.source()),
         ModelCommand::Verify(args) => verify(&args.source()),
         ModelCommand::Render(args) => render(&args),
-        ModelCommand::Convert { path, variant, to, out, support } => {
+        ModelCommand::Convert { path, variant, to, out, support, clip_l, clip_g, t5 } => {
             if out.exists() {
                 bail!("{} exists; choose another output path or remove it", out.display());
             }
@@ -152,7 +162,8 @@ pub fn run(command: ModelCommand) -> Result<()> {
                     let Some(support) = support else {
                         bail!("--to diffusers needs --support DIR: a diffusers folder of the same architecture for the configs and tokenizers a single file does not carry");
                     };
-                    flowfarm_engine::convert::single_file_to_diffusers(&path, &support, &out)
+                    let source = ModelSource { support: Some(support), clip_l, clip_g, t5, ..ModelSource::at(&path) };
+                    flowfarm_engine::convert::single_file_to_diffusers(&source, &out)
                 }
             }
             .with_context(|| format!("converting {}", path.display()))?;

@@ -183,6 +183,17 @@ fn a_single_file_with_separate_encoder_files_renders_as_the_folder() {
     let refused = render(&file, &dir.path().join("x.png"), &["--support", bare.to_str().unwrap()]);
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(!refused.status.success() && stderr.contains("no CLIP encoders"), "{stderr}");
+
+    // Converted back to a folder, the separate encoder files come along
+    // (the folder named as the model, which the PNG records).
+    let back = dir.path().join("flowfarm-tiny");
+    let args = ["model", "convert", file.to_str().unwrap(), "--to", "diffusers", back.to_str().unwrap(), "--support", &support];
+    let out = flowfarm(&[&args[..], &["--clip-l", &l, "--clip-g", &g, "--t5", &t5]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("clip_l, clip_g, t5xxl"), "{}", String::from_utf8_lossy(&out.stdout));
+    let from_back = dir.path().join("round-trip.png");
+    assert!(render(&back, &from_back, &[]).status.success());
+    assert_eq!(std::fs::read(&from_back).unwrap(), std::fs::read(&folder).unwrap());
 }
 
 /// Folder → single file → folder: the second folder renders the same bytes.
