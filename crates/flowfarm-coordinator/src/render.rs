@@ -60,8 +60,12 @@ impl RenderService for Coordinator {
         let outcome = outcome.map_err(store_status)?;
         self.wake_dispatcher();
         tracing::info!(batch = %outcome.batch.id, jobs = jobs.len(), created = outcome.created, submitter = %caller.name, "batch submitted");
+        // The batch is stored: a failed check only costs the warnings.
+        let unserved = unserved.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot tell whether the fleet serves the batch");
+            Vec::new()
+        });
         let warnings = unserved
-            .map_err(store_status)?
             .into_iter()
             .map(|(model, set)| {
                 format!(

@@ -47,6 +47,16 @@ fn check_model_hash(field: &str, hash: &str) -> Result<(), Status> {
     Ok(())
 }
 
+/// Most device seconds one attempt may report: a week.
+const MAX_ATTEMPT_GPU_SECONDS: f64 = 7.0 * 86_400.0;
+
+fn check_gpu_seconds(field: &str, seconds: f64) -> Result<(), Status> {
+    if !(seconds.is_finite() && (0.0..=MAX_ATTEMPT_GPU_SECONDS).contains(&seconds)) {
+        return Err(invalid(field, format!("{seconds} is not a number of seconds from 0 to {MAX_ATTEMPT_GPU_SECONDS}")));
+    }
+    Ok(())
+}
+
 /// Most jobs one StartJobs or CompleteJobs call may carry.
 const MAX_BATCH: usize = 256;
 
@@ -92,9 +102,7 @@ fn completion(
     if !result.model_hash.is_empty() {
         check_model_hash(&named("result.model_hash"), &result.model_hash)?;
     }
-    if !(gpu_seconds.is_finite() && gpu_seconds >= 0.0) {
-        return Err(invalid(&named("gpu_seconds"), format!("{gpu_seconds} is not a non-negative number")));
-    }
+    check_gpu_seconds(&named("gpu_seconds"), gpu_seconds)?;
     Ok(flowfarm_store::Completion {
         job_id,
         attempt,
@@ -368,9 +376,7 @@ impl WorkerService for Coordinator {
         if error.trim().is_empty() {
             error = "unspecified worker error".into();
         }
-        if !(req.gpu_seconds.is_finite() && req.gpu_seconds >= 0.0) {
-            return Err(invalid("gpu_seconds", format!("{} is not a non-negative number", req.gpu_seconds)));
-        }
+        check_gpu_seconds("gpu_seconds", req.gpu_seconds)?;
         let cause = match pb::FailureCause::try_from(req.cause) {
             Ok(pb::FailureCause::Unspecified) if req.retryable => FailureCause::Transient,
             Ok(pb::FailureCause::Unspecified) | Ok(pb::FailureCause::BadInput) => FailureCause::BadInput,

@@ -163,6 +163,10 @@ impl ModelRegistry {
             if model.name.trim().is_empty() {
                 return Err(fail("name must not be empty".into()));
             }
+            if model.name.contains(':') || model.name.chars().any(char::is_whitespace) {
+                // `:` separates a model's work lanes in Redis (`{model}:clip-only`).
+                return Err(fail("name must not contain `:` or white space".into()));
+            }
             for (what, side) in [("default_width", model.default_width), ("default_height", model.default_height)] {
                 if side == 0 || side % 16 != 0 || side > model.max_side_px {
                     return Err(fail(format!(

@@ -4,7 +4,9 @@
 //! tonic answers an undecodable request (a string field that is not UTF-8,
 //! a truncated field) with INTERNAL, which tells a client the server broke
 //! and a retry may help; the request is at fault and a retry never helps.
-//! The status names the field prost stopped at.
+//! The status names the field prost stopped at. Generated clients use the
+//! same codec, so a response a client cannot decode reads INVALID_ARGUMENT
+//! there too; its message says what could not be decoded.
 
 use std::marker::PhantomData;
 

@@ -731,7 +731,8 @@ impl PgStore {
                  AND EXISTS (SELECT 1 FROM workers w WHERE w.id = req.worker_id AND w.state = 'active' \
                      AND jobs.model = ANY(w.models) AND jobs.text_encoders = ANY(w.text_encoder_sets)) \
                  AND NOT (req.worker_id = ANY(jobs.failed_workers) AND EXISTS (SELECT 1 FROM workers w WHERE w.state = 'active' \
-                     AND jobs.model = ANY(w.models) AND NOT (w.id = ANY(jobs.failed_workers)))) \
+                     AND jobs.model = ANY(w.models) AND jobs.text_encoders = ANY(w.text_encoder_sets) \
+                     AND NOT (w.id = ANY(jobs.failed_workers)))) \
                  ORDER BY jobs.id FOR UPDATE OF jobs), \
              upd AS (UPDATE jobs j SET state = 'running', worker_id = t.worker_id, \
                  lease_expires_at = now() + make_interval(secs => $3), progress_step = 0, started_at = now(), updated_at = now() \
@@ -944,7 +945,6 @@ impl PgStore {
         let elsewhere = if cause == FailureCause::WorkerCannot {
             // The attempt is spent (it fences this worker's reports) but not
             // counted: max_attempts grows with it.
-            let backoff = self.backoff;
             Move { transition: Transition::Retry, actor: &actor, reason: error }
                 .run(
                     &mut tx,
@@ -955,7 +955,13 @@ impl PgStore {
                     },
                     |qb| {
                         qb.push(", lease_expires_at = NULL, max_attempts = j.max_attempts + 1, error = ").push_bind(error.to_owned());
-                        push_retry_hold(qb, backoff);
+                        // Remembered as failed (so another worker takes it), but
+                        // not held back by the retry backoff: nothing went wrong
+                        // with the job itself.
+                        qb.push(
+                            ", failed_workers = CASE WHEN j.worker_id = ANY(j.failed_workers) THEN j.failed_workers \
+                             ELSE array_append(j.failed_workers, j.worker_id) END, dispatched_at = NULL, not_before = now() + interval '1 second'",
+                        );
                     },
                     "",
                     false,

@@ -718,3 +718,22 @@ async fn gpu_seconds_are_counted_once_per_attempt() {
     assert_eq!(s.get_worker(w).await.unwrap().gpu_seconds, 2.5, "heartbeats and the repeated completion add nothing");
     assert_eq!(s.gpu_seconds_by_submitter().await.unwrap(), vec![("tester".to_owned(), 2.5)], "a submitter with none is left out");
 }
+
+/// A worker that failed a job before may take it again when no other worker
+/// can serve it, counting the encoders: a worker of the same model without
+/// T5 is no alternative for a T5 job (it stayed dispatched forever before).
+#[tokio::test]
+async fn a_failed_worker_retakes_a_job_only_it_can_serve() {
+    let db = TestDb::new().await;
+    let s = &db.store;
+    submit(s, 1).await;
+    let t5 = worker_with_sets(s, "t5", vec![TextEncoderSet::All, TextEncoderSet::ClipOnly]).await;
+    worker_with_sets(s, "clip", vec![TextEncoderSet::ClipOnly]).await;
+    let lease = Duration::from_secs(30);
+    let j = s.dispatch_jobs("sd3", TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
+    s.start_job(j.id, t5, lease).await.unwrap();
+    assert_eq!(s.fail_job(j.id, 1, t5, "device lost", FailureCause::Transient, 0.0).await.unwrap(), JobState::Queued);
+    sqlx::query("UPDATE jobs SET not_before = NULL").execute(s.pool()).await.unwrap();
+    let j = s.dispatch_jobs("sd3", TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
+    assert_eq!(s.start_job(j.id, t5, lease).await.unwrap().attempt, 2, "the only worker with T5 takes it again");
+}

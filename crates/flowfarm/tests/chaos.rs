@@ -385,7 +385,7 @@ async fn watch(addrs: [String; 2], token: String, batch: Uuid, limit: Duration) 
                 continue;
             }
         };
-        if turn > 1 {
+        if seen.first.is_some() {
             seen.reconnects += 1;
         }
         while let Some(message) = stream.next().await {
@@ -455,11 +455,21 @@ struct Row {
     jobs: usize,
     lost: usize,
     duplicated: usize,
+    /// Objects of attempts that did not succeed, removed by the sweeper.
+    swept: u64,
     recovery: Duration,
+    reconnects: u32,
 }
 
-/// The audit of one batch; panics naming what is wrong.
-async fn audit(c: &Cluster, scenario: &str, batch: Uuid, watched: &Watched) -> (usize, usize) {
+/// The audit of one batch; panics naming what is wrong. Returns lost and
+/// duplicated jobs and the objects the sweeper removed first (a worker
+/// killed between its upload and its report leaves one; the coordinators'
+/// own sweeps wait 10 minutes, this one does not).
+async fn audit(c: &Cluster, scenario: &str, batch: Uuid, watched: &Watched) -> (usize, usize, u64) {
+    let results = flowfarm_results::ResultStore::local(&c.results).unwrap();
+    let swept = flowfarm_coordinator::sweeper::sweep_orphans(&c.store, &results, Duration::from_secs(3600), Duration::ZERO)
+        .await
+        .unwrap_or_else(|e| panic!("{scenario}: sweep: {e}"));
     let jobs: Vec<(Uuid, String, Option<String>, Option<String>)> =
         sqlx::query_as("SELECT id, state, result_key, result_sha256 FROM jobs WHERE batch_id = $1 ORDER BY id")
             .bind(batch)
@@ -543,7 +553,7 @@ async fn audit(c: &Cluster, scenario: &str, batch: Uuid, watched: &Watched) -> (
     );
     let last_snapshot = watched.last.as_ref().unwrap_or_else(|| panic!("{scenario}: the watcher got no final snapshot"));
     assert_eq!(counts_by_state(last_snapshot), end, "{scenario}: the final snapshot");
-    (lost, duplicated)
+    (lost, duplicated, swept)
 }
 
 /// Submits a batch, injects `fault` once a job runs on `on`, waits for the
@@ -564,8 +574,8 @@ async fn scenario(c: &mut Cluster, name: &'static str, jobs: usize, on: &str, fa
     .await;
     let recovery = fault_at.elapsed();
     let watched = watcher.await.unwrap();
-    let (lost, duplicated) = audit(c, name, batch, &watched).await;
-    Row { scenario: name, jobs, lost, duplicated, recovery }
+    let (lost, duplicated, swept) = audit(c, name, batch, &watched).await;
+    Row { scenario: name, jobs, lost, duplicated, swept, recovery, reconnects: watched.reconnects }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -584,14 +594,15 @@ async fn the_farm_loses_and_doubles_nothing_under_faults() {
         .await,
     );
 
-    rows.push(
-        scenario(&mut c, "coordinator kill -9 mid-batch", 6, "w1", async |c| {
-            c.a.take().unwrap().kill();
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            c.a = Some(Server::spawn(&c.db_url, &config_path(), &c.results, &c.redis.url(), &c.a_addr, &[]));
-        })
-        .await,
-    );
+    let killed = scenario(&mut c, "coordinator kill -9 mid-batch", 6, "w1", async |c| {
+        c.a.take().unwrap().kill();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        c.a = Some(Server::spawn(&c.db_url, &config_path(), &c.results, &c.redis.url(), &c.a_addr, &[]));
+    })
+    .await;
+    // The watcher's first stream was on A: it went on through B with its cursor.
+    assert!(killed.reconnects > 0, "the watcher never lost its coordinator");
+    rows.push(killed);
 
     rows.push(
         scenario(&mut c, "Redis FLUSHALL", 6, "w1", async |c| {
@@ -646,9 +657,20 @@ async fn the_farm_loses_and_doubles_nothing_under_faults() {
     assert!(broken > 0, "the flaky proxy broke no connection: the scenario tested nothing");
     println!("flaky network: {broken} connections refused or cut");
 
-    println!("\n| scenario | jobs | lost | duplicated | recovery |\n|---|---:|---:|---:|---:|");
+    println!(
+        "\n| scenario | jobs | lost | duplicated | recovery | orphans swept | watcher reconnects |\n|---|---:|---:|---:|---:|---:|---:|"
+    );
     for r in &rows {
-        println!("| {} | {} | {} | {} | {:.1} s |", r.scenario, r.jobs, r.lost, r.duplicated, r.recovery.as_secs_f64());
+        println!(
+            "| {} | {} | {} | {} | {:.1} s | {} | {} |",
+            r.scenario,
+            r.jobs,
+            r.lost,
+            r.duplicated,
+            r.recovery.as_secs_f64(),
+            r.swept,
+            r.reconnects
+        );
     }
     for r in &rows {
         assert_eq!((r.lost, r.duplicated), (0, 0), "{}: lost {}, duplicated {}\n{}", r.scenario, r.lost, r.duplicated, c.logs());
