@@ -14,6 +14,7 @@ pub mod auth;
 pub mod config;
 pub mod convert;
 pub mod dispatcher;
+mod health;
 pub mod metrics;
 mod progress;
 mod reaper;

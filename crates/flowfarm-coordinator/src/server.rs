@@ -22,8 +22,9 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves RenderService, AdminService, WorkerService, grpc.health.v1 and
-/// server reflection on `listener`, and runs the lease reaper, until
+/// Serves RenderService, AdminService, WorkerService, grpc.health.v1 (SERVING
+/// only while Postgres and Redis answer) and server reflection on
+/// `listener`, and runs the lease reaper, until
 /// `shutdown` resolves; then stops accepting calls and lets running ones end
 /// for at most `server.shutdown_grace_seconds` (watch streams and idle
 /// clients would otherwise hold it open forever).
@@ -53,6 +54,7 @@ pub async fn serve(
     };
     let reaper = tokio::spawn(run_reaper(coordinator.clone(), stopped()));
     let progress = tokio::spawn(crate::progress::relay_progress(coordinator.clone(), stopped()));
+    let dependencies = tokio::spawn(crate::health::watch_dependencies(coordinator.clone(), health.clone(), stopped()));
     let sweep_every = coordinator.shared.results_sweep_interval;
     let sweeper = (!sweep_every.is_zero()).then(|| tokio::spawn(crate::sweeper::run_sweeper(coordinator.clone(), sweep_every, stopped())));
 
@@ -90,6 +92,7 @@ pub async fn serve(
     let _ = stop_tx.send(true);
     let _ = reaper.await;
     let _ = progress.await;
+    let _ = dependencies.await;
     if let Some(sweeper) = sweeper {
         let _ = sweeper.await;
     }

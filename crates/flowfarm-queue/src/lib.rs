@@ -97,6 +97,17 @@ async fn ensure_group(conn: &mut ConnectionManager, lane: &str) -> Result<(), Qu
     }
 }
 
+/// Whether the Redis at `url` answers PING, on a connection of its own
+/// (for health checks: it never waits behind queued commands).
+///
+/// # Errors
+/// [`QueueError`] if it cannot be reached or does not answer.
+pub async fn ping(url: &str) -> Result<(), QueueError> {
+    let mut conn = client(url)?.get_multiplexed_async_connection().await.map_err(QueueError::redis("connect"))?;
+    redis::cmd("PING").query_async::<String>(&mut conn).await.map_err(QueueError::redis("PING"))?;
+    Ok(())
+}
+
 /// The coordinator's side of the queue. Cheap to clone; reconnects by itself.
 #[derive(Clone)]
 pub struct WorkQueue {

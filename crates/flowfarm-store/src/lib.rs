@@ -81,6 +81,15 @@ impl PgStore {
         Ok(())
     }
 
+    /// Whether Postgres answers a trivial query now.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] when it does not.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// Wraps an existing pool.
     pub fn from_pool(pool: PgPool) -> Self {
         PgStore { pool, backoff: RetryBackoff::NONE }

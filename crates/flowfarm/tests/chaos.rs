@@ -676,3 +676,48 @@ async fn the_farm_loses_and_doubles_nothing_under_faults() {
         assert_eq!((r.lost, r.duplicated), (0, 0), "{}: lost {}, duplicated {}\n{}", r.scenario, r.lost, r.duplicated, c.logs());
     }
 }
+
+/// Health tells the truth: NOT_SERVING within 5 s of the coordinator's
+/// Postgres or Redis going away, SERVING again once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_postgres_and_redis() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+
+    let pg = PgServer::start();
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::spawn(&pg.url("flowfarm"), &config_path(), &dir.path().join("results"), &redis.url(), "127.0.0.1:0", &[]);
+    let channel = tonic::transport::Channel::from_shared(server.url()).unwrap().connect().await.unwrap();
+    let mut health = HealthClient::new(channel);
+    let mut wait_for = async |wanted: ServingStatus, limit: Duration| -> Duration {
+        let start = Instant::now();
+        loop {
+            let status = health.check(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner().status;
+            if status == wanted as i32 {
+                return start.elapsed();
+            }
+            assert!(start.elapsed() < limit, "health still {status} after {limit:?}, waiting for {wanted:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    wait_for(ServingStatus::Serving, Duration::from_secs(5)).await;
+
+    pg.down("fast");
+    let down = wait_for(ServingStatus::NotServing, Duration::from_secs(5)).await;
+    pg.up();
+    let up = wait_for(ServingStatus::Serving, Duration::from_secs(30)).await;
+    println!("Postgres stopped: NOT_SERVING after {down:.1?}; restarted: SERVING after {up:.1?}");
+
+    let mut redis = redis;
+    let restart = std::thread::spawn(move || {
+        redis.restart(Duration::from_secs(4));
+        redis
+    });
+    let down = wait_for(ServingStatus::NotServing, Duration::from_secs(5)).await;
+    let up = wait_for(ServingStatus::Serving, Duration::from_secs(30)).await;
+    println!("Redis stopped: NOT_SERVING after {down:.1?}; restarted: SERVING after {up:.1?}");
+    drop(restart.join().unwrap());
+    server.stop();
+}
