@@ -19,6 +19,16 @@ pub struct ModelArgs {
     /// (transformer and VAE, with or without its text encoders).
     #[arg(long = "model", value_name = "PATH")]
     path: PathBuf,
+    #[command(flatten)]
+    parts: SingleFileParts,
+    /// A diffusers folder's weight variant: `fp16` reads `*.fp16.safetensors`.
+    #[arg(long)]
+    variant: Option<String>,
+}
+
+/// Where a single file's companions are.
+#[derive(Args, Clone)]
+pub struct SingleFileParts {
     /// For a single file: a diffusers folder of the same architecture, for the
     /// tokenizers and configs a single file does not carry and for any part
     /// the file leaves out.
@@ -35,21 +45,17 @@ pub struct ModelArgs {
     /// --clip-g (leave out for CLIP-only).
     #[arg(long, requires = "clip_l")]
     t5: Option<PathBuf>,
-    /// A diffusers folder's weight variant: `fp16` reads `*.fp16.safetensors`.
-    #[arg(long)]
-    variant: Option<String>,
+}
+
+impl SingleFileParts {
+    fn source(self, path: &std::path::Path, variant: Option<String>) -> ModelSource {
+        ModelSource { path: path.to_owned(), support: self.support, clip_l: self.clip_l, clip_g: self.clip_g, t5: self.t5, variant }
+    }
 }
 
 impl ModelArgs {
     fn source(&self) -> ModelSource {
-        ModelSource {
-            path: self.path.clone(),
-            support: self.support.clone(),
-            clip_l: self.clip_l.clone(),
-            clip_g: self.clip_g.clone(),
-            t5: self.t5.clone(),
-            variant: self.variant.clone(),
-        }
+        self.parts.clone().source(&self.path, self.variant.clone())
     }
 }
 
@@ -76,20 +82,10 @@ pub enum ModelCommand {
         to: ConvertTo,
         /// The file or folder to write; must not exist.
         out: PathBuf,
-        /// To diffusers: a diffusers folder of the same architecture, for the
-        /// configs, tokenizers and scheduler a single file does not carry
-        /// (and any encoder neither inside nor given).
-        #[arg(long)]
-        support: Option<PathBuf>,
-        /// To diffusers, from an SD3.5-style file: the CLIP-L weights file.
-        #[arg(long, requires = "clip_g")]
-        clip_l: Option<PathBuf>,
-        /// The CLIP-G weights file, with --clip-l.
-        #[arg(long, requires = "clip_l")]
-        clip_g: Option<PathBuf>,
-        /// The T5-XXL weights file, with --clip-l and --clip-g.
-        #[arg(long, requires = "clip_l")]
-        t5: Option<PathBuf>,
+        /// To diffusers: where the single file's configs, tokenizers,
+        /// scheduler and separate encoder files are.
+        #[command(flatten)]
+        parts: SingleFileParts,
     },
 }
 
@@ -150,7 +146,7 @@ pub fn run(command: ModelCommand) -> Result<()> {
         ModelCommand::Inspect(args) => inspect(&args.source()),
         ModelCommand::Verify(args) => verify(&args.source()),
         ModelCommand::Render(args) => render(&args),
-        ModelCommand::Convert { path, variant, to, out, support, clip_l, clip_g, t5 } => {
+        ModelCommand::Convert { path, variant, to, out, parts } => {
             if out.exists() {
                 bail!("{} exists; choose another output path or remove it", out.display());
             }
@@ -159,11 +155,10 @@ pub fn run(command: ModelCommand) -> Result<()> {
                     flowfarm_engine::convert::diffusers_to_single_file(&ModelSource { variant, ..ModelSource::at(&path) }, &out)
                 }
                 ConvertTo::Diffusers => {
-                    let Some(support) = support else {
+                    if parts.support.is_none() {
                         bail!("--to diffusers needs --support DIR: a diffusers folder of the same architecture for the configs and tokenizers a single file does not carry");
-                    };
-                    let source = ModelSource { support: Some(support), clip_l, clip_g, t5, ..ModelSource::at(&path) };
-                    flowfarm_engine::convert::single_file_to_diffusers(&source, &out)
+                    }
+                    flowfarm_engine::convert::single_file_to_diffusers(&parts.source(&path, None), &out)
                 }
             }
             .with_context(|| format!("converting {}", path.display()))?;
