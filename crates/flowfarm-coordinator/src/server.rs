@@ -37,6 +37,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
+    // For liveness probes: SERVING while the process answers, whatever its
+    // dependencies (restarting would not bring Postgres back).
+    health.set_service_status("liveness", tonic_health::ServingStatus::Serving).await;
     health.set_serving::<RenderServiceServer<Coordinator>>().await;
     health.set_serving::<AdminServiceServer<Coordinator>>().await;
     health.set_serving::<WorkerServiceServer<Coordinator>>().await;

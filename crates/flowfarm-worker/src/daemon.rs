@@ -132,6 +132,15 @@ fn jitter(d: Duration) -> Duration {
 /// registration fails for good.
 pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), WorkerError> {
     let cache = Arc::new(EmbeddingCache::new(config.embedding_cache_bytes));
+    // Served from the start, so a liveness probe answers while large models load.
+    let metrics = WorkerMetrics::new(cache.clone());
+    if let Some(addr) = config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| WorkerError::Config(format!("cannot serve metrics on {addr} (metrics_listen): {e}")))?;
+        println!("metrics on {}", listener.local_addr().map_err(|e| WorkerError::Internal(e.to_string()))?);
+        tokio::spawn(crate::metrics::serve(metrics.clone(), listener));
+    }
     let device = open_device(&config.device).map_err(|e| WorkerError::Config(e.to_string()))?;
     let dtype = parse_dtype(&config.dtype).map_err(|e| WorkerError::Config(e.to_string()))?;
     let (device_label, device_memory) = device_info(&device);
@@ -199,7 +208,7 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
         })
         .collect();
     let consumer = connect_consumer(&config.redis_url, &worker_id, &lanes).await;
-    let metrics = WorkerMetrics::new(cache);
+    metrics.set_ready(true);
     let (mode, mut mode_rx) = watch::channel(Mode::Active);
     let completions = completion_reporter(client.clone(), worker_id.clone());
     let shared = Arc::new(Shared {
@@ -213,13 +222,6 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
         consumer,
         metrics,
     });
-    if let Some(addr) = config.metrics_listen {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| WorkerError::Config(format!("cannot serve metrics on {addr} (metrics_listen): {e}")))?;
-        println!("metrics on {}", listener.local_addr().map_err(|e| WorkerError::Internal(e.to_string()))?);
-        tokio::spawn(crate::metrics::serve(shared.metrics.clone(), listener));
-    }
     {
         let shared = shared.clone();
         tokio::spawn(async move {
@@ -681,6 +683,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, interval: Duration) {
         let request = pb::HeartbeatRequest { worker_id: shared.worker_id.clone(), gpu_seconds_delta: 0.0, running };
         match shared.client.clone().heartbeat(request).await {
             Ok(response) => {
+                shared.metrics.set_ready(true);
                 if failing {
                     tracing::info!("coordinator reachable again");
                     failing = false;
@@ -711,6 +714,7 @@ async fn heartbeat_loop(shared: Arc<Shared>, interval: Duration) {
                 }
             }
             Err(status) => {
+                shared.metrics.set_ready(false);
                 if !failing {
                     tracing::warn!(error = %status.message(), "heartbeat failed; retrying");
                     failing = true;

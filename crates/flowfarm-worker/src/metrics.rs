@@ -1,9 +1,13 @@
-//! Prometheus metrics of a worker, served as text on `/metrics`.
+//! Prometheus metrics of a worker, served as text on `/metrics`, beside the
+//! probes: `/healthz` (the process answers: live) and `/readyz` (its models
+//! are loaded, it is registered, and its last heartbeat reached the
+//! coordinator: ready).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use flowfarm_engine::cache::EmbeddingCache;
 use prometheus_client::encoding::text::encode;
@@ -31,6 +35,7 @@ struct Inner {
     cache_misses: Counter,
     cache_bytes: Gauge,
     cache: Arc<EmbeddingCache>,
+    ready: AtomicBool,
 }
 
 impl WorkerMetrics {
@@ -46,7 +51,16 @@ impl WorkerMetrics {
         registry.register("embedding_cache_hits", "Text encodings served from the L1 cache", cache_hits.clone());
         registry.register("embedding_cache_misses", "Text encodings computed", cache_misses.clone());
         registry.register("embedding_cache_bytes", "Bytes held by the L1 cache", cache_bytes.clone());
-        WorkerMetrics { inner: Arc::new(Inner { registry, jobs, busy, render_seconds, cache_hits, cache_misses, cache_bytes, cache }) }
+        let ready = AtomicBool::new(false);
+        WorkerMetrics {
+            inner: Arc::new(Inner { registry, jobs, busy, render_seconds, cache_hits, cache_misses, cache_bytes, cache, ready }),
+        }
+    }
+
+    /// Ready: models loaded, registered, and the coordinator answered the
+    /// last heartbeat.
+    pub(crate) fn set_ready(&self, ready: bool) {
+        self.inner.ready.store(ready, Ordering::SeqCst);
     }
 
     pub(crate) fn finished(&self, outcome: &'static str) {
@@ -81,9 +95,22 @@ async fn scrape(State(metrics): State<WorkerMetrics>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], metrics.render())
 }
 
-/// Serves `/metrics` on `listener` for as long as the process runs.
+async fn ready(State(metrics): State<WorkerMetrics>) -> impl IntoResponse {
+    if metrics.inner.ready.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: loading its models, or the coordinator did not answer the last heartbeat\n")
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` for as long as
+/// the process runs.
 pub async fn serve(metrics: WorkerMetrics, listener: TcpListener) {
-    let app = axum::Router::new().route("/metrics", axum::routing::get(scrape)).with_state(metrics);
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(scrape))
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route("/readyz", axum::routing::get(ready))
+        .with_state(metrics);
     if let Err(e) = axum::serve(listener, app).await {
         tracing::error!(error = %e, "metrics server stopped");
     }

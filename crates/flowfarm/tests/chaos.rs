@@ -706,6 +706,9 @@ async fn health_follows_postgres_and_redis() {
 
     pg.down("fast");
     let down = wait_for(ServingStatus::NotServing, Duration::from_secs(5)).await;
+    let mut liveness = HealthClient::new(tonic::transport::Channel::from_shared(server.url()).unwrap().connect().await.unwrap());
+    let live = liveness.check(HealthCheckRequest { service: "liveness".into() }).await.unwrap().into_inner().status;
+    assert_eq!(live, ServingStatus::Serving as i32, "liveness is not readiness: the process still answers");
     pg.up();
     let up = wait_for(ServingStatus::Serving, Duration::from_secs(30)).await;
     println!("Postgres stopped: NOT_SERVING after {down:.1?}; restarted: SERVING after {up:.1?}");

@@ -683,3 +683,47 @@ async fn progress_reaches_watchers_on_another_coordinator() {
     assert!(steps.windows(2).all(|w| w[0] <= w[1]), "in order: {steps:?}");
     b.stop();
 }
+
+/// The status line and body of a GET on a worker's HTTP port.
+fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else { return ("no answer".into(), String::new()) };
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.lines().next().unwrap_or_default().to_owned(), body.to_owned())
+}
+
+/// A worker's probes: `/healthz` answers while it lives; `/readyz` is 200
+/// once it is registered and 503 while its coordinator does not answer its
+/// heartbeats, 200 again when it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_probes_follow_the_coordinator() {
+    let mut farm = Farm::start().await;
+    let worker = farm.worker("probed");
+    let wait = |path: &'static str, status: &'static str, limit: Duration| {
+        let addr = worker.metrics;
+        async move {
+            let deadline = Instant::now() + limit;
+            loop {
+                let (line, body) = http_get(addr, path);
+                if line.contains(status) {
+                    return body;
+                }
+                assert!(Instant::now() < deadline, "{path} still `{line}` ({body}), waiting for {status}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(wait("/healthz", "200", Duration::from_secs(60)).await, "ok\n");
+    wait("/readyz", "200", Duration::from_secs(60)).await;
+
+    let addr = farm.server.as_ref().unwrap().addr.to_string();
+    farm.server.take().unwrap().stop();
+    let body = wait("/readyz", "503", Duration::from_secs(10)).await;
+    assert!(body.contains("coordinator did not answer"), "{body}");
+    assert!(http_get(worker.metrics, "/healthz").0.contains("200"), "alive all along");
+    farm.server = Some(Server::start_env(&farm.db, &farm.config, &farm.results, &farm.redis.url(), &addr, &farm.env));
+    wait("/readyz", "200", Duration::from_secs(30)).await;
+}
