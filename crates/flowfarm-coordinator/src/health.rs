@@ -9,6 +9,7 @@ use std::time::Duration;
 use flowfarm_proto::v1::admin_service_server::AdminServiceServer;
 use flowfarm_proto::v1::render_service_server::RenderServiceServer;
 use flowfarm_proto::v1::worker_service_server::WorkerServiceServer;
+use flowfarm_queue::Pinger;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 
@@ -20,11 +21,10 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 const ANSWER_WITHIN: Duration = Duration::from_secs(2);
 
 /// What is wrong, or None when both answer.
-async fn unhealthy(coordinator: &Coordinator) -> Option<String> {
-    let shared = &coordinator.shared;
+async fn unhealthy(coordinator: &Coordinator, redis: &mut Pinger) -> Option<String> {
     let (db, redis) = tokio::join!(
-        tokio::time::timeout(ANSWER_WITHIN, shared.store.ping()),
-        tokio::time::timeout(ANSWER_WITHIN, flowfarm_queue::ping(&shared.queue.redis_url)),
+        tokio::time::timeout(ANSWER_WITHIN, coordinator.shared.store.ping()),
+        tokio::time::timeout(ANSWER_WITHIN, redis.ping()),
     );
     let db = match db {
         Ok(Ok(())) => None,
@@ -69,12 +69,21 @@ pub(crate) async fn watch_dependencies(
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
+    let mut redis = match Pinger::new(&coordinator.shared.queue.redis_url) {
+        Ok(pinger) => pinger,
+        Err(e) => {
+            // The dispatcher's connection fails on the same URL, loudly too.
+            tracing::error!(error = %e, "not serving: queue.redis_url cannot be used");
+            report(&reporter, ServingStatus::NotServing).await;
+            return;
+        }
+    };
     let mut serving = true;
     loop {
         tokio::select! {
             _ = &mut shutdown => return,
             _ = tick.tick() => {
-                let problem = unhealthy(&coordinator).await;
+                let problem = unhealthy(&coordinator, &mut redis).await;
                 match (&problem, serving) {
                     (Some(problem), true) => {
                         tracing::error!(%problem, "not serving: a dependency does not answer");

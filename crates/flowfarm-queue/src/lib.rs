@@ -97,15 +97,36 @@ async fn ensure_group(conn: &mut ConnectionManager, lane: &str) -> Result<(), Qu
     }
 }
 
-/// Whether the Redis at `url` answers PING, on a connection of its own
-/// (for health checks: it never waits behind queued commands).
-///
-/// # Errors
-/// [`QueueError`] if it cannot be reached or does not answer.
-pub async fn ping(url: &str) -> Result<(), QueueError> {
-    let mut conn = client(url)?.get_multiplexed_async_connection().await.map_err(QueueError::redis("connect"))?;
-    redis::cmd("PING").query_async::<String>(&mut conn).await.map_err(QueueError::redis("PING"))?;
-    Ok(())
+/// Asks a Redis whether it answers (health checks), on a connection of its
+/// own, so a ping never waits behind queued work commands. The connection is
+/// kept between pings and opened again after a failure.
+pub struct Pinger {
+    client: redis::Client,
+    conn: Option<redis::aio::MultiplexedConnection>,
+}
+
+impl Pinger {
+    /// # Errors
+    /// [`QueueError::Url`] for a malformed URL.
+    pub fn new(url: &str) -> Result<Self, QueueError> {
+        Ok(Pinger { client: client(url)?, conn: None })
+    }
+
+    /// PING.
+    ///
+    /// # Errors
+    /// [`QueueError`] if Redis cannot be reached or does not answer.
+    pub async fn ping(&mut self) -> Result<(), QueueError> {
+        let conn = match &mut self.conn {
+            Some(conn) => conn,
+            None => self.conn.insert(self.client.get_multiplexed_async_connection().await.map_err(QueueError::redis("connect"))?),
+        };
+        let answer = redis::cmd("PING").query_async::<String>(conn).await.map_err(QueueError::redis("PING"));
+        if answer.is_err() {
+            self.conn = None;
+        }
+        answer.map(drop)
+    }
 }
 
 /// The coordinator's side of the queue. Cheap to clone; reconnects by itself.

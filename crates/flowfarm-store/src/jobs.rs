@@ -638,20 +638,6 @@ impl PgStore {
         Ok(unserved.into_iter().filter_map(|i| needs.get(i as usize).cloned()).collect())
     }
 
-    /// Active workers that serve `model` with the text encoders `set`.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
-    pub async fn serving_workers(&self, model: &str, set: TextEncoderSet) -> Result<u64, StoreError> {
-        let n: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM workers WHERE state = 'active' AND $1 = ANY(models) AND $2 = ANY(text_encoder_sets)")
-                .bind(model)
-                .bind(set.as_str())
-                .fetch_one(&self.pool)
-                .await?;
-        Ok(n as u64)
-    }
-
     /// Dispatches again up to `limit` jobs that were dispatched more than
     /// `older_than` ago and never started: their stream message may be lost
     /// (Redis restarted or flushed). A duplicate message is harmless: the

@@ -616,7 +616,8 @@ async fn claims_respect_the_workers_text_encoders() {
     let clip = worker_with_sets(s, "clip", vec![TextEncoderSet::ClipOnly]).await;
     assert_eq!(s.dispatch_window("sd3", TextEncoderSet::All, 2).await.unwrap(), 0, "no worker with T5");
     assert_eq!(s.dispatch_window("sd3", TextEncoderSet::ClipOnly, 2).await.unwrap(), 1 + 2);
-    assert_eq!(s.serving_workers("sd3", TextEncoderSet::All).await.unwrap(), 0);
+    let needs = [("sd3".to_owned(), TextEncoderSet::All), ("sd3".to_owned(), TextEncoderSet::ClipOnly)];
+    assert_eq!(s.unserved(&needs).await.unwrap(), vec![("sd3".to_owned(), TextEncoderSet::All)], "no worker with T5");
     let stats = s.queue_stats(Some("sd3")).await.unwrap();
     assert_eq!(stats[0].waiting_for_worker, vec![(TextEncoderSet::All, 2)], "two T5 jobs wait for a worker with T5");
 

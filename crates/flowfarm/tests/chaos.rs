@@ -22,7 +22,7 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -67,13 +67,17 @@ struct PgServer {
 
 impl PgServer {
     fn start() -> PgServer {
-        let bin = Command::new("pg_config")
-            .arg("--bindir")
-            .output()
-            .ok()
-            .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
-            .filter(|p| p.join("initdb").exists())
-            .expect("Postgres server binaries (pg_config --bindir; scripts/test.sh installs postgresql)");
+        // pg_config where it is installed; else Debian's versioned folders, newest first.
+        let from_pg_config =
+            Command::new("pg_config").arg("--bindir").output().ok().map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+        let mut debian: Vec<PathBuf> =
+            std::fs::read_dir("/usr/lib/postgresql").into_iter().flatten().flatten().map(|e| e.path().join("bin")).collect();
+        debian.sort();
+        let bin = from_pg_config
+            .into_iter()
+            .chain(debian.into_iter().rev())
+            .find(|p| p.join("initdb").exists())
+            .expect("Postgres server binaries (initdb; scripts/test.sh installs postgresql)");
         let dir = tempfile::tempdir().unwrap();
         // Postgres runs as `postgres` when we are root: it must own its folder.
         let _ = Command::new("chown").arg("postgres:postgres").arg(dir.path()).status();
@@ -200,25 +204,6 @@ impl Proxy {
     }
 }
 
-/// A `flowfarm worker` process.
-struct WorkerProcess {
-    child: Child,
-    log: PathBuf,
-}
-
-impl WorkerProcess {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for WorkerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The farm under test.
 struct Cluster {
     // Fields drop in order: processes before the servers they use.
@@ -290,22 +275,13 @@ impl Cluster {
             ),
         );
         let log = self.dir.path().join(format!("{name}-{}.log", self.restarts));
-        let child = Command::new(flowfarm_bin())
-            .arg("worker")
-            .arg("--worker-config")
-            .arg(&config)
-            .env("FLOWFARM_SERVER", coordinator)
-            .env("FLOWFARM_TOKEN", &self.worker_token)
-            .env("FLOWFARM_REDIS_URL", self.redis.url())
-            .env("FLOWFARM_RESULTS_DIR", &self.results)
-            .env("RUST_LOG", "info")
-            .env("RUST_BACKTRACE", "0")
-            .env("RAYON_NUM_THREADS", "1")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start flowfarm worker");
-        WorkerProcess { child, log }
+        let env = [
+            ("FLOWFARM_SERVER", coordinator.to_owned()),
+            ("FLOWFARM_TOKEN", self.worker_token.clone()),
+            ("FLOWFARM_REDIS_URL", self.redis.url()),
+            ("FLOWFARM_RESULTS_DIR", self.results.display().to_string()),
+        ];
+        WorkerProcess::spawn(&config, &env, log)
     }
 
     fn logs(&self) -> String {

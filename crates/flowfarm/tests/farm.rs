@@ -10,7 +10,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -53,24 +53,16 @@ struct Farm {
     env: Vec<(String, String)>,
 }
 
-/// A `flowfarm worker` process.
+/// A `flowfarm worker` process of the farm.
 struct Worker {
-    child: Child,
+    process: WorkerProcess,
     name: String,
-    log: PathBuf,
     metrics: std::net::SocketAddr,
 }
 
 impl Worker {
     fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.log()
     }
 }
 
@@ -114,25 +106,15 @@ impl Farm {
         );
         let log = self.dir.path().join(format!("{name}.log"));
         let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        let child = Command::new(flowfarm_bin())
-            .arg("worker")
-            .arg("--worker-config")
-            .arg(&config)
-            .env("FLOWFARM_SERVER", self.url())
-            .env("FLOWFARM_TOKEN", &self.worker_token)
-            .env("FLOWFARM_REDIS_URL", self.redis.url())
-            .env("FLOWFARM_RESULTS_DIR", &self.results)
-            .env("FLOWFARM_METRICS_LISTEN", metrics.to_string())
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .env("RUST_LOG", "info")
-            .env("RUST_BACKTRACE", "0")
-            // Two workers and a coordinator share two cores.
-            .env("RAYON_NUM_THREADS", "1")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start flowfarm worker");
-        Worker { child, name: name.to_owned(), log, metrics }
+        let mut env = vec![
+            ("FLOWFARM_SERVER", self.url()),
+            ("FLOWFARM_TOKEN", self.worker_token.clone()),
+            ("FLOWFARM_REDIS_URL", self.redis.url()),
+            ("FLOWFARM_RESULTS_DIR", self.results.display().to_string()),
+            ("FLOWFARM_METRICS_LISTEN", metrics.to_string()),
+        ];
+        env.extend(self.env.iter().map(|(k, v)| (k.as_str(), v.clone())));
+        Worker { process: WorkerProcess::spawn(&config, &env, log), name: name.to_owned(), metrics }
     }
 
     fn farmctl(&self, token: &str, args: &[&str]) -> std::process::Output {
@@ -320,8 +302,8 @@ async fn a_killed_workers_job_finishes_on_the_other() {
     })
     .await;
     let victim: Uuid = farm.scalar(&format!("SELECT id FROM jobs WHERE state = 'running' AND worker_id = '{a_id}'")).await;
-    signal(&a.child, "KILL");
-    a.child.wait().unwrap();
+    signal(&a.process.child, "KILL");
+    a.process.child.wait().unwrap();
     let b = farm.worker("b");
     farm.wait_all_finished(&[&b], Duration::from_secs(300)).await;
     farm.assert_each_succeeded_once().await;
@@ -419,7 +401,7 @@ async fn a_drained_worker_finishes_its_job_and_exits_zero() {
     let in_flight: Uuid = farm.scalar(&format!("SELECT id FROM jobs WHERE state = 'running' AND worker_id = '{a_id}'")).await;
     let drained = farm.farmctl(&farm.admin, &["workers", "drain", &a_id.to_string()]);
     assert!(drained.status.success(), "{}", String::from_utf8_lossy(&drained.stderr));
-    let status = a.child.wait().unwrap();
+    let status = a.process.child.wait().unwrap();
     assert!(status.success(), "drained worker exited with {status}\n{}", a.log());
     assert_eq!(farm.scalar::<String>(&format!("SELECT state FROM jobs WHERE id = '{in_flight}'")).await, "succeeded");
     assert_eq!(farm.scalar::<String>(&format!("SELECT state FROM workers WHERE id = '{a_id}'")).await, "gone");
@@ -439,8 +421,8 @@ async fn a_drained_worker_finishes_its_job_and_exits_zero() {
     farm.wait_all_finished(&[&b], Duration::from_secs(120)).await;
     farm.assert_each_succeeded_once().await;
 
-    signal(&b.child, "TERM");
-    let status = b.child.wait().unwrap();
+    signal(&b.process.child, "TERM");
+    let status = b.process.child.wait().unwrap();
     assert!(status.success(), "SIGTERM: worker exited with {status}\n{}", b.log());
     assert_eq!(farm.scalar::<String>(&format!("SELECT state FROM workers WHERE id = '{b_id}'")).await, "gone");
 }

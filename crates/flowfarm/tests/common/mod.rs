@@ -121,6 +121,44 @@ impl Drop for Server {
     }
 }
 
+/// A `flowfarm worker` process, killed when dropped; its stderr goes to a log file.
+pub struct WorkerProcess {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl WorkerProcess {
+    /// Starts `flowfarm worker --worker-config config` with `env` (server,
+    /// token, Redis, results…), info logs into `log` and one compute thread
+    /// (workers and coordinators share the test machine's cores).
+    pub fn spawn(config: &Path, env: &[(&str, String)], log: PathBuf) -> WorkerProcess {
+        let child = Command::new(flowfarm_bin())
+            .arg("worker")
+            .arg("--worker-config")
+            .arg(config)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .env("RUST_LOG", "info")
+            .env("RUST_BACKTRACE", "0")
+            .env("RAYON_NUM_THREADS", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("worker log file"))
+            .spawn()
+            .expect("start flowfarm worker");
+        WorkerProcess { child, log }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub fn signal(child: &Child, name: &str) {
     let status = Command::new("kill").args([&format!("-{name}"), &child.id().to_string()]).status().expect("kill");
     assert!(status.success(), "kill -{name} failed");
