@@ -5,3 +5,4 @@
 pub mod client;
 pub mod input;
 pub mod output;
+pub mod tokens;

@@ -22,7 +22,7 @@ use farmctl::{input, output};
 #[derive(Parser)]
 #[command(name = "farmctl", version, about = "Submit, watch and operate flowfarm render batches")]
 struct Cli {
-    /// Coordinator address.
+    /// Coordinator address: http://host:port, or https://host:port for TLS.
     #[arg(long, global = true, env = "FLOWFARM_SERVER", default_value = "http://127.0.0.1:7070")]
     server: String,
     /// API token (`flowfarm token create --role submit|admin`).
@@ -31,6 +31,15 @@ struct Cli {
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     json: bool,
+    /// PEM CA certificate(s) to trust for an https:// server instead of the system's.
+    #[arg(long, global = true, env = "FLOWFARM_CA")]
+    ca: Option<PathBuf>,
+    /// PEM client certificate, for coordinators that ask for one (with --key).
+    #[arg(long, global = true, env = "FLOWFARM_CLIENT_CERT")]
+    cert: Option<PathBuf>,
+    /// PEM key of the client certificate.
+    #[arg(long, global = true, env = "FLOWFARM_CLIENT_KEY")]
+    key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -77,6 +86,11 @@ enum Command {
         /// Print one frame and exit (with --json: one JSON object).
         #[arg(long)]
         once: bool,
+    },
+    /// Make, list and revoke API tokens (admin).
+    Tokens {
+        #[command(subcommand)]
+        command: farmctl::tokens::TokensCommand,
     },
     /// Download rendered images.
     Results {
@@ -306,7 +320,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         clap_complete::generate(shell, &mut Cli::command(), "farmctl", &mut std::io::stdout());
         return Ok(ExitCode::SUCCESS);
     }
-    let farm = Farm::connect(&cli.server, cli.token.as_deref()).await?;
+    let tls =
+        flowfarm_proto::client::ClientTls { ca_file: cli.ca.clone(), cert_file: cli.cert.clone(), key_file: cli.key.clone(), domain: None };
+    let farm = Farm::connect(&cli.server, cli.token.as_deref(), &tls).await?;
     let json = cli.json;
     match cli.command {
         Command::Completions { .. } => unreachable!("handled above"),
@@ -398,6 +414,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             .into_inner();
             emit(json, output::worker(&worker), || format!("worker {} is {}", worker.id, output::worker_state_name(worker.state)));
         }
+        Command::Tokens { command } => farmctl::tokens::run(&farm, command, json).await?,
         Command::Results { command: ResultsCommand::Fetch { batch, out } } => fetch_results(&farm, &batch, &out, json).await?,
     }
     Ok(ExitCode::SUCCESS)

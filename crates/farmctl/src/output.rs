@@ -3,7 +3,7 @@
 use flowfarm_proto::v1 as pb;
 use serde_json::{json, Value};
 
-fn time(ts: &Option<prost_types::Timestamp>) -> Value {
+pub fn time(ts: &Option<prost_types::Timestamp>) -> Value {
     match ts {
         Some(ts) => match chrono::DateTime::from_timestamp(ts.seconds, ts.nanos.max(0) as u32) {
             Some(at) => Value::String(at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),

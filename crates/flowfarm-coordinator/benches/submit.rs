@@ -91,7 +91,13 @@ async fn main() {
         let start = Instant::now();
         let jobs = grid_request(grid).expect("grid").resolve(&registry, &config.limits, &mut || 0).expect("valid");
         validate.push(start.elapsed());
-        let batch = NewBatch { submitter: "bench".into(), idempotency_key: None, content_hash: vec![0; 32], labels: Default::default() };
+        let batch = NewBatch {
+            submitter: "bench".into(),
+            idempotency_key: None,
+            content_hash: vec![0; 32],
+            labels: Default::default(),
+            quotas: Default::default(),
+        };
         let start = Instant::now();
         h.db.store.submit_batch(&batch, &jobs).await.expect("store");
         store.push(start.elapsed());

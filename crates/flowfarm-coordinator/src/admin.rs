@@ -162,4 +162,16 @@ impl AdminService for Coordinator {
     async fn uncordon_worker(&self, request: Request<pb::WorkerRef>) -> Result<Response<pb::Worker>, Status> {
         self.move_worker(request, WorkerState::Active).await
     }
+
+    async fn create_token(&self, request: Request<pb::CreateTokenRequest>) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        self.create_token_rpc(request).await
+    }
+
+    async fn list_tokens(&self, request: Request<pb::ListTokensRequest>) -> Result<Response<pb::ListTokensResponse>, Status> {
+        self.list_tokens_rpc(request).await
+    }
+
+    async fn revoke_token(&self, request: Request<pb::RevokeTokenRequest>) -> Result<Response<pb::Token>, Status> {
+        self.revoke_token_rpc(request).await
+    }
 }

@@ -4,15 +4,18 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use chrono::Utc;
 use flowfarm_core::Role;
-use flowfarm_store::{PgStore, TokenInfo};
+use flowfarm_store::{PgStore, Quotas, TokenInfo};
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
 use crate::convert::store_status;
 
 /// How long a verified token is trusted without asking the database again;
-/// a revoked token keeps working at most this long on each coordinator.
+/// a token revoked elsewhere keeps working at most this long on each
+/// coordinator (the one that revokes it forgets it at once; expiry is
+/// checked on every call).
 const CACHE_TTL: Duration = Duration::from_secs(10);
 
 /// Who is calling, once authenticated.
@@ -20,11 +23,23 @@ const CACHE_TTL: Duration = Duration::from_secs(10);
 pub struct Caller {
     /// The token's id.
     pub token_id: uuid::Uuid,
+    /// The token's name, which is its tenant: the submitter of its batches.
     pub name: String,
     pub role: Role,
+    pub quotas: Quotas,
 }
 
 impl Caller {
+    /// Whether the caller sees every tenant's batches (admins), or only its own.
+    pub fn sees_all(&self) -> bool {
+        self.role == Role::Admin
+    }
+
+    /// Whether a batch submitted by `submitter` is visible to the caller.
+    pub fn may_see(&self, submitter: &str) -> bool {
+        self.sees_all() || self.name == submitter
+    }
+
     /// `role:name`, as written in job events.
     pub fn actor(&self) -> String {
         let kind = match self.role {
@@ -73,12 +88,12 @@ impl Authenticator {
                 wanted.join(" or ")
             )));
         }
-        Ok(Caller { token_id: info.id, name: info.name, role: info.role })
+        Ok(Caller { token_id: info.id, name: info.name, role: info.role, quotas: info.quotas })
     }
 
     async fn lookup(&self, secret: &str) -> Result<TokenInfo, Status> {
         if let Some((info, at)) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(secret) {
-            if at.elapsed() < CACHE_TTL {
+            if at.elapsed() < CACHE_TTL && info.is_live(Utc::now()) {
                 return Ok(info.clone());
             }
         }
@@ -94,6 +109,11 @@ impl Authenticator {
         }
         cache.insert(secret.to_owned(), (info.clone(), Instant::now()));
         Ok(info)
+    }
+
+    /// Drops a revoked token from the cache, so it stops working here at once.
+    pub fn forget(&self, token_id: uuid::Uuid) {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).retain(|_, (info, _)| info.id != token_id);
     }
 }
 

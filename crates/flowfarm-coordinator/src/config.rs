@@ -1,4 +1,10 @@
 //! The coordinator's TOML configuration, with environment overrides.
+//!
+//! Every key can be set from the environment: `FLOWFARM_` then the key's
+//! path upper-cased with `__` between parts (`FLOWFARM_LEASES__LEASE_SECONDS`,
+//! see `flowfarm-config`). Secrets (the database and Redis passwords) come
+//! only from the environment or from files named by `*_file` keys; the short
+//! names documented on some keys (`FLOWFARM_LISTEN`, …) apply last.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -28,6 +34,8 @@ pub struct Config {
     pub retries: RetryConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
     /// The models this farm serves.
     #[serde(default)]
     pub models: Vec<ModelConfig>,
@@ -41,11 +49,16 @@ pub struct ServerConfig {
     /// On shutdown, how long running calls and open streams may go on
     /// before their connections are closed.
     pub shutdown_grace_seconds: f64,
+    /// TLS for the gRPC API; absent: plaintext.
+    pub tls: Option<crate::tls::TlsConfig>,
+    /// Serve plaintext on an address other machines can reach. Off, a
+    /// non-loopback `listen` needs `[server.tls]`.
+    pub allow_plaintext: bool,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { listen: SocketAddr::from(([127, 0, 0, 1], 7070)), shutdown_grace_seconds: 10.0 }
+        ServerConfig { listen: SocketAddr::from(([127, 0, 0, 1], 7070)), shutdown_grace_seconds: 10.0, tls: None, allow_plaintext: false }
     }
 }
 
@@ -62,11 +75,48 @@ pub struct DatabaseConfig {
     pub url: String,
     /// Pool size.
     pub max_connections: u32,
+    /// The password, if `url` has none: a secret, so only from
+    /// `FLOWFARM_DATABASE__PASSWORD`, never from the file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
+    /// A file holding the password (a mounted secret), read at start.
+    pub password_file: Option<PathBuf>,
+}
+
+impl DatabaseConfig {
+    /// The URL to connect with: `url` with the password from `password` or
+    /// `password_file` filled in.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] if the password file cannot be read or the URL does not parse.
+    pub fn connect_url(&self) -> Result<String, ConfigError> {
+        with_password(&self.url, "database", self.password.as_deref(), self.password_file.as_deref())
+    }
+}
+
+/// `url` with the password from `password` or the file filled in.
+fn with_password(url: &str, section: &str, password: Option<&str>, file: Option<&Path>) -> Result<String, ConfigError> {
+    let password = match (password, file) {
+        (Some(p), _) => p.to_owned(),
+        (None, Some(file)) => std::fs::read_to_string(file)
+            .map_err(|e| ConfigError::Invalid(format!("{section}.password_file: cannot read {}: {e}", file.display())))?
+            .trim_end_matches(['\n', '\r'])
+            .to_owned(),
+        (None, None) => return Ok(url.to_owned()),
+    };
+    let mut parsed = url::Url::parse(url).map_err(|e| ConfigError::Invalid(format!("{section}: `{url}` is not a URL ({e})")))?;
+    parsed.set_password(Some(&password)).map_err(|()| ConfigError::Invalid(format!("{section}: `{url}` cannot carry a password")))?;
+    Ok(parsed.to_string())
 }
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        DatabaseConfig { url: "postgres://postgres@127.0.0.1:5432/flowfarm".into(), max_connections: 16 }
+        DatabaseConfig {
+            url: "postgres://postgres@127.0.0.1:5432/flowfarm".into(),
+            max_connections: 16,
+            password: None,
+            password_file: None,
+        }
     }
 }
 
@@ -132,6 +182,30 @@ pub struct QueueConfig {
     /// (its message may be lost); stream messages unacknowledged for this
     /// long are swept.
     pub redispatch_after_seconds: f64,
+    /// The Redis password, if `redis_url` has none: only from
+    /// `FLOWFARM_QUEUE__REDIS_PASSWORD`, never from the file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_password: Option<String>,
+    /// A file holding the Redis password, read at start.
+    pub redis_password_file: Option<PathBuf>,
+    /// PEM CA certificate(s) a `rediss://` server's certificate must chain
+    /// to; absent: the system's roots.
+    pub redis_ca_file: Option<PathBuf>,
+}
+
+impl QueueConfig {
+    /// Where the work streams are (the URL with its password).
+    pub fn redis_target(&self) -> flowfarm_queue::RedisTarget {
+        flowfarm_queue::RedisTarget { url: self.redis_url.clone(), ca_file: self.redis_ca_file.clone() }
+    }
+
+    /// `redis_url` with the password filled in (`rediss://` for TLS).
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] if the password file cannot be read.
+    pub fn connect_url(&self) -> Result<String, ConfigError> {
+        with_password(&self.redis_url, "queue.redis", self.redis_password.as_deref(), self.redis_password_file.as_deref())
+    }
 }
 
 impl Default for QueueConfig {
@@ -141,6 +215,9 @@ impl Default for QueueConfig {
             lookahead_per_worker: 2,
             dispatch_interval_seconds: 0.5,
             redispatch_after_seconds: 30.0,
+            redis_password: None,
+            redis_password_file: None,
+            redis_ca_file: None,
         }
     }
 }
@@ -178,13 +255,49 @@ pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// When the farm has no live admin token at start, the coordinator makes
+    /// one (named `admin`) and writes its secret here, readable by the
+    /// owner only. Empty: none is made (create one with `flowfarm token create`).
+    pub admin_token_file: PathBuf,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig { admin_token_file: PathBuf::from("flowfarm-admin.token") }
+    }
+}
+
+/// `FLOWFARM_SECTION__KEY`; `FLOWFARM_WORKER__…` is the worker's.
+pub const ENV_RULE: flowfarm_config::EnvRule = flowfarm_config::EnvRule { prefix: "FLOWFARM_", needs_separator: true, others: &["WORKER"] };
+
+/// Keys that hold secrets.
+pub const SECRETS: &[flowfarm_config::Secret] = &[
+    flowfarm_config::Secret { key: "database.password", instead: "set FLOWFARM_DATABASE__PASSWORD or database.password_file", url: false },
+    flowfarm_config::Secret {
+        key: "database.url",
+        instead: "leave the password out of the URL and set FLOWFARM_DATABASE__PASSWORD or database.password_file",
+        url: true,
+    },
+    flowfarm_config::Secret {
+        key: "queue.redis_password",
+        instead: "set FLOWFARM_QUEUE__REDIS_PASSWORD or queue.redis_password_file",
+        url: false,
+    },
+    flowfarm_config::Secret {
+        key: "queue.redis_url",
+        instead: "leave the password out of the URL and set FLOWFARM_QUEUE__REDIS_PASSWORD or queue.redis_password_file",
+        url: true,
+    },
+];
+
 /// A config that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("config file {path}: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    #[error(transparent)]
+    Layer(#[from] flowfarm_config::ConfigError),
     #[error("environment variable {name}: {reason}")]
     Env { name: &'static str, reason: String },
     #[error("{0}")]
@@ -192,16 +305,28 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Reads a TOML file, then applies environment overrides, then checks it.
+    /// Reads a TOML file, then applies the environment (every key by the
+    /// `FLOWFARM_SECTION__KEY` rule, then the short names), fills in the
+    /// passwords, then checks it.
     ///
     /// # Errors
     /// [`ConfigError`] naming the file, key or variable at fault.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        let mut config: Config = toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })?;
+        let mut config: Config = flowfarm_config::load(path, std::env::vars(), &ENV_RULE, SECRETS)?;
         config.apply_env(|name| std::env::var(name).ok())?;
+        // The URLs used from here on carry their passwords (shown masked).
+        config.database.url = config.database.connect_url()?;
+        config.queue.redis_url = config.queue.connect_url()?;
         config.check()?;
         Ok(config)
+    }
+
+    /// The configuration as TOML with its secrets masked (`flowfarm config print`).
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] if a value cannot be shown as TOML.
+    pub fn to_masked_toml(&self) -> Result<String, ConfigError> {
+        flowfarm_config::to_masked_toml(self, SECRETS).map_err(|e| ConfigError::Invalid(format!("showing the config: {e}")))
     }
 
     /// Applies `FLOWFARM_LISTEN`, `FLOWFARM_DATABASE_URL` (else `DATABASE_URL`),
@@ -272,6 +397,18 @@ impl Config {
         if !guidance_range_ok {
             return Err(ConfigError::Invalid("limits.min_guidance and max_guidance must be finite, min ≤ max".into()));
         }
+        match &self.server.tls {
+            Some(tls) => tls.check().map_err(ConfigError::Invalid)?,
+            None if !self.server.listen.ip().is_loopback() && !self.server.allow_plaintext => {
+                return Err(ConfigError::Invalid(format!(
+                    "server.listen {} is reachable from other machines and server.tls is not set: configure [server.tls] \
+                     (cert_file, key_file), or set server.allow_plaintext = true (FLOWFARM_SERVER__ALLOW_PLAINTEXT=true) \
+                     to serve plaintext on purpose",
+                    self.server.listen
+                )));
+            }
+            None => {}
+        }
         let grace = self.server.shutdown_grace_seconds;
         if !(grace.is_finite() && (0.0..=3600.0).contains(&grace)) {
             return Err(ConfigError::Invalid("server.shutdown_grace_seconds must be within 0..=3600".into()));
@@ -315,6 +452,65 @@ mod tests {
         let config: Config = toml::from_str(EXAMPLE).expect("example parses");
         config.check().expect("example is valid");
         assert!(config.registry().unwrap().get("sd3-medium").is_some());
+    }
+
+    /// Every key, set from the environment by the rule to a value other
+    /// than the file's, takes that value; none is left out.
+    #[test]
+    fn every_key_can_be_set_from_the_environment() {
+        let mut wanted: Config = toml::from_str(EXAMPLE).unwrap();
+        // Values unlike the file's, so that a variable that is ignored shows.
+        wanted.server.listen = "0.0.0.0:9999".parse().unwrap();
+        wanted.server.shutdown_grace_seconds = 3.5;
+        wanted.server.allow_plaintext = true;
+        wanted.server.tls = Some(crate::tls::TlsConfig {
+            cert_file: "/tls/crt".into(),
+            key_file: "/tls/key".into(),
+            client_ca_file: "/tls/ca".into(),
+            require_worker_certificates: true,
+        });
+        wanted.database.url = "postgres://u@db:5432/farm".into();
+        wanted.database.password_file = Some("/secrets/db".into());
+        wanted.leases.lease_seconds = 45;
+        wanted.limits.max_steps = 77;
+        wanted.results.url = Some("s3://bucket/prefix".into());
+        wanted.queue.redis_url = "rediss://redis:6380/1".into();
+        wanted.queue.redis_ca_file = Some("/tls/redis-ca".into());
+        wanted.metrics.listen = Some("0.0.0.0:9100".parse().unwrap());
+        wanted.auth.admin_token_file = "/var/lib/flowfarm/admin.token".into();
+        wanted.models[0].default_steps = 12;
+        let env = flowfarm_config::env_for_every_key(&wanted, &ENV_RULE).unwrap();
+        assert!(env.iter().any(|(k, _)| k == "FLOWFARM_LEASES__LEASE_SECONDS"), "{env:?}");
+        assert!(env.iter().any(|(k, _)| k == "FLOWFARM_SERVER__TLS__REQUIRE_WORKER_CERTIFICATES"), "{env:?}");
+        assert!(env.iter().any(|(k, _)| k == "FLOWFARM_MODELS__0__DEFAULT_STEPS"), "{env:?}");
+        let loaded: Config = flowfarm_config::from_str(EXAMPLE, Path::new("flowfarm.toml"), env, &ENV_RULE, SECRETS).unwrap();
+        assert_eq!(toml::to_string(&loaded).unwrap(), toml::to_string(&wanted).unwrap());
+    }
+
+    #[test]
+    fn secrets_stay_out_of_the_file_and_out_of_what_is_shown() {
+        let with_password = EXAMPLE.replace("postgres://postgres@127.0.0.1", "postgres://postgres:hunter2@127.0.0.1");
+        let err = flowfarm_config::from_str::<Config>(&with_password, Path::new("f.toml"), [], &ENV_RULE, SECRETS).unwrap_err();
+        assert!(err.to_string().contains("database.url") && err.to_string().contains("FLOWFARM_DATABASE__PASSWORD"), "{err}");
+        let env = [("FLOWFARM_DATABASE__PASSWORD".to_owned(), "hunter2".to_owned())];
+        let mut config: Config = flowfarm_config::from_str(EXAMPLE, Path::new("f.toml"), env, &ENV_RULE, SECRETS).unwrap();
+        config.database.url = config.database.connect_url().unwrap();
+        assert_eq!(config.database.url, "postgres://postgres:hunter2@127.0.0.1:5432/flowfarm");
+        let shown = config.to_masked_toml().unwrap();
+        assert!(!shown.contains("hunter2") && shown.contains("postgres://postgres:***@127.0.0.1"), "{shown}");
+    }
+
+    #[test]
+    fn plaintext_off_the_loopback_must_be_asked_for() {
+        let mut config: Config = toml::from_str(EXAMPLE).unwrap();
+        config.server.listen = "0.0.0.0:7070".parse().unwrap();
+        let err = config.check().unwrap_err().to_string();
+        assert!(err.contains("server.tls") && err.contains("allow_plaintext"), "{err}");
+        config.server.allow_plaintext = true;
+        config.check().unwrap();
+        config.server.allow_plaintext = false;
+        config.server.tls = Some(crate::tls::TlsConfig { cert_file: "c".into(), ..Default::default() });
+        assert!(config.check().unwrap_err().to_string().contains("key_file"));
     }
 
     #[test]

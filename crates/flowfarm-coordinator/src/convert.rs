@@ -13,6 +13,7 @@ pub fn store_status(err: StoreError) -> Status {
     match err {
         StoreError::NotFound { .. } => Status::not_found(err.to_string()),
         StoreError::IdempotencyConflict { .. } => Status::already_exists(err.to_string()),
+        StoreError::QuotaExceeded { .. } => Status::resource_exhausted(err.to_string()),
         StoreError::WrongState { .. } | StoreError::WorkerUnavailable { .. } | StoreError::Declined { .. } => {
             Status::failed_precondition(err.to_string())
         }

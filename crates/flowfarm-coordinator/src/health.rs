@@ -2,7 +2,8 @@
 //! with SERVING only while the Postgres it keeps every job in and the Redis
 //! it dispatches through both answer. Load balancers and Kubernetes probes
 //! then take a coordinator that cannot work out of rotation, and put it back
-//! when its dependencies return.
+//! when its dependencies return. The same verdict is served over plain HTTP
+//! at `/readyz` beside `/metrics`, for probes that cannot speak gRPC over TLS.
 
 use std::time::Duration;
 
@@ -69,11 +70,12 @@ pub(crate) async fn watch_dependencies(
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
-    let mut redis = match Pinger::new(&coordinator.shared.queue.redis_url) {
+    let mut redis = match Pinger::new(coordinator.shared.queue.redis_target()) {
         Ok(pinger) => pinger,
         Err(e) => {
             // The dispatcher's connection fails on the same URL, loudly too.
             tracing::error!(error = %e, "not serving: queue.redis_url cannot be used");
+            coordinator.set_not_ready(Some(format!("Redis: {e}")));
             report(&reporter, ServingStatus::NotServing).await;
             return;
         }
@@ -84,6 +86,7 @@ pub(crate) async fn watch_dependencies(
             _ = &mut shutdown => return,
             _ = tick.tick() => {
                 let problem = unhealthy(&coordinator, &mut redis).await;
+                coordinator.set_not_ready(problem.clone());
                 match (&problem, serving) {
                     (Some(problem), true) => {
                         tracing::error!(%problem, "not serving: a dependency does not answer");

@@ -21,6 +21,8 @@ mod reaper;
 mod render;
 mod server;
 pub mod sweeper;
+pub mod tls;
+pub mod tokens;
 mod watch;
 mod worker;
 
@@ -73,6 +75,10 @@ struct Shared {
     worker_tokens: std::sync::Mutex<std::collections::HashMap<Uuid, Option<Uuid>>>,
     /// Concurrent CompleteJob calls, one statement per group.
     completions: Grouper<flowfarm_store::Completion, Result<(), flowfarm_store::StoreError>>,
+    /// TLS of the gRPC server; None: plaintext.
+    tls: Option<Arc<tls::ServerTls>>,
+    /// Why the coordinator cannot work (a dependency does not answer); None: it can.
+    not_ready: std::sync::Mutex<Option<String>>,
 }
 
 /// Most calls answered by one grouped statement.
@@ -149,6 +155,7 @@ impl Coordinator {
         config.check()?;
         let results = flowfarm_results::ResultStore::open(config.results.url.as_deref(), &config.results.dir)
             .map_err(|e| ConfigError::Invalid(format!("results: {e}")))?;
+        let tls = config.server.tls.as_ref().map(tls::ServerTls::load).transpose().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let (progress, _) = broadcast::channel(4096);
         let store = store.with_retry_backoff(config.retries.backoff());
         Ok(Coordinator {
@@ -168,6 +175,8 @@ impl Coordinator {
                 shutdown_grace: config.server.shutdown_grace(),
                 store,
                 progress,
+                tls,
+                not_ready: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -175,6 +184,32 @@ impl Coordinator {
     /// The metrics this coordinator updates.
     pub fn metrics(&self) -> &Metrics {
         &self.shared.metrics
+    }
+
+    /// Why the coordinator cannot work now (Postgres or Redis does not
+    /// answer), as its health checks last found; None while it can.
+    pub fn not_ready(&self) -> Option<String> {
+        self.shared.not_ready.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set_not_ready(&self, problem: Option<String>) {
+        *self.shared.not_ready.lock().unwrap_or_else(|p| p.into_inner()) = problem;
+    }
+
+    /// The server's TLS, to reload it (SIGHUP does so too).
+    pub fn tls(&self) -> Option<&Arc<tls::ServerTls>> {
+        self.shared.tls.as_ref()
+    }
+
+    /// Authenticates a WorkerService call: a worker token, and with
+    /// `require_worker_certificates` a client certificate naming it.
+    async fn authorize_worker<T>(&self, request: &tonic::Request<T>) -> Result<auth::Caller, tonic::Status> {
+        let caller = self.shared.auth.authorize(request.metadata(), &[flowfarm_core::Role::Worker]).await?;
+        if self.shared.tls.as_ref().is_some_and(|t| t.requires_worker_certificates()) {
+            let certs = request.peer_certs();
+            tls::check_worker_certificate(certs.as_deref().map(Vec::as_slice), &caller.name)?;
+        }
+        Ok(caller)
     }
 
     /// Asks the dispatcher (if one runs) for a pass now.

@@ -111,7 +111,21 @@ async fn scrape(State(coordinator): State<Coordinator>) -> impl IntoResponse {
     }
 }
 
-/// Serves `/metrics` on `listener` until `shutdown` resolves.
+/// `/healthz`: the process answers.
+async fn live() -> &'static str {
+    "ok\n"
+}
+
+/// `/readyz`: Postgres and Redis answer (what gRPC health says), for probes
+/// that cannot speak gRPC over TLS.
+async fn ready(State(coordinator): State<Coordinator>) -> (StatusCode, String) {
+    match coordinator.not_ready() {
+        None => (StatusCode::OK, "ready\n".into()),
+        Some(problem) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {problem}\n")),
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` resolves.
 ///
 /// # Errors
 /// The listener's I/O error.
@@ -120,7 +134,11 @@ pub async fn serve_metrics(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = axum::Router::new().route("/metrics", axum::routing::get(scrape)).with_state(coordinator);
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(scrape))
+        .route("/healthz", axum::routing::get(live))
+        .route("/readyz", axum::routing::get(ready))
+        .with_state(coordinator);
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 

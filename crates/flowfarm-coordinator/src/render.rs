@@ -6,7 +6,7 @@ use flowfarm_core::spec::{check_idempotency_key, check_labels, resolve_jobs};
 use flowfarm_core::{JobState, Role, TextEncoderSet};
 use flowfarm_proto::v1 as pb;
 use flowfarm_proto::v1::render_service_server::RenderService;
-use flowfarm_store::{JobFilter, NewBatch};
+use flowfarm_store::{JobFilter, JobSelector, NewBatch};
 use prost::Message;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -15,6 +15,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
+use crate::auth::Caller;
 use crate::convert::*;
 use crate::Coordinator;
 
@@ -22,6 +23,34 @@ const SUBMITTERS: &[Role] = &[Role::Submit, Role::Admin];
 const DEFAULT_PAGE_SIZE: u32 = 100;
 const MAX_PAGE_SIZE: u32 = 1000;
 const RESULT_CHUNK: usize = 64 * 1024;
+
+/// What a caller that may not see a batch or job is told: exactly what it
+/// would be told if it did not exist.
+fn not_found(what: &'static str, id: Uuid) -> Status {
+    store_status(flowfarm_store::StoreError::NotFound { what, id })
+}
+
+impl Coordinator {
+    /// NOT_FOUND unless the caller may see the job.
+    async fn check_job_visible(&self, caller: &Caller, job_id: Uuid) -> Result<(), Status> {
+        if caller.sees_all() {
+            return Ok(());
+        }
+        let submitter = self.shared.store.job_submitter(job_id).await.map_err(store_status)?;
+        if !caller.may_see(&submitter) {
+            return Err(not_found("job", job_id));
+        }
+        Ok(())
+    }
+
+    /// NOT_FOUND unless the caller may see everything `selector` names.
+    async fn check_owned(&self, caller: &Caller, selector: &JobSelector) -> Result<(), Status> {
+        if caller.sees_all() {
+            return Ok(());
+        }
+        self.shared.store.check_owned(selector, &caller.name).await.map_err(store_status)
+    }
+}
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
@@ -51,6 +80,7 @@ impl RenderService for Coordinator {
             idempotency_key: (!req.idempotency_key.is_empty()).then(|| req.idempotency_key.clone()),
             content_hash: Sha256::digest(req.encode_to_vec()).to_vec(),
             labels: req.labels.clone(),
+            quotas: caller.quotas,
         };
         // Whether the fleet serves what the batch needs, asked beside the
         // write rather than after it, so the answer is not held up.
@@ -78,21 +108,25 @@ impl RenderService for Coordinator {
     }
 
     async fn get_batch(&self, request: Request<pb::GetBatchRequest>) -> Result<Response<pb::Batch>, Status> {
-        self.shared.auth.authorize(request.metadata(), SUBMITTERS).await?;
+        let caller = self.shared.auth.authorize(request.metadata(), SUBMITTERS).await?;
         let id = parse_id("batch_id", &request.get_ref().batch_id)?;
         let batch = self.shared.store.get_batch(id).await.map_err(store_status)?;
+        if !caller.may_see(&batch.submitter) {
+            return Err(not_found("batch", id));
+        }
         Ok(Response::new(batch_to_proto(&batch)))
     }
 
     async fn get_job(&self, request: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
-        self.shared.auth.authorize(request.metadata(), SUBMITTERS).await?;
+        let caller = self.shared.auth.authorize(request.metadata(), SUBMITTERS).await?;
         let id = parse_id("job_id", &request.get_ref().job_id)?;
+        self.check_job_visible(&caller, id).await?;
         let job = self.shared.store.get_job(id).await.map_err(store_status)?;
         Ok(Response::new(job_to_proto(&job)))
     }
 
     async fn list_jobs(&self, request: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
-        self.shared.auth.authorize(request.metadata(), SUBMITTERS).await?;
+        let caller = self.shared.auth.authorize(request.metadata(), SUBMITTERS).await?;
         let req = request.into_inner();
         let page_size = match req.page_size {
             0 => DEFAULT_PAGE_SIZE,
@@ -111,7 +145,11 @@ impl RenderService for Coordinator {
                 })
                 .transpose()?,
             model: (!req.model.is_empty()).then(|| req.model.clone()),
+            submitter: (!caller.sees_all()).then(|| caller.name.clone()),
         };
+        if let Some(batch_id) = filter.batch_id {
+            self.check_owned(&caller, &JobSelector::Batch(batch_id)).await?;
+        }
         let after = (!req.page_token.is_empty())
             .then(|| {
                 Uuid::parse_str(&req.page_token)
@@ -131,9 +169,10 @@ impl RenderService for Coordinator {
     type WatchBatchStream = BoxStream<pb::WatchBatchEvent>;
 
     async fn watch_batch(&self, request: Request<pb::WatchBatchRequest>) -> Result<Response<Self::WatchBatchStream>, Status> {
-        self.shared.auth.authorize(request.metadata(), SUBMITTERS).await?;
+        let caller = self.shared.auth.authorize(request.metadata(), SUBMITTERS).await?;
         let req = request.into_inner();
         let batch_id = parse_id("batch_id", &req.batch_id)?;
+        self.check_owned(&caller, &JobSelector::Batch(batch_id)).await?;
         let start = crate::watch::Start::parse(&req.after)?;
         // Subscribed before the log position is taken, so no progress between the two is lost.
         let progress = self.shared.progress.subscribe();
@@ -146,6 +185,7 @@ impl RenderService for Coordinator {
         let caller = self.shared.auth.authorize(request.metadata(), SUBMITTERS).await?;
         let req = request.into_inner();
         let selector = selector("request", &req.job_ids, &req.batch_id)?;
+        self.check_owned(&caller, &selector).await?;
         let reason = if req.reason.is_empty() { "cancelled" } else { req.reason.as_str() };
         let cancelled = self.shared.store.cancel_jobs(&selector, &caller.actor(), reason).await.map_err(store_status)?;
         Ok(Response::new(pb::CancelJobsResponse { cancelled: cancelled.len() as u64 }))
@@ -154,8 +194,9 @@ impl RenderService for Coordinator {
     type GetResultStream = BoxStream<pb::ResultChunk>;
 
     async fn get_result(&self, request: Request<pb::GetResultRequest>) -> Result<Response<Self::GetResultStream>, Status> {
-        self.shared.auth.authorize(request.metadata(), SUBMITTERS).await?;
+        let caller = self.shared.auth.authorize(request.metadata(), SUBMITTERS).await?;
         let id = parse_id("job_id", &request.get_ref().job_id)?;
+        self.check_job_visible(&caller, id).await?;
         let job = self.shared.store.get_job(id).await.map_err(store_status)?;
         let result = match (&job.result, job.state) {
             (Some(result), JobState::Succeeded) => result.clone(),

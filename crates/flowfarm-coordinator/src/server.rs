@@ -24,7 +24,8 @@ pub enum ServeError {
 
 /// Serves RenderService, AdminService, WorkerService, grpc.health.v1 (SERVING
 /// only while Postgres and Redis answer) and server reflection on
-/// `listener`, and runs the lease reaper, until
+/// `listener` (over TLS when `server.tls` is set, reloaded on SIGHUP), and
+/// runs the lease reaper, until
 /// `shutdown` resolves; then stops accepting calls and lets running ones end
 /// for at most `server.shutdown_grace_seconds` (watch streams and idle
 /// clients would otherwise hold it open forever).
@@ -66,18 +67,24 @@ pub async fn serve(
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let admin = AdminServiceServer::new(coordinator.clone());
     let grace = coordinator.shared.shutdown_grace;
+    let tls = coordinator.shared.tls.clone();
+    let sighup = tls.clone().map(|tls| tokio::spawn(crate::tls::reload_on_sighup(tls, stopped())));
     let worker = WorkerServiceServer::new(coordinator);
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
         .add_service(render)
         .add_service(admin)
-        .add_service(worker)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            shutdown.await;
-            let _ = draining_tx.send(());
-        });
+        .add_service(worker);
+    let draining = async move {
+        shutdown.await;
+        let _ = draining_tx.send(());
+    };
+    let server: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match tls {
+        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(tls.incoming(listener), draining)),
+        None => Box::pin(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), draining)),
+    };
     let deadline = async move {
         if draining_rx.await.is_ok() {
             tokio::time::sleep(grace).await;
@@ -96,8 +103,8 @@ pub async fn serve(
     let _ = reaper.await;
     let _ = progress.await;
     let _ = dependencies.await;
-    if let Some(sweeper) = sweeper {
-        let _ = sweeper.await;
+    for task in sweeper.into_iter().chain(sighup) {
+        let _ = task.await;
     }
     result?;
     Ok(())

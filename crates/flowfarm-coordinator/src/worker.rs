@@ -4,7 +4,7 @@
 
 use std::path::{Component, Path};
 
-use flowfarm_core::{Role, TextEncoderSet};
+use flowfarm_core::TextEncoderSet;
 use flowfarm_proto::v1 as pb;
 use flowfarm_proto::v1::worker_service_server::WorkerService;
 use flowfarm_store::{FailureCause, JobResultRow, NewWorker};
@@ -14,7 +14,6 @@ use uuid::Uuid;
 use crate::convert::*;
 use crate::Coordinator;
 
-const WORKERS: &[Role] = &[Role::Worker];
 const MAX_ERROR_CHARS: usize = 4096;
 const MAX_CAPACITY: u32 = 64;
 const MAX_RESULT_KEY_CHARS: usize = 1024;
@@ -182,7 +181,7 @@ impl Coordinator {
 #[tonic::async_trait]
 impl WorkerService for Coordinator {
     async fn register_worker(&self, request: Request<pb::RegisterWorkerRequest>) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
-        let caller = self.shared.auth.authorize(request.metadata(), WORKERS).await?;
+        let caller = self.authorize_worker(&request).await?;
         let req = request.into_inner();
         if req.name.trim().is_empty() || req.name.chars().count() > 128 {
             return Err(invalid("name", "must be 1 to 128 characters"));
@@ -248,7 +247,7 @@ impl WorkerService for Coordinator {
     }
 
     async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let caller = self.shared.auth.authorize(request.metadata(), WORKERS).await?;
+        let caller = self.authorize_worker(&request).await?;
         let req = request.into_inner();
         let worker_id = parse_id("worker_id", &req.worker_id)?;
         if !(req.gpu_seconds_delta.is_finite() && req.gpu_seconds_delta >= 0.0) {
@@ -280,7 +279,7 @@ impl WorkerService for Coordinator {
     }
 
     async fn start_job(&self, request: Request<pb::StartJobRequest>) -> Result<Response<pb::StartJobResponse>, Status> {
-        let caller = self.shared.auth.authorize(request.metadata(), WORKERS).await?;
+        let caller = self.authorize_worker(&request).await?;
         let req = request.into_inner();
         let worker_id = parse_id("worker_id", &req.worker_id)?;
         let job_id = parse_id("job_id", &req.job_id)?;
@@ -289,7 +288,7 @@ impl WorkerService for Coordinator {
     }
 
     async fn start_jobs(&self, request: Request<pb::StartJobsRequest>) -> Result<Response<pb::StartJobsResponse>, Status> {
-        let caller = self.shared.auth.authorize(request.metadata(), WORKERS).await?;
+        let caller = self.authorize_worker(&request).await?;
         let req = request.into_inner();
         let worker_id = parse_id("worker_id", &req.worker_id)?;
         check_batch_len("job_ids", req.job_ids.len())?;
@@ -312,7 +311,7 @@ impl WorkerService for Coordinator {
     }
 
     async fn report_progress(&self, request: Request<pb::ReportProgressRequest>) -> Result<Response<pb::ReportProgressResponse>, Status> {
-        let caller = self.shared.auth.authorize(request.metadata(), WORKERS).await?;
+        let caller = self.authorize_worker(&request).await?;
         let req = request.into_inner();
         let worker_id = parse_id("worker_id", &req.worker_id)?;
         let job_id = parse_id("job_id", &req.job_id)?;
@@ -332,7 +331,7 @@ impl WorkerService for Coordinator {
     }
 
     async fn complete_job(&self, request: Request<pb::CompleteJobRequest>) -> Result<Response<pb::CompleteJobResponse>, Status> {
-        let caller = self.shared.auth.authorize(request.metadata(), WORKERS).await?;
+        let caller = self.authorize_worker(&request).await?;
         let req = request.into_inner();
         let worker_id = parse_id("worker_id", &req.worker_id)?;
         let job_id = parse_id("job_id", &req.job_id)?;
@@ -343,7 +342,7 @@ impl WorkerService for Coordinator {
     }
 
     async fn complete_jobs(&self, request: Request<pb::CompleteJobsRequest>) -> Result<Response<pb::CompleteJobsResponse>, Status> {
-        let caller = self.shared.auth.authorize(request.metadata(), WORKERS).await?;
+        let caller = self.authorize_worker(&request).await?;
         let req = request.into_inner();
         let worker_id = parse_id("worker_id", &req.worker_id)?;
         check_batch_len("jobs", req.jobs.len())?;
@@ -367,7 +366,7 @@ impl WorkerService for Coordinator {
     }
 
     async fn fail_job(&self, request: Request<pb::FailJobRequest>) -> Result<Response<pb::FailJobResponse>, Status> {
-        let caller = self.shared.auth.authorize(request.metadata(), WORKERS).await?;
+        let caller = self.authorize_worker(&request).await?;
         let req = request.into_inner();
         let worker_id = parse_id("worker_id", &req.worker_id)?;
         let job_id = parse_id("job_id", &req.job_id)?;
@@ -399,7 +398,7 @@ impl WorkerService for Coordinator {
         &self,
         request: Request<pb::DeregisterWorkerRequest>,
     ) -> Result<Response<pb::DeregisterWorkerResponse>, Status> {
-        let caller = self.shared.auth.authorize(request.metadata(), WORKERS).await?;
+        let caller = self.authorize_worker(&request).await?;
         let worker_id = parse_id("worker_id", &request.into_inner().worker_id)?;
         self.check_worker(&caller, worker_id).await?;
         self.shared.store.set_worker_state(worker_id, flowfarm_core::WorkerState::Gone).await.map_err(store_status)?;

@@ -594,7 +594,8 @@ async fn a_worker_token_acts_only_for_the_workers_it_registered() {
     let h = Harness::start().await;
     let mut w = h.worker();
     let worker_id = register(&mut w).await;
-    let (_, other_secret) = h.db.store.create_token("other-fleet", flowfarm_core::Role::Worker, rand::random()).await.unwrap();
+    let (_, other_secret) =
+        h.db.store.create_token(&flowfarm_store::NewToken::new("other-fleet", flowfarm_core::Role::Worker), rand::random()).await.unwrap();
     let mut other = h.worker_as(Some(&other_secret));
     h.render().submit_batch(job_with(|_| {})).await.unwrap();
     let job = h.db.store.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "test").await.unwrap().remove(0);

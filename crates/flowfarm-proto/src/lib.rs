@@ -2,8 +2,11 @@
 //!
 //! The `.proto` files are the reference: their comments state units, defaults
 //! and limits of every field. This crate only compiles them (tonic + prost) and
-//! exposes the encoded file descriptor set for gRPC server reflection.
+//! exposes the encoded file descriptor set for gRPC server reflection, with
+//! what every client shares (the bearer token, TLS channels: [`client`]) and
+//! the codec servers decode requests with ([`codec`]).
 
+pub mod client;
 pub mod codec;
 
 /// Package `flowfarm.v1`: messages, clients (`*_client`) and servers (`*_server`).

@@ -14,7 +14,11 @@
 //! - [`WorkQueue`]: the coordinator's side (publish, depth, sweep of
 //!   messages whose reader died).
 //! - [`Consumer`]: a worker's side (blocking read, acknowledge).
+//!
+//! Redis is reached at a [`RedisTarget`]: `redis://` in plaintext, or
+//! `rediss://` over TLS, verified against the system's roots or a CA file.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -46,6 +50,10 @@ pub enum QueueError {
     Redis { action: &'static str, source: RedisError },
     #[error("redis URL {url}: {source}")]
     Url { url: String, source: RedisError },
+    #[error("redis CA file {path}: {source}")]
+    Ca { path: PathBuf, source: std::io::Error },
+    #[error("redis URL {url}: a CA file is given but the URL is plaintext; use rediss:// for TLS")]
+    CaOnPlaintext { url: String },
 }
 
 impl QueueError {
@@ -74,16 +82,48 @@ pub struct Delivery {
     pub job: Result<JobMessage, String>,
 }
 
-fn client(url: &str) -> Result<redis::Client, QueueError> {
-    redis::Client::open(url).map_err(|source| QueueError::Url { url: url.to_owned(), source })
+/// Where Redis is: `redis://host:port/db`, or `rediss://…` for TLS, whose
+/// certificate is checked against `ca_file` (PEM) when given, else against
+/// the system's roots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisTarget {
+    pub url: String,
+    pub ca_file: Option<PathBuf>,
 }
 
-async fn manager(url: &str, response_timeout: Option<Duration>) -> Result<ConnectionManager, QueueError> {
+impl From<&str> for RedisTarget {
+    fn from(url: &str) -> Self {
+        RedisTarget { url: url.to_owned(), ca_file: None }
+    }
+}
+
+impl From<&String> for RedisTarget {
+    fn from(url: &String) -> Self {
+        RedisTarget::from(url.as_str())
+    }
+}
+
+fn client(target: &RedisTarget) -> Result<redis::Client, QueueError> {
+    let url_error = |source| QueueError::Url { url: target.url.clone(), source };
+    match &target.ca_file {
+        None => redis::Client::open(target.url.as_str()).map_err(url_error),
+        Some(ca) => {
+            if !target.url.starts_with("rediss://") {
+                return Err(QueueError::CaOnPlaintext { url: target.url.clone() });
+            }
+            let root_cert = std::fs::read(ca).map_err(|source| QueueError::Ca { path: ca.clone(), source })?;
+            let certs = redis::TlsCertificates { client_tls: None, root_cert: Some(root_cert) };
+            redis::Client::build_with_tls(target.url.as_str(), certs).map_err(url_error)
+        }
+    }
+}
+
+async fn manager(target: &RedisTarget, response_timeout: Option<Duration>) -> Result<ConnectionManager, QueueError> {
     let config = ConnectionManagerConfig::new()
         .set_response_timeout(response_timeout)
         .set_connection_timeout(Some(Duration::from_secs(5)))
         .set_max_delay(Duration::from_secs(2));
-    ConnectionManager::new_with_config(client(url)?, config).await.map_err(QueueError::redis("connect"))
+    ConnectionManager::new_with_config(client(target)?, config).await.map_err(QueueError::redis("connect"))
 }
 
 /// Creates a lane's stream and group if missing. The group starts at the
@@ -107,9 +147,9 @@ pub struct Pinger {
 
 impl Pinger {
     /// # Errors
-    /// [`QueueError::Url`] for a malformed URL.
-    pub fn new(url: &str) -> Result<Self, QueueError> {
-        Ok(Pinger { client: client(url)?, conn: None })
+    /// [`QueueError::Url`] for a malformed URL, [`QueueError::Ca`] for a CA file that cannot be read.
+    pub fn new(target: impl Into<RedisTarget>) -> Result<Self, QueueError> {
+        Ok(Pinger { client: client(&target.into())?, conn: None })
     }
 
     /// PING.
@@ -142,12 +182,12 @@ impl std::fmt::Debug for WorkQueue {
 }
 
 impl WorkQueue {
-    /// Connects to `url` (`redis://host:port/db`).
+    /// Connects to `target` (a URL, `redis://host:port/db`, or a [`RedisTarget`]).
     ///
     /// # Errors
     /// [`QueueError`] if the URL is malformed or Redis cannot be reached.
-    pub async fn connect(url: &str) -> Result<Self, QueueError> {
-        Ok(WorkQueue { conn: manager(url, Some(Duration::from_secs(5))).await? })
+    pub async fn connect(target: impl Into<RedisTarget>) -> Result<Self, QueueError> {
+        Ok(WorkQueue { conn: manager(&target.into(), Some(Duration::from_secs(5))).await? })
     }
 
     /// Appends one message per job to a lane's stream, in order, in one round trip.
@@ -237,14 +277,15 @@ pub struct Consumer {
 }
 
 impl Consumer {
-    /// Connects to `url` as consumer `name` (unique per worker) reading `lanes`.
+    /// Connects to `target` as consumer `name` (unique per worker) reading `lanes`.
     ///
     /// # Errors
     /// [`QueueError`] if the URL is malformed or Redis cannot be reached.
-    pub async fn connect(url: &str, name: &str, lanes: &[String]) -> Result<Self, QueueError> {
+    pub async fn connect(target: impl Into<RedisTarget>, name: &str, lanes: &[String]) -> Result<Self, QueueError> {
+        let target = target.into();
         // No response timeout: XREADGROUP BLOCK holds the reply back on purpose.
-        let reader = manager(url, None).await?;
-        let mut writer = manager(url, Some(Duration::from_secs(5))).await?;
+        let reader = manager(&target, None).await?;
+        let mut writer = manager(&target, Some(Duration::from_secs(5))).await?;
         for lane in lanes {
             ensure_group(&mut writer, lane).await?;
         }

@@ -26,6 +26,9 @@ pub enum StoreError {
     /// A worker that was drained or lost.
     #[error("worker {worker_id} is {state}: {why}")]
     WorkerUnavailable { worker_id: Uuid, state: String, why: String },
+    /// A tenant's quota refuses the submission; `quota` names the limit.
+    #[error("quota {quota}: {detail}")]
+    QuotaExceeded { quota: &'static str, detail: String },
     /// A value read from the database that the code does not understand
     /// (a schema newer than this build).
     #[error("corrupt row: {0}")]

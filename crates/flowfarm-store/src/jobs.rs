@@ -10,7 +10,7 @@ use sqlx::{PgConnection, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
 use crate::rows::{labels_from_json, parse_state, JobResultRow, JOB_COLUMNS};
-use crate::{BatchRow, EventRow, JobCounts, JobRow, ModelStats, PgStore, QueuePause, StoreError};
+use crate::{BatchRow, EventRow, JobCounts, JobRow, ModelStats, PgStore, QueuePause, Quotas, StoreError};
 
 /// One CompleteJob: the attempt, the worker, what it produced.
 #[derive(Debug, Clone)]
@@ -30,6 +30,8 @@ pub struct NewBatch {
     /// Hash of the canonical request: equal requests give equal hashes.
     pub content_hash: Vec<u8>,
     pub labels: BTreeMap<String, String>,
+    /// The submitting token's quotas, checked in the batch's transaction.
+    pub quotas: Quotas,
 }
 
 /// What [`PgStore::submit_batch`] did.
@@ -55,6 +57,8 @@ pub struct JobFilter {
     /// (key, value): jobs whose labels, or whose batch's labels, hold that pair.
     pub label: Option<(String, String)>,
     pub model: Option<String>,
+    /// Only jobs of this submitter's batches.
+    pub submitter: Option<String>,
 }
 
 /// One report's identity: the job, the attempt it is about, and the worker.
@@ -246,10 +250,12 @@ impl PgStore {
     ///
     /// With an idempotency key already used by the same submitter: identical
     /// content returns the first batch (`created = false`), other content is
-    /// [`StoreError::IdempotencyConflict`]. Nothing is written on error.
+    /// [`StoreError::IdempotencyConflict`]. A new batch must fit the
+    /// submitter's quotas. Nothing is written on error.
     ///
     /// # Errors
-    /// [`StoreError::IdempotencyConflict`], or [`StoreError::Database`].
+    /// [`StoreError::IdempotencyConflict`], [`StoreError::QuotaExceeded`], or
+    /// [`StoreError::Database`].
     pub async fn submit_batch(&self, batch: &NewBatch, jobs: &[ResolvedJob]) -> Result<SubmitOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
         if let Some(key) = &batch.idempotency_key {
@@ -276,6 +282,8 @@ impl PgStore {
                 return Ok(SubmitOutcome { batch, created: false });
             }
         }
+
+        crate::tenants::enforce_quotas(&mut tx, &batch.submitter, &batch.quotas, jobs.len()).await?;
 
         let batch_id = Uuid::now_v7();
         sqlx::query(
@@ -433,6 +441,9 @@ impl PgStore {
         }
         if let Some(model) = &filter.model {
             qb.push(" AND model = ").push_bind(model.clone());
+        }
+        if let Some(submitter) = &filter.submitter {
+            qb.push(" AND batch_id IN (SELECT id FROM batches WHERE submitter = ").push_bind(submitter.clone()).push(")");
         }
         if let Some(after) = after {
             qb.push(" AND id > ").push_bind(after);

@@ -15,6 +15,7 @@ mod events;
 mod jobs;
 mod progress;
 mod rows;
+mod tenants;
 mod tokens;
 mod workers;
 
@@ -28,7 +29,7 @@ pub use events::{LogCursor, LogPage};
 pub use jobs::{Completion, FailureCause, JobFilter, JobSelector, NewBatch, SubmitOutcome};
 pub use progress::{ProgressListener, ProgressNote};
 pub use rows::{BatchRow, EventRow, JobCounts, JobResultRow, JobRow, ModelStats, QueuePause, WorkerRow};
-pub use tokens::TokenInfo;
+pub use tokens::{check_token_name, NewToken, Quotas, TokenInfo, MAX_TOKEN_NAME, TOKEN_PREFIX};
 pub use workers::{HeartbeatOutcome, NewWorker};
 
 /// The embedded migrations of `migrations/`.

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use flowfarm_core::{JobState, ResolvedJob, Role, TextEncoderSet, WorkerState};
 use flowfarm_store::{
-    Completion, FailureCause, JobCounts, JobFilter, JobResultRow, JobSelector, LogCursor, NewBatch, NewWorker, PgStore, RetryBackoff,
-    StoreError,
+    Completion, FailureCause, JobCounts, JobFilter, JobResultRow, JobSelector, LogCursor, NewBatch, NewToken, NewWorker, PgStore,
+    RetryBackoff, StoreError,
 };
 use flowfarm_testkit::TestDb;
 use uuid::Uuid;
@@ -31,7 +31,13 @@ fn job(i: usize) -> ResolvedJob {
 }
 
 fn batch(key: Option<&str>, hash: u8) -> NewBatch {
-    NewBatch { submitter: "tester".into(), idempotency_key: key.map(str::to_owned), content_hash: vec![hash; 32], labels: BTreeMap::new() }
+    NewBatch {
+        submitter: "tester".into(),
+        idempotency_key: key.map(str::to_owned),
+        content_hash: vec![hash; 32],
+        labels: BTreeMap::new(),
+        quotas: Default::default(),
+    }
 }
 
 async fn submit(store: &PgStore, n: usize) -> Uuid {
@@ -261,7 +267,7 @@ async fn heartbeats_renew_leases_and_name_revoked_jobs() {
 async fn tokens_authenticate_until_revoked() {
     let db = TestDb::new().await;
     let s = &db.store;
-    let (info, secret) = s.create_token("ci", Role::Worker, [7; 32]).await.unwrap();
+    let (info, secret) = s.create_token(&NewToken::new("ci", Role::Worker), [7; 32]).await.unwrap();
     assert_eq!(s.authenticate(&secret).await.unwrap(), Some(info.clone()));
     assert_eq!(s.authenticate("fft_nope").await.unwrap(), None);
     let stored: Vec<u8> = sqlx::query_scalar("SELECT token_hash FROM api_tokens").fetch_one(s.pool()).await.unwrap();

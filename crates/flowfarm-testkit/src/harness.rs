@@ -9,10 +9,8 @@ use flowfarm_core::{ModelConfig, Role, ShiftPolicy, TextEncoderSet, Variant};
 use flowfarm_proto::v1::admin_service_client::AdminServiceClient;
 use flowfarm_proto::v1::render_service_client::RenderServiceClient;
 use flowfarm_proto::v1::worker_service_client::WorkerServiceClient;
-use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-use tonic::{Request, Status};
 
 /// A coordinator config with two models: `sd3` (fixed shift 3.0, up to
 /// 2048 px) and `tiny` (resolution shift, CLIP-only, up to 512 px), and no
@@ -48,25 +46,13 @@ pub fn test_config() -> Config {
     config
 }
 
-/// Adds a bearer token to every call.
-#[derive(Clone)]
-pub struct Auth(Option<String>);
+/// The interceptor every client of the tests uses (the one the worker and
+/// farmctl use).
+pub use flowfarm_proto::client::BearerToken as Auth;
 
-impl Auth {
-    /// Sends `authorization: Bearer <token>`.
-    pub fn bearer(token: &str) -> Self {
-        Auth(Some(token.to_owned()))
-    }
-}
-
-impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(token) = &self.0 {
-            let value: MetadataValue<_> = format!("Bearer {token}").parse().map_err(|_| Status::internal("bad token"))?;
-            request.metadata_mut().insert("authorization", value);
-        }
-        Ok(request)
-    }
+/// A client interceptor for `token`, or none.
+fn auth(token: Option<&str>) -> Auth {
+    token.map(|t| Auth::new(t).expect("an ASCII token")).unwrap_or_else(Auth::none)
 }
 
 pub type Render = RenderServiceClient<InterceptedService<Channel, Auth>>;
@@ -110,7 +96,7 @@ impl Harness {
         tweak(&mut config);
         let token = |role: Role, name: &'static str| {
             let store = db.store.clone();
-            async move { store.create_token(name, role, rand::random()).await.expect("token").1 }
+            async move { store.create_token(&flowfarm_store::NewToken::new(name, role), rand::random()).await.expect("token").1 }
         };
         let submit_token = token(Role::Submit, "sub").await;
         let admin_token = token(Role::Admin, "adm").await;
@@ -139,15 +125,15 @@ impl Harness {
     }
 
     pub fn render_as(&self, token: Option<&str>) -> Render {
-        RenderServiceClient::with_interceptor(self.channel.clone(), Auth(token.map(str::to_owned)))
+        RenderServiceClient::with_interceptor(self.channel.clone(), auth(token))
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20)
     }
     pub fn admin_as(&self, token: Option<&str>) -> Admin {
-        AdminServiceClient::with_interceptor(self.channel.clone(), Auth(token.map(str::to_owned)))
+        AdminServiceClient::with_interceptor(self.channel.clone(), auth(token))
     }
     pub fn worker_as(&self, token: Option<&str>) -> Worker {
-        WorkerServiceClient::with_interceptor(self.channel.clone(), Auth(token.map(str::to_owned)))
+        WorkerServiceClient::with_interceptor(self.channel.clone(), auth(token))
     }
     pub fn render(&self) -> Render {
         self.render_as(Some(&self.submit_token))

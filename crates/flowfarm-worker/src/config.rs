@@ -1,4 +1,10 @@
 //! The worker's TOML configuration, with environment overrides.
+//!
+//! Every key can be set from the environment: `FLOWFARM_WORKER__` then the
+//! key's path upper-cased with `__` between parts (`FLOWFARM_WORKER__CAPACITY`,
+//! `FLOWFARM_WORKER__MODELS__0__PATH`; see `flowfarm-config`). The token is
+//! a secret: `FLOWFARM_TOKEN` or `token_file`, never the file; the short
+//! names documented on some keys (`FLOWFARM_SERVER`, …) apply last.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -20,8 +26,18 @@ pub struct WorkerConfig {
     /// The token, from `FLOWFARM_TOKEN` or `token_file` (never from the TOML).
     #[serde(skip)]
     pub token: String,
-    /// Redis holding the work streams. Env: `FLOWFARM_REDIS_URL`.
+    /// PEM CA certificate(s) the coordinator's certificate must chain to,
+    /// for an `https://` coordinator; absent: the system's roots.
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM client certificate and key, for a coordinator that binds workers
+    /// to certificates (its DNS name must be this worker's token name).
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// Redis holding the work streams (`rediss://` for TLS). Env: `FLOWFARM_REDIS_URL`.
     pub redis_url: String,
+    /// PEM CA certificate(s) a `rediss://` server's certificate must chain
+    /// to; absent: the system's roots.
+    pub redis_ca_file: Option<PathBuf>,
     /// Folder of the results store (the coordinator's `results.dir`).
     /// Env: `FLOWFARM_RESULTS_DIR`.
     pub results_dir: PathBuf,
@@ -98,7 +114,11 @@ impl Default for WorkerConfig {
             coordinator: "http://127.0.0.1:7070".into(),
             token_file: None,
             token: String::new(),
+            tls_ca_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
             redis_url: "redis://127.0.0.1:6379/0".into(),
+            redis_ca_file: None,
             results_dir: PathBuf::from("results"),
             results_url: None,
             capacity: 1,
@@ -113,13 +133,24 @@ impl Default for WorkerConfig {
     }
 }
 
+/// `FLOWFARM_WORKER__KEY`.
+pub const ENV_RULE: flowfarm_config::EnvRule =
+    flowfarm_config::EnvRule { prefix: "FLOWFARM_WORKER__", needs_separator: false, others: &[] };
+
+/// Keys that hold secrets (the token is never a key).
+pub const SECRETS: &[flowfarm_config::Secret] = &[flowfarm_config::Secret {
+    key: "redis_url",
+    instead: "leave the password out of the file: set FLOWFARM_WORKER__REDIS_URL (or FLOWFARM_REDIS_URL) with it",
+    url: true,
+}];
+
 /// A worker config that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerConfigError {
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("{path}: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    #[error(transparent)]
+    Layer(#[from] flowfarm_config::ConfigError),
     #[error("environment variable {name}: {reason}")]
     Env { name: &'static str, reason: String },
     #[error("{0}")]
@@ -133,8 +164,7 @@ impl WorkerConfig {
     /// # Errors
     /// [`WorkerConfigError`] naming the file, key or variable at fault.
     pub fn load(path: &Path) -> Result<Self, WorkerConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| WorkerConfigError::Read { path: path.into(), source })?;
-        let mut config: WorkerConfig = toml::from_str(&text).map_err(|source| WorkerConfigError::Parse { path: path.into(), source })?;
+        let mut config: WorkerConfig = flowfarm_config::load(path, std::env::vars(), &ENV_RULE, SECRETS)?;
         config.apply_env(|name| std::env::var(name).ok())?;
         if config.token.is_empty() {
             if let Some(file) = &config.token_file {
@@ -185,6 +215,14 @@ impl WorkerConfig {
         Ok(())
     }
 
+    /// The configuration as TOML with its secrets masked (`flowfarm config print --worker`).
+    ///
+    /// # Errors
+    /// [`WorkerConfigError::Invalid`] if a value cannot be shown as TOML.
+    pub fn to_masked_toml(&self) -> Result<String, WorkerConfigError> {
+        flowfarm_config::to_masked_toml(self, SECRETS).map_err(|e| WorkerConfigError::Invalid(format!("showing the config: {e}")))
+    }
+
     /// Checks what serde cannot.
     ///
     /// # Errors
@@ -229,6 +267,21 @@ impl WorkerConfig {
         Ok(())
     }
 
+    /// Where the work streams are.
+    pub fn redis_target(&self) -> flowfarm_queue::RedisTarget {
+        flowfarm_queue::RedisTarget { url: self.redis_url.clone(), ca_file: self.redis_ca_file.clone() }
+    }
+
+    /// How the worker's channel to the coordinator is secured.
+    pub fn client_tls(&self) -> flowfarm_proto::client::ClientTls {
+        flowfarm_proto::client::ClientTls {
+            ca_file: self.tls_ca_file.clone(),
+            cert_file: self.tls_cert_file.clone(),
+            key_file: self.tls_key_file.clone(),
+            domain: None,
+        }
+    }
+
     /// The configured name, or `{hostname}-{pid}`.
     pub fn worker_name(&self) -> String {
         self.name.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()))
@@ -263,6 +316,33 @@ mod tests {
         let text = include_str!("../../../config/worker.toml");
         let config: WorkerConfig = toml::from_str(text).expect("example parses");
         assert_eq!(config.models[0].name, "flowfarm-tiny");
+    }
+
+    /// Every key, set from the environment by the rule to a value other
+    /// than the file's, takes that value.
+    #[test]
+    fn every_key_can_be_set_from_the_environment() {
+        let text = include_str!("../../../config/worker.toml");
+        let mut wanted: WorkerConfig = toml::from_str(text).unwrap();
+        wanted.name = Some("gpu-7".into());
+        wanted.coordinator = "https://farm:7070".into();
+        wanted.token_file = Some("/secrets/token".into());
+        wanted.tls_ca_file = Some("/tls/ca".into());
+        wanted.tls_cert_file = Some("/tls/crt".into());
+        wanted.tls_key_file = Some("/tls/key".into());
+        wanted.redis_url = "rediss://redis:6380/0".into();
+        wanted.redis_ca_file = Some("/tls/redis-ca".into());
+        wanted.results_url = Some("s3://b/p".into());
+        wanted.capacity = 3;
+        wanted.device = "cuda:1".into();
+        wanted.drain_timeout_seconds = 12.5;
+        wanted.metrics_listen = Some("0.0.0.0:9101".parse().unwrap());
+        wanted.models[0].variant = Some("fp16".into());
+        let env = flowfarm_config::env_for_every_key(&wanted, &ENV_RULE).unwrap();
+        assert!(env.iter().any(|(k, _)| k == "FLOWFARM_WORKER__CAPACITY"), "{env:?}");
+        assert!(env.iter().any(|(k, _)| k == "FLOWFARM_WORKER__MODELS__0__VARIANT"), "{env:?}");
+        let loaded: WorkerConfig = flowfarm_config::from_str(text, Path::new("worker.toml"), env, &ENV_RULE, SECRETS).unwrap();
+        assert_eq!(toml::to_string(&loaded).unwrap(), toml::to_string(&wanted).unwrap());
     }
 
     #[test]

@@ -15,14 +15,14 @@ use flowfarm_engine::cache::EmbeddingCache;
 use flowfarm_engine::device::{device_info, device_name, open_device, parse_dtype};
 use flowfarm_engine::EngineError;
 use flowfarm_group::Grouper;
+use flowfarm_proto::client::{endpoint, BearerToken};
 use flowfarm_proto::v1 as pb;
 use flowfarm_proto::v1::worker_service_client::WorkerServiceClient;
 use flowfarm_queue::{Consumer, Delivery};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request, Status};
+use tonic::transport::Channel;
+use tonic::{Code, Status};
 use uuid::Uuid;
 
 use crate::config::{hostname, WorkerConfig};
@@ -36,17 +36,7 @@ const READ_BLOCK: Duration = Duration::from_millis(500);
 /// How long a report is retried while the coordinator is away.
 const REPORT_PATIENCE: Duration = Duration::from_secs(300);
 
-#[derive(Clone)]
-struct Bearer(MetadataValue<Ascii>);
-
-impl tonic::service::Interceptor for Bearer {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request.metadata_mut().insert("authorization", self.0.clone());
-        Ok(request)
-    }
-}
-
-type Client = WorkerServiceClient<InterceptedService<Channel, Bearer>>;
+type Client = WorkerServiceClient<InterceptedService<Channel, BearerToken>>;
 
 /// What the worker is doing, as the operators (or a signal) asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,15 +146,11 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
         renderers.insert(entry.name.clone(), Arc::new(renderer));
     }
     let results = ResultStore::open(config.results_url.as_deref(), &config.results_dir)?;
-    let token: MetadataValue<Ascii> = format!("Bearer {}", config.token)
-        .parse()
-        .map_err(|_| WorkerError::Config("the token holds characters a header cannot carry".into()))?;
-    let channel = Endpoint::from_shared(config.coordinator.clone())
-        .map_err(|e| WorkerError::Config(format!("coordinator address `{}`: {e}", config.coordinator)))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
+    let token = BearerToken::new(&config.token).map_err(|e| WorkerError::Config(format!("token: {e}")))?;
+    let channel = endpoint(&config.coordinator, &config.client_tls())
+        .map_err(|e| WorkerError::Config(format!("coordinator `{}`: {e}", config.coordinator)))?
         .connect_lazy();
-    let client = WorkerServiceClient::with_interceptor(channel, Bearer(token));
+    let client = WorkerServiceClient::with_interceptor(channel, token);
 
     let all_t5 = renderers.values().all(|r| r.has_t5());
     let mut sets = vec![pb::TextEncoderSet::ClipOnly as i32];
@@ -207,7 +193,7 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
             t5.into_iter().chain([flowfarm_queue::lane(&m.name, false)])
         })
         .collect();
-    let consumer = connect_consumer(&config.redis_url, &worker_id, &lanes).await;
+    let consumer = connect_consumer(&config.redis_target(), &worker_id, &lanes).await;
     metrics.set_ready(true);
     let (mode, mut mode_rx) = watch::channel(Mode::Active);
     let completions = completion_reporter(client.clone(), worker_id.clone());
@@ -298,10 +284,10 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
     Ok(())
 }
 
-async fn connect_consumer(url: &str, worker_id: &str, lanes: &[String]) -> Consumer {
+async fn connect_consumer(target: &flowfarm_queue::RedisTarget, worker_id: &str, lanes: &[String]) -> Consumer {
     let mut pause = Duration::from_millis(200);
     loop {
-        match Consumer::connect(url, worker_id, lanes).await {
+        match Consumer::connect(target.clone(), worker_id, lanes).await {
             Ok(consumer) => return consumer,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reach Redis; retrying");

@@ -5,6 +5,7 @@
 //! - `flowfarm worker`: the worker daemon (its own config, `config/worker.toml`).
 //! - `flowfarm migrate`: apply database migrations and exit.
 //! - `flowfarm token create|list|revoke`: manage API tokens.
+//! - `flowfarm config print [--worker]`: the effective configuration, secrets masked.
 //! - `flowfarm model inspect|verify|render|convert`: local work with a model,
 //!   in any form its weights are published in.
 
@@ -75,10 +76,29 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Show the effective configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Inspect a model or render with it locally (no farm needed).
     Model {
         #[command(subcommand)]
         command: model::ModelCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the configuration as it takes effect (the file, then the
+    /// environment), as TOML with secrets masked.
+    Print {
+        /// The worker's configuration (`--worker-config`) instead of the coordinator's.
+        #[arg(long)]
+        worker: bool,
+        /// Worker config file (TOML).
+        #[arg(long, env = "FLOWFARM_WORKER_CONFIG", default_value = "config/worker.toml")]
+        worker_config: PathBuf,
     },
 }
 
@@ -89,7 +109,9 @@ enum TokenCommand {
         /// What the token may do.
         #[arg(long, value_enum)]
         role: RoleArg,
-        /// Who holds it; recorded as the submitter of its batches.
+        /// Who holds it: its tenant, recorded as the submitter of its batches
+        /// (tokens with the same name see the same batches). Quotas and
+        /// expiry: `farmctl tokens create`.
         #[arg(long)]
         name: Option<String>,
     },
@@ -129,24 +151,14 @@ fn init_logging(format: LogFormat) {
 /// Connects to the configured database, creating it and migrating it first.
 async fn open_store(config: &Config) -> Result<PgStore> {
     let url = &config.database.url;
-    PgStore::create_database_if_missing(url)
+    PgStore::create_database_if_missing(url).await.with_context(|| {
+        format!("cannot reach Postgres at {} (is it running? set FLOWFARM_DATABASE_URL)", flowfarm_config::mask_url(url))
+    })?;
+    let store = PgStore::connect(url, config.database.max_connections)
         .await
-        .with_context(|| format!("cannot reach Postgres at {} (is it running? set FLOWFARM_DATABASE_URL)", redact(url)))?;
-    let store =
-        PgStore::connect(url, config.database.max_connections).await.with_context(|| format!("cannot connect to {}", redact(url)))?;
+        .with_context(|| format!("cannot connect to {}", flowfarm_config::mask_url(url)))?;
     store.migrate().await.context("applying migrations")?;
     Ok(store)
-}
-
-/// The URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        _ => url.to_owned(),
-    }
 }
 
 async fn shutdown_signal() {
@@ -170,11 +182,11 @@ async fn shutdown_signal() {
 
 /// Connects to Redis (retrying with backoff while it is away), then runs the
 /// dispatcher until `stopped` resolves.
-async fn run_dispatcher(coordinator: Coordinator, redis_url: String, stopped: impl std::future::Future<Output = ()>) {
+async fn run_dispatcher(coordinator: Coordinator, redis: flowfarm_queue::RedisTarget, stopped: impl std::future::Future<Output = ()>) {
     tokio::pin!(stopped);
     let mut pause = std::time::Duration::from_millis(200);
     let queue = loop {
-        match flowfarm_queue::WorkQueue::connect(&redis_url).await {
+        match flowfarm_queue::WorkQueue::connect(redis.clone()).await {
             Ok(queue) => break queue,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reach Redis (queue.redis_url / FLOWFARM_REDIS_URL); retrying");
@@ -197,6 +209,12 @@ async fn main() -> Result<()> {
     if let Command::Model { command } = cli.command {
         return model::run(command);
     }
+    if let Command::Config { command: ConfigCommand::Print { worker: true, worker_config } } = &cli.command {
+        let config = flowfarm_worker::WorkerConfig::load(worker_config)
+            .with_context(|| format!("loading worker config {} (--worker-config / FLOWFARM_WORKER_CONFIG)", worker_config.display()))?;
+        print!("{}", config.to_masked_toml()?);
+        return Ok(());
+    }
     if let Command::Worker { worker_config } = &cli.command {
         let config = flowfarm_worker::WorkerConfig::load(worker_config)
             .with_context(|| format!("loading worker config {} (--worker-config / FLOWFARM_WORKER_CONFIG)", worker_config.display()))?;
@@ -208,6 +226,13 @@ async fn main() -> Result<()> {
     match cli.command {
         Command::Coordinator => {
             let store = open_store(&config).await?;
+            if !config.auth.admin_token_file.as_os_str().is_empty() {
+                use flowfarm_coordinator::tokens::{ensure_first_admin_token, FirstAdmin};
+                if let FirstAdmin::Written(path) = ensure_first_admin_token(&store, &config.auth.admin_token_file).await? {
+                    // On stderr: stdout's last line is the listen address scripts read.
+                    eprintln!("no admin token existed: made one, its secret is in {} (readable by you only)", path.display());
+                }
+            }
             let coordinator = Coordinator::new(&config, store)?;
             let listener = tokio::net::TcpListener::bind(config.server.listen)
                 .await
@@ -228,7 +253,7 @@ async fn main() -> Result<()> {
             tracing::info!(%addr, "coordinator listening");
             // Tests and scripts read this line (the last one on stdout) to find an ephemeral port.
             println!("listening on {addr}");
-            let dispatcher = tokio::spawn(run_dispatcher(coordinator.clone(), config.queue.redis_url.clone(), stopped()));
+            let dispatcher = tokio::spawn(run_dispatcher(coordinator.clone(), config.queue.redis_target(), stopped()));
             let server = flowfarm_coordinator::serve(coordinator, listener, stopped());
             tokio::pin!(server);
             // A server that stops by itself has failed: stop the rest and exit non-zero.
@@ -247,7 +272,7 @@ async fn main() -> Result<()> {
         }
         Command::Migrate => {
             open_store(&config).await?;
-            println!("migrations applied to {}", redact(&config.database.url));
+            println!("migrations applied to {}", flowfarm_config::mask_url(&config.database.url));
         }
         Command::Token { command } => {
             let store = open_store(&config).await?;
@@ -255,14 +280,14 @@ async fn main() -> Result<()> {
                 TokenCommand::Create { role, name } => {
                     let role = Role::from(role);
                     let name = name.unwrap_or_else(|| role.as_str().to_owned());
-                    if name.trim().is_empty() {
-                        bail!("--name must not be empty");
+                    if let Err(e) = flowfarm_store::check_token_name(&name) {
+                        bail!("--name {e}");
                     }
-                    let (_, secret) = store.create_token(&name, role, rand::random()).await?;
+                    let (_, secret) = store.create_token(&flowfarm_store::NewToken::new(name, role), rand::random()).await?;
                     println!("{secret}");
                 }
                 TokenCommand::List => {
-                    for token in store.list_tokens().await? {
+                    for token in store.list_tokens(false).await? {
                         println!("{}\t{}\t{}", token.id, token.role.as_str(), token.name);
                     }
                 }
@@ -272,6 +297,7 @@ async fn main() -> Result<()> {
                 }
             }
         }
+        Command::Config { command: ConfigCommand::Print { .. } } => print!("{}", config.to_masked_toml()?),
         Command::Model { .. } | Command::Worker { .. } => unreachable!("handled before the config is loaded"),
     }
     Ok(())

@@ -22,7 +22,6 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,107 +39,6 @@ use uuid::Uuid;
 const MODEL: &str = "flowfarm-tiny";
 /// Longer than the shipped 30 s lease.
 const PAST_THE_LEASE: Duration = Duration::from_secs(35);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// `program` run as the `postgres` user when the tests run as root (Postgres
-/// refuses to run as root).
-fn as_postgres(program: &Path) -> Command {
-    let root = Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false);
-    if root {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(program);
-        c
-    } else {
-        Command::new(program)
-    }
-}
-
-/// A Postgres server of this test's own, in a temporary folder.
-struct PgServer {
-    dir: tempfile::TempDir,
-    bin: PathBuf,
-    port: u16,
-}
-
-impl PgServer {
-    fn start() -> PgServer {
-        // pg_config where it is installed; else Debian's versioned folders, newest first.
-        let from_pg_config =
-            Command::new("pg_config").arg("--bindir").output().ok().map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
-        let mut debian: Vec<PathBuf> =
-            std::fs::read_dir("/usr/lib/postgresql").into_iter().flatten().flatten().map(|e| e.path().join("bin")).collect();
-        debian.sort();
-        let bin = from_pg_config
-            .into_iter()
-            .chain(debian.into_iter().rev())
-            .find(|p| p.join("initdb").exists())
-            .expect("Postgres server binaries (initdb; scripts/test.sh installs postgresql)");
-        let dir = tempfile::tempdir().unwrap();
-        // Postgres runs as `postgres` when we are root: it must own its folder.
-        let _ = Command::new("chown").arg("postgres:postgres").arg(dir.path()).status();
-        let out = as_postgres(&bin.join("initdb"))
-            .arg("-D")
-            .arg(dir.path().join("data"))
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
-        let pg = PgServer { dir, bin, port: free_port() };
-        pg.up();
-        pg
-    }
-
-    fn up(&self) {
-        let options = format!(
-            // fsync off is safe here (only the server process dies, never the
-            // machine); commits stay synchronous, or an immediate stop would
-            // lose acknowledged ones.
-            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off -c full_page_writes=off \
-             -c max_connections=200",
-            self.port,
-            self.dir.path().display()
-        );
-        let out = as_postgres(&self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(self.dir.path().join("data"))
-            .arg("-l")
-            .arg(self.dir.path().join("log"))
-            .args(["-w", "-t", "60", "-o", &options, "start"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "pg_ctl start: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    }
-
-    /// `fast` (clean shutdown, clients cut off) or `immediate` (as a crash).
-    fn down(&self, mode: &str) {
-        let out = as_postgres(&self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(self.dir.path().join("data"))
-            .args(["-m", mode, "-w", "stop"])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "pg_ctl stop: {}", String::from_utf8_lossy(&out.stderr));
-    }
-
-    fn url(&self, db: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
-    }
-}
-
-impl Drop for PgServer {
-    fn drop(&mut self) {
-        let _ = as_postgres(&self.bin.join("pg_ctl"))
-            .arg("-D")
-            .arg(self.dir.path().join("data"))
-            .args(["-m", "immediate", "stop"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-    }
-}
 
 /// A TCP proxy between a worker and a coordinator. While flaky, it refuses
 /// a third of new connections, delays the others by up to 300 ms, and cuts
@@ -352,7 +250,7 @@ async fn watch(addrs: [String; 2], token: String, batch: Uuid, limit: Duration) 
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
-        let mut client = RenderServiceClient::with_interceptor(channel, flowfarm_testkit::Auth::bearer(&token));
+        let mut client = RenderServiceClient::with_interceptor(channel, flowfarm_testkit::Auth::new(&token).unwrap());
         let request = pb::WatchBatchRequest { batch_id: batch.to_string(), after: cursor.clone() };
         let mut stream = match client.watch_batch(request).await {
             Ok(r) => r.into_inner(),
@@ -685,8 +583,15 @@ async fn health_follows_postgres_and_redis() {
     let mut liveness = HealthClient::new(tonic::transport::Channel::from_shared(server.url()).unwrap().connect().await.unwrap());
     let live = liveness.check(HealthCheckRequest { service: "liveness".into() }).await.unwrap().into_inner().status;
     assert_eq!(live, ServingStatus::Serving as i32, "liveness is not readiness: the process still answers");
+    // The same over plain HTTP, for probes that cannot speak gRPC over TLS.
+    let metrics = server.metrics.expect("metrics served");
+    let (status, body) = http_get(metrics, "/readyz");
+    assert!(status.contains("503") && body.contains("Postgres"), "{status} {body}");
+    assert!(http_get(metrics, "/healthz").0.contains("200"));
     pg.up();
     let up = wait_for(ServingStatus::Serving, Duration::from_secs(30)).await;
+    let (status, _) = http_get(metrics, "/readyz");
+    assert!(status.contains("200"), "{status}");
     println!("Postgres stopped: NOT_SERVING after {down:.1?}; restarted: SERVING after {up:.1?}");
 
     let mut redis = redis;

@@ -112,7 +112,7 @@ async fn farmctl_refuses_bad_batch_files_with_field_messages() {
 /// A worker-role client with a registered worker serving sd3-medium.
 async fn registered_worker(server: &Server, token: &str) -> (flowfarm_testkit::Worker, String) {
     let channel = tonic::transport::Channel::from_shared(server.url()).unwrap().connect().await.unwrap();
-    let mut client = WorkerServiceClient::with_interceptor(channel, flowfarm_testkit::Auth::bearer(token));
+    let mut client = WorkerServiceClient::with_interceptor(channel, flowfarm_testkit::Auth::new(token).unwrap());
     let worker_id = client
         .register_worker(pb::RegisterWorkerRequest {
             name: "w1".into(),

@@ -23,20 +23,6 @@ use uuid::Uuid;
 
 const MODEL: &str = "flowfarm-tiny";
 
-fn coordinator_config() -> String {
-    let example = std::fs::read_to_string(config_path()).unwrap();
-    let tiny = example.find("[[models]]\nname = \"flowfarm-tiny\"").expect("flowfarm-tiny in the example config");
-    let end = example[tiny + 10..].find("[[models]]").map_or(example.len(), |i| tiny + 10 + i);
-    format!(
-        "[server]\nshutdown_grace_seconds = 2.0\n\
-         [leases]\nlease_seconds = 3\nheartbeat_interval_seconds = 1\nworker_timeout_seconds = 5\nreaper_interval_seconds = 0.5\n\
-         [queue]\nlookahead_per_worker = 2\ndispatch_interval_seconds = 0.2\nredispatch_after_seconds = 3.0\n\
-         [retries]\nbackoff_base_seconds = 0.2\nbackoff_max_seconds = 1.0\n\
-         {}",
-        &example[tiny..end]
-    )
-}
-
 /// Postgres database, Redis, coordinator, tokens and folders of one test.
 // Fields drop in order: the coordinator goes before its database.
 struct Farm {
@@ -223,12 +209,7 @@ fn job(prompt: &str, seed: u64, steps: u32) -> String {
 }
 
 fn scrape(addr: std::net::SocketAddr) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    stream.read_to_string(&mut text).unwrap();
-    text
+    http_get(addr, "/metrics").1
 }
 
 /// 200 jobs over two workers: all succeed, each once, both workers work,
@@ -352,7 +333,7 @@ async fn cancelling_a_running_job_stops_it_at_the_next_step() {
     let batch = farm.submit(&[job("long", 1, 200)]);
     // Step progress reaches watchers from the worker's reports.
     let channel = tonic::transport::Channel::from_shared(farm.url()).unwrap().connect().await.unwrap();
-    let mut render = RenderServiceClient::with_interceptor(channel, flowfarm_testkit::Auth::bearer(&farm.submitter));
+    let mut render = RenderServiceClient::with_interceptor(channel, flowfarm_testkit::Auth::new(&farm.submitter).unwrap());
     let mut events =
         render.watch_batch(pb::WatchBatchRequest { batch_id: batch.clone(), ..Default::default() }).await.unwrap().into_inner();
     let progress = loop {
@@ -647,7 +628,7 @@ async fn progress_reaches_watchers_on_another_coordinator() {
     let worker = farm.worker("a-only");
     let batch = farm.submit(&[job("a slow one", 1, 40)]);
     let channel = tonic::transport::Channel::from_shared(b.url()).unwrap().connect().await.unwrap();
-    let mut client = RenderServiceClient::with_interceptor(channel, flowfarm_testkit::Auth::bearer(&farm.submitter));
+    let mut client = RenderServiceClient::with_interceptor(channel, flowfarm_testkit::Auth::new(&farm.submitter).unwrap());
     let mut stream = client.watch_batch(pb::WatchBatchRequest { batch_id: batch, ..Default::default() }).await.unwrap().into_inner();
     let mut steps = Vec::new();
     let mut snapshots = 0;

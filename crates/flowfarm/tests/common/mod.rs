@@ -29,6 +29,22 @@ pub fn config_path() -> PathBuf {
     repo_path("config/flowfarm.toml")
 }
 
+/// The example config's `flowfarm-tiny` model with short timings (lease 3 s,
+/// heartbeat 1 s, re-dispatch after 3 s), so failures recover quickly.
+pub fn coordinator_config() -> String {
+    let example = std::fs::read_to_string(config_path()).unwrap();
+    let tiny = example.find("[[models]]\nname = \"flowfarm-tiny\"").expect("flowfarm-tiny in the example config");
+    let end = example[tiny + 10..].find("[[models]]").map_or(example.len(), |i| tiny + 10 + i);
+    format!(
+        "[server]\nshutdown_grace_seconds = 2.0\n\
+         [leases]\nlease_seconds = 3\nheartbeat_interval_seconds = 1\nworker_timeout_seconds = 5\nreaper_interval_seconds = 0.5\n\
+         [queue]\nlookahead_per_worker = 2\ndispatch_interval_seconds = 0.2\nredispatch_after_seconds = 3.0\n\
+         [retries]\nbackoff_base_seconds = 0.2\nbackoff_max_seconds = 1.0\n\
+         {}",
+        &example[tiny..end]
+    )
+}
+
 /// A `flowfarm coordinator` process over one test database.
 pub struct Server {
     child: Child,
@@ -72,6 +88,7 @@ impl Server {
             .env("FLOWFARM_LISTEN", listen)
             .env("FLOWFARM_METRICS_LISTEN", "127.0.0.1:0")
             .env("FLOWFARM_RESULTS_DIR", results)
+            .env("FLOWFARM_AUTH__ADMIN_TOKEN_FILE", results.join("admin.token"))
             .env("FLOWFARM_REDIS_URL", redis_url)
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", "error")
@@ -98,6 +115,11 @@ impl Server {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Sends the coordinator a signal (`HUP`, `TERM`, …).
+    pub fn signal(&self, name: &str) {
+        signal(&self.child, name);
     }
 
     /// kill -9: no shutdown at all.
@@ -312,4 +334,124 @@ impl Drop for S3Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `program` run as the `postgres` user when the tests run as root (Postgres
+/// refuses to run as root).
+pub fn as_postgres(program: &Path) -> Command {
+    let root = Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false);
+    if root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// A Postgres server of this test's own, in a temporary folder.
+pub struct PgServer {
+    pub dir: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+}
+
+impl PgServer {
+    pub fn start() -> PgServer {
+        PgServer::start_with(|_| {})
+    }
+
+    /// As [`PgServer::start`], with `prepare` run on the data folder
+    /// (certificates, `postgresql.conf`, `pg_hba.conf`) before the first start.
+    pub fn start_with(prepare: impl FnOnce(&Path)) -> PgServer {
+        // pg_config where it is installed; else Debian's versioned folders, newest first.
+        let from_pg_config =
+            Command::new("pg_config").arg("--bindir").output().ok().map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+        let mut debian: Vec<PathBuf> =
+            std::fs::read_dir("/usr/lib/postgresql").into_iter().flatten().flatten().map(|e| e.path().join("bin")).collect();
+        debian.sort();
+        let bin = from_pg_config
+            .into_iter()
+            .chain(debian.into_iter().rev())
+            .find(|p| p.join("initdb").exists())
+            .expect("Postgres server binaries (initdb; scripts/test.sh installs postgresql)");
+        let dir = tempfile::tempdir().unwrap();
+        // Postgres runs as `postgres` when we are root: it must own its folder.
+        let _ = Command::new("chown").arg("postgres:postgres").arg(dir.path()).status();
+        let out = as_postgres(&bin.join("initdb"))
+            .arg("-D")
+            .arg(dir.path().join("data"))
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        prepare(&dir.path().join("data"));
+        let _ = Command::new("chown").arg("-R").arg("postgres:postgres").arg(dir.path().join("data")).status();
+        let pg = PgServer { dir, bin, port: free_port() };
+        pg.up();
+        pg
+    }
+
+    pub fn up(&self) {
+        let options = format!(
+            // fsync off is safe here (only the server process dies, never the
+            // machine); commits stay synchronous, or an immediate stop would
+            // lose acknowledged ones.
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off -c full_page_writes=off \
+             -c max_connections=200",
+            self.port,
+            self.dir.path().display()
+        );
+        let out = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .arg("-l")
+            .arg(self.dir.path().join("log"))
+            .args(["-w", "-t", "60", "-o", &options, "start"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_ctl start: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// `fast` (clean shutdown, clients cut off) or `immediate` (as a crash).
+    pub fn down(&self, mode: &str) {
+        let out = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", mode, "-w", "stop"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_ctl stop: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let _ = as_postgres(&self.bin.join("pg_ctl"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .args(["-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// GET `path` over plain HTTP/1.1: the status line and the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (head.lines().next().unwrap_or_default().to_owned(), body.to_owned())
 }
