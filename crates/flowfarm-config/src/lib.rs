@@ -17,8 +17,19 @@
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use toml::{Table, Value};
+
+/// `[tracing]` of both programs: where spans go besides the log.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingConfig {
+    /// An OTLP/gRPC collector (`http://collector:4317`) that receives every
+    /// span (one per RPC, one per job attempt); absent: spans only in the log.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of the exported spans; absent: the program's name.
+    pub service_name: Option<String>,
+}
 
 /// Which environment variables set keys of one program's configuration.
 #[derive(Debug, Clone, Copy)]

@@ -88,7 +88,9 @@ impl Authenticator {
                 wanted.join(" or ")
             )));
         }
-        Ok(Caller { token_id: info.id, name: info.name, role: info.role, quotas: info.quotas })
+        let caller = Caller { token_id: info.id, name: info.name, role: info.role, quotas: info.quotas };
+        crate::spans::caller(&caller.actor());
+        Ok(caller)
     }
 
     async fn lookup(&self, secret: &str) -> Result<TokenInfo, Status> {

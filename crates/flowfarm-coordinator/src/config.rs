@@ -36,6 +36,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub auth: AuthConfig,
+    #[serde(default)]
+    pub tracing: flowfarm_config::TracingConfig,
     /// The models this farm serves.
     #[serde(default)]
     pub models: Vec<ModelConfig>,
@@ -479,6 +481,8 @@ mod tests {
         wanted.metrics.listen = Some("0.0.0.0:9100".parse().unwrap());
         wanted.auth.admin_token_file = "/var/lib/flowfarm/admin.token".into();
         wanted.models[0].default_steps = 12;
+        wanted.tracing.otlp_endpoint = Some("http://collector:4317".into());
+        wanted.tracing.service_name = Some("farm-a".into());
         let env = flowfarm_config::env_for_every_key(&wanted, &ENV_RULE).unwrap();
         assert!(env.iter().any(|(k, _)| k == "FLOWFARM_LEASES__LEASE_SECONDS"), "{env:?}");
         assert!(env.iter().any(|(k, _)| k == "FLOWFARM_SERVER__TLS__REQUIRE_WORKER_CERTIFICATES"), "{env:?}");

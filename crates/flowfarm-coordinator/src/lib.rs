@@ -20,6 +20,7 @@ mod progress;
 mod reaper;
 mod render;
 mod server;
+mod spans;
 pub mod sweeper;
 pub mod tls;
 pub mod tokens;

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::auth::Caller;
 use crate::convert::*;
-use crate::Coordinator;
+use crate::{spans, Coordinator};
 
 const SUBMITTERS: &[Role] = &[Role::Submit, Role::Admin];
 const DEFAULT_PAGE_SIZE: u32 = 100;
@@ -88,6 +88,7 @@ impl RenderService for Coordinator {
             jobs.iter().map(|j| (j.model.clone(), j.text_encoders)).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
         let (outcome, unserved) = tokio::join!(shared.store.submit_batch(&batch, &jobs), shared.store.unserved(&needs));
         let outcome = outcome.map_err(store_status)?;
+        spans::ids(None, Some(outcome.batch.id), None, None);
         self.wake_dispatcher();
         tracing::info!(batch = %outcome.batch.id, jobs = jobs.len(), created = outcome.created, submitter = %caller.name, "batch submitted");
         // The batch is stored: a failed check only costs the warnings.
@@ -110,6 +111,7 @@ impl RenderService for Coordinator {
     async fn get_batch(&self, request: Request<pb::GetBatchRequest>) -> Result<Response<pb::Batch>, Status> {
         let caller = self.shared.auth.authorize(request.metadata(), SUBMITTERS).await?;
         let id = parse_id("batch_id", &request.get_ref().batch_id)?;
+        spans::ids(None, Some(id), None, None);
         let batch = self.shared.store.get_batch(id).await.map_err(store_status)?;
         if !caller.may_see(&batch.submitter) {
             return Err(not_found("batch", id));
@@ -120,6 +122,7 @@ impl RenderService for Coordinator {
     async fn get_job(&self, request: Request<pb::GetJobRequest>) -> Result<Response<pb::Job>, Status> {
         let caller = self.shared.auth.authorize(request.metadata(), SUBMITTERS).await?;
         let id = parse_id("job_id", &request.get_ref().job_id)?;
+        spans::ids(None, None, Some(id), None);
         self.check_job_visible(&caller, id).await?;
         let job = self.shared.store.get_job(id).await.map_err(store_status)?;
         Ok(Response::new(job_to_proto(&job)))
@@ -172,6 +175,7 @@ impl RenderService for Coordinator {
         let caller = self.shared.auth.authorize(request.metadata(), SUBMITTERS).await?;
         let req = request.into_inner();
         let batch_id = parse_id("batch_id", &req.batch_id)?;
+        spans::ids(None, Some(batch_id), None, None);
         self.check_owned(&caller, &JobSelector::Batch(batch_id)).await?;
         let start = crate::watch::Start::parse(&req.after)?;
         // Subscribed before the log position is taken, so no progress between the two is lost.
@@ -196,6 +200,7 @@ impl RenderService for Coordinator {
     async fn get_result(&self, request: Request<pb::GetResultRequest>) -> Result<Response<Self::GetResultStream>, Status> {
         let caller = self.shared.auth.authorize(request.metadata(), SUBMITTERS).await?;
         let id = parse_id("job_id", &request.get_ref().job_id)?;
+        spans::ids(None, None, Some(id), None);
         self.check_job_visible(&caller, id).await?;
         let job = self.shared.store.get_job(id).await.map_err(store_status)?;
         let result = match (&job.result, job.state) {

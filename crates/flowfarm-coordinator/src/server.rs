@@ -72,6 +72,7 @@ pub async fn serve(
     let worker = WorkerServiceServer::new(coordinator);
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
+        .trace_fn(crate::spans::rpc_span)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(render)

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use crate::convert::*;
-use crate::Coordinator;
+use crate::{spans, Coordinator};
 
 const MAX_ERROR_CHARS: usize = 4096;
 const MAX_CAPACITY: u32 = 64;
@@ -283,6 +283,7 @@ impl WorkerService for Coordinator {
         let req = request.into_inner();
         let worker_id = parse_id("worker_id", &req.worker_id)?;
         let job_id = parse_id("job_id", &req.job_id)?;
+        spans::ids(Some(worker_id), None, Some(job_id), None);
         self.check_worker(&caller, worker_id).await?;
         Ok(Response::new(self.start_one(job_id, worker_id).await?))
     }
@@ -291,6 +292,7 @@ impl WorkerService for Coordinator {
         let caller = self.authorize_worker(&request).await?;
         let req = request.into_inner();
         let worker_id = parse_id("worker_id", &req.worker_id)?;
+        spans::ids(Some(worker_id), None, None, None);
         check_batch_len("job_ids", req.job_ids.len())?;
         let job_ids =
             req.job_ids.iter().enumerate().map(|(i, id)| parse_id(&format!("job_ids[{i}]"), id)).collect::<Result<Vec<Uuid>, Status>>()?;
@@ -316,6 +318,7 @@ impl WorkerService for Coordinator {
         let worker_id = parse_id("worker_id", &req.worker_id)?;
         let job_id = parse_id("job_id", &req.job_id)?;
         let attempt = attempt_of("attempt", req.attempt)?;
+        spans::ids(Some(worker_id), None, Some(job_id), Some(attempt));
         if req.step > req.total_steps {
             return Err(invalid("step", format!("{} is beyond total_steps {}", req.step, req.total_steps)));
         }
@@ -335,6 +338,7 @@ impl WorkerService for Coordinator {
         let req = request.into_inner();
         let worker_id = parse_id("worker_id", &req.worker_id)?;
         let job_id = parse_id("job_id", &req.job_id)?;
+        spans::ids(Some(worker_id), None, Some(job_id), Some(req.attempt));
         let completion = completion(worker_id, job_id, req.attempt, req.result, req.gpu_seconds, "")?;
         self.check_worker(&caller, worker_id).await?;
         self.complete_one(completion).await?;
@@ -345,6 +349,7 @@ impl WorkerService for Coordinator {
         let caller = self.authorize_worker(&request).await?;
         let req = request.into_inner();
         let worker_id = parse_id("worker_id", &req.worker_id)?;
+        spans::ids(Some(worker_id), None, None, None);
         check_batch_len("jobs", req.jobs.len())?;
         // The whole request is checked before anything is recorded.
         let completions = req
@@ -371,6 +376,7 @@ impl WorkerService for Coordinator {
         let worker_id = parse_id("worker_id", &req.worker_id)?;
         let job_id = parse_id("job_id", &req.job_id)?;
         let attempt = attempt_of("attempt", req.attempt)?;
+        spans::ids(Some(worker_id), None, Some(job_id), Some(attempt));
         let mut error: String = req.error.chars().filter(|&c| c != '\0').take(MAX_ERROR_CHARS).collect();
         if error.trim().is_empty() {
             error = "unspecified worker error".into();

@@ -62,6 +62,8 @@ pub struct WorkerConfig {
     /// Where Prometheus /metrics is served; absent: not served.
     /// Env: `FLOWFARM_METRICS_LISTEN`.
     pub metrics_listen: Option<SocketAddr>,
+    /// Where spans go besides the log (`[tracing]`).
+    pub tracing: flowfarm_config::TracingConfig,
     /// The models this worker loads and serves.
     pub models: Vec<ModelEntry>,
 }
@@ -128,6 +130,7 @@ impl Default for WorkerConfig {
             t5_max_length: flowfarm_engine::pipeline::DEFAULT_T5_LENGTH,
             embedding_cache_bytes: 256 << 20,
             metrics_listen: None,
+            tracing: Default::default(),
             models: Vec::new(),
         }
     }
@@ -338,6 +341,7 @@ mod tests {
         wanted.drain_timeout_seconds = 12.5;
         wanted.metrics_listen = Some("0.0.0.0:9101".parse().unwrap());
         wanted.models[0].variant = Some("fp16".into());
+        wanted.tracing.otlp_endpoint = Some("http://collector:4317".into());
         let env = flowfarm_config::env_for_every_key(&wanted, &ENV_RULE).unwrap();
         assert!(env.iter().any(|(k, _)| k == "FLOWFARM_WORKER__CAPACITY"), "{env:?}");
         assert!(env.iter().any(|(k, _)| k == "FLOWFARM_WORKER__MODELS__0__VARIANT"), "{env:?}");

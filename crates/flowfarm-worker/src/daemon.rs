@@ -23,6 +23,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::config::{hostname, WorkerConfig};
@@ -410,9 +411,16 @@ async fn acknowledge(shared: &Shared, delivery: &Delivery) {
     // Left pending: the coordinator sweeps it later; the job itself is settled in Postgres.
 }
 
+/// One job attempt, in a span of its own (job, batch, attempt, worker) that
+/// every log line of the attempt carries and OTLP exports.
 async fn run_job(shared: Arc<Shared>, delivery: Delivery, start: pb::StartJobResponse, permit: OwnedSemaphorePermit) {
     let Some(job) = start.job else { return };
-    let attempt = start.attempt;
+    let span =
+        tracing::info_span!("job_attempt", job = %job.id, batch = %job.batch_id, attempt = start.attempt, worker = %shared.worker_id);
+    run_attempt(shared, delivery, job, start.attempt, permit).instrument(span).await;
+}
+
+async fn run_attempt(shared: Arc<Shared>, delivery: Delivery, job: pb::Job, attempt: u32, permit: OwnedSemaphorePermit) {
     let Ok(job_id) = Uuid::parse_str(&job.id) else { return };
     let revoked = Arc::new(AtomicBool::new(false));
     let handed_back = Arc::new(AtomicBool::new(false));
@@ -477,7 +485,10 @@ async fn render(
     let handle = tokio::runtime::Handle::current();
     let shared = shared.clone();
     let job_id = job.id.clone();
+    // The attempt's span goes along, so the render thread's logs carry its ids.
+    let span = tracing::Span::current();
     tokio::task::spawn_blocking(move || {
+        let _attempt = span.enter();
         renderer.render_png(&spec, &mut |step, total| {
             if revoked.load(Ordering::SeqCst) || handed_back.load(Ordering::SeqCst) {
                 return false;

@@ -10,6 +10,7 @@
 //!   in any form its weights are published in.
 
 mod model;
+mod telemetry;
 
 use std::path::PathBuf;
 
@@ -18,7 +19,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use flowfarm_coordinator::{Config, Coordinator};
 use flowfarm_core::Role;
 use flowfarm_store::PgStore;
-use tracing_subscriber::EnvFilter;
 
 // glibc's malloc hands large freed buffers back to the OS and page-faults the
 // next ones in: with tensors of megabytes allocated every layer, that was about
@@ -138,16 +138,6 @@ impl From<RoleArg> for Role {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 /// Connects to the configured database, creating it and migrating it first.
 async fn open_store(config: &Config) -> Result<PgStore> {
     let url = &config.database.url;
@@ -205,25 +195,42 @@ async fn run_dispatcher(coordinator: Coordinator, redis: flowfarm_queue::RedisTa
 async fn main() -> Result<()> {
     keep_freed_memory();
     let cli = Cli::parse();
-    init_logging(cli.log_format);
-    if let Command::Model { command } = cli.command {
-        return model::run(command);
-    }
-    if let Command::Config { command: ConfigCommand::Print { worker: true, worker_config } } = &cli.command {
-        let config = flowfarm_worker::WorkerConfig::load(worker_config)
-            .with_context(|| format!("loading worker config {} (--worker-config / FLOWFARM_WORKER_CONFIG)", worker_config.display()))?;
-        print!("{}", config.to_masked_toml()?);
-        return Ok(());
-    }
-    if let Command::Worker { worker_config } = &cli.command {
-        let config = flowfarm_worker::WorkerConfig::load(worker_config)
-            .with_context(|| format!("loading worker config {} (--worker-config / FLOWFARM_WORKER_CONFIG)", worker_config.display()))?;
-        flowfarm_worker::run(config, shutdown_signal()).await?;
-        return Ok(());
-    }
-    let config = Config::load(&cli.config)
-        .with_context(|| "loading config (pass --config FILE or set FLOWFARM_CONFIG; config/flowfarm.toml is an example)".to_string())?;
     match cli.command {
+        Command::Model { command } => {
+            telemetry::init(cli.log_format, &Default::default(), "flowfarm")?;
+            model::run(command)
+        }
+        Command::Config { command: ConfigCommand::Print { worker: true, worker_config } } => {
+            print!("{}", load_worker_config(&worker_config)?.to_masked_toml()?);
+            Ok(())
+        }
+        Command::Worker { worker_config } => {
+            let config = load_worker_config(&worker_config)?;
+            let telemetry = telemetry::init(cli.log_format, &config.tracing, "flowfarm-worker")?;
+            let ran = flowfarm_worker::run(config, shutdown_signal()).await;
+            let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+            Ok(ran?)
+        }
+        command => {
+            let config = Config::load(&cli.config).with_context(|| {
+                "loading config (pass --config FILE or set FLOWFARM_CONFIG; config/flowfarm.toml is an example)".to_string()
+            })?;
+            let telemetry = telemetry::init(cli.log_format, &config.tracing, "flowfarm-coordinator")?;
+            let ran = run(command, config).await;
+            let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+            ran
+        }
+    }
+}
+
+fn load_worker_config(path: &std::path::Path) -> Result<flowfarm_worker::WorkerConfig> {
+    flowfarm_worker::WorkerConfig::load(path)
+        .with_context(|| format!("loading worker config {} (--worker-config / FLOWFARM_WORKER_CONFIG)", path.display()))
+}
+
+/// The commands that run on the coordinator's config.
+async fn run(command: Command, config: Config) -> Result<()> {
+    match command {
         Command::Coordinator => {
             let store = open_store(&config).await?;
             if !config.auth.admin_token_file.as_os_str().is_empty() {
@@ -298,7 +305,7 @@ async fn main() -> Result<()> {
             }
         }
         Command::Config { command: ConfigCommand::Print { .. } } => print!("{}", config.to_masked_toml()?),
-        Command::Model { .. } | Command::Worker { .. } => unreachable!("handled before the config is loaded"),
+        Command::Model { .. } | Command::Worker { .. } => unreachable!("handled by main"),
     }
     Ok(())
 }
