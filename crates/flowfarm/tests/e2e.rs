@@ -332,3 +332,98 @@ async fn farmctl_fetches_results_and_watch_succeeds() {
     }
     server.stop();
 }
+
+/// From a fresh database: the coordinator writes the first admin token; with
+/// it, `farmctl tokens` makes a tenant's token with a quota, lists and
+/// revokes it; the tenant sees only its batches and is held to its quota.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_admin_token_makes_tenants_with_farmctl() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&db, &dir.path().join("results"));
+    let admin = std::fs::read_to_string(dir.path().join("results/admin.token")).expect("the first admin token is written");
+    let admin = admin.trim();
+    let url = server.url();
+
+    let made = ok_json(farmctl(
+        &url,
+        admin,
+        &["--json", "tokens", "create", "--name", "studio-a", "--role", "submit", "--max-batch-jobs", "2", "--expires-in", "30d"],
+    ));
+    let studio_a = made["secret"].as_str().unwrap().to_owned();
+    assert_eq!(made["token"]["quotas"]["max_batch_jobs"], 2, "{made}");
+    assert!(made["token"]["expires_at"].is_string(), "{made}");
+    let studio_b = ok_json(farmctl(&url, admin, &["--json", "tokens", "create", "--name", "studio-b", "--role", "submit"]))["secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let job = "{\"model\":\"sd3-medium\",\"prompt\":\"a boat\"}\n";
+    let two = write(dir.path(), "two.jsonl", &job.repeat(2));
+    let three = write(dir.path(), "three.jsonl", &job.repeat(3));
+    let batch_a =
+        ok_json(farmctl(&url, &studio_a, &["--json", "submit", two.to_str().unwrap()]))["batch"]["id"].as_str().unwrap().to_owned();
+    let over = farmctl(&url, &studio_a, &["submit", three.to_str().unwrap()]);
+    assert_eq!(over.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&over.stderr);
+    assert!(said.contains("over quota") && said.contains("max_batch_jobs"), "{said}");
+
+    // Studio B neither sees nor cancels studio A's batch; the admin sees it.
+    let hidden = farmctl(&url, &studio_b, &["batch", &batch_a]);
+    assert!(String::from_utf8_lossy(&hidden.stderr).contains("not found"), "{}", String::from_utf8_lossy(&hidden.stderr));
+    let cancel = farmctl(&url, &studio_b, &["jobs", "cancel", "--batch", &batch_a]);
+    assert!(!cancel.status.success());
+    assert_eq!(ok_json(farmctl(&url, &studio_b, &["--json", "jobs", "list"])), serde_json::json!([]));
+    assert_eq!(ok_json(farmctl(&url, admin, &["--json", "batch", &batch_a]))["counts"]["queued"], 2);
+
+    let listed = ok_json(farmctl(&url, admin, &["--json", "tokens", "list"]));
+    let names: Vec<&str> = listed.as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["admin", "studio-a", "studio-b"]);
+    let id = listed[1]["token_id"].as_str().unwrap();
+    let revoked = farmctl(&url, admin, &["tokens", "revoke", id]);
+    assert!(revoked.status.success(), "{}", String::from_utf8_lossy(&revoked.stderr));
+    let refused = farmctl(&url, &studio_a, &["jobs", "list"]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("refused the token"), "{}", String::from_utf8_lossy(&refused.stderr));
+    // Submit tokens do not administer tokens.
+    let denied = farmctl(&url, &studio_b, &["tokens", "list"]);
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("not allowed"), "{}", String::from_utf8_lossy(&denied.stderr));
+}
+
+/// `flowfarm config print`: the file, then the environment by the naming
+/// rule, with secrets masked; a misspelt variable is named.
+#[test]
+fn config_print_shows_the_effective_config_with_secrets_masked() {
+    let print = |env: &[(&str, &str)]| {
+        Command::new(flowfarm_bin())
+            .args(["--config", config_path().to_str().unwrap(), "config", "print"])
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    let out = print(&[
+        ("FLOWFARM_LEASES__LEASE_SECONDS", "45"),
+        ("FLOWFARM_DATABASE__PASSWORD", "hunter2"),
+        ("FLOWFARM_SERVER__TLS__CERT_FILE", "/tls/crt"),
+        ("FLOWFARM_SERVER__TLS__KEY_FILE", "/tls/key"),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("lease_seconds = 45"), "{text}");
+    assert!(text.contains("cert_file = \"/tls/crt\""), "{text}");
+    assert!(!text.contains("hunter2") && text.contains("postgres://postgres:***@"), "{text}");
+
+    let out = print(&[("FLOWFARM_LEASES__LEASE_SECOND", "45")]);
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("FLOWFARM_LEASES__LEASE_SECOND") && said.contains("unknown field"), "{said}");
+
+    let worker = Command::new(flowfarm_bin())
+        .args(["config", "print", "--worker", "--worker-config", repo_path("config/worker.toml").to_str().unwrap()])
+        .current_dir(repo_path(""))
+        .envs([("FLOWFARM_TOKEN", "fft_secret_token"), ("FLOWFARM_WORKER__CAPACITY", "3")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&worker.stdout);
+    assert!(worker.status.success(), "{}", String::from_utf8_lossy(&worker.stderr));
+    assert!(text.contains("capacity = 3") && !text.contains("fft_secret_token"), "{text}");
+}
