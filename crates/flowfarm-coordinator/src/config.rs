@@ -65,6 +65,24 @@ impl Default for ServerConfig {
 }
 
 impl ServerConfig {
+    /// Refuses to serve plaintext where other machines can reach it, unless
+    /// asked to: checked by `flowfarm coordinator` before it listens (other
+    /// commands read the same config and serve nothing).
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] saying which keys to set.
+    pub fn check_exposure(&self) -> Result<(), ConfigError> {
+        if self.tls.is_none() && !self.listen.ip().is_loopback() && !self.allow_plaintext {
+            return Err(ConfigError::Invalid(format!(
+                "server.listen {} is reachable from other machines and server.tls is not set: configure [server.tls] \
+                 (cert_file, key_file), or set server.allow_plaintext = true (FLOWFARM_SERVER__ALLOW_PLAINTEXT=true) \
+                 to serve plaintext on purpose",
+                self.listen
+            )));
+        }
+        Ok(())
+    }
+
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs_f64(self.shutdown_grace_seconds)
     }
@@ -399,17 +417,8 @@ impl Config {
         if !guidance_range_ok {
             return Err(ConfigError::Invalid("limits.min_guidance and max_guidance must be finite, min ≤ max".into()));
         }
-        match &self.server.tls {
-            Some(tls) => tls.check().map_err(ConfigError::Invalid)?,
-            None if !self.server.listen.ip().is_loopback() && !self.server.allow_plaintext => {
-                return Err(ConfigError::Invalid(format!(
-                    "server.listen {} is reachable from other machines and server.tls is not set: configure [server.tls] \
-                     (cert_file, key_file), or set server.allow_plaintext = true (FLOWFARM_SERVER__ALLOW_PLAINTEXT=true) \
-                     to serve plaintext on purpose",
-                    self.server.listen
-                )));
-            }
-            None => {}
+        if let Some(tls) = &self.server.tls {
+            tls.check().map_err(ConfigError::Invalid)?;
         }
         let grace = self.server.shutdown_grace_seconds;
         if !(grace.is_finite() && (0.0..=3600.0).contains(&grace)) {
@@ -508,10 +517,11 @@ mod tests {
     fn plaintext_off_the_loopback_must_be_asked_for() {
         let mut config: Config = toml::from_str(EXAMPLE).unwrap();
         config.server.listen = "0.0.0.0:7070".parse().unwrap();
-        let err = config.check().unwrap_err().to_string();
+        config.check().expect("other commands than `coordinator` may read it");
+        let err = config.server.check_exposure().unwrap_err().to_string();
         assert!(err.contains("server.tls") && err.contains("allow_plaintext"), "{err}");
         config.server.allow_plaintext = true;
-        config.check().unwrap();
+        config.server.check_exposure().unwrap();
         config.server.allow_plaintext = false;
         config.server.tls = Some(crate::tls::TlsConfig { cert_file: "c".into(), ..Default::default() });
         assert!(config.check().unwrap_err().to_string().contains("key_file"));

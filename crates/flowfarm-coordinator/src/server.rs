@@ -68,7 +68,7 @@ pub async fn serve(
     let admin = AdminServiceServer::new(coordinator.clone());
     let grace = coordinator.shared.shutdown_grace;
     let tls = coordinator.shared.tls.clone();
-    let sighup = tls.clone().map(|tls| tokio::spawn(crate::tls::reload_on_sighup(tls, stopped())));
+    let sighup = tokio::spawn(crate::tls::reload_on_sighup(tls.clone(), stopped()));
     let worker = WorkerServiceServer::new(coordinator);
     let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
@@ -104,7 +104,7 @@ pub async fn serve(
     let _ = reaper.await;
     let _ = progress.await;
     let _ = dependencies.await;
-    for task in sweeper.into_iter().chain(sighup) {
+    for task in sweeper.into_iter().chain([sighup]) {
         let _ = task.await;
     }
     result?;

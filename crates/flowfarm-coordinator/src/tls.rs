@@ -193,8 +193,9 @@ impl ServerTls {
     }
 }
 
-/// Reloads `tls` on every SIGHUP until `stopped` resolves.
-pub async fn reload_on_sighup(tls: Arc<ServerTls>, stopped: impl std::future::Future<Output = ()>) {
+/// Reloads `tls` on every SIGHUP until `stopped` resolves. Without TLS the
+/// signal is only logged: a reload signal must never stop the coordinator.
+pub async fn reload_on_sighup(tls: Option<Arc<ServerTls>>, stopped: impl std::future::Future<Output = ()>) {
     #[cfg(unix)]
     {
         let mut hangups = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
@@ -207,9 +208,10 @@ pub async fn reload_on_sighup(tls: Arc<ServerTls>, stopped: impl std::future::Fu
         tokio::pin!(stopped);
         loop {
             tokio::select! {
-                _ = hangups.recv() => match tls.reload() {
-                    Ok(()) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
-                    Err(e) => tracing::error!(error = %e, "SIGHUP: TLS files not reloaded; the previous ones stay in use"),
+                _ = hangups.recv() => match tls.as_ref().map(|t| t.reload()) {
+                    Some(Ok(())) => tracing::info!("SIGHUP: TLS certificate and key reloaded"),
+                    Some(Err(e)) => tracing::error!(error = %e, "SIGHUP: TLS files not reloaded; the previous ones stay in use"),
+                    None => tracing::info!("SIGHUP: nothing to reload (no server.tls)"),
                 },
                 () = &mut stopped => return,
             }

@@ -232,6 +232,12 @@ fn load_worker_config(path: &std::path::Path) -> Result<flowfarm_worker::WorkerC
 async fn run(command: Command, config: Config) -> Result<()> {
     match command {
         Command::Coordinator => {
+            config.server.check_exposure()?;
+            // SIGHUP reloads TLS files (tls::reload_on_sighup); its default
+            // action, exit, must not apply even before the server runs.
+            // Tokio's handler, once installed, stays for the process's life.
+            #[cfg(unix)]
+            drop(tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("installing the SIGHUP handler")?);
             let store = open_store(&config).await?;
             if !config.auth.admin_token_file.as_os_str().is_empty() {
                 use flowfarm_coordinator::tokens::{ensure_first_admin_token, FirstAdmin};

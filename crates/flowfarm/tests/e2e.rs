@@ -344,6 +344,9 @@ async fn the_first_admin_token_makes_tenants_with_farmctl() {
     let admin = std::fs::read_to_string(dir.path().join("results/admin.token")).expect("the first admin token is written");
     let admin = admin.trim();
     let url = server.url();
+    // A reload signal never stops a coordinator, with TLS or (here) without.
+    server.signal("HUP");
+    std::thread::sleep(std::time::Duration::from_millis(300));
 
     let made = ok_json(farmctl(
         &url,
@@ -387,6 +390,7 @@ async fn the_first_admin_token_makes_tenants_with_farmctl() {
     // Submit tokens do not administer tokens.
     let denied = farmctl(&url, &studio_b, &["tokens", "list"]);
     assert!(String::from_utf8_lossy(&denied.stderr).contains("not allowed"), "{}", String::from_utf8_lossy(&denied.stderr));
+    server.stop();
 }
 
 /// `flowfarm config print`: the file, then the environment by the naming
