@@ -7,8 +7,21 @@
 #
 # Prints one line per check and ends with "N passed, M failed"; exits 1 if
 # anything failed.
+#
+#   bash deploy/check.sh                 run the checks
+#   bash deploy/check.sh --list-metrics  only print the metric families the
+#       dashboard and the alert rules use (as a scrape's `# TYPE` lines name
+#       them: flowfarm_jobs_completed for flowfarm_jobs_completed_total), one
+#       a line, sorted, without Prometheus' own `up`; exits 0
 set -uo pipefail
 cd "$(dirname "$0")/.."
+
+mode=check
+case "${1:-}" in
+  "") ;;
+  --list-metrics) mode=list-metrics ;;
+  *) printf 'usage: %s [--list-metrics]\n' "$0" >&2; exit 2 ;;
+esac
 
 passed=0
 failed=0
@@ -45,49 +58,11 @@ elif command -v kustomize >/dev/null; then
   kustomize_cmd=(kustomize build)
 fi
 
-# --- every YAML and JSON file parses -----------------------------------------
+# --- the structured checks, in Python --------------------------------------------
+# Run further down (and by --list-metrics); each line it prints is
+# "PASS<TAB>name", "FAIL<TAB>name<TAB>detail" or "SKIP<TAB>name".
 
-mapfile -t yaml_files < <(find deploy -type f \( -name '*.yaml' -o -name '*.yml' \) | sort)
-for f in "${yaml_files[@]}"; do
-  if [ "$have_yaml" = 1 ]; then
-    check "yaml parses: $f" python3 -c 'import sys, yaml; list(yaml.safe_load_all(open(sys.argv[1])))' "$f"
-  elif command -v yq >/dev/null; then
-    check "yaml parses: $f" yq . "$f"
-  else
-    fail "yaml parses: $f" "neither PyYAML (pip install pyyaml) nor yq is available"
-  fi
-done
-
-mapfile -t json_files < <(find deploy -type f -name '*.json' | sort)
-for f in "${json_files[@]}"; do
-  check "json parses: $f" python3 -m json.tool "$f"
-done
-
-# --- kustomize renders -------------------------------------------------------
-
-for k in deploy/k8s/base deploy/k8s/overlays/cpu-dev; do
-  out="$work/$(basename "$k").yaml"
-  if [ ${#kustomize_cmd[@]} -eq 0 ]; then
-    fail "kustomize renders: $k" "neither kubectl nor kustomize is installed"
-    : > "$out"
-  elif err=$("${kustomize_cmd[@]}" "$k" 2>&1 > "$out"); then
-    pass "kustomize renders: $k"
-  else
-    fail "kustomize renders: $k" "$err"
-  fi
-done
-
-# --- structured checks (Python) ----------------------------------------------
-# Each line printed is "PASS<TAB>name" or "FAIL<TAB>name<TAB>detail".
-
-if [ "$have_yaml" = 1 ]; then
-  while IFS=$'\t' read -r status name detail; do
-    case $status in
-      PASS) pass "$name" ;;
-      FAIL) fail "$name" "${detail//' | '/$'\n'}" ;;
-      SKIP) skip "$name" ;;
-    esac
-  done < <(python3 - "$work/base.yaml" "$work/cpu-dev.yaml" <<'PY' 2>&1 || echo $'FAIL\tstructured checks ran to the end\tthe Python checker crashed (see above)'
+cat > "$work/checks.py" <<'PY'
 import fnmatch
 import glob
 import json
@@ -105,8 +80,6 @@ except ModuleNotFoundError:  # Python < 3.11
     except ModuleNotFoundError:
         tomllib = None
 
-base_render, dev_render = sys.argv[1], sys.argv[2]
-
 
 def report(name, problems):
     if problems:
@@ -122,6 +95,113 @@ def read(path):
 
 def rust_sources():
     return sorted(glob.glob("crates/*/src/**/*.rs", recursive=True))
+
+
+# ---- metrics: what the code exports, what the dashboard and alert rules ask for
+
+DASHBOARD = "deploy/grafana/dashboards/flowfarm.json"
+PROMETHEUS_CONFIG = "deploy/prometheus/prometheus.yml"
+ALERTS = "deploy/prometheus/alerts.yml"
+# Series Prometheus makes itself for every target and alert, not exported by flowfarm.
+PROMETHEUS_MADE = {"up", "scrape_duration_seconds", "scrape_samples_scraped", "scrape_series_added",
+                   "scrape_samples_post_metric_relabeling", "ALERTS", "ALERTS_FOR_STATE"}
+
+
+def exported_metrics():
+    """{sample name: metric family} for what the /metrics endpoints expose
+    (flowfarm_jobs_completed_total: flowfarm_jobs_completed, the name of its
+    `# TYPE` line), and the label names they use."""
+    samples, labels = {}, set()
+    for path in glob.glob("crates/*/src/**/metrics.rs", recursive=True):
+        text = read(path)
+        prefix = re.search(r'Registry::with_prefix\("([a-z0-9_]+)"\)', text)
+        prefix = prefix.group(1) + "_" if prefix else ""
+        labels |= set(re.findall(r'\(\s*"([a-z_]+)"\s*,', text))
+        for name, var in re.findall(
+                r'\.register\(\s*"([a-z0-9_]+)"\s*,\s*"(?:[^"\\]|\\.)*"\s*,\s*([a-z_][a-z0-9_]*)\.clone\(\)', text, re.S):
+            decl = re.search(rf"^\s*(?:pub(?:\([^)]*\))?\s+)?{var}\s*:\s*(.+?),?\s*$", text, re.M)
+            kind = decl.group(1) if decl else ""
+            full = prefix + name
+            if "Histogram" in kind:
+                suffixes = ("_bucket", "_sum", "_count")
+            elif "Counter" in kind:
+                suffixes = ("_total",)
+            elif "Gauge" in kind:
+                suffixes = ("",)
+            else:
+                suffixes = ("", "_total", "_bucket", "_sum", "_count")
+            samples.update({full + suffix: full for suffix in suffixes})
+    return samples, labels
+
+
+def family_of(sample, samples):
+    return samples.get(sample) or re.sub(r"_(?:total|bucket|sum|count)$", "", sample)
+
+
+def dashboard_queries():
+    queries = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key in ("expr", "definition"):
+                if isinstance(node.get(key), str):
+                    queries.append(node[key])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(json.load(open(DASHBOARD)))
+    return queries
+
+
+def alert_rules():
+    """(group name, rule) for every rule in alerts.yml."""
+    doc = yaml.safe_load(open(ALERTS)) or {}
+    return [(g.get("name"), r) for g in doc.get("groups") or [] for r in g.get("rules") or []]
+
+
+PROMQL_WORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
+                "offset", "bool", "inf", "nan", "atan2"}
+
+
+def promql_metrics(expr):
+    """The metric names a PromQL expression (or Grafana's label_values(m, l)) selects."""
+    text = re.sub(r"label_values\(\s*([A-Za-z_:][\w:]*)\s*,[^)]*\)", r"\1", expr)
+    text = re.sub(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'|`[^`]*`', '""', text)  # strings
+    text = re.sub(r"#[^\n]*", "", text)  # comments
+    text = re.sub(r"\{[^}]*\}", "", text)  # label matchers
+    text = re.sub(r"\[[^\]]*\]", "", text)  # ranges and subqueries
+    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)
+    # An identifier that is not a function call, a keyword, or part of a
+    # number, duration or Grafana $variable.
+    return [m.group(1) for m in re.finditer(r"(?<![\w.$:])([A-Za-z_:][\w:]*)(?![\w:])(?!\s*\()", text)
+            if m.group(1).lower() not in PROMQL_WORDS]
+
+
+def promql_labels(expr):
+    """Label names an expression matches on, groups by or joins on."""
+    names = set()
+    for group in re.findall(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", expr):
+        names |= {l.strip() for l in group.split(",") if l.strip()}
+    for group in re.findall(r"\{([^}]*)\}", expr):
+        names |= set(re.findall(r"([a-z_]+)\s*(?:=~|!~|!=|=)", group))
+    names |= set(re.findall(r"label_values\(\s*[a-z0-9_]+\s*,\s*([a-z_]+)\s*\)", expr))
+    return names
+
+
+if sys.argv[1:] == ["--list-metrics"]:
+    # The metric families (as `# TYPE` lines name them) the dashboard and the
+    # alert rules use, one a line: compared with live scrapes by a test.
+    samples, _ = exported_metrics()
+    used = set()
+    for q in dashboard_queries() + [str(rule.get("expr", "")) for _, rule in alert_rules()]:
+        used |= set(promql_metrics(q)) - PROMETHEUS_MADE
+    print("\n".join(sorted({family_of(m, samples) for m in used})))
+    sys.exit(0)
+
+base_render, dev_render = sys.argv[1], sys.argv[2]
 
 
 # ---- Rust structs: the keys a TOML config may use ---------------------------
@@ -159,8 +239,12 @@ STRUCTS = rust_structs()
 
 
 def inner_type(t):
+    """The struct a field holds: `Option<crate::tls::TlsConfig>` is TlsConfig."""
     m = re.match(r"(?:Option|Vec)<(.+)>$", t.strip())
-    return inner_type(m.group(1)) if m else t.strip()
+    return inner_type(m.group(1)) if m else t.strip().rsplit("::", 1)[-1]
+
+
+SCALAR = re.compile(r"[uif]\d+|usize|isize|bool|String|PathBuf|SocketAddr")
 
 
 def toml_problems(table, struct, where):
@@ -173,6 +257,12 @@ def toml_problems(table, struct, where):
             problems.append(f"{where}{key}: not a field of {struct} (known: {', '.join(sorted(fields))})")
             continue
         sub = inner_type(fields[key])
+        if isinstance(value, list) and not re.match(r"(?:Option<)?Vec<", fields[key]):
+            problems.append(f"{where}{key}: a list, but {struct}.{key} is {fields[key]}")
+            continue
+        if isinstance(value, dict) and (SCALAR.fullmatch(sub) or re.match(r"(?:Option<)?Vec<", fields[key])):
+            problems.append(f"{where}{key}: a table, but {struct}.{key} is {fields[key]}")
+            continue
         if sub in STRUCTS and STRUCTS[sub]:
             if isinstance(value, dict):
                 problems += toml_problems(value, sub, f"{where}{key}.")
@@ -225,12 +315,36 @@ else:
 crate_text = "\n".join(read(p) for p in glob.glob("crates/**/*.rs", recursive=True))
 deploy_files = [p for p in glob.glob("deploy/**/*", recursive=True)
                 if os.path.isfile(p) and not p.endswith("check.sh")]
+
+
+def env_rule_problems(var):
+    """Why a variable named by the configuration rule (flowfarm-config) names
+    no key: FLOWFARM_WORKER__A__B is a.b of WorkerConfig, any other
+    FLOWFARM_A__B__C is a.b.c of Config, and a number indexes a list."""
+    if var.startswith("FLOWFARM_WORKER__"):
+        struct, rest = "WorkerConfig", var[len("FLOWFARM_WORKER__"):]
+    else:
+        struct, rest = "Config", var[len("FLOWFARM_"):]
+    parts = rest.lower().split("__")
+    if "" in parts:
+        return ["an empty part (`___`, or `__` at an end)"]
+    if parts[0].isdigit():
+        return [f"starts with a list index, but {struct} is a table"]
+    # The path as the TOML table it stands for, checked as a config file is.
+    value = "from the environment"
+    for part in reversed(parts):
+        value = [value] if part.isdigit() else {part: value}
+    return toml_problems(value, struct, "")
+
+
 problems = []
 for path in deploy_files:
     for var in sorted(set(re.findall(r"\b((?:FLOWFARM|AWS)_[A-Z0-9_]+|CUDA_COMPUTE_CAP)\b", read(path)))):
-        if var not in crate_text:
+        if var.startswith("FLOWFARM_") and "__" in var:
+            problems += [f"{path}: {var}: {p}" for p in env_rule_problems(var)]
+        elif var not in crate_text:
             problems.append(f"{path}: {var} is not read anywhere in crates/")
-report("environment variables exist in the code", problems)
+report("environment variables exist in the code (FLOWFARM_…__… by the key they name)", problems)
 
 main_rs = read("crates/flowfarm/src/main.rs")
 enum = re.search(r"enum Command \{(.*?)\n\}", main_rs, re.S).group(1)
@@ -253,7 +367,12 @@ def flowfarm_invocations():
         for doc in yaml.safe_load_all(open(path)):
             spec = ((doc or {}).get("spec") or {}).get("template", {}).get("spec", {})
             for c in spec.get("containers", []):
-                if c.get("args"):
+                if c.get("command"):
+                    # A shell in front: `flowfarm` where a shell command starts.
+                    text = "\n".join(map(str, c["command"] + c.get("args", [])))
+                    for m in re.finditer(r"(?:^|[;&|(])\s*(?:exec\s+)?flowfarm\s+([a-z-]+)", text, re.M):
+                        found.append((f"{path} {c['name']}", [m.group(1)]))
+                elif c.get("args"):
                     found.append((f"{path} {c['name']}", c["args"]))
     for path in glob.glob("deploy/systemd/*.service"):
         for m in re.finditer(r"^ExecStart=\S*flowfarm (.*)$", read(path), re.M):
@@ -528,11 +647,6 @@ else:
         objs = docs(base_render)
         problems = []
         coord = by_kind(objs, "Deployment")["flowfarm-coordinator"]["spec"]["template"]["spec"]["containers"][0]
-        grpc_port = {p["name"]: p["containerPort"] for p in coord["ports"]}.get("grpc")
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            p = coord.get(probe, {})
-            if p.get("grpc", {}).get("port") != grpc_port:
-                problems.append(f"coordinator {probe}: not a grpc probe on the grpc port {grpc_port}")
         env = {e["name"]: e for e in coord.get("env", [])}
         if "secretKeyRef" not in env.get("FLOWFARM_DATABASE_URL", {}).get("valueFrom", {}):
             problems.append("coordinator FLOWFARM_DATABASE_URL does not come from a Secret")
@@ -548,11 +662,75 @@ else:
         vols = worker["spec"]["template"]["spec"]["volumes"]
         token_vol = [v for v in vols if "secret" in v]
         token_dirs = [m["mountPath"] for m in wc["volumeMounts"] if m["name"] in {v["name"] for v in token_vol}]
-        if not token_dirs or not str(wt.get("token_file", "")).startswith(token_dirs[0] + "/"):
-            problems.append(f"token_file {wt.get('token_file')} is not in the Secret's mount {token_dirs}")
-        report("k8s base: grpc probes, DATABASE_URL Secret, GPU request, CUDA image, token file", problems)
+        if not any(str(wt.get("token_file", "")).startswith(d + "/") for d in token_dirs):
+            problems.append(f"token_file {wt.get('token_file')} is not in a Secret's mount {token_dirs}")
+        report("k8s base: DATABASE_URL Secret, GPU request, CUDA image, token file", problems)
     except Exception as e:
-        report("k8s base: grpc probes, DATABASE_URL Secret, GPU request, CUDA image, token file", [repr(e)])
+        report("k8s base: DATABASE_URL Secret, GPU request, CUDA image, token file", [repr(e)])
+
+    def mounted(spec, container, path):
+        """The volume a container sees `path` in, and the key of a Secret
+        volume's file there (None if the Secret does not project it)."""
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for m in container.get("volumeMounts", []):
+            if os.path.dirname(path) == m["mountPath"].rstrip("/"):
+                volume = volumes.get(m["name"], {})
+                items = (volume.get("secret") or {}).get("items")
+                name = os.path.basename(path)
+                key = name if items is None else next((i["key"] for i in items if i["path"] == name), None)
+                return volume, key
+        return {}, None
+
+    def tls_problems(objs):
+        problems = []
+        deployments = by_kind(objs, "Deployment")
+        spec = deployments["flowfarm-coordinator"]["spec"]["template"]["spec"]
+        coord = spec["containers"][0]
+        env = {e["name"]: e.get("value") for e in coord.get("env", [])}
+        for var, key in (("FLOWFARM_SERVER__TLS__CERT_FILE", "tls.crt"), ("FLOWFARM_SERVER__TLS__KEY_FILE", "tls.key"),
+                         ("FLOWFARM_SERVER__TLS__CLIENT_CA_FILE", "ca.crt")):
+            volume, found = mounted(spec, coord, env.get(var) or "")
+            if (volume.get("secret") or {}).get("secretName") != "flowfarm-tls" or found != key:
+                problems.append(f"coordinator {var}={env.get(var)} is not key {key} of the mounted Secret flowfarm-tls")
+        volume, _ = mounted(spec, coord, env.get("FLOWFARM_AUTH__ADMIN_TOKEN_FILE") or "")
+        if "emptyDir" not in volume:
+            problems.append("coordinator FLOWFARM_AUTH__ADMIN_TOKEN_FILE is not on an emptyDir (the root file system is read-only)")
+        # gRPC probes cannot speak TLS: HTTP on the metrics port, the port flowfarm.toml serves it on.
+        ports = {p["name"]: p["containerPort"] for p in coord["ports"]}
+        coordinator_toml = next(tomllib.loads(cm["data"]["flowfarm.toml"]) for cm in by_kind(objs, "ConfigMap").values()
+                                if "flowfarm.toml" in cm.get("data", {}))
+        listen = str(coordinator_toml.get("metrics", {}).get("listen", ""))
+        if not listen.endswith(f":{ports.get('metrics')}"):
+            problems.append(f"metrics.listen {listen!r} is not the metrics containerPort {ports.get('metrics')}")
+        for probe, path in (("startupProbe", "/readyz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+            get = coord.get(probe, {}).get("httpGet", {})
+            if get.get("path") != path or get.get("port") not in ("metrics", ports.get("metrics")):
+                problems.append(f"coordinator {probe}: not httpGet {path} on the metrics port")
+        worker = deployments["flowfarm-worker"]
+        spec = worker["spec"]["template"]["spec"]
+        wc = spec["containers"][0]
+        env = {e["name"]: e.get("value") for e in wc.get("env", [])}
+        if not str(worker_toml_of(objs, worker).get("coordinator", "")).startswith("https://"):
+            problems.append("worker.toml coordinator is not https://")
+        volume, found = mounted(spec, wc, env.get("FLOWFARM_WORKER__TLS_CA_FILE") or "")
+        secret = volume.get("secret") or {}
+        if secret.get("secretName") != "flowfarm-tls" or found != "ca.crt":
+            problems.append("worker FLOWFARM_WORKER__TLS_CA_FILE is not key ca.crt of the mounted Secret flowfarm-tls")
+        elif [i["key"] for i in secret.get("items") or [{"key": "everything"}]] != ["ca.crt"]:
+            problems.append("workers mount more of flowfarm-tls than ca.crt (the server's key must stay with the server)")
+        for var, key in (("FLOWFARM_WORKER__TLS_CERT_FILE", "tls.crt"), ("FLOWFARM_WORKER__TLS_KEY_FILE", "tls.key")):
+            volume, found = mounted(spec, wc, env.get(var) or "")
+            secret = volume.get("secret") or {}
+            if secret.get("secretName") != "flowfarm-worker-tls" or not secret.get("optional") or found != key:
+                problems.append(f"worker {var} is not key {key} of the optional Secret flowfarm-worker-tls")
+        return problems
+
+    for label, path in (("base", base_render), ("cpu-dev", dev_render)):
+        name = f"k8s {label}: TLS files from Secrets, https:// workers, HTTP probes on the metrics port, admin token on an emptyDir"
+        try:
+            report(name, tls_problems(docs(path)))
+        except Exception as e:
+            report(name, [repr(e)])
 
     try:
         objs = docs(dev_render)
@@ -572,74 +750,100 @@ else:
         report("k8s cpu-dev: CPU image, no GPU request or toleration, device cpu", [repr(e)])
 
 
-# ---- Grafana ------------------------------------------------------------------------
+# ---- Dashboard and alert rules: metrics and labels exist -------------------------------
 
-def exported_metrics():
-    """Sample names the /metrics endpoints expose, and the label names they use."""
-    names, labels = set(), set()
-    for path in glob.glob("crates/*/src/**/metrics.rs", recursive=True):
-        text = read(path)
-        prefix = re.search(r'Registry::with_prefix\("([a-z0-9_]+)"\)', text)
-        prefix = prefix.group(1) + "_" if prefix else ""
-        labels |= set(re.findall(r'\(\s*"([a-z_]+)"\s*,', text))
-        for name, var in re.findall(
-                r'\.register\(\s*"([a-z0-9_]+)"\s*,\s*"(?:[^"\\]|\\.)*"\s*,\s*([a-z_][a-z0-9_]*)\.clone\(\)', text, re.S):
-            decl = re.search(rf"^\s*(?:pub(?:\([^)]*\))?\s+)?{var}\s*:\s*(.+?),?\s*$", text, re.M)
-            kind = decl.group(1) if decl else ""
-            full = prefix + name
-            if "Histogram" in kind:
-                names |= {full + "_bucket", full + "_sum", full + "_count"}
-            elif "Counter" in kind:
-                names.add(full + "_total")
-            elif "Gauge" in kind:
-                names.add(full)
-            else:
-                names |= {full, full + "_total", full + "_bucket", full + "_sum", full + "_count"}
-    return names, labels
+samples, metric_labels = exported_metrics()
+STANDARD_LABELS = {"le", "instance", "job"}
 
 
-dash_path = "deploy/grafana/dashboards/flowfarm.json"
+def metric_problems(queries):
+    """(problems, flowfarm names used) for the metrics some queries select."""
+    problems, used = [], set()
+    for q in queries:
+        for metric in promql_metrics(q):
+            if metric in PROMETHEUS_MADE:
+                continue
+            used.add(metric)
+            if metric not in samples:
+                problems.append(f"{metric} is not exported (crates/*/src/metrics.rs)")
+    return sorted(set(problems)), used
+
+
+def label_problems(queries):
+    return sorted({f"label {label} is not set in metrics.rs"
+                   for q in queries for label in promql_labels(q) - STANDARD_LABELS - metric_labels})
+
+
+dash_path = DASHBOARD
 dash = json.load(open(dash_path))
-queries = []
-
-
-def walk(node):
-    if isinstance(node, dict):
-        for key in ("expr", "definition"):
-            if isinstance(node.get(key), str):
-                queries.append(node[key])
-        for v in node.values():
-            walk(v)
-    elif isinstance(node, list):
-        for v in node:
-            walk(v)
-
-
-walk(dash)
-names, metric_labels = exported_metrics()
-problems, used = [], set()
-for q in queries:
-    for metric in re.findall(r"\b(flowfarm_[a-z0-9_]+)\b", q):
-        used.add(metric)
-        if metric not in names:
-            problems.append(f"{metric} is not exported (crates/*/src/metrics.rs)")
+queries = dashboard_queries()
+problems, used = metric_problems(queries)
 if not used:
     problems.append("the dashboard queries no flowfarm metric")
-report(f"dashboard metrics exist in metrics.rs ({len(used)} names, {len(queries)} queries)", sorted(set(problems)))
+report(f"dashboard metrics exist in metrics.rs ({len(used)} names, {len(queries)} queries)", problems)
+report("dashboard labels exist in metrics.rs", label_problems(queries))
 
-problems = []
-standard = {"le", "instance", "job"}
-for q in queries:
-    label_names = set()
-    for group in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", q):
-        label_names |= {l.strip() for l in group.split(",") if l.strip()}
-    for group in re.findall(r"\{([^}]*)\}", q):
-        label_names |= set(re.findall(r"([a-z_]+)\s*(?:=~|!~|!=|=)", group))
-    label_names |= set(re.findall(r"label_values\(\s*[a-z0-9_]+\s*,\s*([a-z_]+)\s*\)", q))
-    for label in label_names - standard:
-        if label not in metric_labels:
-            problems.append(f"label {label} is not set in metrics.rs")
-report("dashboard labels exist in metrics.rs", sorted(set(problems)))
+try:
+    rules = alert_rules()
+    exprs = [str(rule.get("expr", "")) for _, rule in rules]
+    problems, used = metric_problems(exprs)
+    if not used:
+        problems.append("the alert rules use no flowfarm metric")
+    report(f"alert rule metrics exist in metrics.rs ({len(used)} names, {len(rules)} rules)", problems)
+    report("alert rule labels exist in metrics.rs", label_problems(exprs))
+
+    problems = []
+    prom = yaml.safe_load(open(PROMETHEUS_CONFIG))
+    jobs = {job["job_name"] for job in prom.get("scrape_configs", [])}
+    names = [rule.get("alert") for _, rule in rules]
+    if {group for group, _ in rules} != {"flowfarm"}:
+        problems.append(f"rule groups {sorted({str(g) for g, _ in rules})}, expected one named flowfarm")
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        problems.append(f"{name}: defined twice")
+    for _, rule in rules:
+        name = rule.get("alert")
+        if not name:  # a recording rule
+            continue
+        if not rule.get("for"):
+            problems.append(f"{name}: no for:")
+        if (rule.get("labels") or {}).get("severity") not in ("critical", "warning", "info"):
+            problems.append(f"{name}: labels.severity is not critical, warning or info")
+        for key in ("summary", "description"):
+            if not str((rule.get("annotations") or {}).get(key, "")).strip():
+                problems.append(f"{name}: no annotations.{key}")
+        for job in re.findall(r'\bjob\s*=\s*"([^"]*)"', str(rule.get("expr", ""))):
+            if job not in jobs:
+                problems.append(f"{name}: job {job} is not a scrape job of {PROMETHEUS_CONFIG} ({', '.join(sorted(jobs))})")
+    report("alert rules: group flowfarm, each with for, severity, summary, description; jobs are scrape jobs", problems)
+
+    # prometheus.yml's rule_files are resolved against its own folder, here
+    # (by promtool) and in the container (by Prometheus): compose must mount
+    # each rule file where the container's prometheus.yml names it.
+    problems = []
+    mounts, config_in_container = {}, None
+    for vol in services.get("prometheus", {}).get("volumes", []):
+        if isinstance(vol, str) and vol.startswith((".", "/")):
+            source, target = vol.split(":")[:2]
+            mounts[os.path.normpath(target)] = os.path.normpath(os.path.join(compose_dir, source))
+            if mounts[os.path.normpath(target)] == os.path.normpath(PROMETHEUS_CONFIG):
+                config_in_container = os.path.normpath(target)
+    rule_files = prom.get("rule_files") or []
+    if config_in_container is None:
+        problems.append(f"compose's prometheus does not mount {PROMETHEUS_CONFIG}")
+    if os.path.normpath(ALERTS) not in {os.path.normpath(os.path.join(os.path.dirname(PROMETHEUS_CONFIG), f))
+                                        for f in rule_files}:
+        problems.append(f"{PROMETHEUS_CONFIG}: rule_files does not name {ALERTS} (relative to itself)")
+    for f in rule_files:
+        here = os.path.normpath(os.path.join(os.path.dirname(PROMETHEUS_CONFIG), f))
+        if not os.path.isfile(here):
+            problems.append(f"rule file {f}: {here} does not exist")
+        if config_in_container:
+            there = os.path.normpath(os.path.join(os.path.dirname(config_in_container), f))
+            if mounts.get(there) != here:
+                problems.append(f"rule file {f}: the container reads {there}, where compose mounts {mounts.get(there, 'nothing')}")
+    report("prometheus rule_files exist and compose mounts them where prometheus.yml names them", problems)
+except Exception as e:
+    report("alert rules: parse and check", [repr(e)])
 
 problems = []
 ds_uids = set()
@@ -657,17 +861,98 @@ for p in providers:
         problems.append(f"provider path {path} is not where compose mounts {dash_path}")
 report("grafana provisioning: datasource uid and dashboard path line up", problems)
 PY
-  )
+
+if [ "$mode" = list-metrics ]; then
+  if [ "$have_yaml" != 1 ]; then
+    echo "check.sh --list-metrics: needs PyYAML (pip install pyyaml)" >&2
+    exit 1
+  fi
+  python3 "$work/checks.py" --list-metrics
+  exit
+fi
+
+# --- every YAML and JSON file parses -----------------------------------------
+
+mapfile -t yaml_files < <(find deploy -type f \( -name '*.yaml' -o -name '*.yml' \) | sort)
+for f in "${yaml_files[@]}"; do
+  if [ "$have_yaml" = 1 ]; then
+    check "yaml parses: $f" python3 -c 'import sys, yaml; list(yaml.safe_load_all(open(sys.argv[1])))' "$f"
+  elif command -v yq >/dev/null; then
+    check "yaml parses: $f" yq . "$f"
+  else
+    fail "yaml parses: $f" "neither PyYAML (pip install pyyaml) nor yq is available"
+  fi
+done
+
+mapfile -t json_files < <(find deploy -type f -name '*.json' | sort)
+for f in "${json_files[@]}"; do
+  check "json parses: $f" python3 -m json.tool "$f"
+done
+
+# --- kustomize renders -------------------------------------------------------
+
+for k in deploy/k8s/base deploy/k8s/overlays/cpu-dev; do
+  out="$work/$(basename "$k").yaml"
+  if [ ${#kustomize_cmd[@]} -eq 0 ]; then
+    fail "kustomize renders: $k" "neither kubectl nor kustomize is installed"
+    : > "$out"
+  elif err=$("${kustomize_cmd[@]}" "$k" 2>&1 > "$out"); then
+    pass "kustomize renders: $k"
+  else
+    fail "kustomize renders: $k" "$err"
+  fi
+done
+
+# --- structured checks (Python, above) ----------------------------------------
+
+if [ "$have_yaml" = 1 ]; then
+  while IFS=$'\t' read -r status name detail; do
+    case $status in
+      PASS) pass "$name" ;;
+      FAIL) fail "$name" "${detail//' | '/$'\n'}" ;;
+      SKIP) skip "$name" ;;
+    esac
+  done < <(python3 "$work/checks.py" "$work/base.yaml" "$work/cpu-dev.yaml" 2>&1 \
+           || echo $'FAIL\tstructured checks ran to the end\tthe Python checker crashed (see above)')
 else
-  fail "structured checks (compose, k8s, Dockerfiles, configs, dashboard)" "need PyYAML: pip install pyyaml"
+  fail "structured checks (compose, k8s, Dockerfiles, configs, dashboard, alert rules)" "need PyYAML: pip install pyyaml"
 fi
 
 # --- promtool --------------------------------------------------------------------
 
+# The unit tests in alerts.test.yml expect labels only, and promtool compares
+# annotations whole: they run against a copy of alerts.yml without them.
+test_rules() {
+  local dir="$work/rules"
+  mkdir -p "$dir"
+  python3 - deploy/prometheus/alerts.yml "$dir/alerts.yml" <<'PY' || return 1
+import sys
+
+import yaml
+
+doc = yaml.safe_load(open(sys.argv[1]))
+for group in doc["groups"]:
+    for rule in group["rules"]:
+        rule.pop("annotations", None)
+yaml.safe_dump(doc, open(sys.argv[2], "w"), sort_keys=False)
+PY
+  cp deploy/prometheus/alerts.test.yml "$dir/"
+  (cd "$dir" && promtool test rules alerts.test.yml)
+}
+
 if command -v promtool >/dev/null; then
+  # check config also loads the rule_files, resolved next to prometheus.yml.
   check "promtool check config: deploy/prometheus/prometheus.yml" promtool check config deploy/prometheus/prometheus.yml
+  check "promtool check rules: deploy/prometheus/alerts.yml" promtool check rules deploy/prometheus/alerts.yml
+  if [ "$have_yaml" = 1 ]; then
+    check "promtool test rules: deploy/prometheus/alerts.test.yml" test_rules
+  else
+    skip "promtool test rules: deploy/prometheus/alerts.test.yml (needs PyYAML)"
+  fi
 else
   skip "promtool check config: promtool not installed (Debian package prometheus)"
+  skip "promtool check rules: promtool not installed (Debian package prometheus)"
+  skip "promtool test rules: promtool not installed (Debian package prometheus)"
 fi
 
 # --- systemd units ---------------------------------------------------------------

@@ -90,5 +90,9 @@ cargo build --locked --workspace --bins --tests
 say "testing"
 cargo test --locked --workspace
 
+# promtool checks the Prometheus config and alert rules of deploy/.
+if ! command -v promtool >/dev/null && command -v apt-get >/dev/null; then
+  apt_install prometheus
+fi
 say "checking deploy/ (renders the manifests, matches them against the code)"
 bash deploy/check.sh

@@ -38,7 +38,11 @@ RUN groupadd --system --gid 10001 flowfarm \
 COPY --from=builder /usr/local/bin/flowfarm /usr/local/bin/farmctl /usr/local/bin/
 COPY config/flowfarm.toml /etc/flowfarm/flowfarm.toml
 # The example config listens on loopback only, which nothing outside the
-# container could reach; the environment overrides win over the file.
+# container could reach; the environment overrides win over the file. The
+# coordinator then refuses to start without [server.tls]
+# (FLOWFARM_SERVER__TLS__CERT_FILE and FLOWFARM_SERVER__TLS__KEY_FILE) or
+# FLOWFARM_SERVER__ALLOW_PLAINTEXT=true: the deployment chooses (compose and
+# Kubernetes do), since the image cannot know which is safe.
 ENV FLOWFARM_CONFIG=/etc/flowfarm/flowfarm.toml \
     FLOWFARM_LISTEN=0.0.0.0:7070 \
     FLOWFARM_METRICS_LISTEN=0.0.0.0:9464 \

@@ -1,11 +1,13 @@
 //! Prometheus metrics of a coordinator, served as text on `/metrics`.
 //!
 //! Counters and histograms are updated as RPCs happen on this coordinator;
-//! the job and worker gauges are read from Postgres at each scrape, so they
-//! describe the whole farm whichever replica is scraped.
+//! the job, worker and per-submitter GPU-seconds gauges are read from
+//! Postgres at each scrape, so they describe the whole farm whichever replica
+//! is scraped.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -37,6 +39,7 @@ pub struct Metrics {
     pub completed: Counter,
     jobs: Family<Labels, Gauge>,
     workers: Family<Labels, Gauge>,
+    submitter_gpu_seconds: Family<Labels, Gauge<f64, AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -66,7 +69,29 @@ impl Metrics {
         registry.register("jobs_completed", "Jobs completed through this coordinator", completed.clone());
         registry.register("jobs", "Jobs per model and state (whole farm, read at scrape)", jobs.clone());
         registry.register("workers", "Workers per state (whole farm, read at scrape)", workers.clone());
-        Metrics { registry, submit_to_start, render_seconds, failures, dispatched, redispatched, completed, jobs, workers }
+        // Every reason at 0 from the start: a series that appears only with its
+        // first failure makes rate() and alerts blind until then.
+        for reason in ["bad_input", "worker_cannot", "transient", "lease_expired"] {
+            let _ = failures.get_or_create(&vec![("reason", reason.to_owned())]);
+        }
+        let submitter_gpu_seconds = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "submitter_gpu_seconds",
+            "GPU-seconds used by each submitter's jobs (whole farm, read at scrape)",
+            submitter_gpu_seconds.clone(),
+        );
+        Metrics {
+            registry,
+            submit_to_start,
+            render_seconds,
+            failures,
+            dispatched,
+            redispatched,
+            completed,
+            jobs,
+            workers,
+            submitter_gpu_seconds,
+        }
     }
 
     pub fn failure(&self, reason: &'static str) {
@@ -97,6 +122,10 @@ impl Metrics {
         }
         for worker in store.list_workers(false).await? {
             self.workers.get_or_create(&vec![("state", worker.state.as_str().to_owned())]).inc();
+        }
+        self.submitter_gpu_seconds.clear();
+        for (submitter, seconds) in store.gpu_seconds_by_submitter().await? {
+            self.submitter_gpu_seconds.get_or_create(&vec![("submitter", submitter)]).set(seconds);
         }
         let mut out = String::new();
         encode(&mut out, &self.registry).map_err(|e| flowfarm_store::StoreError::Corrupt(format!("encoding metrics: {e}")))?;

@@ -135,6 +135,8 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
     let device = open_device(&config.device).map_err(|e| WorkerError::Config(e.to_string()))?;
     let dtype = parse_dtype(&config.dtype).map_err(|e| WorkerError::Config(e.to_string()))?;
     let (device_label, device_memory) = device_info(&device);
+    let device_memory = device_memory.unwrap_or_else(|| if device.is_cpu() { total_memory_bytes() } else { 0 });
+    metrics.set_device(&device_label, device_memory);
     let mut renderers = HashMap::new();
     for entry in &config.models {
         let (source, t5, cache) = (entry.source(), config.t5_max_length, cache.clone());
@@ -165,7 +167,7 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
         devices: vec![pb::Device {
             name: device_label.clone(),
             // The host's memory on the CPU; 0 if a GPU's is not known.
-            memory_bytes: device_memory.unwrap_or_else(|| if device.is_cpu() { total_memory_bytes() } else { 0 }),
+            memory_bytes: device_memory,
         }],
         models: config.models.iter().map(|m| m.name.clone()).collect(),
         model_hashes: renderers.iter().map(|(name, r)| (name.clone(), r.model_hash())).collect(),

@@ -3,7 +3,7 @@
 //! are loaded, it is registered, and its last heartbeat reached the
 //! coordinator: ready).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -36,6 +36,10 @@ struct Inner {
     cache_bytes: Gauge,
     cache: Arc<EmbeddingCache>,
     ready: AtomicBool,
+    /// Per device: seconds spent rendering, and its memory.
+    device_busy: Family<Labels, Counter<f64, AtomicU64>>,
+    device_memory: Family<Labels, Gauge>,
+    device: std::sync::Mutex<String>,
 }
 
 impl WorkerMetrics {
@@ -51,9 +55,30 @@ impl WorkerMetrics {
         registry.register("embedding_cache_hits", "Text encodings served from the L1 cache", cache_hits.clone());
         registry.register("embedding_cache_misses", "Text encodings computed", cache_misses.clone());
         registry.register("embedding_cache_bytes", "Bytes held by the L1 cache", cache_bytes.clone());
+        // Every outcome at 0 from the start, so rates and alerts see the series before its first event.
+        for outcome in ["succeeded", "failed", "dropped"] {
+            let _ = jobs.get_or_create(&vec![("outcome", outcome.to_owned())]);
+        }
+        let device_busy = Family::<Labels, Counter<f64, AtomicU64>>::default();
+        let device_memory = Family::<Labels, Gauge>::default();
+        registry.register("device_busy_seconds", "Seconds each device spent rendering jobs", device_busy.clone());
+        registry.register("device_memory_bytes", "Memory of each device (the host's for the CPU)", device_memory.clone());
         let ready = AtomicBool::new(false);
         WorkerMetrics {
-            inner: Arc::new(Inner { registry, jobs, busy, render_seconds, cache_hits, cache_misses, cache_bytes, cache, ready }),
+            inner: Arc::new(Inner {
+                registry,
+                jobs,
+                busy,
+                render_seconds,
+                cache_hits,
+                cache_misses,
+                cache_bytes,
+                cache,
+                ready,
+                device_busy,
+                device_memory,
+                device: std::sync::Mutex::new(String::new()),
+            }),
         }
     }
 
@@ -71,8 +96,17 @@ impl WorkerMetrics {
         self.inner.busy.inc_by(delta);
     }
 
+    /// The device this worker renders on, and its memory in bytes.
+    pub(crate) fn set_device(&self, name: &str, memory_bytes: u64) {
+        *self.inner.device.lock().unwrap_or_else(|p| p.into_inner()) = name.to_owned();
+        self.inner.device_memory.get_or_create(&vec![("device", name.to_owned())]).set(memory_bytes.min(i64::MAX as u64) as i64);
+        let _ = self.inner.device_busy.get_or_create(&vec![("device", name.to_owned())]);
+    }
+
     pub(crate) fn observe_render(&self, seconds: f64) {
         self.inner.render_seconds.observe(seconds);
+        let device = self.inner.device.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        self.inner.device_busy.get_or_create(&vec![("device", device)]).inc_by(seconds);
     }
 
     /// The text exposition.

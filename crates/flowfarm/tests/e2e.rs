@@ -340,8 +340,10 @@ async fn farmctl_fetches_results_and_watch_succeeds() {
 async fn the_first_admin_token_makes_tenants_with_farmctl() {
     let db = TestDb::new().await;
     let dir = tempfile::tempdir().unwrap();
-    let server = Server::start(&db, &dir.path().join("results"));
-    let admin = std::fs::read_to_string(dir.path().join("results/admin.token")).expect("the first admin token is written");
+    let token_file = dir.path().join("secrets/admin.token");
+    let env = [("FLOWFARM_AUTH__ADMIN_TOKEN_FILE".to_owned(), token_file.display().to_string())];
+    let server = Server::start_env(&db, &config_path(), &dir.path().join("results"), "redis://127.0.0.1:1/", "127.0.0.1:0", &env);
+    let admin = std::fs::read_to_string(&token_file).expect("the first admin token is written");
     let admin = admin.trim();
     let url = server.url();
     // A reload signal never stops a coordinator, with TLS or (here) without.

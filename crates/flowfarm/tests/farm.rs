@@ -690,3 +690,35 @@ async fn worker_probes_follow_the_coordinator() {
     farm.server = Some(Server::start_env(&farm.db, &farm.config, &farm.results, &farm.redis.url(), &addr, &farm.env));
     wait("/readyz", "200", Duration::from_secs(30)).await;
 }
+
+/// Every metric the Grafana dashboard and the Prometheus alert rules of
+/// deploy/ name is exported by a running coordinator or worker (after one
+/// job, so that every family has been touched), as a scrape shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_deploy_names_is_exported() {
+    let listed = Command::new("bash").arg(repo_path("deploy/check.sh")).arg("--list-metrics").current_dir(repo_path("")).output().unwrap();
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+    let named: Vec<String> =
+        String::from_utf8_lossy(&listed.stdout).lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect();
+    assert!(named.len() >= 10, "deploy/ names only {named:?}");
+
+    let farm = Farm::start().await;
+    let a = farm.worker("a");
+    farm.submit(&[job("a gauge", 1, 2)]);
+    farm.wait_all_finished(&[&a], Duration::from_secs(120)).await;
+    let coordinator = farm.server.as_ref().unwrap().metrics.expect("metrics served");
+    let mut exported = HashSet::new();
+    for text in [scrape(coordinator), scrape(a.metrics)] {
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                exported.insert(rest.split_whitespace().next().unwrap_or_default().to_owned());
+            }
+        }
+    }
+    // A family `x` is scraped as x, x_total, x_bucket, x_sum, x_count.
+    let family = |name: &str| {
+        ["_total", "_bucket", "_sum", "_count", "_created"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name).to_owned()
+    };
+    let missing: Vec<&String> = named.iter().filter(|n| !exported.contains(n.as_str()) && !exported.contains(&family(n))).collect();
+    assert!(missing.is_empty(), "named in deploy/ but exported by neither: {missing:?}\nexported: {exported:?}");
+}
