@@ -87,6 +87,11 @@ fi
 say "building (every binary: the end-to-end tests run them)"
 cargo build --locked --workspace --bins --tests
 
+if cargo clippy --version >/dev/null 2>&1; then
+  say "linting (cargo clippy, warnings are errors)"
+  cargo clippy --locked --workspace --all-targets -- -D warnings
+fi
+
 say "testing"
 cargo test --locked --workspace
 

@@ -90,7 +90,7 @@ fn role_name(role: i32) -> &'static str {
 }
 
 pub fn token_json(t: &pb::Token) -> Value {
-    let q = t.quotas.clone().unwrap_or_default();
+    let q = t.quotas.unwrap_or_default();
     let limit = |n: u32| if n == 0 { Value::Null } else { json!(n) };
     json!({
         "token_id": t.token_id,
