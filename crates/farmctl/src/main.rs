@@ -223,6 +223,13 @@ enum ResultsCommand {
         batch: String,
         #[arg(long)]
         out: PathBuf,
+        /// Also write DIR/contact-sheet.png: the images side by side in job
+        /// order (the first 1024 of a larger batch).
+        #[arg(long)]
+        contact_sheet: bool,
+        /// Pixels of each image's square on the contact sheet.
+        #[arg(long, default_value_t = 256)]
+        sheet_cell: u32,
     },
 }
 
@@ -415,7 +422,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             emit(json, output::worker(&worker), || format!("worker {} is {}", worker.id, output::worker_state_name(worker.state)));
         }
         Command::Tokens { command } => farmctl::tokens::run(&farm, command, json).await?,
-        Command::Results { command: ResultsCommand::Fetch { batch, out } } => fetch_results(&farm, &batch, &out, json).await?,
+        Command::Results { command: ResultsCommand::Fetch { batch, out, contact_sheet, sheet_cell } } => {
+            let sheet = contact_sheet.then_some(sheet_cell);
+            fetch_results(&farm, &batch, &out, sheet, json).await?
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -594,8 +604,15 @@ async fn watch(farm: &Farm, batch_id: &str, json: bool) -> Result<ExitCode> {
 }
 
 /// Downloads every succeeded job's image into `out` as `<index>-<job id>.png`,
-/// checking each against its SHA-256; files appear only once complete.
-async fn fetch_results(farm: &Farm, batch_id: &str, out: &Path, json: bool) -> Result<()> {
+/// checking each against its SHA-256; files appear only once complete. With
+/// `sheet` (a cell size), also writes `out/contact-sheet.png`.
+async fn fetch_results(farm: &Farm, batch_id: &str, out: &Path, sheet: Option<u32>, json: bool) -> Result<()> {
+    if let Some(cell) = sheet {
+        // Checked before anything is downloaded.
+        if !(16..=2048).contains(&cell) {
+            bail!("{}", farmctl::contact_sheet::SheetError::Cell(cell));
+        }
+    }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let mut render = farm.render();
     let mut page_token = String::new();
@@ -640,8 +657,37 @@ async fn fetch_results(farm: &Farm, batch_id: &str, out: &Path, json: bool) -> R
         }
         page_token = page.next_page_token;
     }
-    emit(json, json!({ "written": written }), || format!("wrote {} images to {}", written.len(), out.display()));
+    let contact_sheet = match sheet {
+        Some(cell) => Some(write_contact_sheet(&written, out, cell)?),
+        None => None,
+    };
+    emit(json, json!({ "written": written, "contact_sheet": contact_sheet }), || {
+        let mut text = format!("wrote {} images to {}", written.len(), out.display());
+        if let Some(path) = &contact_sheet {
+            text.push_str(&format!("\ncontact sheet: {}", path.display()));
+        }
+        text
+    });
     Ok(())
+}
+
+/// `out/contact-sheet.png` of the PNGs among `images` (in job order).
+fn write_contact_sheet(images: &[PathBuf], out: &Path, cell: u32) -> Result<PathBuf> {
+    let pngs: Vec<&PathBuf> = images.iter().filter(|p| p.extension().is_some_and(|e| e == "png")).collect();
+    if pngs.len() > farmctl::contact_sheet::MAX_IMAGES {
+        eprintln!("note: the contact sheet shows the first {} of {} images", farmctl::contact_sheet::MAX_IMAGES, pngs.len());
+    }
+    let bytes = pngs
+        .iter()
+        .take(farmctl::contact_sheet::MAX_IMAGES)
+        .map(|p| std::fs::read(p).with_context(|| format!("cannot read {}", p.display())))
+        .collect::<Result<Vec<_>>>()?;
+    let sheet = farmctl::contact_sheet::compose(&bytes, cell)?;
+    let path = out.join("contact-sheet.png");
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, sheet).with_context(|| format!("cannot write {}", partial.display()))?;
+    std::fs::rename(&partial, &path)?;
+    Ok(path)
 }
 
 fn hex_string(bytes: &[u8]) -> String {

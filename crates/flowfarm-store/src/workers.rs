@@ -113,8 +113,9 @@ impl PgStore {
     /// listed (job, attempt) pairs the worker still holds, and only those;
     /// takes back the running jobs it holds but no longer lists, once they
     /// started more than `grace` ago (a claim made since the heartbeat left
-    /// may not be listed yet); adds its GPU time; brings a `lost` worker back
-    /// to `active`; and names the listed jobs it no longer holds.
+    /// may not be listed yet); brings a `lost` worker back to `active`; and
+    /// names the listed jobs it no longer holds. (GPU time is counted when an
+    /// attempt ends, not from heartbeats.)
     ///
     /// # Errors
     /// [`StoreError::NotFound`] for an unknown worker;

@@ -208,6 +208,10 @@ fn job(prompt: &str, seed: u64, steps: u32) -> String {
     format!("{{\"model\":\"{MODEL}\",\"prompt\":\"{prompt}\",\"seed\":{seed},\"steps\":{steps},\"width\":64,\"height\":64}}")
 }
 
+fn sheet_pixel(pixels: &[u8], at: usize) -> [u8; 3] {
+    [pixels[at], pixels[at + 1], pixels[at + 2]]
+}
+
 fn scrape(addr: std::net::SocketAddr) -> String {
     http_get(addr, "/metrics").1
 }
@@ -229,9 +233,28 @@ async fn two_workers_render_a_200_job_batch() {
     assert!(done.iter().all(|(_, n)| *n > 0), "both workers rendered: {done:?}");
 
     let out = farm.dir.path().join("fetched");
-    let fetched = farm.farmctl(&farm.submitter, &["results", "fetch", &batch, "--out", out.to_str().unwrap()]);
+    let fetched = farm
+        .farmctl(&farm.submitter, &["results", "fetch", &batch, "--out", out.to_str().unwrap(), "--contact-sheet", "--sheet-cell", "64"]);
     assert!(fetched.status.success(), "{}", String::from_utf8_lossy(&fetched.stderr));
-    assert_eq!(walk(&out).len(), 200);
+    assert_eq!(walk(&out).len(), 201, "200 images and the contact sheet");
+    // 200 images of 64 × 64 on a 15-column grid of 64-pixel cells, 4 pixels apart;
+    // the first cell is the first job's image, pixel for pixel.
+    let sheet = std::fs::read(out.join("contact-sheet.png")).unwrap();
+    let mut reader = png::Decoder::new(std::io::Cursor::new(&sheet)).read_info().unwrap();
+    let mut pixels = vec![0; reader.output_buffer_size()];
+    reader.next_frame(&mut pixels).unwrap();
+    let (width, height) = (reader.info().width, reader.info().height);
+    assert_eq!((width, height), (15 * 68 + 4, 14 * 68 + 4));
+    let first = walk(&out).into_iter().filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("00000-")).next().unwrap();
+    let mut reader = png::Decoder::new(std::io::Cursor::new(std::fs::read(first).unwrap())).read_info().unwrap();
+    let mut image = vec![0; reader.output_buffer_size()];
+    reader.next_frame(&mut image).unwrap();
+    let channels = image.len() / (64 * 64);
+    for (x, y) in [(0usize, 0usize), (31, 17), (63, 63)] {
+        let at_sheet = ((4 + y) * width as usize + 4 + x) * 3;
+        let at_image = (y * 64 + x) * channels;
+        assert_eq!(sheet_pixel(&pixels, at_sheet), sheet_pixel(&image, at_image), "pixel ({x}, {y})");
+    }
 
     let workers = ok_json(farm.farmctl(&farm.admin, &["--json", "workers", "list"]));
     let listed: i64 = workers.as_array().unwrap().iter().map(|w| w["images_done"].as_i64().unwrap_or(0)).sum();
