@@ -245,7 +245,7 @@ async fn two_workers_render_a_200_job_batch() {
     reader.next_frame(&mut pixels).unwrap();
     let (width, height) = (reader.info().width, reader.info().height);
     assert_eq!((width, height), (15 * 68 + 4, 14 * 68 + 4));
-    let first = walk(&out).into_iter().filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("00000-")).next().unwrap();
+    let first = walk(&out).into_iter().find(|p| p.file_name().unwrap().to_string_lossy().starts_with("00000-")).unwrap();
     let mut reader = png::Decoder::new(std::io::Cursor::new(std::fs::read(first).unwrap())).read_info().unwrap();
     let mut image = vec![0; reader.output_buffer_size()];
     reader.next_frame(&mut image).unwrap();
