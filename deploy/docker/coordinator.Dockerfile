@@ -16,6 +16,7 @@ WORKDIR /src
 # to load the workspace, and flowfarm-proto's build script compiles ../../proto.
 COPY Cargo.toml Cargo.lock ./
 COPY proto proto
+COPY migrations migrations
 COPY crates crates
 # The target folder is a cache mount, so the binaries are copied out in the same step.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

@@ -14,6 +14,7 @@ RUN apt-get update \
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY proto proto
+COPY migrations migrations
 COPY crates crates
 # No target-cpu=native: the engine picks its AVX-512 / AVX2 kernels at run
 # time, so one generic x86-64 binary runs at full speed on every host.

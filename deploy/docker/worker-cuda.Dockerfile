@@ -29,6 +29,7 @@ RUN curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs \
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY proto proto
+COPY migrations migrations
 COPY crates crates
 ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}
 # The feature lives on the flowfarm package, so the package is named. Both

@@ -7,7 +7,8 @@
 //! the [`Transition`](flowfarm_core::Transition) allows, so the state machine
 //! holds whatever callers do.
 //!
-//! Schema changes live in `migrations/` and are embedded in the binary;
+//! Schema changes live in the repository's `migrations/postgres/` (one
+//! folder per store) and are embedded in the binary;
 //! [`PgStore::migrate`] applies them.
 
 mod error;
@@ -32,8 +33,8 @@ pub use rows::{BatchRow, EventRow, JobCounts, JobResultRow, JobRow, ModelStats, 
 pub use tokens::{check_token_name, NewToken, Quotas, TokenInfo, MAX_TOKEN_NAME, TOKEN_PREFIX};
 pub use workers::{HeartbeatOutcome, NewWorker};
 
-/// The embedded migrations of `migrations/`.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+/// The embedded migrations of `migrations/postgres/`.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 
 /// Handle to the farm's Postgres database; cheap to clone (a connection pool).
 #[derive(Debug, Clone)]
