@@ -18,6 +18,7 @@ COPY Cargo.toml Cargo.lock ./
 COPY proto proto
 COPY migrations migrations
 COPY crates crates
+COPY tests tests
 # The target folder is a cache mount, so the binaries are copied out in the same step.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target,id=flowfarm-target-cpu \

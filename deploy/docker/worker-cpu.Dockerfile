@@ -16,6 +16,7 @@ COPY Cargo.toml Cargo.lock ./
 COPY proto proto
 COPY migrations migrations
 COPY crates crates
+COPY tests tests
 # No target-cpu=native: the engine picks its AVX-512 / AVX2 kernels at run
 # time, so one generic x86-64 binary runs at full speed on every host.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

@@ -31,6 +31,7 @@ COPY Cargo.toml Cargo.lock ./
 COPY proto proto
 COPY migrations migrations
 COPY crates crates
+COPY tests tests
 ENV CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP}
 # The feature lives on the flowfarm package, so the package is named. Both
 # kernel builds (candle's and the engine's) rerun when CUDA_COMPUTE_CAP

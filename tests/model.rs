@@ -1,16 +1,18 @@
 //! `flowfarm model` with the bundled model (models/flowfarm-tiny), as a user runs it.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use flowfarm_engine::png_output::read_parameters;
 
 fn bundled() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/flowfarm-tiny")
+    common::repo_path("models/flowfarm-tiny")
 }
 
 fn render(model: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_flowfarm"))
+    Command::new(common::flowfarm_bin())
         .args(["model", "render", "--model"])
         .arg(model)
         .args(["--prompt", "the cat on the mat", "--negative", "blurry", "--width", "64", "--height", "48"])
@@ -100,7 +102,7 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 fn flowfarm(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_flowfarm")).args(args).env("RUST_BACKTRACE", "0").output().expect("run flowfarm")
+    Command::new(common::flowfarm_bin()).args(args).env("RUST_BACKTRACE", "0").output().expect("run flowfarm")
 }
 
 /// `model convert --to single-file` writes one SD3-style file; rendered from
@@ -222,7 +224,7 @@ fn a_single_file_converts_back_to_a_diffusers_folder() {
 #[test]
 fn too_large_a_render_names_the_models_own_limit() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_flowfarm"))
+    let out = Command::new(common::flowfarm_bin())
         .args(["model", "render", "--model"])
         .arg(bundled())
         .args(["--prompt", "x", "--width", "128", "--height", "64", "--steps", "1", "--t5-length", "16", "--out"])
@@ -236,7 +238,7 @@ fn too_large_a_render_names_the_models_own_limit() {
 }
 
 fn published() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../flowfarm-engine/tests/fixtures/published")
+    common::repo_path("crates/flowfarm-engine/tests/fixtures/published")
 }
 
 fn verify(args: &[&str]) -> (bool, String) {

@@ -1,5 +1,5 @@
 //! Helpers shared by the end-to-end tests: the `flowfarm` and `farmctl`
-//! binaries as processes, private Redis servers, tokens.
+//! binaries as processes, private Postgres and Redis servers, tokens.
 #![allow(dead_code)] // each test file uses its own subset
 
 use std::io::{BufRead, BufReader};
@@ -11,18 +11,63 @@ use std::time::{Duration, Instant};
 use flowfarm_testkit::TestDb;
 use serde_json::Value;
 
-pub fn flowfarm_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_flowfarm"))
-}
-
-pub fn farmctl_bin() -> PathBuf {
-    let path = flowfarm_bin().with_file_name(format!("farmctl{}", std::env::consts::EXE_SUFFIX));
-    assert!(path.exists(), "{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)", path.display());
+/// A binary of the workspace, built beside these tests, that must be newer
+/// than the sources of the crates it is built from (`sources`, under
+/// crates/), or the tests would run old code.
+fn workspace_bin(name: &str, sources: &[&str]) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let path = exe.parent().and_then(Path::parent).expect("target folder").join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    let built = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|_| panic!("{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)", path.display()));
+    let folders = sources.iter().map(|c| repo_path(&format!("crates/{c}/src"))).chain([repo_path("proto")]);
+    if let Some(newer) = folders.into_iter().find_map(|folder| changed_after(&folder, built)) {
+        panic!("{} is older than {}: run `cargo build --workspace --bins` first (scripts/test.sh does)", path.display(), newer.display());
+    }
     path
 }
 
+/// A file under `dir` changed after `time`, if any.
+fn changed_after(dir: &Path, time: std::time::SystemTime) -> Option<PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            if let Some(found) = changed_after(&path, time) {
+                return Some(found);
+            }
+        } else if entry.metadata().and_then(|m| m.modified()).is_ok_and(|m| m > time) {
+            return Some(path);
+        }
+    }
+    None
+}
+
+pub fn flowfarm_bin() -> PathBuf {
+    workspace_bin(
+        "flowfarm",
+        &[
+            "flowfarm",
+            "flowfarm-config",
+            "flowfarm-coordinator",
+            "flowfarm-core",
+            "flowfarm-engine",
+            "flowfarm-group",
+            "flowfarm-proto",
+            "flowfarm-queue",
+            "flowfarm-results",
+            "flowfarm-store",
+            "flowfarm-worker",
+        ],
+    )
+}
+
+pub fn farmctl_bin() -> PathBuf {
+    workspace_bin("farmctl", &["farmctl", "flowfarm-core", "flowfarm-proto"])
+}
+
 pub fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").join(relative)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(relative)
 }
 
 pub fn config_path() -> PathBuf {
