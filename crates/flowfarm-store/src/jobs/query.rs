@@ -1,0 +1,113 @@
+//! Reading batches, jobs and their events.
+
+use sqlx::{QueryBuilder, Row};
+use uuid::Uuid;
+
+use super::*;
+use crate::rows::{labels_from_json, parse_state, JOB_COLUMNS};
+use crate::{BatchRow, EventRow, JobCounts, JobRow, PgStore, StoreError};
+
+impl PgStore {
+    /// The batch with its per-state counts.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] if there is no such batch.
+    pub async fn get_batch(&self, id: Uuid) -> Result<BatchRow, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, submitter, idempotency_key, labels, total_jobs, created_at, \
+                 (SELECT COALESCE(sum(gpu_seconds), 0) FROM jobs WHERE batch_id = $1) AS gpu_seconds FROM batches WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or(StoreError::NotFound { what: "batch", id })?;
+        let counts = self.batch_counts(id).await?;
+        Ok(BatchRow {
+            id: row.try_get("id")?,
+            submitter: row.try_get("submitter")?,
+            idempotency_key: row.try_get("idempotency_key")?,
+            labels: labels_from_json(row.try_get("labels")?)?,
+            total_jobs: row.try_get::<i32, _>("total_jobs")? as u64,
+            created_at: row.try_get("created_at")?,
+            counts,
+            gpu_seconds: row.try_get("gpu_seconds")?,
+        })
+    }
+
+    /// Jobs of a batch in each state.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn batch_counts(&self, batch_id: Uuid) -> Result<JobCounts, StoreError> {
+        let rows = sqlx::query("SELECT state, count(*) AS n FROM jobs WHERE batch_id = $1 GROUP BY state")
+            .bind(batch_id)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut counts = JobCounts::default();
+        for row in rows {
+            counts.add(parse_state(row.try_get("state")?)?, row.try_get::<i64, _>("n")? as u64);
+        }
+        Ok(counts)
+    }
+
+    /// One job.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] if there is no such job.
+    pub async fn get_job(&self, id: Uuid) -> Result<JobRow, StoreError> {
+        let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or(StoreError::NotFound { what: "job", id })?;
+        JobRow::from_row(&row)
+    }
+
+    /// Up to `limit` jobs matching `filter` with ids above `after`, in id order.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn list_jobs(&self, filter: &JobFilter, after: Option<Uuid>, limit: u32) -> Result<Vec<JobRow>, StoreError> {
+        let mut qb = QueryBuilder::new(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE TRUE"));
+        if let Some(batch) = filter.batch_id {
+            qb.push(" AND batch_id = ").push_bind(batch);
+        }
+        if !filter.states.is_empty() {
+            let states: Vec<&str> = filter.states.iter().map(|s| s.as_str()).collect();
+            qb.push(" AND state = ANY(").push_bind(states).push(")");
+        }
+        if let Some((key, value)) = &filter.label {
+            // A batch's labels are its jobs' labels too.
+            let pair = serde_json::json!({ key: value });
+            qb.push(" AND (labels @> ").push_bind(pair.clone());
+            qb.push(" OR batch_id IN (SELECT id FROM batches WHERE labels @> ").push_bind(pair).push("))");
+        }
+        if let Some(model) = &filter.model {
+            qb.push(" AND model = ").push_bind(model.clone());
+        }
+        if let Some(submitter) = &filter.submitter {
+            qb.push(" AND batch_id IN (SELECT id FROM batches WHERE submitter = ").push_bind(submitter.clone()).push(")");
+        }
+        if let Some(after) = after {
+            qb.push(" AND id > ").push_bind(after);
+        }
+        qb.push(" ORDER BY id LIMIT ").push_bind(i64::from(limit));
+        let rows = qb.build().fetch_all(&self.pool).await?;
+        rows.iter().map(JobRow::from_row).collect()
+    }
+
+    /// Every event of one job, oldest first.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn job_events(&self, job_id: Uuid) -> Result<Vec<EventRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, job_id, batch_id, from_state, to_state, attempt, actor, reason, at, gpu_seconds FROM job_events \
+             WHERE job_id = $1 ORDER BY id",
+        )
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(EventRow::from_row).collect()
+    }
+}
