@@ -79,6 +79,9 @@ ensure_postgres
 ensure_redis
 ensure_s3s_fs
 
+say "checking the declared rust-version against the dependencies"
+python3 scripts/check-msrv.py
+
 if cargo fmt --version >/dev/null 2>&1; then
   say "checking formatting (cargo fmt --check)"
   cargo fmt --check
