@@ -333,8 +333,7 @@ fn model_inspect_reports_parameters_and_memory_per_dtype() {
     let transformer = row("transformer");
     let parameters: u64 = transformer.split_whitespace().nth(1).unwrap().replace(',', "").parse().unwrap();
     let checkpoint = flowfarm_engine::Checkpoint::open(bundled()).unwrap();
-    let expected: usize =
-        flowfarm_engine::tiny::weight_shapes(&checkpoint.config().unwrap()).iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+    let expected: usize = checkpoint.config().unwrap().weight_shapes().iter().map(|(_, s)| s.iter().product::<usize>()).sum();
     assert_eq!(parameters, expected as u64);
     assert!(transformer.contains("f32 "), "{transformer}");
     assert!(text.contains("model hash: "), "{text}");

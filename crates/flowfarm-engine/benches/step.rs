@@ -13,10 +13,11 @@ mod support;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
+use flowfarm_engine::checkpoint::write_diffusers;
 use flowfarm_engine::device::{device_name, open_device, parse_dtype};
 use flowfarm_engine::mmdit::{MmDitConfig, Variant, WeightSource};
 use flowfarm_engine::noise::initial_latent;
-use flowfarm_engine::tiny::{random_weights, weight_shapes, write_diffusers};
+use flowfarm_engine::tiny::random_weights;
 use flowfarm_engine::{Checkpoint, EngineError, MmDit};
 
 fn bench_config() -> MmDitConfig {
@@ -100,7 +101,7 @@ fn main() {
                 write_diffusers(&config, &random_weights(&config, 1).expect("weights"), dir.path()).expect("write");
                 Checkpoint::open(dir.path()).and_then(|c| c.load_model(dtype, &dev)).expect("model")
             } else {
-                let shapes = RandomWeights(weight_shapes(&config).into_iter().collect());
+                let shapes = RandomWeights(config.weight_shapes().into_iter().collect());
                 MmDit::load(config.clone(), &shapes, dtype, &dev).expect("model")
             };
             println!(

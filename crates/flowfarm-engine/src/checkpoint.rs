@@ -325,7 +325,8 @@ impl Checkpoint {
     pub(crate) fn diffusers_weights(&self) -> Result<HashMap<String, Tensor>, EngineError> {
         let config = self.config()?;
         let dtype = self.dtype.unwrap_or(DType::F32);
-        crate::tiny::weight_shapes(&config)
+        config
+            .weight_shapes()
             .into_iter()
             .map(|(name, shape)| Ok((name.clone(), WeightSource::tensor(self, &name, &shape, dtype, &Device::Cpu)?)))
             .collect()
@@ -374,4 +375,52 @@ impl WeightSource for Checkpoint {
         }
         Some(shape)
     }
+}
+
+fn save(tensors: &HashMap<String, Tensor>, metadata: Option<HashMap<String, String>>, path: &Path) -> Result<(), EngineError> {
+    safetensors::serialize_to_file(tensors.iter(), metadata, path)
+        .map_err(|e| EngineError::Checkpoint { path: path.display().to_string(), reason: e.to_string() })
+}
+
+/// Writes `weights` as a diffusers folder: `dir/transformer/` with the
+/// safetensors file and a config.json. Returns `dir`.
+///
+/// # Errors
+/// [`EngineError::Io`] or a serialisation error.
+pub fn write_diffusers(config: &MmDitConfig, weights: &HashMap<String, Tensor>, dir: &Path) -> Result<PathBuf, EngineError> {
+    let folder = dir.join("transformer");
+    std::fs::create_dir_all(&folder).map_err(|source| EngineError::Io { path: folder.display().to_string(), source })?;
+    save(weights, None, &folder.join("diffusion_pytorch_model.safetensors"))?;
+    let json = serde_json::json!({
+        "_class_name": "SD3Transformer2DModel",
+        "attention_head_dim": config.head_dim(),
+        "num_attention_heads": config.heads,
+        "num_layers": config.depth,
+        "patch_size": config.patch_size,
+        "in_channels": config.in_channels,
+        "out_channels": config.out_channels,
+        "joint_attention_dim": config.joint_attention_dim,
+        "caption_projection_dim": config.hidden,
+        "pooled_projection_dim": config.pooled_dim,
+        "pos_embed_max_size": config.pos_embed_max_size,
+        "qk_norm": if config.qk_norm { serde_json::json!("rms_norm") } else { serde_json::Value::Null },
+        "dual_attention_layers": config.dual_attention_layers,
+    });
+    let path = folder.join("config.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap_or_default())
+        .map_err(|source| EngineError::Io { path: path.display().to_string(), source })?;
+    Ok(dir.to_owned())
+}
+
+/// Writes `weights` (diffusers names) as a Stability AI single file at `path`:
+/// `model.diffusion_model.*`, fused qkv, swapped modulation halves; the head
+/// count goes in the metadata.
+///
+/// # Errors
+/// [`EngineError::Checkpoint`] for a weight with no single-file name, or a
+/// serialisation error.
+pub fn write_single_file(config: &MmDitConfig, weights: &HashMap<String, Tensor>, path: &Path) -> Result<(), EngineError> {
+    let out = single_file_tensors(config, weights, path)?;
+    let metadata = HashMap::from([(HEADS_METADATA_KEY.to_owned(), config.heads.to_string())]);
+    save(&out, Some(metadata), path)
 }

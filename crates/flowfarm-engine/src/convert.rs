@@ -190,7 +190,7 @@ pub fn single_file_to_diffusers(source: &ModelSource, out: &Path) -> Result<Conv
         std::fs::remove_dir_all(&partial).map_err(io(&partial))?;
     }
     let weights = checkpoint.diffusers_weights()?;
-    crate::tiny::write_diffusers(&config, &weights, &partial)?;
+    crate::checkpoint::write_diffusers(&config, &weights, &partial)?;
     let mut written = weights.len();
     let mut parts = vec!["transformer"];
 

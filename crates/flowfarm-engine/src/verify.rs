@@ -6,7 +6,7 @@
 //!
 //! Invariant: what [`examine`] checks is what loading asks for: the VAE and
 //! the encoders are built by their own loaders over a recording backend; the
-//! transformer's list is `tiny::weight_shapes`, the names and shapes
+//! transformer's list is `MmDitConfig::weight_shapes`, the names and shapes
 //! `MmDit::load` asks for (a unit test of the engine holds the two together).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -135,7 +135,7 @@ fn examine_component(c: &ComponentFiles) -> ComponentReport {
             let checkpoint = Checkpoint::from_component(c)?;
             let config = checkpoint.config()?;
             let mut d = dry.lock().unwrap_or_else(|p| p.into_inner());
-            for (name, shape) in crate::tiny::weight_shapes(&config) {
+            for (name, shape) in config.weight_shapes() {
                 let Some((key, transform)) = checkpoint.source(&name) else {
                     d.problems.push(format!("`{name}` has no stored name in this layout"));
                     continue;
@@ -286,7 +286,7 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
 
     use crate::mmdit::{MmDit, Variant, WeightSource};
-    use crate::tiny::{random_weights, tiny_config, weight_shapes};
+    use crate::tiny::{random_weights, tiny_config};
 
     /// Random weights that note every name and shape the model asks for.
     struct Recording {
@@ -310,7 +310,7 @@ mod tests {
         }
     }
 
-    /// `examine` checks the transformer against `weight_shapes`: it must be
+    /// `examine` checks the transformer against `MmDitConfig::weight_shapes`: it must be
     /// exactly what `MmDit::load` asks for, in every variant.
     #[test]
     fn the_transformer_check_lists_what_loading_asks_for() {
@@ -318,7 +318,7 @@ mod tests {
             let config = tiny_config(variant);
             let source = Recording { weights: random_weights(&config, 1).unwrap(), asked: Mutex::new(BTreeSet::new()) };
             MmDit::load(config.clone(), &source, DType::F32, &Device::Cpu).unwrap();
-            let listed: BTreeSet<(String, Vec<usize>)> = weight_shapes(&config).into_iter().collect();
+            let listed: BTreeSet<(String, Vec<usize>)> = config.weight_shapes().into_iter().collect();
             assert_eq!(source.asked.into_inner().unwrap(), listed, "{variant:?}");
         }
     }

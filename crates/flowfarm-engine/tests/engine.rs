@@ -6,10 +6,11 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use flowfarm_core::shift::flow_match_sigmas;
+use flowfarm_engine::checkpoint::{write_diffusers, write_single_file};
 use flowfarm_engine::mmdit::Variant;
 use flowfarm_engine::noise::initial_latent;
 use flowfarm_engine::sampler::{sample, SampleJob, SkipLayerGuidance};
-use flowfarm_engine::tiny::{random_weights, tiny_config, write_diffusers, write_single_file};
+use flowfarm_engine::tiny::{random_weights, tiny_config};
 use flowfarm_engine::{Checkpoint, EngineError, Layout, MmDit};
 
 mod support;

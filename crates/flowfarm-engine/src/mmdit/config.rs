@@ -44,6 +44,67 @@ pub struct MmDitConfig {
 pub const DEFAULT_HEAD_DIM: usize = 64;
 
 impl MmDitConfig {
+    /// Every tensor of a model with this config, diffusers names and shapes:
+    /// what loading asks for and `verify` checks.
+    pub fn weight_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let config = self;
+        let d = config.hidden;
+        let p = config.patch_size;
+        let m = config.pos_embed_max_size;
+        let hd = config.head_dim();
+        let mut out: Vec<(String, Vec<usize>)> = Vec::new();
+        let mut linear = |name: String, input: usize, output: usize| {
+            out.push((format!("{name}.weight"), vec![output, input]));
+            out.push((format!("{name}.bias"), vec![output]));
+        };
+        linear("time_text_embed.timestep_embedder.linear_1".into(), 256, d);
+        linear("time_text_embed.timestep_embedder.linear_2".into(), d, d);
+        linear("time_text_embed.text_embedder.linear_1".into(), config.pooled_dim, d);
+        linear("time_text_embed.text_embedder.linear_2".into(), d, d);
+        linear("context_embedder".into(), config.joint_attention_dim, d);
+        linear("norm_out.linear".into(), d, 2 * d);
+        linear("proj_out".into(), d, p * p * config.out_channels);
+        for i in 0..config.depth {
+            let b = format!("transformer_blocks.{i}");
+            let last = i + 1 == config.depth;
+            let dual = config.dual_attention_layers.contains(&i);
+            linear(format!("{b}.norm1.linear"), d, if dual { 9 } else { 6 } * d);
+            linear(format!("{b}.norm1_context.linear"), d, if last { 2 } else { 6 } * d);
+            for proj in ["to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out.0"] {
+                linear(format!("{b}.attn.{proj}"), d, d);
+            }
+            linear(format!("{b}.ff.net.0.proj"), d, 4 * d);
+            linear(format!("{b}.ff.net.2"), 4 * d, d);
+            if !last {
+                linear(format!("{b}.attn.to_add_out"), d, d);
+                linear(format!("{b}.ff_context.net.0.proj"), d, 4 * d);
+                linear(format!("{b}.ff_context.net.2"), 4 * d, d);
+            }
+            if dual {
+                for proj in ["to_q", "to_k", "to_v", "to_out.0"] {
+                    linear(format!("{b}.attn2.{proj}"), d, d);
+                }
+            }
+        }
+        out.push(("pos_embed.proj.weight".into(), vec![d, config.in_channels, p, p]));
+        out.push(("pos_embed.proj.bias".into(), vec![d]));
+        out.push(("pos_embed.pos_embed".into(), vec![1, m * m, d]));
+        if config.qk_norm {
+            for i in 0..config.depth {
+                let b = format!("transformer_blocks.{i}");
+                for norm in ["attn.norm_q", "attn.norm_k", "attn.norm_added_q", "attn.norm_added_k"] {
+                    out.push((format!("{b}.{norm}.weight"), vec![hd]));
+                }
+                if config.dual_attention_layers.contains(&i) {
+                    for norm in ["attn2.norm_q", "attn2.norm_k"] {
+                        out.push((format!("{b}.{norm}.weight"), vec![hd]));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     pub fn head_dim(&self) -> usize {
         self.hidden / self.heads
     }
