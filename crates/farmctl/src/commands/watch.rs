@@ -1,0 +1,87 @@
+//! `farmctl watch`: follow a batch to its end.
+
+use std::collections::HashMap;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use flowfarm_proto::v1 as pb;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use tokio_stream::StreamExt;
+
+use farmctl::client::Farm;
+use farmctl::output;
+
+/// Follows a batch until it is finished. Exit 3 if any job did not succeed.
+pub(crate) async fn watch(farm: &Farm, batch_id: &str, json: bool) -> Result<ExitCode> {
+    let mut stream = farm
+        .render()
+        .watch_batch(pb::WatchBatchRequest { batch_id: batch_id.to_owned(), ..Default::default() })
+        .await
+        .map_err(|s| farm.explain(s))?
+        .into_inner();
+    let bar = if json { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let mut last: Option<pb::Batch> = None;
+    let mut steps: HashMap<String, (u32, u32)> = HashMap::new();
+    while let Some(message) = stream.next().await {
+        let message = message.map_err(|s| farm.explain(s))?;
+        match message.event {
+            Some(pb::watch_batch_event::Event::Snapshot(batch)) => {
+                if json {
+                    println!("{}", json!({ "snapshot": output::batch(&batch) }));
+                }
+                let counts = batch.counts.unwrap_or_default();
+                bar.set_length(batch.total_jobs);
+                bar.set_position(counts.succeeded + counts.failed + counts.cancelled + counts.dead);
+                last = Some(batch);
+            }
+            Some(pb::watch_batch_event::Event::StateChange(event)) => {
+                if json {
+                    println!("{}", json!({ "state_change": output::event(&event) }));
+                }
+                let terminal = |s: i32| {
+                    matches!(
+                        pb::JobState::try_from(s),
+                        Ok(pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::Cancelled | pb::JobState::Dead)
+                    )
+                };
+                if terminal(event.to_state) && !terminal(event.from_state) {
+                    bar.inc(1);
+                    steps.remove(&event.job_id);
+                } else if terminal(event.from_state) && !terminal(event.to_state) {
+                    bar.set_position(bar.position().saturating_sub(1));
+                }
+                if matches!(pb::JobState::try_from(event.to_state), Ok(pb::JobState::Failed | pb::JobState::Dead)) {
+                    bar.println(format!("job {} {}: {}", event.job_id, output::state_name(event.to_state), event.reason));
+                }
+            }
+            Some(pb::watch_batch_event::Event::Progress(p)) => {
+                if json {
+                    println!(
+                        "{}",
+                        json!({ "progress": { "job_id": p.job_id, "attempt": p.attempt, "step": p.step, "total_steps": p.total_steps } })
+                    );
+                }
+                steps.insert(p.job_id.clone(), (p.step, p.total_steps));
+                let (done, total) = steps.values().fold((0u32, 0u32), |acc, (s, t)| (acc.0 + s, acc.1 + t));
+                bar.set_message(format!("{} rendering, {done}/{total} steps", steps.len()));
+            }
+            None => {}
+        }
+    }
+    bar.finish_and_clear();
+    let batch = last.context("the watch stream ended before sending the batch")?;
+    let counts = batch.counts.unwrap_or_default();
+    let unsuccessful = counts.failed + counts.cancelled + counts.dead;
+    if !json {
+        println!("batch {}: {}", batch.id, output::counts_line(&batch.counts));
+    }
+    if counts.succeeded + unsuccessful < batch.total_jobs {
+        bail!("the watch stream ended before the batch finished; run `farmctl watch {}` again", batch.id);
+    }
+    Ok(if unsuccessful > 0 { ExitCode::from(3) } else { ExitCode::SUCCESS })
+}
