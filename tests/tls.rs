@@ -127,7 +127,7 @@ async fn coordinator_worker_and_farmctl_speak_tls_and_refuse_the_rest() {
             path(&repo_path("models/flowfarm-tiny")),
         ),
     );
-    let worker = WorkerProcess::spawn(
+    let mut worker = WorkerProcess::spawn(
         &worker_config,
         &[
             ("FLOWFARM_SERVER", url.clone()),
@@ -137,6 +137,15 @@ async fn coordinator_worker_and_farmctl_speak_tls_and_refuse_the_rest() {
         ],
         d.join("worker.log"),
     );
+    // A reload signal does not stop a worker (once up: the handler is its first act).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !worker.log().contains("registered") {
+        assert!(Instant::now() < deadline, "the worker did not register:\n{}", worker.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    signal(&worker.child, "HUP");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(worker.child.try_wait().unwrap().is_none(), "SIGHUP stopped the worker:\n{}", worker.log());
     let line =
         |seed: u32| format!("{{\"model\":\"flowfarm-tiny\",\"prompt\":\"a lock\",\"seed\":{seed},\"steps\":2,\"width\":64,\"height\":64}}");
     let jobs = write(d, "jobs.jsonl", &format!("{}\n{}\n", line(1), line(2)));

@@ -80,7 +80,12 @@ impl Farm {
                 self.server
             ),
             Code::Unimplemented => anyhow!("the coordinator does not implement this yet: {msg}"),
-            // The connection broke below gRPC: most often plaintext spoken to a TLS server.
+            // The connection broke below gRPC: most often plaintext spoken to a
+            // TLS server. (farmctl cancels nothing itself, so CANCELLED is that too.)
+            Code::Cancelled => anyhow!(
+                "cannot reach the coordinator at {}: the connection was closed ({msg}); if it serves TLS, use https:// and --ca (set --server or FLOWFARM_SERVER)",
+                self.server
+            ),
             Code::Internal | Code::Unknown if msg.contains("h2 protocol error") || msg.contains("transport error") => anyhow!(
                 "cannot reach the coordinator at {}: {msg}; if it serves TLS, use https:// and --ca (set --server or FLOWFARM_SERVER)",
                 self.server

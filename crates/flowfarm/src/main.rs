@@ -205,6 +205,10 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Worker { worker_config } => {
+            // SIGHUP's default action is exit; a worker has nothing to reload,
+            // and a reload sent to a whole host must not stop its renders.
+            #[cfg(unix)]
+            drop(tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("installing the SIGHUP handler")?);
             let config = load_worker_config(&worker_config)?;
             let telemetry = telemetry::init(cli.log_format, &config.tracing, "flowfarm-worker")?;
             let ran = flowfarm_worker::run(config, shutdown_signal()).await;
