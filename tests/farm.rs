@@ -9,7 +9,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -190,19 +190,6 @@ impl Farm {
 /// id, state, prompt, seed, width, height, steps, guidance, shift,
 /// result key, result SHA-256, count of `succeeded` events.
 type SucceededJobRow = (Uuid, String, String, i64, i32, i32, i32, f32, f64, String, String, i32);
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            out.extend(walk(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
-}
 
 fn job(prompt: &str, seed: u64, steps: u32) -> String {
     format!("{{\"model\":\"{MODEL}\",\"prompt\":\"{prompt}\",\"seed\":{seed},\"steps\":{steps},\"width\":64,\"height\":64}}")

@@ -30,17 +30,21 @@ fn workspace_bin(name: &str, sources: &[&str]) -> PathBuf {
 
 /// A file under `dir` changed after `time`, if any.
 fn changed_after(dir: &Path, time: std::time::SystemTime) -> Option<PathBuf> {
-    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+    walk(dir).into_iter().find(|p| std::fs::metadata(p).and_then(|m| m.modified()).is_ok_and(|m| m > time))
+}
+
+/// Every file under `dir`, at any depth (none if it does not exist).
+pub fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let path = entry.path();
         if path.is_dir() {
-            if let Some(found) = changed_after(&path, time) {
-                return Some(found);
-            }
-        } else if entry.metadata().and_then(|m| m.modified()).is_ok_and(|m| m > time) {
-            return Some(path);
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
         }
     }
-    None
+    out
 }
 
 pub fn flowfarm_bin() -> PathBuf {

@@ -205,10 +205,9 @@ async fn main() -> Result<()> {
             Ok(())
         }
         Command::Worker { worker_config } => {
-            // SIGHUP's default action is exit; a worker has nothing to reload,
-            // and a reload sent to a whole host must not stop its renders.
-            #[cfg(unix)]
-            drop(tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("installing the SIGHUP handler")?);
+            // A worker has nothing to reload; a reload sent to a whole host
+            // must not stop its renders.
+            survive_sighup()?;
             let config = load_worker_config(&worker_config)?;
             let telemetry = telemetry::init(cli.log_format, &config.tracing, "flowfarm-worker")?;
             let ran = flowfarm_worker::run(config, shutdown_signal()).await;
@@ -227,6 +226,15 @@ async fn main() -> Result<()> {
     }
 }
 
+/// Replaces SIGHUP's default action (exit) for the rest of the process's
+/// life: tokio's handler, once installed, stays; the services that reload on
+/// the signal listen for it themselves.
+fn survive_sighup() -> Result<()> {
+    #[cfg(unix)]
+    drop(tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("installing the SIGHUP handler")?);
+    Ok(())
+}
+
 fn load_worker_config(path: &std::path::Path) -> Result<flowfarm_worker::WorkerConfig> {
     flowfarm_worker::WorkerConfig::load(path)
         .with_context(|| format!("loading worker config {} (--worker-config / FLOWFARM_WORKER_CONFIG)", path.display()))
@@ -237,11 +245,9 @@ async fn run(command: Command, config: Config) -> Result<()> {
     match command {
         Command::Coordinator => {
             config.server.check_exposure()?;
-            // SIGHUP reloads TLS files (tls::reload_on_sighup); its default
-            // action, exit, must not apply even before the server runs.
-            // Tokio's handler, once installed, stays for the process's life.
-            #[cfg(unix)]
-            drop(tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).context("installing the SIGHUP handler")?);
+            // SIGHUP reloads TLS files (tls::reload_on_sighup), and must not
+            // stop the coordinator even before the server runs.
+            survive_sighup()?;
             let store = open_store(&config).await?;
             if !config.auth.admin_token_file.as_os_str().is_empty() {
                 use flowfarm_coordinator::tokens::{ensure_first_admin_token, FirstAdmin};
