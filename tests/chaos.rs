@@ -33,6 +33,7 @@ use flowfarm_proto::v1::render_service_client::RenderServiceClient;
 use flowfarm_store::PgStore;
 use rand::Rng;
 use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
 use tokio_stream::StreamExt;
 use uuid::Uuid;
 
@@ -237,8 +238,10 @@ struct Watched {
 }
 
 /// Follows `batch` to its end, reconnecting to the other coordinator with
-/// its cursor whenever a stream breaks.
-async fn watch(addrs: [String; 2], token: String, batch: Uuid, limit: Duration) -> Watched {
+/// its cursor whenever a stream breaks; `subscribed` fires once the first snapshot is in,
+/// so that a fault injected after it finds the watcher's stream open.
+async fn watch(addrs: [String; 2], token: String, batch: Uuid, limit: Duration, subscribed: oneshot::Sender<()>) -> Watched {
+    let mut subscribed = Some(subscribed);
     let mut seen = Watched::default();
     let mut cursor = String::new();
     let deadline = Instant::now() + limit;
@@ -269,6 +272,9 @@ async fn watch(addrs: [String; 2], token: String, batch: Uuid, limit: Duration) 
                 Some(pb::watch_batch_event::Event::Snapshot(b)) => {
                     if seen.first.is_none() {
                         seen.first = b.counts;
+                        if let Some(subscribed) = subscribed.take() {
+                            let _ = subscribed.send(());
+                        }
                     } else {
                         seen.last = b.counts;
                         return seen;
@@ -419,7 +425,15 @@ async fn audit(c: &Cluster, scenario: &str, batch: Uuid, watched: &Watched) -> (
 /// batch to finish and audits it.
 async fn scenario(c: &mut Cluster, name: &'static str, jobs: usize, on: &str, fault: impl AsyncFnOnce(&mut Cluster)) -> Row {
     let batch = c.submit(name, jobs);
-    let watcher = tokio::spawn(watch([c.a_addr.clone(), c.b_addr.clone()], c.submitter.clone(), batch, Duration::from_secs(400)));
+    let (subscribed, on_stream) = oneshot::channel();
+    let watcher =
+        tokio::spawn(watch([c.a_addr.clone(), c.b_addr.clone()], c.submitter.clone(), batch, Duration::from_secs(400), subscribed));
+    // A fault before the watcher's first snapshot would test nothing of its
+    // reconnection (and once made this suite flaky): wait for it.
+    tokio::time::timeout(Duration::from_secs(60), on_stream)
+        .await
+        .unwrap_or_else(|_| panic!("{name}: the watcher got no snapshot within 60 s"))
+        .unwrap_or_else(|_| panic!("{name}: the watcher ended before its first snapshot"));
     c.wait_running_on(batch, on).await;
     let fault_at = Instant::now();
     fault(c).await;
