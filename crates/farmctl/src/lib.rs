@@ -3,7 +3,6 @@
 //! command line around it; tests use the same pieces.
 
 pub mod client;
-pub mod contact_sheet;
 pub mod input;
 pub mod output;
 pub mod tokens;

@@ -1,6 +1,12 @@
-//! A contact sheet: one PNG with a batch's images side by side in job order,
-//! so a grid of prompts × seeds can be judged at a glance without opening
-//! hundreds of files.
+//! Pictures of a batch's results, made from the PNGs workers wrote.
+//!
+//! - [`compose`]: a contact sheet, one PNG with a batch's images side by side
+//!   in job order, so a grid of prompts × seeds can be judged at a glance
+//!   without opening hundreds of files (`farmctl results fetch --contact-sheet`).
+//! - [`thumbnail`]: one image scaled down, for the coordinator's status page,
+//!   which would otherwise send every full-size PNG to show a batch.
+//!
+//! Both read any PNG colour type and write 8-bit RGB.
 
 /// Most images one sheet holds; a larger batch's sheet shows its first ones.
 pub const MAX_IMAGES: usize = 1024;
@@ -13,7 +19,7 @@ const BACKGROUND: [u8; 3] = [32, 32, 32];
 pub enum SheetError {
     #[error("image {index}: not a PNG this sheet can read: {reason}")]
     Decode { index: usize, reason: String },
-    #[error("--sheet-cell {0}: give 16 to 2048 pixels")]
+    #[error("cell size {0}: give 16 to 2048 pixels")]
     Cell(u32),
     #[error("no images to put on a contact sheet")]
     Empty,
@@ -116,12 +122,32 @@ pub fn compose(images: &[Vec<u8>], cell: u32) -> Result<Vec<u8>, SheetError> {
             sheet[to..to + (thumb.width * 3) as usize].copy_from_slice(&thumb.pixels[from..from + (thumb.width * 3) as usize]);
         }
     }
+    encode(&Rgb { width, height, pixels: sheet })
+}
+
+/// `png_bytes` scaled to fit `size` × `size` with its aspect ratio kept,
+/// as a PNG; an image already that small is returned as it is.
+///
+/// # Errors
+/// [`SheetError`] for bytes that are not a PNG or a size out of 16..=2048.
+pub fn thumbnail(png_bytes: &[u8], size: u32) -> Result<Vec<u8>, SheetError> {
+    if !(16..=2048).contains(&size) {
+        return Err(SheetError::Cell(size));
+    }
+    let image = decode(0, png_bytes)?;
+    if image.width <= size && image.height <= size {
+        return Ok(png_bytes.to_vec());
+    }
+    encode(&fit(&image, size))
+}
+
+fn encode(image: &Rgb) -> Result<Vec<u8>, SheetError> {
     let mut out = Vec::new();
-    let mut encoder = png::Encoder::new(&mut out, width, height);
+    let mut encoder = png::Encoder::new(&mut out, image.width, image.height);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
     let mut writer = encoder.write_header().map_err(|e| SheetError::Encode(e.to_string()))?;
-    writer.write_image_data(&sheet).map_err(|e| SheetError::Encode(e.to_string()))?;
+    writer.write_image_data(&image.pixels).map_err(|e| SheetError::Encode(e.to_string()))?;
     writer.finish().map_err(|e| SheetError::Encode(e.to_string()))?;
     Ok(out)
 }
@@ -168,6 +194,18 @@ mod tests {
         let image = Rgb { width: 2, height: 2, pixels: vec![0, 0, 0, 255, 255, 255, 255, 255, 255, 0, 0, 0] };
         let small = fit(&image, 1);
         assert_eq!((small.width, small.height, small.pixels.as_slice()), (1, 1, &[128u8, 128, 128][..]));
+    }
+
+    #[test]
+    fn a_thumbnail_keeps_the_aspect_ratio_and_small_images_pass_through() {
+        let wide = solid(400, 100, [10, 20, 30]);
+        let thumb = decode(0, &thumbnail(&wide, 64).unwrap()).unwrap();
+        assert_eq!((thumb.width, thumb.height), (64, 16));
+        assert_eq!(pixel(&thumb, 32, 8), [10, 20, 30]);
+        let small = solid(32, 32, [1, 2, 3]);
+        assert_eq!(thumbnail(&small, 64).unwrap(), small);
+        assert!(matches!(thumbnail(b"nope", 64), Err(SheetError::Decode { .. })));
+        assert!(matches!(thumbnail(&small, 4096), Err(SheetError::Cell(4096))));
     }
 
     #[test]

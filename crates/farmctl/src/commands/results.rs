@@ -37,7 +37,7 @@ pub(crate) async fn fetch_results(farm: &Farm, batch_id: &str, out: &Path, sheet
     if let Some(cell) = sheet {
         // Checked before anything is downloaded.
         if !(16..=2048).contains(&cell) {
-            bail!("{}", farmctl::contact_sheet::SheetError::Cell(cell));
+            bail!("--sheet-cell {cell}: give 16 to 2048 pixels");
         }
     }
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
@@ -101,15 +101,15 @@ pub(crate) async fn fetch_results(farm: &Farm, batch_id: &str, out: &Path, sheet
 /// `out/contact-sheet.png` of the PNGs among `images` (in job order).
 pub(crate) fn write_contact_sheet(images: &[PathBuf], out: &Path, cell: u32) -> Result<PathBuf> {
     let pngs: Vec<&PathBuf> = images.iter().filter(|p| p.extension().is_some_and(|e| e == "png")).collect();
-    if pngs.len() > farmctl::contact_sheet::MAX_IMAGES {
-        eprintln!("note: the contact sheet shows the first {} of {} images", farmctl::contact_sheet::MAX_IMAGES, pngs.len());
+    if pngs.len() > flowfarm_sheet::MAX_IMAGES {
+        eprintln!("note: the contact sheet shows the first {} of {} images", flowfarm_sheet::MAX_IMAGES, pngs.len());
     }
     let bytes = pngs
         .iter()
-        .take(farmctl::contact_sheet::MAX_IMAGES)
+        .take(flowfarm_sheet::MAX_IMAGES)
         .map(|p| std::fs::read(p).with_context(|| format!("cannot read {}", p.display())))
         .collect::<Result<Vec<_>>>()?;
-    let sheet = farmctl::contact_sheet::compose(&bytes, cell)?;
+    let sheet = flowfarm_sheet::compose(&bytes, cell)?;
     let path = out.join("contact-sheet.png");
     let partial = path.with_extension("partial");
     std::fs::write(&partial, sheet).with_context(|| format!("cannot write {}", partial.display()))?;
