@@ -549,7 +549,7 @@ for df in dockerfiles:
             if not features or not re.search(rf"^{re.escape(feature)}\s*=", features.group(1), re.M):
                 problems.append(f"--features {feature}: not a feature of {pkg.group(1)}")
     # The ports it listens on (environment and baked-in worker config) are the ports it exposes.
-    listen = set(re.findall(r"FLOWFARM_(?:METRICS_)?LISTEN=[\d.]+:(\d+)", text))
+    listen = set(re.findall(r"FLOWFARM_(?:METRICS_|STATUS__)?LISTEN=[\d.]+:(\d+)", text))
     exposed = set()
     for word, rest in dockerfile_instructions(df):
         if word == "EXPOSE":

@@ -75,9 +75,15 @@ ensure_s3s_fs() {
   export FLOWFARM_TEST_S3S_FS="$root/bin/s3s-fs"
 }
 
+# The status page's test drives a headless Chromium.
+ensure_chromium() {
+  command -v chromium >/dev/null || command -v chromium-browser >/dev/null || apt_install chromium
+}
+
 ensure_postgres
 ensure_redis
 ensure_s3s_fs
+ensure_chromium
 
 say "checking the declared rust-version against the dependencies"
 python3 scripts/check-msrv.py

@@ -732,3 +732,150 @@ async fn every_metric_deploy_names_is_exported() {
     let missing: Vec<&String> = named.iter().filter(|n| !exported.contains(n.as_str()) && !exported.contains(&family(n))).collect();
     assert!(missing.is_empty(), "named in deploy/ but exported by neither: {missing:?}\nexported: {exported:?}");
 }
+
+/// The DOM headless Chromium has once `url` has loaded, run its scripts
+/// and followed its navigations (`--virtual-time-budget` lets the page's
+/// polling run ahead of the wall clock).
+fn chromium_dom(url: &str, profile: &std::path::Path) -> String {
+    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or_else(|| panic!("Chromium is missing: apt-get install chromium (scripts/test.sh installs it)"));
+    let out = Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=15000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg(url)
+        .output()
+        .expect("start chromium");
+    assert!(out.status.success(), "chromium: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The status page: signed out, a browser is sent to sign in; signed in, a
+/// token sees the queue, the workers and its batches, and a batch's contact
+/// sheet has a thumbnail per image linking to the full PNG; another
+/// tenant's batch is not there; headless Chromium draws it all from the
+/// page's own script after signing in from a link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_shows_the_farm_and_each_batch_as_a_contact_sheet() {
+    use std::io::Cursor;
+
+    let farm = Farm::start().await;
+    let a = farm.worker("a");
+    let mut jobs: Vec<String> = (0..3).map(|i| job(&format!("lighthouse {i}"), 40 + i, 2)).collect();
+    jobs.push(format!("{{\"model\":\"{MODEL}\",\"prompt\":\"wide harbour\",\"seed\":7,\"steps\":2,\"width\":96,\"height\":64}}"));
+    let batch = farm.submit(&jobs);
+    farm.wait_all_finished(&[&a], Duration::from_secs(300)).await;
+    let base = farm.server.as_ref().unwrap().status_page.clone().expect("the status page is served");
+    let bob = token(&farm.db, "submit", "bob");
+
+    // Signed out: browsers go to the sign-in form, the API says where to go.
+    let page = http::request(&base, "GET", "/", &[], b"");
+    assert_eq!((page.status, page.header("location")), (303, Some("/login")));
+    let api = http::request(&base, "GET", "/api/status", &[], b"");
+    assert_eq!(api.status, 401, "{}", api.text());
+    assert!(api.text().contains("/login"), "{}", api.text());
+    assert_eq!(http::get(&base, "/api/status", &farm.worker_token).status, 403, "not for worker tokens");
+    let login = http::request(&base, "GET", "/login", &[], b"");
+    assert_eq!(login.header("content-security-policy").map(|c| c.starts_with("default-src 'self'")), Some(true));
+    assert_eq!(login.header("x-frame-options"), Some("DENY"));
+
+    // The overview, as the submitter sees it: its batch, the fleet in aggregate.
+    let status = http::get(&base, "/api/status", &farm.submitter).json();
+    assert_eq!(status["viewer"]["name"], "alice");
+    assert_eq!(status["batches"].as_array().map(Vec::len), Some(1), "{status}");
+    assert_eq!(
+        (status["batches"][0]["id"].as_str(), status["batches"][0]["counts"]["succeeded"].as_u64()),
+        (Some(batch.as_str()), Some(4))
+    );
+    let queue = status["queues"].as_array().unwrap().iter().find(|q| q["model"] == MODEL).expect("the model's queue");
+    assert_eq!(queue["counts"]["succeeded"], 4, "{queue}");
+    let worker = &status["workers"][0];
+    assert_eq!((worker["name"].as_str(), worker["images_done"].as_u64()), (Some("a"), Some(4)), "{worker}");
+    assert!(worker.get("hostname").is_none() && worker.get("current_jobs").is_none(), "no hosts or job ids for submitters: {worker}");
+    let for_admin = http::get(&base, "/api/status", &farm.admin).json();
+    assert!(for_admin["workers"][0]["hostname"].is_string() && for_admin["workers"][0]["current_jobs"].is_array(), "{for_admin}");
+    assert_eq!(http::get(&base, "/api/status", &bob).json()["batches"], serde_json::json!([]), "bob's page lists none of alice's");
+
+    // The batch: every job with its prompt and seed.
+    let sheet = http::get(&base, &format!("/api/batches/{batch}"), &farm.submitter).json();
+    let listed: Vec<(String, String, bool)> = sheet["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| (j["prompt"].as_str().unwrap().to_owned(), j["seed"].as_str().unwrap().to_owned(), j["image"].as_bool().unwrap()))
+        .collect();
+    let wanted: Vec<(String, String, bool)> =
+        [("lighthouse 0", "40"), ("lighthouse 1", "41"), ("lighthouse 2", "42"), ("wide harbour", "7")]
+            .map(|(p, s)| (p.into(), s.into(), true))
+            .into();
+    assert_eq!(listed, wanted);
+    // Another tenant's batch answers as a missing one does.
+    let theirs = http::get(&base, &format!("/api/batches/{batch}"), &bob);
+    let nobody = Uuid::new_v4().to_string();
+    let missing = http::get(&base, &format!("/api/batches/{nobody}"), &bob);
+    assert_eq!((theirs.status, missing.status), (404, 404));
+    assert_eq!(theirs.text().replace(&batch, "ID"), missing.text().replace(&nobody, "ID"));
+    let bad = http::get(&base, "/api/batches/not-a-batch", &farm.submitter);
+    assert_eq!(bad.status, 400);
+    assert!(bad.text().contains("batch id `not-a-batch` is not a UUID"), "{}", bad.text());
+
+    // The images: the full PNG as recorded, and a thumbnail that fits
+    // 192 × 192 (the bundled model's images already do: flowfarm-sheet's
+    // tests cover the scaling).
+    let rows: Vec<(Uuid, String, i32, i32)> =
+        sqlx::query_as("SELECT id, result_sha256, width, height FROM jobs WHERE batch_id = $1::uuid ORDER BY idx")
+            .bind(&batch)
+            .fetch_all(farm.db.store.pool())
+            .await
+            .unwrap();
+    for (id, sha, width, height) in &rows {
+        let image = http::get(&base, &format!("/api/jobs/{id}/image"), &farm.submitter);
+        assert_eq!((image.status, image.header("content-type")), (200, Some("image/png")), "{}", image.text());
+        assert_eq!(&hex::encode(Sha256::digest(&image.body)), sha, "job {id}: the bytes whose hash was recorded");
+        let thumb = http::get(&base, &format!("/api/jobs/{id}/thumbnail"), &farm.submitter);
+        let decoded = png::Decoder::new(Cursor::new(&thumb.body)).read_info().unwrap();
+        let scale = (192.0 / *width.max(height) as f64).min(1.0);
+        let wanted = ((*width as f64 * scale).round() as u32, (*height as f64 * scale).round() as u32);
+        assert_eq!((decoded.info().width, decoded.info().height), wanted, "job {id} is {width}×{height}");
+        assert_eq!(http::get(&base, &format!("/api/jobs/{id}/image"), &bob).status, 404, "not bob's");
+    }
+
+    // Signing in with the form: an HttpOnly cookie, then a local redirect only.
+    let form = format!("token={}&next=/batches/{batch}", farm.submitter);
+    let urlencoded = [("Content-Type", "application/x-www-form-urlencoded")];
+    let signed = http::request(&base, "POST", "/login", &urlencoded, form.as_bytes());
+    assert_eq!((signed.status, signed.header("location")), (303, Some(format!("/batches/{batch}").as_str())));
+    let cookie = signed.header("set-cookie").expect("a sign-in cookie").to_owned();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    let pair = cookie.split(';').next().unwrap();
+    assert_eq!(http::request(&base, "GET", "/api/status", &[("Cookie", pair)], b"").status, 200);
+    let refused = http::request(&base, "POST", "/login", &urlencoded, b"token=fft_00");
+    assert_eq!(refused.status, 401);
+    assert!(refused.text().contains("unknown, revoked or expired"), "{}", refused.text());
+    let away = format!("token={}&next=//elsewhere.example/", farm.submitter);
+    assert_eq!(http::request(&base, "POST", "/login", &urlencoded, away.as_bytes()).header("location"), Some("/"));
+
+    // A browser: sign in from a link, land on the batch, see its contact sheet.
+    let profile = farm.dir.path().join("chromium");
+    let dom = chromium_dom(&format!("{base}/login#token={}&next=/batches/{batch}", farm.submitter), &profile);
+    for (id, ..) in &rows {
+        assert!(dom.contains(&format!("src=\"/api/jobs/{id}/thumbnail\"")), "no thumbnail of {id} in\n{dom}");
+        assert!(dom.contains(&format!("href=\"/api/jobs/{id}/image\"")), "no link to the image of {id} in\n{dom}");
+    }
+    assert!(dom.contains("alt=\"wide harbour\"") && dom.contains("seed 7"), "prompt and seed on the thumbnail:\n{dom}");
+    let overview = chromium_dom(&format!("{base}/login#token={}", farm.admin), &farm.dir.path().join("chromium-admin"));
+    assert!(overview.contains(&format!("href=\"/batches/{batch}\"")), "the batch is listed:\n{overview}");
+    assert!(overview.contains("<td>a<div") && overview.contains("flowfarm-tiny"), "the worker and the queue:\n{overview}");
+}

@@ -48,10 +48,12 @@ COPY config/flowfarm.toml /etc/flowfarm/flowfarm.toml
 ENV FLOWFARM_CONFIG=/etc/flowfarm/flowfarm.toml \
     FLOWFARM_LISTEN=0.0.0.0:7070 \
     FLOWFARM_METRICS_LISTEN=0.0.0.0:9464 \
+    FLOWFARM_STATUS__LISTEN=0.0.0.0:8080 \
     FLOWFARM_RESULTS_DIR=/var/lib/flowfarm/results
 USER 10001:10001
 WORKDIR /var/lib/flowfarm
-# gRPC (API, health, reflection) and Prometheus /metrics.
-EXPOSE 7070 9464
+# gRPC (API, health, reflection), the status page (HTTPS with [server.tls])
+# and Prometheus /metrics.
+EXPOSE 7070 8080 9464
 ENTRYPOINT ["flowfarm"]
 CMD ["coordinator"]

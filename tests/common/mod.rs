@@ -2,6 +2,8 @@
 //! binaries as processes, private Postgres and Redis servers, tokens.
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod http;
+
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -99,6 +101,8 @@ pub struct Server {
     child: Child,
     pub addr: SocketAddr,
     pub metrics: Option<SocketAddr>,
+    /// `http://127.0.0.1:PORT` (https with TLS), as the coordinator printed it.
+    pub status_page: Option<String>,
     // Held open: the coordinator must be able to write to its stdout.
     _stdout: BufReader<ChildStdout>,
 }
@@ -136,6 +140,7 @@ impl Server {
             .env("FLOWFARM_DATABASE_URL", database_url)
             .env("FLOWFARM_LISTEN", listen)
             .env("FLOWFARM_METRICS_LISTEN", "127.0.0.1:0")
+            .env("FLOWFARM_STATUS__LISTEN", "127.0.0.1:0")
             .env("FLOWFARM_RESULTS_DIR", results)
             // The tests make their own tokens; the one that checks the first
             // admin token names its file.
@@ -149,15 +154,18 @@ impl Server {
             .expect("start flowfarm coordinator");
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut metrics = None;
+        let mut status_page = None;
         loop {
             let mut line = String::new();
             stdout.read_line(&mut line).expect("read coordinator stdout");
             let line = line.trim();
             if let Some(addr) = line.strip_prefix("metrics on ") {
                 metrics = Some(addr.parse().expect("metrics address"));
+            } else if let Some(url) = line.strip_prefix("status page on ") {
+                status_page = Some(url.to_owned());
             } else if let Some(addr) = line.strip_prefix("listening on ") {
                 let addr = addr.parse().expect("address");
-                return Server { child, addr, metrics, _stdout: stdout };
+                return Server { child, addr, metrics, status_page, _stdout: stdout };
             } else {
                 panic!("unexpected line from coordinator: {line:?}");
             }

@@ -78,6 +78,15 @@ impl Authenticator {
             .and_then(bearer_credentials)
             .filter(|s| !s.is_empty())
             .ok_or_else(|| Status::unauthenticated("authorization header must be `Bearer <token>`"))?;
+        self.authorize_secret(secret, allowed).await
+    }
+
+    /// The caller holding `secret`, if it is a valid token whose role is one
+    /// of `allowed` (the status page's cookie carries it).
+    ///
+    /// # Errors
+    /// As [`Authenticator::authorize`].
+    pub async fn authorize_secret(&self, secret: &str, allowed: &[Role]) -> Result<Caller, Status> {
         let info = self.lookup(secret).await?;
         if !allowed.contains(&info.role) {
             let wanted: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
@@ -121,7 +130,7 @@ impl Authenticator {
 
 /// The credentials of an `authorization` value using the Bearer scheme,
 /// whose name is case-insensitive (RFC 7235 §2.1): `Bearer`, `bearer`, `BEARER`.
-fn bearer_credentials(value: &str) -> Option<&str> {
+pub(crate) fn bearer_credentials(value: &str) -> Option<&str> {
     let (scheme, credentials) = value.trim_start().split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| credentials.trim())
 }

@@ -35,6 +35,8 @@ pub struct Config {
     #[serde(default)]
     pub metrics: MetricsConfig,
     #[serde(default)]
+    pub status: StatusConfig,
+    #[serde(default)]
     pub auth: AuthConfig,
     #[serde(default)]
     pub tracing: flowfarm_config::TracingConfig,
@@ -275,6 +277,14 @@ pub struct MetricsConfig {
     pub listen: Option<SocketAddr>,
 }
 
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StatusConfig {
+    /// Where the status page is served (HTTPS with `[server.tls]`, plain
+    /// HTTP without); absent: not served. Env: `FLOWFARM_STATUS__LISTEN`.
+    pub listen: Option<SocketAddr>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
@@ -325,6 +335,27 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// Refuses to serve the API or the status page in plaintext where other
+    /// machines can reach them, unless asked to: checked by `flowfarm
+    /// coordinator` before it listens (other commands read the same config
+    /// and serve nothing).
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] saying which keys to set.
+    pub fn check_exposure(&self) -> Result<(), ConfigError> {
+        self.server.check_exposure()?;
+        match self.status.listen {
+            Some(addr) if self.server.tls.is_none() && !addr.ip().is_loopback() && !self.server.allow_plaintext => {
+                Err(ConfigError::Invalid(format!(
+                    "status.listen {addr} is reachable from other machines and server.tls is not set: the status page \
+                     takes tokens, so configure [server.tls] (cert_file, key_file), or set server.allow_plaintext = true \
+                     (FLOWFARM_SERVER__ALLOW_PLAINTEXT=true) to serve plaintext on purpose"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Reads a TOML file, then applies the environment (every key by the
     /// `FLOWFARM_SECTION__KEY` rule, then the short names), fills in the
     /// passwords, then checks it.
@@ -523,6 +554,13 @@ mod tests {
         config.server.allow_plaintext = true;
         config.server.check_exposure().unwrap();
         config.server.allow_plaintext = false;
+        config.server.listen = "127.0.0.1:7070".parse().unwrap();
+        config.check_exposure().unwrap();
+        config.status.listen = Some("0.0.0.0:8080".parse().unwrap());
+        let err = config.check_exposure().unwrap_err().to_string();
+        assert!(err.contains("status.listen") && err.contains("allow_plaintext"), "{err}");
+        config.server.tls = Some(crate::tls::TlsConfig { cert_file: "c".into(), key_file: "k".into(), ..Default::default() });
+        config.check_exposure().expect("the status page is served over the server's TLS");
         config.server.tls = Some(crate::tls::TlsConfig { cert_file: "c".into(), ..Default::default() });
         assert!(config.check().unwrap_err().to_string().contains("key_file"));
     }

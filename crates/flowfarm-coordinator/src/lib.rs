@@ -21,6 +21,7 @@ mod reaper;
 mod render;
 mod server;
 mod spans;
+pub mod status_page;
 pub mod sweeper;
 pub mod tls;
 pub mod tokens;
@@ -41,6 +42,7 @@ pub use dispatcher::{DispatchError, Dispatcher};
 pub use metrics::{bind_metrics, serve_metrics, Metrics};
 pub use reaper::{reap_once, run_reaper};
 pub use server::{serve, ServeError};
+pub use status_page::{bind_status_page, serve_status_page};
 
 use crate::auth::Authenticator;
 use crate::config::{LeaseConfig, QueueConfig};

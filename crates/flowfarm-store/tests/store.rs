@@ -70,6 +70,29 @@ async fn submit_stores_jobs_with_one_creation_event_each() {
 }
 
 #[tokio::test]
+async fn recent_batches_come_newest_first_with_the_counts_get_batch_gives() {
+    let db = TestDb::new().await;
+    let s = &db.store;
+    let older = submit(s, 3).await;
+    let newer = submit(s, 2).await;
+    let mut other = batch(None, 9);
+    other.submitter = "someone-else".into();
+    let theirs = s.submit_batch(&other, &[job(0)]).await.unwrap().batch.id;
+    let w = worker(s).await;
+    let job = s.dispatch_jobs("sd3", TextEncoderSet::All, 1, "test").await.unwrap().remove(0);
+    s.start_job(job.id, w, Duration::from_secs(30)).await.unwrap();
+
+    let all = s.recent_batches(None, 10).await.unwrap();
+    assert_eq!(all.iter().map(|b| b.id).collect::<Vec<_>>(), vec![theirs, newer, older]);
+    for listed in &all {
+        assert_eq!(listed, &s.get_batch(listed.id).await.unwrap(), "a listed batch is what get_batch says");
+    }
+    let mine = s.recent_batches(Some("tester"), 10).await.unwrap();
+    assert_eq!(mine.iter().map(|b| b.id).collect::<Vec<_>>(), vec![newer, older], "only the submitter's");
+    assert_eq!(s.recent_batches(None, 1).await.unwrap().len(), 1, "at most the limit");
+}
+
+#[tokio::test]
 async fn idempotency_key_replays_or_conflicts() {
     let db = TestDb::new().await;
     let jobs = vec![job(0)];

@@ -244,7 +244,7 @@ fn load_worker_config(path: &std::path::Path) -> Result<flowfarm_worker::WorkerC
 async fn run(command: Command, config: Config) -> Result<()> {
     match command {
         Command::Coordinator => {
-            config.server.check_exposure()?;
+            config.check_exposure()?;
             // SIGHUP reloads TLS files (tls::reload_on_sighup), and must not
             // stop the coordinator even before the server runs.
             survive_sighup()?;
@@ -272,6 +272,12 @@ async fn run(command: Command, config: Config) -> Result<()> {
                 let metrics_listener = flowfarm_coordinator::bind_metrics(metrics_addr).await?;
                 println!("metrics on {}", metrics_listener.local_addr()?);
                 tokio::spawn(flowfarm_coordinator::serve_metrics(coordinator.clone(), metrics_listener, stopped()));
+            }
+            if let Some(status_addr) = config.status.listen {
+                let status_listener = flowfarm_coordinator::bind_status_page(status_addr).await?;
+                let scheme = if config.server.tls.is_some() { "https" } else { "http" };
+                println!("status page on {scheme}://{}", status_listener.local_addr()?);
+                tokio::spawn(flowfarm_coordinator::serve_status_page(coordinator.clone(), status_listener, stopped()));
             }
             tracing::info!(%addr, "coordinator listening");
             // Tests and scripts read this line (the last one on stdout) to find an ephemeral port.

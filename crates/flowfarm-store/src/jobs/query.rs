@@ -34,6 +34,57 @@ impl PgStore {
         })
     }
 
+    /// The `limit` most recent batches, newest first, with their counts; only
+    /// `submitter`'s when given.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    pub async fn recent_batches(&self, submitter: Option<&str>, limit: u32) -> Result<Vec<BatchRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT b.id, b.submitter, b.idempotency_key, b.labels, b.total_jobs, b.created_at, \
+                 COALESCE(sum(j.gpu_seconds), 0)::float8 AS gpu_seconds, \
+                 count(*) FILTER (WHERE j.state = 'queued') AS queued, \
+                 count(*) FILTER (WHERE j.state = 'dispatched') AS dispatched, \
+                 count(*) FILTER (WHERE j.state = 'running') AS running, \
+                 count(*) FILTER (WHERE j.state = 'succeeded') AS succeeded, \
+                 count(*) FILTER (WHERE j.state = 'failed') AS failed, \
+                 count(*) FILTER (WHERE j.state = 'cancelled') AS cancelled, \
+                 count(*) FILTER (WHERE j.state = 'dead') AS dead \
+             FROM (SELECT * FROM batches WHERE $1::text IS NULL OR submitter = $1 \
+                   ORDER BY created_at DESC, id DESC LIMIT $2) b \
+             LEFT JOIN jobs j ON j.batch_id = b.id \
+             GROUP BY b.id, b.submitter, b.idempotency_key, b.labels, b.total_jobs, b.created_at \
+             ORDER BY b.created_at DESC, b.id DESC",
+        )
+        .bind(submitter)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let n = |state: &str| row.try_get::<i64, _>(state).map(|n| n as u64);
+                Ok(BatchRow {
+                    id: row.try_get("id")?,
+                    submitter: row.try_get("submitter")?,
+                    idempotency_key: row.try_get("idempotency_key")?,
+                    labels: labels_from_json(row.try_get("labels")?)?,
+                    total_jobs: row.try_get::<i32, _>("total_jobs")? as u64,
+                    created_at: row.try_get("created_at")?,
+                    counts: JobCounts {
+                        queued: n("queued")?,
+                        dispatched: n("dispatched")?,
+                        running: n("running")?,
+                        succeeded: n("succeeded")?,
+                        failed: n("failed")?,
+                        cancelled: n("cancelled")?,
+                        dead: n("dead")?,
+                    },
+                    gpu_seconds: row.try_get("gpu_seconds")?,
+                })
+            })
+            .collect()
+    }
+
     /// Jobs of a batch in each state.
     ///
     /// # Errors
