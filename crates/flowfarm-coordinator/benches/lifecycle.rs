@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flowfarm_proto::v1 as pb;
-use flowfarm_queue::{stream_key, Consumer};
+use flowfarm_queue::{stream_key, Consumer, JobSource};
 use flowfarm_testkit::Harness;
 use tokio::sync::watch;
 
@@ -57,7 +57,7 @@ async fn play_worker(
         .expect("register")
         .into_inner()
         .worker_id;
-    let mut consumer = Consumer::connect(&redis, &worker_id, &[MODEL.to_owned()]).await.expect("consumer");
+    let consumer = Consumer::connect(&redis, &worker_id, &[MODEL.to_owned()]).await.expect("consumer");
     tokio::spawn(async move {
         loop {
             if *stop.borrow() {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flowfarm_core::TextEncoderSet;
-use flowfarm_queue::{lane, JobMessage, QueueError, WorkQueue};
+use flowfarm_queue::{lane, JobMessage, JobQueue, QueueError};
 use flowfarm_store::{JobRow, StoreError};
 use tokio::sync::Notify;
 
@@ -49,11 +49,13 @@ pub struct DispatchReport {
 #[derive(Debug, Clone)]
 pub struct Dispatcher {
     coordinator: Coordinator,
-    queue: WorkQueue,
+    queue: Arc<dyn JobQueue>,
 }
 
 impl Dispatcher {
-    pub fn new(coordinator: Coordinator, queue: WorkQueue) -> Self {
+    /// Dispatches into `queue`: Redis Streams across machines, or the
+    /// in-process queue when the workers share this process.
+    pub fn new(coordinator: Coordinator, queue: Arc<dyn JobQueue>) -> Self {
         Dispatcher { coordinator, queue }
     }
 

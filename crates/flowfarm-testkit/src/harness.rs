@@ -85,10 +85,15 @@ impl Harness {
     /// `redis_url` (for benches and tests of dispatch).
     pub async fn start_dispatching(redis_url: &str, tweak: impl FnOnce(&mut Config)) -> Harness {
         let queue = flowfarm_queue::WorkQueue::connect(redis_url).await.expect("connect to Redis");
+        Harness::start_inner(tweak, Some(std::sync::Arc::new(queue))).await
+    }
+
+    /// As [`Harness::start_with`], and runs a dispatcher into `queue`.
+    pub async fn start_dispatching_into(queue: std::sync::Arc<dyn flowfarm_queue::JobQueue>, tweak: impl FnOnce(&mut Config)) -> Harness {
         Harness::start_inner(tweak, Some(queue)).await
     }
 
-    async fn start_inner(tweak: impl FnOnce(&mut Config), queue: Option<flowfarm_queue::WorkQueue>) -> Harness {
+    async fn start_inner(tweak: impl FnOnce(&mut Config), queue: Option<std::sync::Arc<dyn flowfarm_queue::JobQueue>>) -> Harness {
         let db = TestDb::new().await;
         let results_dir = tempfile::tempdir().expect("temp dir");
         let mut config = test_config();

@@ -188,7 +188,7 @@ async fn run_dispatcher(coordinator: Coordinator, redis: flowfarm_queue::RedisTa
             }
         }
     };
-    flowfarm_coordinator::Dispatcher::new(coordinator, queue).run(stopped).await;
+    flowfarm_coordinator::Dispatcher::new(coordinator, std::sync::Arc::new(queue)).run(stopped).await;
 }
 
 #[tokio::main]

@@ -17,7 +17,7 @@ use flowfarm_group::Grouper;
 use flowfarm_proto::client::{endpoint, BearerToken};
 use flowfarm_proto::v1 as pb;
 use flowfarm_proto::v1::worker_service_client::WorkerServiceClient;
-use flowfarm_queue::Consumer;
+use flowfarm_queue::{Consumer, JobSource};
 use tokio::sync::{watch, Semaphore};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
@@ -73,7 +73,7 @@ struct Shared {
     mode: watch::Sender<Mode>,
     renderers: HashMap<String, Arc<JobRenderer>>,
     results: ResultStore,
-    consumer: Consumer,
+    consumer: Arc<dyn JobSource>,
     metrics: WorkerMetrics,
     /// Completions that finish while a report is in flight go in the next
     /// CompleteJobs together.
@@ -206,7 +206,7 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
             t5.into_iter().chain([flowfarm_queue::lane(&m.name, false)])
         })
         .collect();
-    let consumer = connect_consumer(&config.redis_target(), &worker_id, &lanes).await;
+    let consumer: Arc<dyn JobSource> = Arc::new(connect_consumer(&config.redis_target(), &worker_id, &lanes).await);
     metrics.set_ready(true);
     let (mode, mut mode_rx) = watch::channel(Mode::Active);
     let completions = completion_reporter(client.clone(), worker_id.clone());
@@ -254,7 +254,7 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
         }
         // Not raced against mode changes: dropping a read in flight would
         // strand messages Redis already handed out.
-        let deliveries = match shared.consumer.clone().read(permits.len(), READ_BLOCK).await {
+        let deliveries = match shared.consumer.read(permits.len(), READ_BLOCK).await {
             Ok(d) => {
                 read_errors = 0;
                 d
