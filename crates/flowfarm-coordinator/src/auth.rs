@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use flowfarm_core::Role;
-use flowfarm_store::{PgStore, Quotas, TokenInfo};
+use flowfarm_store::{Quotas, Store, TokenInfo};
 use tonic::metadata::MetadataMap;
 use tonic::Status;
 
@@ -55,12 +55,12 @@ impl Caller {
 /// short positive cache so hot RPCs (progress reports) skip the database.
 #[derive(Debug)]
 pub struct Authenticator {
-    store: PgStore,
+    store: std::sync::Arc<dyn Store>,
     cache: Mutex<HashMap<String, (TokenInfo, Instant)>>,
 }
 
 impl Authenticator {
-    pub fn new(store: PgStore) -> Self {
+    pub fn new(store: std::sync::Arc<dyn Store>) -> Self {
         Authenticator { store, cache: Mutex::new(HashMap::new()) }
     }
 

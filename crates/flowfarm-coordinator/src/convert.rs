@@ -17,9 +17,9 @@ pub fn store_status(err: StoreError) -> Status {
         StoreError::WrongState { .. } | StoreError::WorkerUnavailable { .. } | StoreError::Declined { .. } => {
             Status::failed_precondition(err.to_string())
         }
-        StoreError::Database(ref db) => {
-            tracing::error!(error = %db, "database error");
-            if database_transient(db) {
+        StoreError::Database { ref message, transient } => {
+            tracing::error!(error = %message, "database error");
+            if transient {
                 Status::unavailable("database unavailable; retry later")
             } else {
                 Status::internal("database error (see coordinator logs)")
@@ -29,23 +29,6 @@ pub fn store_status(err: StoreError) -> Status {
             tracing::error!(error = %err, "store error");
             Status::internal(err.to_string())
         }
-    }
-}
-
-/// Whether a database error says "not now" rather than "no": the server is
-/// unreachable, restarting or shutting down, or the statement lost a race
-/// it may win when tried again. Callers are told UNAVAILABLE and retry.
-fn database_transient(err: &sqlx::Error) -> bool {
-    match err {
-        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => true,
-        sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            // 08: connection exception; 57P01–57P03: shutdown, crash, cannot
-            // connect now; 53: insufficient resources; 40001 / 40P01:
-            // serialization failure, deadlock.
-            code.starts_with("08") || code.starts_with("57P") || code.starts_with("53") || code == "40001" || code == "40P01"
-        }),
-        _ => false,
     }
 }
 

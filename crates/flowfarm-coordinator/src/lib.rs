@@ -3,7 +3,7 @@
 //! and the config they run from.
 //!
 //! Every RPC checks its caller's role, validates its input (INVALID_ARGUMENT
-//! names the field), and goes to [`PgStore`], which keeps the whole truth.
+//! names the field), and goes to the [`Store`], which keeps the whole truth.
 //! Nothing here holds job state in memory; step progress goes through the
 //! store's notifications to the WatchBatch streams of every coordinator.
 //!
@@ -33,7 +33,7 @@ use std::sync::Arc;
 use flowfarm_core::{Limits, ModelRegistry};
 use flowfarm_group::Grouper;
 use flowfarm_proto::v1 as pb;
-use flowfarm_store::PgStore;
+use flowfarm_store::Store;
 use tokio::sync::{broadcast, Notify};
 use uuid::Uuid;
 
@@ -57,7 +57,7 @@ struct Progress {
 /// What every service shares.
 #[derive(Debug)]
 struct Shared {
-    store: PgStore,
+    store: Arc<dyn Store>,
     registry: ModelRegistry,
     limits: Limits,
     leases: LeaseConfig,
@@ -92,7 +92,7 @@ const MAX_GROUP: usize = 512;
 const GROUPS_IN_FLIGHT: usize = 4;
 
 fn start_grouper(
-    store: PgStore,
+    store: Arc<dyn Store>,
     lease: std::time::Duration,
 ) -> Grouper<(Uuid, Uuid), Result<flowfarm_store::JobRow, flowfarm_store::StoreError>> {
     Grouper::new(MAX_GROUP, move |requests: Vec<(Uuid, Uuid)>| {
@@ -119,7 +119,7 @@ fn start_grouper(
     .in_flight(GROUPS_IN_FLIGHT)
 }
 
-fn completion_grouper(store: PgStore) -> Grouper<flowfarm_store::Completion, Result<(), flowfarm_store::StoreError>> {
+fn completion_grouper(store: Arc<dyn Store>) -> Grouper<flowfarm_store::Completion, Result<(), flowfarm_store::StoreError>> {
     Grouper::new(MAX_GROUP, move |requests: Vec<flowfarm_store::Completion>| {
         let store = store.clone();
         async move {
@@ -148,19 +148,19 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Builds the services over `store` with `config`'s registry, limits,
-    /// leases and retry backoff.
+    /// Builds the services over `store` (any [`Store`]: Postgres across
+    /// machines) with `config`'s registry, limits, leases and retry backoff.
     ///
     /// # Errors
     /// [`ConfigError`] if the config does not pass its checks or the results
     /// store cannot be opened.
-    pub fn new(config: &Config, store: PgStore) -> Result<Self, ConfigError> {
+    pub fn new(config: &Config, store: impl Store) -> Result<Self, ConfigError> {
         config.check()?;
         let results = flowfarm_results::ResultStore::open(config.results.url.as_deref(), &config.results.dir)
             .map_err(|e| ConfigError::Invalid(format!("results: {e}")))?;
         let tls = config.server.tls.as_ref().map(tls::ServerTls::load).transpose().map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let (progress, _) = broadcast::channel(4096);
-        let store = store.with_retry_backoff(config.retries.backoff());
+        let store: Arc<dyn Store> = Arc::new(store.with_retry_backoff(config.retries.backoff()));
         Ok(Coordinator {
             shared: Arc::new(Shared {
                 queue: config.queue.clone(),

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use flowfarm_store::{PgStore, StoreError};
+use flowfarm_store::{Store, StoreError};
 
 use crate::config::LeaseConfig;
 
@@ -20,7 +20,7 @@ pub struct ReapReport {
 ///
 /// # Errors
 /// [`StoreError`] from the database.
-pub async fn reap_once(store: &PgStore, leases: &LeaseConfig) -> Result<ReapReport, StoreError> {
+pub async fn reap_once(store: &dyn Store, leases: &LeaseConfig) -> Result<ReapReport, StoreError> {
     let moved = store.reap_expired_leases().await?;
     let dead = moved.iter().filter(|j| j.state == flowfarm_core::JobState::Dead).count();
     let lost = store.mark_lost_workers(Duration::from_secs(u64::from(leases.worker_timeout_seconds))).await?;
@@ -69,7 +69,7 @@ pub async fn run_reaper(coordinator: crate::Coordinator, shutdown: impl std::fut
                         }
                     }
                 }
-                match reap_once(&store, &leases).await {
+                match reap_once(store.as_ref(), &leases).await {
                     Ok(report) => {
                         for _ in 0..report.requeued + report.dead {
                             coordinator.shared.metrics.failure("lease_expired");

@@ -13,7 +13,7 @@
 use std::time::{Duration, SystemTime};
 
 use flowfarm_results::{ResultError, ResultStore};
-use flowfarm_store::{PgStore, StoreError};
+use flowfarm_store::{Store, StoreError};
 use uuid::Uuid;
 
 /// How long an object stays after it was written, whatever its job.
@@ -35,7 +35,7 @@ pub enum SweepError {
 ///
 /// # Errors
 /// [`SweepError`] from the database or the results store.
-pub async fn sweep_orphans(store: &PgStore, results: &ResultStore, within: Duration, grace: Duration) -> Result<u64, SweepError> {
+pub async fn sweep_orphans(store: &dyn Store, results: &ResultStore, within: Duration, grace: Duration) -> Result<u64, SweepError> {
     let cutoff = SystemTime::now().checked_sub(grace).unwrap_or(SystemTime::UNIX_EPOCH);
     let mut deleted = 0;
     for batch in store.batches_finished_within(within).await? {
@@ -73,7 +73,7 @@ pub async fn run_sweeper(coordinator: crate::Coordinator, interval: Duration, sh
             _ = &mut shutdown => return,
             _ = tick.tick() => {
                 let shared = &coordinator.shared;
-                if let Err(e) = sweep_orphans(&shared.store, &shared.results, within, ORPHAN_GRACE).await {
+                if let Err(e) = sweep_orphans(shared.store.as_ref(), &shared.results, within, ORPHAN_GRACE).await {
                     tracing::warn!(error = %e, "result sweep failed; retrying next pass");
                 }
             }

@@ -8,7 +8,7 @@ use std::path::Path;
 use chrono::Utc;
 use flowfarm_core::Role;
 use flowfarm_proto::v1 as pb;
-use flowfarm_store::{check_token_name, NewToken, PgStore, Quotas, TokenInfo};
+use flowfarm_store::{check_token_name, NewToken, Quotas, Store, TokenInfo};
 use tonic::{Request, Response, Status};
 
 use crate::convert::{invalid, parse_id, store_status, timestamp};
@@ -147,7 +147,7 @@ pub enum FirstAdminError {
 ///
 /// # Errors
 /// [`FirstAdminError`] if the store fails or the file cannot be written.
-pub async fn ensure_first_admin_token(store: &PgStore, path: &Path) -> Result<FirstAdmin, FirstAdminError> {
+pub async fn ensure_first_admin_token(store: &dyn Store, path: &Path) -> Result<FirstAdmin, FirstAdminError> {
     let Some((token, secret)) = store.create_first_admin_token("admin", rand::random()).await? else {
         return Ok(FirstAdmin::Exists);
     };

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use flowfarm_core::JobState;
 use flowfarm_proto::v1 as pb;
-use flowfarm_store::{BatchRow, JobCounts, JobFilter, LogCursor, PgStore};
+use flowfarm_store::{BatchRow, JobCounts, JobFilter, LogCursor, Store};
 use tokio::sync::{broadcast, mpsc};
 use tonic::Status;
 use uuid::Uuid;
@@ -55,7 +55,7 @@ fn message(event: pb::watch_batch_event::Event, cursor: &LogCursor) -> pb::Watch
 /// Opens the stream's starting point (so a missing batch fails the call
 /// itself) and spawns the task that feeds `tx`.
 pub(crate) async fn start(
-    store: PgStore,
+    store: std::sync::Arc<dyn Store>,
     batch_id: Uuid,
     start: Start,
     progress: broadcast::Receiver<Progress>,
@@ -76,7 +76,7 @@ pub(crate) async fn start(
 }
 
 struct Watcher {
-    store: PgStore,
+    store: std::sync::Arc<dyn Store>,
     /// The batch as first read; its counts are replaced by `counts` when sent.
     batch: BatchRow,
     cursor: LogCursor,

@@ -4,11 +4,13 @@ use uuid::Uuid;
 /// What can go wrong in the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database refused or could not be reached.
-    #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    /// The database refused or could not be reached. `transient`: it says
+    /// "not now" rather than "no" (unreachable, restarting, a lost race a
+    /// retry may win), so callers retry.
+    #[error("database error: {message}")]
+    Database { message: String, transient: bool },
     #[error("migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(String),
     /// The batch, job or worker does not exist.
     #[error("{what} {id} not found")]
     NotFound { what: &'static str, id: Uuid },
@@ -33,4 +35,33 @@ pub enum StoreError {
     /// (a schema newer than this build).
     #[error("corrupt row: {0}")]
     Corrupt(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Database { transient: transient(&e), message: e.to_string() }
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        StoreError::Migrate(e.to_string())
+    }
+}
+
+/// Whether a database error says "not now" rather than "no": the server is
+/// unreachable, restarting or shutting down, or the statement lost a race
+/// it may win when tried again.
+fn transient(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            // 08: connection exception; 57P01–57P03: shutdown, crash, cannot
+            // connect now; 53: insufficient resources; 40001 / 40P01:
+            // serialization failure, deadlock.
+            code.starts_with("08") || code.starts_with("57P") || code.starts_with("53") || code == "40001" || code == "40P01"
+        }),
+        _ => false,
+    }
 }

@@ -101,12 +101,7 @@ const COUNTS_SQL: &str = "(SELECT COALESCE(jsonb_object_agg(state, n), '{}'::jso
      FROM (SELECT state, count(*) AS n FROM jobs WHERE batch_id = $1 GROUP BY state) c)";
 
 impl PgStore {
-    /// The batch and its counts together with the log position they are
-    /// consistent with: the counts are those of the snapshot the cursor
-    /// names, so counts + every event read from the cursor on = the batch now.
-    ///
-    /// # Errors
-    /// [`StoreError::NotFound`] if there is no such batch.
+    /// [`Store::batch_with_cursor`](crate::Store::batch_with_cursor) on Postgres.
     pub async fn batch_with_cursor(&self, id: Uuid) -> Result<(BatchRow, LogCursor), StoreError> {
         let row = sqlx::query(&format!(
             "SELECT id, submitter, idempotency_key, labels, total_jobs, created_at, \
@@ -133,13 +128,7 @@ impl PgStore {
         Ok((batch, LogCursor { seen, reading: None }))
     }
 
-    /// The next page (at most `limit` events) of `batch_id`'s log after
-    /// `cursor`. Between reads this starts a new read under a fresh snapshot
-    /// (and, with `want_counts`, also counts the batch's jobs under it);
-    /// inside one it continues where the cursor stands.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
+    /// [`Store::read_batch_log`](crate::Store::read_batch_log) on Postgres.
     pub async fn read_batch_log(&self, batch_id: Uuid, cursor: &LogCursor, limit: u32, want_counts: bool) -> Result<LogPage, StoreError> {
         let (upto, after) = match &cursor.reading {
             Some((upto, after)) => (Some(upto.0.clone()), *after),

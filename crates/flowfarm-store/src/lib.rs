@@ -1,7 +1,9 @@
-//! Postgres persistence for flowfarm: batches, jobs, job events, workers,
-//! queue pauses and API tokens.
+//! Persistence for flowfarm: batches, jobs, job events, workers, queue
+//! pauses and API tokens.
 //!
-//! [`PgStore`] is the only way the coordinator touches the database. Every job
+//! [`Store`] is the contract the coordinator works through (`store.rs`);
+//! [`PgStore`] implements it on Postgres (`postgres.rs`, over the statements
+//! in `jobs/`, `events.rs`, `workers.rs`, `tokens.rs`, …). Every job
 //! state change goes through one SQL statement that moves the rows *and*
 //! writes their `job_events` rows, and it only touches rows whose current state
 //! the [`Transition`](flowfarm_core::Transition) allows, so the state machine
@@ -14,8 +16,10 @@
 mod error;
 mod events;
 mod jobs;
+mod postgres;
 mod progress;
 mod rows;
+mod store;
 mod tenants;
 mod tokens;
 mod workers;
@@ -30,6 +34,7 @@ pub use events::{LogCursor, LogPage};
 pub use jobs::{Completion, FailureCause, JobFilter, JobSelector, NewBatch, SubmitOutcome};
 pub use progress::{ProgressListener, ProgressNote};
 pub use rows::{BatchRow, EventRow, JobCounts, JobResultRow, JobRow, ModelStats, QueuePause, WorkerRow};
+pub use store::{ProgressSource, Store};
 pub use tokens::{check_token_name, NewToken, Quotas, TokenInfo, MAX_TOKEN_NAME, TOKEN_PREFIX};
 pub use workers::{HeartbeatOutcome, NewWorker};
 
@@ -83,10 +88,7 @@ impl PgStore {
         Ok(())
     }
 
-    /// Whether Postgres answers a trivial query now.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] when it does not.
+    /// [`Store::ping`](crate::Store::ping) on Postgres.
     pub async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())

@@ -49,10 +49,7 @@ impl ProgressListener {
 }
 
 impl PgStore {
-    /// Starts listening for progress notes from every coordinator.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] if the listening connection cannot be opened.
+    /// [`Store::listen_progress`](crate::Store::listen_progress) on Postgres.
     pub async fn listen_progress(&self) -> Result<ProgressListener, StoreError> {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(CHANNEL).await?;

@@ -68,10 +68,7 @@ pub(crate) async fn enforce_quotas(conn: &mut PgConnection, submitter: &str, quo
 }
 
 impl PgStore {
-    /// The submitter of a batch.
-    ///
-    /// # Errors
-    /// [`StoreError::NotFound`] if there is no such batch.
+    /// [`Store::batch_submitter`](crate::Store::batch_submitter) on Postgres.
     pub async fn batch_submitter(&self, batch_id: Uuid) -> Result<String, StoreError> {
         sqlx::query_scalar("SELECT submitter FROM batches WHERE id = $1")
             .bind(batch_id)
@@ -80,10 +77,7 @@ impl PgStore {
             .ok_or(StoreError::NotFound { what: "batch", id: batch_id })
     }
 
-    /// The submitter of a job's batch.
-    ///
-    /// # Errors
-    /// [`StoreError::NotFound`] if there is no such job.
+    /// [`Store::job_submitter`](crate::Store::job_submitter) on Postgres.
     pub async fn job_submitter(&self, job_id: Uuid) -> Result<String, StoreError> {
         sqlx::query_scalar("SELECT b.submitter FROM jobs j JOIN batches b ON b.id = j.batch_id WHERE j.id = $1")
             .bind(job_id)
@@ -92,11 +86,7 @@ impl PgStore {
             .ok_or(StoreError::NotFound { what: "job", id: job_id })
     }
 
-    /// Checks that everything `selector` names belongs to `submitter`; a job
-    /// or batch of another submitter is reported exactly as a missing one.
-    ///
-    /// # Errors
-    /// [`StoreError::NotFound`] naming the first batch or job that is not the submitter's.
+    /// [`Store::check_owned`](crate::Store::check_owned) on Postgres.
     pub async fn check_owned(&self, selector: &JobSelector, submitter: &str) -> Result<(), StoreError> {
         match selector {
             JobSelector::Batch(id) => {

@@ -123,11 +123,7 @@ fn limit_column(limit: Option<u32>) -> Option<i32> {
 }
 
 impl PgStore {
-    /// Creates a token and returns it with its secret, which is not stored
-    /// and cannot be shown again. `entropy` must be 32 random bytes.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] if the insert fails.
+    /// [`Store::create_token`](crate::Store::create_token) on Postgres.
     pub async fn create_token(&self, token: &NewToken, entropy: [u8; 32]) -> Result<(TokenInfo, String), StoreError> {
         let secret = secret_of(entropy);
         let row = sqlx::query(&format!(
@@ -147,12 +143,7 @@ impl PgStore {
         Ok((TokenInfo::from_row(&row)?, secret))
     }
 
-    /// Makes an admin token named `name` if no live admin token exists, and
-    /// returns it with its secret; `None` if one exists. Coordinators that
-    /// start together make at most one.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed statement.
+    /// [`Store::create_first_admin_token`](crate::Store::create_first_admin_token) on Postgres.
     pub async fn create_first_admin_token(&self, name: &str, entropy: [u8; 32]) -> Result<Option<(TokenInfo, String)>, StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('flowfarm first admin token', 0))").execute(&mut *tx).await?;
@@ -172,10 +163,7 @@ impl PgStore {
         row.map(|row| Ok((TokenInfo::from_row(&row)?, secret))).transpose()
     }
 
-    /// The live (not revoked, not expired) token with this secret, if any.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
+    /// [`Store::authenticate`](crate::Store::authenticate) on Postgres.
     pub async fn authenticate(&self, secret: &str) -> Result<Option<TokenInfo>, StoreError> {
         let row = sqlx::query(&format!(
             "SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL \
@@ -187,21 +175,14 @@ impl PgStore {
         row.as_ref().map(TokenInfo::from_row).transpose()
     }
 
-    /// Tokens (without secrets) in creation order: the live ones, and with
-    /// `include_dead` the revoked and expired ones too.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
+    /// [`Store::list_tokens`](crate::Store::list_tokens) on Postgres.
     pub async fn list_tokens(&self, include_dead: bool) -> Result<Vec<TokenInfo>, StoreError> {
         let live = if include_dead { "TRUE" } else { "revoked_at IS NULL AND (expires_at IS NULL OR expires_at > now())" };
         let rows = sqlx::query(&format!("SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE {live} ORDER BY id")).fetch_all(&self.pool).await?;
         rows.iter().map(TokenInfo::from_row).collect()
     }
 
-    /// Revokes a token; its secret stops working at once. Returns it as revoked.
-    ///
-    /// # Errors
-    /// [`StoreError::NotFound`] if no unrevoked token has that id.
+    /// [`Store::revoke_token`](crate::Store::revoke_token) on Postgres.
     pub async fn revoke_token(&self, id: Uuid) -> Result<TokenInfo, StoreError> {
         let row = sqlx::query(&format!(
             "UPDATE api_tokens SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL RETURNING {TOKEN_COLUMNS}"

@@ -45,10 +45,7 @@ pub struct HeartbeatOutcome {
 }
 
 impl PgStore {
-    /// Registers a worker in state `active`.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed insert.
+    /// [`Store::register_worker`](crate::Store::register_worker) on Postgres.
     pub async fn register_worker(&self, worker: &NewWorker) -> Result<WorkerRow, StoreError> {
         let id = Uuid::now_v7();
         let sets: Vec<&str> = worker.text_encoder_sets.iter().map(|s| s.as_str()).collect();
@@ -71,11 +68,7 @@ impl PgStore {
         self.get_worker(id).await
     }
 
-    /// The token worker `id` registered with (None for workers registered
-    /// before tokens were recorded).
-    ///
-    /// # Errors
-    /// [`StoreError::NotFound`] if there is no such worker.
+    /// [`Store::worker_token`](crate::Store::worker_token) on Postgres.
     pub async fn worker_token(&self, id: Uuid) -> Result<Option<Uuid>, StoreError> {
         sqlx::query_scalar::<_, Option<Uuid>>("SELECT token_id FROM workers WHERE id = $1")
             .bind(id)
@@ -84,10 +77,7 @@ impl PgStore {
             .ok_or(StoreError::NotFound { what: "worker", id })
     }
 
-    /// One worker.
-    ///
-    /// # Errors
-    /// [`StoreError::NotFound`] if there is no such worker.
+    /// [`Store::get_worker`](crate::Store::get_worker) on Postgres.
     pub async fn get_worker(&self, id: Uuid) -> Result<WorkerRow, StoreError> {
         let row = sqlx::query(&format!("SELECT {WORKER_COLUMNS} FROM workers w WHERE w.id = $1"))
             .bind(id)
@@ -97,10 +87,7 @@ impl PgStore {
         WorkerRow::from_row(&row)
     }
 
-    /// Workers in registration order; gone ones only if asked.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
+    /// [`Store::list_workers`](crate::Store::list_workers) on Postgres.
     pub async fn list_workers(&self, include_gone: bool) -> Result<Vec<WorkerRow>, StoreError> {
         let rows = sqlx::query(&format!("SELECT {WORKER_COLUMNS} FROM workers w WHERE $1 OR w.state <> 'gone' ORDER BY w.id"))
             .bind(include_gone)
@@ -109,17 +96,7 @@ impl PgStore {
         rows.iter().map(WorkerRow::from_row).collect()
     }
 
-    /// Records a heartbeat, in one transaction: renews the leases of the
-    /// listed (job, attempt) pairs the worker still holds, and only those;
-    /// takes back the running jobs it holds but no longer lists, once they
-    /// started more than `grace` ago (a claim made since the heartbeat left
-    /// may not be listed yet); brings a `lost` worker back to `active`; and
-    /// names the listed jobs it no longer holds. (GPU time is counted when an
-    /// attempt ends, not from heartbeats.)
-    ///
-    /// # Errors
-    /// [`StoreError::NotFound`] for an unknown worker;
-    /// [`StoreError::WorkerUnavailable`] for one that is gone.
+    /// [`Store::heartbeat`](crate::Store::heartbeat) on Postgres.
     pub async fn heartbeat(
         &self,
         worker_id: Uuid,
@@ -190,12 +167,7 @@ impl PgStore {
         Ok(HeartbeatOutcome { state, revoked, lease_expires_at, taken_back })
     }
 
-    /// Moves a worker to `draining`, `cordoned` or back to `active`, or to
-    /// `gone` when it deregisters.
-    ///
-    /// # Errors
-    /// [`StoreError::NotFound`]; [`StoreError::WorkerUnavailable`] if it is
-    /// gone (or lost, for anything but gone).
+    /// [`Store::set_worker_state`](crate::Store::set_worker_state) on Postgres.
     pub async fn set_worker_state(&self, worker_id: Uuid, state: WorkerState) -> Result<WorkerRow, StoreError> {
         // The states each target may be reached from, checked by the UPDATE
         // itself: a drain racing a deregistration cannot bring a gone worker back.
@@ -224,11 +196,7 @@ impl PgStore {
         Ok(current)
     }
 
-    /// Marks workers silent for longer than `timeout` as lost; returns their ids.
-    /// Their jobs are left to lease expiry.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
+    /// [`Store::mark_lost_workers`](crate::Store::mark_lost_workers) on Postgres.
     pub async fn mark_lost_workers(&self, timeout: Duration) -> Result<Vec<Uuid>, StoreError> {
         let ids = sqlx::query(
             "UPDATE workers SET state = 'lost' WHERE state IN ('active', 'draining', 'cordoned') \

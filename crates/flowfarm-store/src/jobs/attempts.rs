@@ -14,23 +14,7 @@ use crate::rows::{JobResultRow, JOB_COLUMNS};
 use crate::{JobRow, PgStore, StoreError};
 
 impl PgStore {
-    /// Claims a dispatched job for `worker_id`: running, with a lease of
-    /// `lease` from now. The attempt number is the job's.
-    ///
-    /// A worker that failed an earlier attempt of the job does not get it
-    /// again while another active worker serving the model could: the job
-    /// goes back to the queue (same attempt, held back one second so the
-    /// same worker does not pick it straight up again) and this is
-    /// [`StoreError::Declined`].
-    ///
-    /// Claims are idempotent: the worker that already runs the job gets the
-    /// running job back, with its attempt, as its first claim did.
-    ///
-    /// # Errors
-    /// [`StoreError::WorkerUnavailable`] if the worker is not active (the
-    /// job goes back to the queue); [`StoreError::WrongState`] if the job is
-    /// not dispatched nor already this worker's (a duplicate message, say); [`StoreError::Declined`];
-    /// [`StoreError::NotFound`].
+    /// [`Store::start_job`](crate::Store::start_job) on Postgres.
     pub async fn start_job(&self, job_id: Uuid, worker_id: Uuid, lease: Duration) -> Result<JobRow, StoreError> {
         // The usual case: a group of one.
         match self.start_jobs(&[(job_id, worker_id)], lease).await?.pop().flatten() {
@@ -47,16 +31,7 @@ impl PgStore {
         }
     }
 
-    /// Many StartJobs in one statement (the coordinator groups concurrent
-    /// calls; [`PgStore::start_job`] is a group of one): a pair starts when
-    /// the job is dispatched, the worker active, and the worker did not fail
-    /// it before while another active worker serves the model. Returns, in
-    /// request order, the started job or None for a request that did not
-    /// start (call `start_job` for it to learn why, and to put a declined
-    /// job back).
-    ///
-    /// # Errors
-    /// [`StoreError::Database`]; nothing is started then.
+    /// [`Store::start_jobs`](crate::Store::start_jobs) on Postgres.
     pub async fn start_jobs(&self, requests: &[(Uuid, Uuid)], lease: Duration) -> Result<Vec<Option<JobRow>>, StoreError> {
         let jobs: Vec<Uuid> = requests.iter().map(|r| r.0).collect();
         let workers: Vec<Uuid> = requests.iter().map(|r| r.1).collect();
@@ -96,15 +71,7 @@ impl PgStore {
             .collect())
     }
 
-    /// Many CompleteJobs in one statement (the coordinator groups concurrent
-    /// calls; [`PgStore::complete_job`] is a group of one plus the repeat
-    /// check): each running attempt succeeds with its result, and its worker
-    /// is credited once. Returns, in request order, whether each took effect here;
-    /// for one that did not, call `complete_job` (a repeat is a no-op there,
-    /// anything else is refused with the reason).
-    ///
-    /// # Errors
-    /// [`StoreError::Database`]; nothing is completed then.
+    /// [`Store::complete_jobs`](crate::Store::complete_jobs) on Postgres.
     pub async fn complete_jobs(&self, requests: &[Completion]) -> Result<Vec<bool>, StoreError> {
         let col = |f: fn(&Completion) -> Uuid| requests.iter().map(f).collect::<Vec<Uuid>>();
         let (jobs, workers) = (col(|c| c.job_id), col(|c| c.worker_id));
@@ -192,12 +159,7 @@ impl PgStore {
         Ok(refusal)
     }
 
-    /// Records step progress of a running attempt, renews its lease and
-    /// notifies every coordinator's watchers ([`PgStore::listen_progress`]).
-    /// Returns the new lease expiry.
-    ///
-    /// # Errors
-    /// [`StoreError::WrongState`] if that attempt no longer holds the job.
+    /// [`Store::report_progress`](crate::Store::report_progress) on Postgres.
     pub async fn report_progress(
         &self,
         job_id: Uuid,
@@ -228,11 +190,7 @@ impl PgStore {
         }
     }
 
-    /// Marks a running attempt succeeded with its result, and credits the
-    /// worker, in one transaction. Repeating the same completion is a no-op.
-    ///
-    /// # Errors
-    /// [`StoreError::WrongState`] if that attempt no longer holds the job.
+    /// [`Store::complete_job`](crate::Store::complete_job) on Postgres.
     pub async fn complete_job(
         &self,
         job_id: Uuid,
@@ -257,15 +215,7 @@ impl PgStore {
         Ok(())
     }
 
-    /// Records a failed attempt, by `cause`: bad input fails the job for
-    /// good; a transient error requeues it (attempt + 1) while attempts
-    /// remain, else it is dead; a worker that cannot serve it hands it to
-    /// another without using up an attempt where one can take it.
-    /// `gpu_seconds`, the attempt's device time, is recorded on its event and
-    /// added to the job's and the worker's totals. Returns the job's new state.
-    ///
-    /// # Errors
-    /// [`StoreError::WrongState`] if that attempt no longer holds the job.
+    /// [`Store::fail_job`](crate::Store::fail_job) on Postgres.
     pub async fn fail_job(
         &self,
         job_id: Uuid,
@@ -344,11 +294,7 @@ impl PgStore {
         }
     }
 
-    /// Returns running jobs whose lease has expired to the queue (attempt + 1)
-    /// or, on their last attempt, marks them dead. Returns the jobs moved.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
+    /// [`Store::reap_expired_leases`](crate::Store::reap_expired_leases) on Postgres.
     pub async fn reap_expired_leases(&self) -> Result<Vec<JobRow>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let expired = |qb: &mut QueryBuilder<'_, Postgres>| {
@@ -360,13 +306,7 @@ impl PgStore {
         Ok(moved)
     }
 
-    /// After the store or the coordinator could not be reached, nobody could
-    /// renew a lease or record a heartbeat: gives every running job at least
-    /// a full `lease` from now and counts every live worker as heard from now,
-    /// so the outage is not taken for dead workers. Returns the jobs renewed.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
+    /// [`Store::forgive_outage`](crate::Store::forgive_outage) on Postgres.
     pub async fn forgive_outage(&self, lease: Duration) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await?;
         let renewed = sqlx::query(

@@ -10,14 +10,7 @@ use crate::rows::JOB_COLUMNS;
 use crate::{JobRow, PgStore, StoreError};
 
 impl PgStore {
-    /// Moves up to `limit` queued jobs of `model` that use the text encoders
-    /// `set` to dispatched, highest priority then oldest first, skipping rows
-    /// another coordinator holds and jobs still in their retry backoff;
-    /// returns them in that order. Returns nothing while the queue (global or
-    /// the model's) is paused.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
+    /// [`Store::dispatch_jobs`](crate::Store::dispatch_jobs) on Postgres.
     pub async fn dispatch_jobs(&self, model: &str, set: TextEncoderSet, limit: u32, actor: &str) -> Result<Vec<JobRow>, StoreError> {
         // One statement (the pause checked in it): a pass over an empty lane
         // costs one round trip.
@@ -46,17 +39,7 @@ impl PgStore {
         Ok(rows)
     }
 
-    /// How many more jobs of `model` using the text encoders `set` may be
-    /// dispatched now: the free slots of the active workers serving that
-    /// model with that set (capacity minus the jobs they may be holding) plus
-    /// `lookahead_per_worker` per worker, so that workers never wait on the
-    /// dispatcher while the rest stays in Postgres, where priority changes,
-    /// pauses and cancels act on it. A worker with T5 also serves CLIP-only
-    /// jobs, so every job of the model counts against the CLIP-only window,
-    /// and only T5 jobs against the T5 one.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
+    /// [`Store::dispatch_window`](crate::Store::dispatch_window) on Postgres.
     pub async fn dispatch_window(&self, model: &str, set: TextEncoderSet, lookahead_per_worker: u32) -> Result<u32, StoreError> {
         let (capacity, workers, outstanding): (i64, i64, i64) = sqlx::query_as(
             "SELECT COALESCE(sum(capacity), 0)::int8, count(*), \
@@ -72,11 +55,7 @@ impl PgStore {
         Ok(window.clamp(0, i64::from(u32::MAX)) as u32)
     }
 
-    /// Of the (model, text encoders) pairs `needs`, those no active worker
-    /// serves, in one round trip.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
+    /// [`Store::unserved`](crate::Store::unserved) on Postgres.
     pub async fn unserved(&self, needs: &[(String, TextEncoderSet)]) -> Result<Vec<(String, TextEncoderSet)>, StoreError> {
         let models: Vec<&str> = needs.iter().map(|(m, _)| m.as_str()).collect();
         let sets: Vec<&str> = needs.iter().map(|(_, s)| s.as_str()).collect();
@@ -92,13 +71,7 @@ impl PgStore {
         Ok(unserved.into_iter().filter_map(|i| needs.get(i as usize).cloned()).collect())
     }
 
-    /// Dispatches again up to `limit` jobs that were dispatched more than
-    /// `older_than` ago and never started: their stream message may be lost
-    /// (Redis restarted or flushed). A duplicate message is harmless: the
-    /// second StartJob is refused. Each gets a `dispatched → dispatched` event.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
+    /// [`Store::redispatch_stale`](crate::Store::redispatch_stale) on Postgres.
     pub async fn redispatch_stale(&self, older_than: Duration, limit: u32, actor: &str) -> Result<Vec<JobRow>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let rows = sqlx::query(&format!(

@@ -9,11 +9,7 @@ use super::*;
 use crate::{JobRow, PgStore, StoreError};
 
 impl PgStore {
-    /// Cancels the selected jobs that are queued, dispatched or running.
-    /// Returns the jobs cancelled.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
+    /// [`Store::cancel_jobs`](crate::Store::cancel_jobs) on Postgres.
     pub async fn cancel_jobs(&self, selector: &JobSelector, actor: &str, reason: &str) -> Result<Vec<JobRow>, StoreError> {
         let mut conn = self.pool.acquire().await?;
         Move { transition: Transition::Cancel, actor, reason }
@@ -29,20 +25,12 @@ impl PgStore {
             .await
     }
 
-    /// Puts failed, cancelled and dead jobs back in the queue with one more
-    /// attempt than they have used.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
+    /// [`Store::retry_jobs`](crate::Store::retry_jobs) on Postgres.
     pub async fn retry_jobs(&self, selector: &JobSelector, actor: &str, reason: &str) -> Result<Vec<JobRow>, StoreError> {
         self.reopen(Transition::Resubmit, selector, actor, reason).await
     }
 
-    /// Takes dispatched and running jobs back to the queue (attempt + 1), so
-    /// the old attempt's reports are refused.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
+    /// [`Store::requeue_jobs`](crate::Store::requeue_jobs) on Postgres.
     pub async fn requeue_jobs(&self, selector: &JobSelector, actor: &str, reason: &str) -> Result<Vec<JobRow>, StoreError> {
         self.reopen(Transition::Requeue, selector, actor, reason).await
     }
@@ -64,10 +52,7 @@ impl PgStore {
             .await
     }
 
-    /// Sets the priority of the selected jobs that are still queued; returns how many.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
+    /// [`Store::set_priority`](crate::Store::set_priority) on Postgres.
     pub async fn set_priority(&self, selector: &JobSelector, priority: i32) -> Result<u64, StoreError> {
         let mut qb = QueryBuilder::new("UPDATE jobs SET priority = ");
         qb.push_bind(priority).push(", updated_at = now() WHERE state = 'queued' AND ");
@@ -75,12 +60,7 @@ impl PgStore {
         Ok(qb.build().execute(&self.pool).await?.rows_affected())
     }
 
-    /// Deletes terminal jobs and their events that are selected,
-    /// or, without a selector, that were last updated before `older_than`.
-    /// Batches left without jobs are deleted too. Returns the jobs deleted.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
+    /// [`Store::purge_jobs`](crate::Store::purge_jobs) on Postgres.
     pub async fn purge_jobs(&self, selector: Option<&JobSelector>, older_than: Option<DateTime<Utc>>) -> Result<u64, StoreError> {
         let mut tx = self.pool.begin().await?;
         let mut qb = QueryBuilder::new("WITH del AS (DELETE FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled', 'dead')");

@@ -8,10 +8,7 @@ use crate::rows::{labels_from_json, parse_state, JOB_COLUMNS};
 use crate::{BatchRow, EventRow, JobCounts, JobRow, PgStore, StoreError};
 
 impl PgStore {
-    /// The batch with its per-state counts.
-    ///
-    /// # Errors
-    /// [`StoreError::NotFound`] if there is no such batch.
+    /// [`Store::get_batch`](crate::Store::get_batch) on Postgres.
     pub async fn get_batch(&self, id: Uuid) -> Result<BatchRow, StoreError> {
         let row = sqlx::query(
             "SELECT id, submitter, idempotency_key, labels, total_jobs, created_at, \
@@ -34,11 +31,7 @@ impl PgStore {
         })
     }
 
-    /// The `limit` most recent batches, newest first, with their counts; only
-    /// `submitter`'s when given.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
+    /// [`Store::recent_batches`](crate::Store::recent_batches) on Postgres.
     pub async fn recent_batches(&self, submitter: Option<&str>, limit: u32) -> Result<Vec<BatchRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT b.id, b.submitter, b.idempotency_key, b.labels, b.total_jobs, b.created_at, \
@@ -85,10 +78,7 @@ impl PgStore {
             .collect()
     }
 
-    /// Jobs of a batch in each state.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
+    /// [`Store::batch_counts`](crate::Store::batch_counts) on Postgres.
     pub async fn batch_counts(&self, batch_id: Uuid) -> Result<JobCounts, StoreError> {
         let rows = sqlx::query("SELECT state, count(*) AS n FROM jobs WHERE batch_id = $1 GROUP BY state")
             .bind(batch_id)
@@ -101,10 +91,7 @@ impl PgStore {
         Ok(counts)
     }
 
-    /// One job.
-    ///
-    /// # Errors
-    /// [`StoreError::NotFound`] if there is no such job.
+    /// [`Store::get_job`](crate::Store::get_job) on Postgres.
     pub async fn get_job(&self, id: Uuid) -> Result<JobRow, StoreError> {
         let row = sqlx::query(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
             .bind(id)
@@ -114,10 +101,7 @@ impl PgStore {
         JobRow::from_row(&row)
     }
 
-    /// Up to `limit` jobs matching `filter` with ids above `after`, in id order.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
+    /// [`Store::list_jobs`](crate::Store::list_jobs) on Postgres.
     pub async fn list_jobs(&self, filter: &JobFilter, after: Option<Uuid>, limit: u32) -> Result<Vec<JobRow>, StoreError> {
         let mut qb = QueryBuilder::new(format!("SELECT {JOB_COLUMNS} FROM jobs WHERE TRUE"));
         if let Some(batch) = filter.batch_id {
@@ -147,10 +131,7 @@ impl PgStore {
         rows.iter().map(JobRow::from_row).collect()
     }
 
-    /// Every event of one job, oldest first.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
+    /// [`Store::job_events`](crate::Store::job_events) on Postgres.
     pub async fn job_events(&self, job_id: Uuid) -> Result<Vec<EventRow>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, job_id, batch_id, from_state, to_state, attempt, actor, reason, at, gpu_seconds FROM job_events \

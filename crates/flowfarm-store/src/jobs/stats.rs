@@ -13,10 +13,7 @@ use crate::rows::parse_state;
 use crate::{JobCounts, ModelStats, PgStore, QueuePause, StoreError};
 
 impl PgStore {
-    /// Sets or clears a pause; `model` empty is the global switch.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
+    /// [`Store::set_paused`](crate::Store::set_paused) on Postgres.
     pub async fn set_paused(&self, model: &str, paused: bool, reason: &str, by: &str) -> Result<QueuePause, StoreError> {
         let row = sqlx::query(
             "INSERT INTO queue_state (model, paused, reason, updated_by) VALUES ($1, $2, $3, $4) \
@@ -32,10 +29,7 @@ impl PgStore {
         pause_from_row(&row)
     }
 
-    /// Every pause switch ever set.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
+    /// [`Store::pauses`](crate::Store::pauses) on Postgres.
     pub async fn pauses(&self) -> Result<Vec<QueuePause>, StoreError> {
         let rows = sqlx::query("SELECT model, paused, reason, updated_by, updated_at FROM queue_state ORDER BY model")
             .fetch_all(&self.pool)
@@ -43,10 +37,7 @@ impl PgStore {
         rows.iter().map(pause_from_row).collect()
     }
 
-    /// Per-model job counts, pauses and oldest queued age.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
+    /// [`Store::queue_stats`](crate::Store::queue_stats) on Postgres.
     pub async fn queue_stats(&self, model: Option<&str>) -> Result<Vec<ModelStats>, StoreError> {
         let rows = sqlx::query(
             "SELECT model, state, count(*) AS n, \
@@ -99,11 +90,7 @@ impl PgStore {
         Ok(stats)
     }
 
-    /// Batches with a job that reached a terminal state within `within`:
-    /// where result objects of attempts that did not succeed may be left.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
+    /// [`Store::batches_finished_within`](crate::Store::batches_finished_within) on Postgres.
     pub async fn batches_finished_within(&self, within: Duration) -> Result<Vec<Uuid>, StoreError> {
         Ok(sqlx::query_scalar(
             "SELECT DISTINCT batch_id FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled', 'dead') \
@@ -114,20 +101,14 @@ impl PgStore {
         .await?)
     }
 
-    /// Each job of `batch`: its state and the result key it recorded.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
+    /// [`Store::result_keys`](crate::Store::result_keys) on Postgres.
     pub async fn result_keys(&self, batch: Uuid) -> Result<HashMap<Uuid, (JobState, Option<String>)>, StoreError> {
         let rows: Vec<(Uuid, String, Option<String>)> =
             sqlx::query_as("SELECT id, state, result_key FROM jobs WHERE batch_id = $1").bind(batch).fetch_all(&self.pool).await?;
         rows.into_iter().map(|(id, state, key)| Ok((id, (parse_state(&state)?, key)))).collect()
     }
 
-    /// Device time per submitter over all their jobs' attempts, most first.
-    ///
-    /// # Errors
-    /// [`StoreError::Database`] on a failed query.
+    /// [`Store::gpu_seconds_by_submitter`](crate::Store::gpu_seconds_by_submitter) on Postgres.
     pub async fn gpu_seconds_by_submitter(&self) -> Result<Vec<(String, f64)>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT b.submitter, sum(j.gpu_seconds)::float8 FROM jobs j JOIN batches b ON b.id = j.batch_id \

@@ -9,17 +9,7 @@ use super::*;
 use crate::{PgStore, StoreError};
 
 impl PgStore {
-    /// Stores a batch and all its jobs in one transaction; the jobs and their
-    /// creation events go in one statement (UNNEST over column arrays).
-    ///
-    /// With an idempotency key already used by the same submitter: identical
-    /// content returns the first batch (`created = false`), other content is
-    /// [`StoreError::IdempotencyConflict`]. A new batch must fit the
-    /// submitter's quotas. Nothing is written on error.
-    ///
-    /// # Errors
-    /// [`StoreError::IdempotencyConflict`], [`StoreError::QuotaExceeded`], or
-    /// [`StoreError::Database`].
+    /// [`Store::submit_batch`](crate::Store::submit_batch) on Postgres.
     pub async fn submit_batch(&self, batch: &NewBatch, jobs: &[ResolvedJob]) -> Result<SubmitOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
         if let Some(key) = &batch.idempotency_key {
