@@ -123,12 +123,12 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Runs until `shutdown` resolves: a pass whenever this coordinator
+    /// Runs until `shutdown` is cancelled: a pass whenever this coordinator
     /// wakes it (submission, finished job, new worker, resume) or every
     /// `queue.dispatch_interval_seconds`; recovery every
     /// `queue.redispatch_after_seconds / 4`. Errors are logged and the next
     /// pass tries again.
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+    pub async fn run(self, shutdown: tokio_util::sync::CancellationToken) {
         let shared = &self.coordinator.shared;
         let interval = Duration::from_secs_f64(shared.queue.dispatch_interval_seconds);
         let recovery_every = Duration::from_secs_f64(shared.queue.redispatch_after_seconds / 4.0);
@@ -136,7 +136,6 @@ impl Dispatcher {
         let mut last_recovery = Instant::now();
         let mut last_pass: Option<Instant> = None;
         let mut failing = false;
-        tokio::pin!(shutdown);
         loop {
             if let Some(gap) = last_pass.and_then(|at| MIN_GAP.checked_sub(at.elapsed())) {
                 tokio::time::sleep(gap).await;
@@ -164,7 +163,7 @@ impl Dispatcher {
             }
             let pause = if failing { interval.max(Duration::from_millis(500)) } else { interval };
             tokio::select! {
-                _ = &mut shutdown => return,
+                () = shutdown.cancelled() => return,
                 _ = notified => {}
                 _ = tokio::time::sleep(pause) => {}
             }

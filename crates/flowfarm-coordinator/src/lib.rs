@@ -82,6 +82,9 @@ struct Shared {
     tls: Option<Arc<tls::ServerTls>>,
     /// Why the coordinator cannot work (a dependency does not answer); None: it can.
     not_ready: std::sync::Mutex<Option<String>>,
+    /// Every task the services spawn (background loops, watch streams,
+    /// result streams, TLS handshakes): [`serve`] waits for them.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 /// Most calls answered by one grouped statement.
@@ -180,6 +183,7 @@ impl Coordinator {
                 progress,
                 tls,
                 not_ready: std::sync::Mutex::new(None),
+                tasks: tokio_util::task::TaskTracker::new(),
             }),
         })
     }

@@ -5,7 +5,6 @@
 //! Postgres at each scrape, so they describe the whole farm whichever replica
 //! is scraped.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 
@@ -19,6 +18,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::Coordinator;
 
@@ -154,21 +154,17 @@ async fn ready(State(coordinator): State<Coordinator>) -> (StatusCode, String) {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` resolves.
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` is cancelled.
 ///
 /// # Errors
 /// The listener's I/O error.
-pub async fn serve_metrics(
-    coordinator: Coordinator,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+pub async fn serve_metrics(coordinator: Coordinator, listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
     let app = axum::Router::new()
         .route("/metrics", axum::routing::get(scrape))
         .route("/healthz", axum::routing::get(live))
         .route("/readyz", axum::routing::get(ready))
         .with_state(coordinator);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }
 
 /// Binds `addr` for [`serve_metrics`], saying which key to change when it fails.

@@ -181,7 +181,7 @@ impl RenderService for Coordinator {
         // Subscribed before the log position is taken, so no progress between the two is lost.
         let progress = self.shared.progress.subscribe();
         let (tx, rx) = mpsc::channel(256);
-        crate::watch::start(self.shared.store.clone(), batch_id, start, progress, tx).await?;
+        crate::watch::start(self.shared.store.clone(), &self.shared.tasks, batch_id, start, progress, tx).await?;
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -214,7 +214,7 @@ impl RenderService for Coordinator {
             other => Status::unavailable(format!("reading the result of job {id}: {other}")),
         })?;
         let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(async move {
+        self.shared.tasks.spawn(async move {
             let mut first = true;
             // Re-chunked to RESULT_CHUNK: object stores hand out pieces of any size.
             let mut pending = bytes::BytesMut::new();

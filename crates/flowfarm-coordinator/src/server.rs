@@ -7,6 +7,7 @@ use flowfarm_proto::v1::render_service_server::RenderServiceServer;
 use flowfarm_proto::v1::worker_service_server::WorkerServiceServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::{run_reaper, Coordinator};
 
@@ -25,18 +26,15 @@ pub enum ServeError {
 /// Serves RenderService, AdminService, WorkerService, grpc.health.v1 (SERVING
 /// only while Postgres and Redis answer) and server reflection on
 /// `listener` (over TLS when `server.tls` is set, reloaded on SIGHUP), and
-/// runs the lease reaper, until
-/// `shutdown` resolves; then stops accepting calls and lets running ones end
-/// for at most `server.shutdown_grace_seconds` (watch streams and idle
-/// clients would otherwise hold it open forever).
+/// runs the lease reaper, until `shutdown` is cancelled; then stops
+/// accepting calls and lets running ones end for at most
+/// `server.shutdown_grace_seconds` (watch streams and idle clients would
+/// otherwise hold it open forever). Returns once every task it and its
+/// services spawned has ended (or the grace ran out again).
 ///
 /// # Errors
 /// [`ServeError`] if the server cannot be built or the transport fails.
-pub async fn serve(
-    coordinator: Coordinator,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), ServeError> {
+pub async fn serve(coordinator: Coordinator, listener: TcpListener, shutdown: CancellationToken) -> Result<(), ServeError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     // For liveness probes: SERVING while the process answers, whatever its
     // dependencies (restarting would not bring Postgres back).
@@ -49,18 +47,19 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = || {
-        let mut stop = stop_rx.clone();
-        async move {
-            let _ = stop.wait_for(|stopped| *stopped).await;
-        }
-    };
-    let reaper = tokio::spawn(run_reaper(coordinator.clone(), stopped()));
-    let progress = tokio::spawn(crate::progress::relay_progress(coordinator.clone(), stopped()));
-    let dependencies = tokio::spawn(crate::health::watch_dependencies(coordinator.clone(), health.clone(), stopped()));
+    // The background loops outlive the signal: calls in their grace period
+    // still need the reaper, the progress relay and health. They stop once
+    // the server has.
+    let background = CancellationToken::new();
+    let tasks = coordinator.shared.tasks.clone();
+    tasks.reopen();
+    tasks.spawn(run_reaper(coordinator.clone(), background.clone().cancelled_owned()));
+    tasks.spawn(crate::progress::relay_progress(coordinator.clone(), background.clone().cancelled_owned()));
+    tasks.spawn(crate::health::watch_dependencies(coordinator.clone(), health.clone(), background.clone().cancelled_owned()));
     let sweep_every = coordinator.shared.results_sweep_interval;
-    let sweeper = (!sweep_every.is_zero()).then(|| tokio::spawn(crate::sweeper::run_sweeper(coordinator.clone(), sweep_every, stopped())));
+    if !sweep_every.is_zero() {
+        tasks.spawn(crate::sweeper::run_sweeper(coordinator.clone(), sweep_every, background.clone().cancelled_owned()));
+    }
 
     let render = RenderServiceServer::new(coordinator.clone())
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -68,9 +67,8 @@ pub async fn serve(
     let admin = AdminServiceServer::new(coordinator.clone());
     let grace = coordinator.shared.shutdown_grace;
     let tls = coordinator.shared.tls.clone();
-    let sighup = tokio::spawn(crate::tls::reload_on_sighup(tls.clone(), stopped()));
+    tasks.spawn(crate::tls::reload_on_sighup(tls.clone(), background.clone().cancelled_owned()));
     let worker = WorkerServiceServer::new(coordinator);
-    let (draining_tx, draining_rx) = tokio::sync::oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
         .trace_fn(crate::spans::rpc_span)
         .add_service(health_service)
@@ -78,34 +76,28 @@ pub async fn serve(
         .add_service(render)
         .add_service(admin)
         .add_service(worker);
-    let draining = async move {
-        shutdown.await;
-        let _ = draining_tx.send(());
-    };
+    let draining = shutdown.clone().cancelled_owned();
     let server: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match tls {
-        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(tls.incoming(listener), draining)),
+        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(tls.incoming(listener, &tasks), draining)),
         None => Box::pin(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), draining)),
     };
-    let deadline = async move {
-        if draining_rx.await.is_ok() {
-            tokio::time::sleep(grace).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(grace).await;
     };
     let result = tokio::select! {
         result = server => result,
-        _ = deadline => {
+        () = deadline => {
             tracing::warn!(grace_seconds = grace.as_secs_f64(), "shutdown grace period over; closing the remaining connections");
             Ok(())
         }
     };
-    let _ = stop_tx.send(true);
-    let _ = reaper.await;
-    let _ = progress.await;
-    let _ = dependencies.await;
-    for task in sweeper.into_iter().chain([sighup]) {
-        let _ = task.await;
+    background.cancel();
+    tasks.close();
+    // Streams cut at the deadline end at their next send; nothing waits
+    // longer than another grace period.
+    if tokio::time::timeout(grace.max(std::time::Duration::from_secs(1)), tasks.wait()).await.is_err() {
+        tracing::warn!(left = tasks.len(), "tasks still running after the grace period; leaving them");
     }
     result?;
     Ok(())

@@ -24,6 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::task::TaskTracker;
 use tonic::Status;
 
 /// How long a client may take over its TLS handshake.
@@ -157,11 +158,17 @@ impl ServerTls {
         TlsAcceptor::from(self.current.read().unwrap_or_else(|p| p.into_inner()).clone())
     }
 
-    /// The TLS connections of `listener`, each handshaken on its own task so a
-    /// slow client holds up nobody; ends when the server drops it.
-    pub(crate) fn incoming(self: Arc<Self>, listener: TcpListener) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+    /// The TLS connections of `listener`, each handshaken on its own task
+    /// (on `tasks`) so a slow client holds up nobody; ends when the server
+    /// drops it.
+    pub(crate) fn incoming(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tasks: &TaskTracker,
+    ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tokio::spawn(async move {
+        let handshakes = tasks.clone();
+        tasks.spawn(async move {
             loop {
                 let (tcp, peer) = tokio::select! {
                     accepted = listener.accept() => match accepted {
@@ -178,7 +185,7 @@ impl ServerTls {
                 let _ = tcp.set_nodelay(true);
                 let acceptor = self.acceptor();
                 let tx = tx.clone();
-                tokio::spawn(async move {
+                handshakes.spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
                             let _ = tx.send(Ok(stream)).await;

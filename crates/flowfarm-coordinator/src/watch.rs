@@ -53,9 +53,10 @@ fn message(event: pb::watch_batch_event::Event, cursor: &LogCursor) -> pb::Watch
 }
 
 /// Opens the stream's starting point (so a missing batch fails the call
-/// itself) and spawns the task that feeds `tx`.
+/// itself) and spawns, on `tasks`, the task that feeds `tx`.
 pub(crate) async fn start(
     store: std::sync::Arc<dyn Store>,
+    tasks: &tokio_util::task::TaskTracker,
     batch_id: Uuid,
     start: Start,
     progress: broadcast::Receiver<Progress>,
@@ -71,7 +72,7 @@ pub(crate) async fn start(
     };
     let fresh = counts.is_some();
     let watcher = Watcher { store, batch, cursor, counts, tx };
-    tokio::spawn(watcher.run(fresh, progress));
+    tasks.spawn(watcher.run(fresh, progress));
     Ok(())
 }
 

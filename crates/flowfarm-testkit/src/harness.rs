@@ -9,6 +9,8 @@ use flowfarm_core::{ModelConfig, Role, ShiftPolicy, TextEncoderSet, Variant};
 use flowfarm_proto::v1::admin_service_client::AdminServiceClient;
 use flowfarm_proto::v1::render_service_client::RenderServiceClient;
 use flowfarm_proto::v1::worker_service_client::WorkerServiceClient;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
@@ -68,8 +70,9 @@ pub struct Harness {
     pub admin_token: String,
     pub worker_token: String,
     pub results_dir: tempfile::TempDir,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    server: Option<tokio::task::JoinHandle<()>>,
+    shutdown: CancellationToken,
+    /// The server and the dispatcher.
+    tasks: TaskTracker,
 }
 
 impl Harness {
@@ -109,24 +112,15 @@ impl Harness {
         let coordinator = Coordinator::new(&config, db.store.clone()).expect("coordinator");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (stop_dispatch, dispatch_stopped) = tokio::sync::oneshot::channel::<()>();
+        let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
         if let Some(queue) = queue {
-            let dispatcher = flowfarm_coordinator::Dispatcher::new(coordinator.clone(), queue);
-            tokio::spawn(dispatcher.run(async {
-                let _ = dispatch_stopped.await;
-            }));
+            tasks.spawn(flowfarm_coordinator::Dispatcher::new(coordinator.clone(), queue).run(shutdown.clone()));
         }
-        let server = tokio::spawn(async move {
-            flowfarm_coordinator::serve(coordinator, listener, async {
-                let _ = stopped.await;
-            })
-            .await
-            .expect("serve");
-            let _ = stop_dispatch.send(());
-        });
+        let serving = shutdown.clone();
+        tasks.spawn(async move { flowfarm_coordinator::serve(coordinator, listener, serving).await.expect("serve") });
+        tasks.close();
         let channel = Channel::from_shared(format!("http://{addr}")).expect("uri").connect_lazy();
-        Harness { db, addr, channel, submit_token, admin_token, worker_token, results_dir, stop: Some(stop), server: Some(server) }
+        Harness { db, addr, channel, submit_token, admin_token, worker_token, results_dir, shutdown, tasks }
     }
 
     pub fn render_as(&self, token: Option<&str>) -> Render {
@@ -159,12 +153,16 @@ impl Harness {
         )
     }
 
-    pub async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(server) = self.server.take() {
-            let _ = server.await;
-        }
+    /// Shuts the coordinator down as a signal would, and waits for it.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.tasks.wait().await;
+    }
+}
+
+impl Drop for Harness {
+    /// A harness dropped without [`Harness::stop`] still stops its coordinator.
+    fn drop(&mut self) {
+        self.shutdown.cancel();
     }
 }

@@ -137,15 +137,15 @@ async fn ready(State(metrics): State<WorkerMetrics>) -> impl IntoResponse {
     }
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` for as long as
-/// the process runs.
-pub async fn serve(metrics: WorkerMetrics, listener: TcpListener) {
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `stop`
+/// is cancelled (once the worker has deregistered).
+pub async fn serve(metrics: WorkerMetrics, listener: TcpListener, stop: tokio_util::sync::CancellationToken) {
     let app = axum::Router::new()
         .route("/metrics", axum::routing::get(scrape))
         .route("/healthz", axum::routing::get(|| async { "ok\n" }))
         .route("/readyz", axum::routing::get(ready))
         .with_state(metrics);
-    if let Err(e) = axum::serve(listener, app).await {
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned()).await {
         tracing::error!(error = %e, "metrics server stopped");
     }
 }

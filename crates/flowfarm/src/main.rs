@@ -19,6 +19,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use flowfarm_coordinator::{Config, Coordinator};
 use flowfarm_core::Role;
 use flowfarm_store::PgStore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 // glibc's malloc hands large freed buffers back to the OS and page-faults the
 // next ones in: with tensors of megabytes allocated every layer, that was about
@@ -151,7 +153,9 @@ async fn open_store(config: &Config) -> Result<PgStore> {
     Ok(store)
 }
 
-async fn shutdown_signal() {
+/// Cancels `shutdown` at the first SIGTERM or Ctrl-C; returns early when
+/// something else cancels it.
+async fn cancel_on_signal(shutdown: CancellationToken) {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -166,14 +170,18 @@ async fn shutdown_signal() {
     };
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+        () = shutdown.cancelled() => return,
+    }
     tracing::info!("shutting down");
+    shutdown.cancel();
 }
 
 /// Connects to Redis (retrying with backoff while it is away), then runs the
-/// dispatcher until `stopped` resolves.
-async fn run_dispatcher(coordinator: Coordinator, redis: flowfarm_queue::RedisTarget, stopped: impl std::future::Future<Output = ()>) {
-    tokio::pin!(stopped);
+/// dispatcher until `shutdown` is cancelled.
+async fn run_dispatcher(coordinator: Coordinator, redis: flowfarm_queue::RedisTarget, shutdown: CancellationToken) {
     let mut pause = std::time::Duration::from_millis(200);
     let queue = loop {
         match flowfarm_queue::WorkQueue::connect(redis.clone()).await {
@@ -181,14 +189,14 @@ async fn run_dispatcher(coordinator: Coordinator, redis: flowfarm_queue::RedisTa
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reach Redis (queue.redis_url / FLOWFARM_REDIS_URL); retrying");
                 tokio::select! {
-                    _ = &mut stopped => return,
+                    () = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(pause) => {}
                 }
                 pause = (pause * 2).min(std::time::Duration::from_secs(5));
             }
         }
     };
-    flowfarm_coordinator::Dispatcher::new(coordinator, std::sync::Arc::new(queue)).run(stopped).await;
+    flowfarm_coordinator::Dispatcher::new(coordinator, std::sync::Arc::new(queue)).run(shutdown).await;
 }
 
 #[tokio::main]
@@ -210,7 +218,11 @@ async fn main() -> Result<()> {
             survive_sighup()?;
             let config = load_worker_config(&worker_config)?;
             let telemetry = telemetry::init(cli.log_format, &config.tracing, "flowfarm-worker")?;
-            let ran = flowfarm_worker::run(config, shutdown_signal()).await;
+            let shutdown = CancellationToken::new();
+            let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
+            let ran = flowfarm_worker::run(config, shutdown.clone()).await;
+            shutdown.cancel();
+            let _ = signals.await;
             let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
             Ok(ran?)
         }
@@ -261,43 +273,36 @@ async fn run(command: Command, config: Config) -> Result<()> {
                 .await
                 .with_context(|| format!("cannot listen on {} (server.listen / FLOWFARM_LISTEN)", config.server.listen))?;
             let addr = listener.local_addr()?;
-            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            let stopped = move || {
-                let mut rx = stop_rx.clone();
-                async move {
-                    let _ = rx.wait_for(|stop| *stop).await;
-                }
-            };
+            // One token stops everything; the tracker holds every task this
+            // command spawns, and the command returns once they have ended.
+            let shutdown = CancellationToken::new();
+            let tasks = TaskTracker::new();
+            tasks.spawn(cancel_on_signal(shutdown.clone()));
             if let Some(metrics_addr) = config.metrics.listen {
                 let metrics_listener = flowfarm_coordinator::bind_metrics(metrics_addr).await?;
                 println!("metrics on {}", metrics_listener.local_addr()?);
-                tokio::spawn(flowfarm_coordinator::serve_metrics(coordinator.clone(), metrics_listener, stopped()));
+                tasks.spawn(flowfarm_coordinator::serve_metrics(coordinator.clone(), metrics_listener, shutdown.clone()));
             }
             if let Some(status_addr) = config.status.listen {
                 let status_listener = flowfarm_coordinator::bind_status_page(status_addr).await?;
                 let scheme = if config.server.tls.is_some() { "https" } else { "http" };
                 println!("status page on {scheme}://{}", status_listener.local_addr()?);
-                tokio::spawn(flowfarm_coordinator::serve_status_page(coordinator.clone(), status_listener, stopped()));
+                tasks.spawn(flowfarm_coordinator::serve_status_page(coordinator.clone(), status_listener, shutdown.clone()));
             }
             tracing::info!(%addr, "coordinator listening");
             // Tests and scripts read this line (the last one on stdout) to find an ephemeral port.
             println!("listening on {addr}");
-            let dispatcher = tokio::spawn(run_dispatcher(coordinator.clone(), config.queue.redis_target(), stopped()));
-            let server = flowfarm_coordinator::serve(coordinator, listener, stopped());
-            tokio::pin!(server);
+            tasks.spawn(run_dispatcher(coordinator.clone(), config.queue.redis_target(), shutdown.clone()));
+            let served = flowfarm_coordinator::serve(coordinator, listener, shutdown.clone()).await;
             // A server that stops by itself has failed: stop the rest and exit non-zero.
-            let served = tokio::select! {
-                served = &mut server => {
-                    let _ = stop_tx.send(true);
-                    served.map_err(anyhow::Error::from).and_then(|()| Err(anyhow::anyhow!("the gRPC server stopped without being asked to")))
-                }
-                () = shutdown_signal() => {
-                    let _ = stop_tx.send(true);
-                    server.await.map_err(anyhow::Error::from)
-                }
-            };
-            let _ = dispatcher.await;
+            let asked = shutdown.is_cancelled();
+            shutdown.cancel();
+            tasks.close();
+            tasks.wait().await;
             served?;
+            if !asked {
+                bail!("the gRPC server stopped without being asked to");
+            }
         }
         Command::Migrate => {
             open_store(&config).await?;

@@ -22,7 +22,6 @@
 
 mod api;
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -35,6 +34,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
 use tonic::Code;
 
 use crate::auth::Caller;
@@ -280,25 +280,22 @@ impl axum::serve::Listener for TlsListener {
 }
 
 /// Serves the status page on `listener` (over the server's TLS when it has
-/// one) until `shutdown` resolves.
+/// one) until `shutdown` is cancelled.
 ///
 /// # Errors
 /// The listener's I/O error.
-pub async fn serve_status_page(
-    coordinator: Coordinator,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+pub async fn serve_status_page(coordinator: Coordinator, listener: TcpListener, shutdown: CancellationToken) -> std::io::Result<()> {
     let tls: Option<Arc<ServerTls>> = coordinator.shared.tls.clone();
-    let page = Page { coordinator, secure: tls.is_some() };
-    let app = router(page);
+    let tasks = coordinator.shared.tasks.clone();
+    let app = router(Page { coordinator, secure: tls.is_some() });
+    let stopped = shutdown.cancelled_owned();
     match tls {
         Some(tls) => {
             let local = listener.local_addr()?;
-            let listener = TlsListener { incoming: tls.incoming(listener), local };
-            axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+            let listener = TlsListener { incoming: tls.incoming(listener, &tasks), local };
+            axum::serve(listener, app).with_graceful_shutdown(stopped).await
         }
-        None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+        None => axum::serve(listener, app).with_graceful_shutdown(stopped).await,
     }
 }
 

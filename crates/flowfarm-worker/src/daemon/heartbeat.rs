@@ -11,10 +11,13 @@ use super::*;
 
 /// Sends heartbeats: renews leases, learns the operators' wishes, stops
 /// revoked jobs.
-pub(super) async fn heartbeat_loop(shared: Arc<Shared>, interval: Duration) {
+pub(super) async fn heartbeat_loop(shared: Arc<Shared>, interval: Duration, stop: tokio_util::sync::CancellationToken) {
     let mut failing = false;
     loop {
-        tokio::time::sleep(interval).await;
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
         let running: Vec<pb::RunningJob> =
             lock(&shared.running).iter().map(|(id, r)| pb::RunningJob { job_id: id.to_string(), attempt: r.attempt }).collect();
         // Device time is reported per attempt, with its completion or failure.

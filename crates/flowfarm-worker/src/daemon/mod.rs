@@ -6,7 +6,6 @@
 //! job is no longer this worker's, and the work is dropped.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,6 +18,8 @@ use flowfarm_proto::v1 as pb;
 use flowfarm_proto::v1::worker_service_client::WorkerServiceClient;
 use flowfarm_queue::{Consumer, JobSource};
 use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -99,7 +100,7 @@ fn transient_code(code: Code) -> bool {
 async fn retrying<T, F, Fut>(what: &str, patience: Duration, mut call: F) -> Result<T, Status>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, Status>>,
+    Fut: std::future::Future<Output = Result<T, Status>>,
 {
     let started = Instant::now();
     let mut pause = Duration::from_millis(100);
@@ -123,15 +124,31 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.5 + rand::random::<f64>() * 0.5)
 }
 
-/// Runs a worker until it has drained: after `shutdown` resolves (SIGTERM)
-/// or an operator drains it, it takes no more work, lets running jobs
-/// finish for `drain_timeout_seconds`, hands back what is left, deregisters
-/// and returns.
+/// Runs a worker until it has drained: after `shutdown` is cancelled
+/// (SIGTERM) or an operator drains it, it takes no more work, lets running
+/// jobs finish for `drain_timeout_seconds`, hands back what is left,
+/// deregisters and returns, once every task it spawned has ended.
 ///
 /// # Errors
 /// [`WorkerError`] if a model cannot be loaded, the token is refused, or
 /// registration fails for good.
-pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), WorkerError> {
+pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    let tasks = TaskTracker::new();
+    // Ends what lives as long as the worker (its metrics, the drain watch).
+    let stopped = CancellationToken::new();
+    let ran = serve(config, shutdown, &tasks, &stopped).await;
+    stopped.cancel();
+    tasks.close();
+    tasks.wait().await;
+    ran
+}
+
+async fn serve(
+    config: WorkerConfig,
+    shutdown: CancellationToken,
+    tasks: &TaskTracker,
+    stopped: &CancellationToken,
+) -> Result<(), WorkerError> {
     let cache = Arc::new(EmbeddingCache::new(config.embedding_cache_bytes));
     // Served from the start, so a liveness probe answers while large models load.
     let metrics = WorkerMetrics::new(cache.clone());
@@ -140,7 +157,7 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
             .await
             .map_err(|e| WorkerError::Config(format!("cannot serve metrics on {addr} (metrics_listen): {e}")))?;
         println!("metrics on {}", listener.local_addr().map_err(|e| WorkerError::Internal(e.to_string()))?);
-        tokio::spawn(crate::metrics::serve(metrics.clone(), listener));
+        tasks.spawn(crate::metrics::serve(metrics.clone(), listener, stopped.clone()));
     }
     let device = open_device(&config.device).map_err(|e| WorkerError::Config(e.to_string()))?;
     let dtype = parse_dtype(&config.dtype).map_err(|e| WorkerError::Config(e.to_string()))?;
@@ -223,14 +240,20 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
     });
     {
         let shared = shared.clone();
-        tokio::spawn(async move {
-            shutdown.await;
-            tracing::info!("shutdown requested: draining");
-            shared.mode.send_replace(Mode::Draining);
+        let stopped = stopped.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                () = shutdown.cancelled() => {
+                    tracing::info!("shutdown requested: draining");
+                    shared.mode.send_replace(Mode::Draining);
+                }
+                () = stopped.cancelled() => {}
+            }
         });
     }
-    let heartbeat =
-        tokio::spawn(heartbeat_loop(shared.clone(), Duration::from_secs(u64::from(registered.heartbeat_interval_seconds.max(1)))));
+    let heartbeats = stopped.child_token();
+    let interval = Duration::from_secs(u64::from(registered.heartbeat_interval_seconds.max(1)));
+    tasks.spawn(heartbeat_loop(shared.clone(), interval, heartbeats.clone()));
 
     let slots = Arc::new(Semaphore::new(config.capacity as usize));
     let mut read_errors = 0u32;
@@ -277,7 +300,7 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
                         Some(permit) => permit,
                         None => slots.clone().acquire_owned().await.map_err(|e| WorkerError::Internal(e.to_string()))?,
                     };
-                    tokio::spawn(run_job(shared.clone(), delivery, start, permit));
+                    tasks.spawn(run_job(shared.clone(), delivery, start, permit));
                 }
                 None => acknowledge(&shared, &delivery).await,
             }
@@ -285,7 +308,7 @@ pub async fn run(config: WorkerConfig, shutdown: impl Future<Output = ()> + Send
     }
 
     drain(&shared, &slots, config.capacity, Duration::from_secs_f64(config.drain_timeout_seconds)).await;
-    heartbeat.abort();
+    heartbeats.cancel();
     retrying("DeregisterWorker", Duration::from_secs(30), || {
         let mut client = shared.client.clone();
         let worker_id = shared.worker_id.clone();
