@@ -1,16 +1,96 @@
-//! The store against a real Postgres: submission, the state machine, leases,
-//! fencing, dispatch without doubles.
+//! One suite for every store: the state machine, submission, leases,
+//! fencing, dispatch without doubles, the event log, workers and tokens,
+//! run against each implementation of [`Store`] through a [`Backend`] (River
+//! runs its driver tests the same way). Only the Postgres store exists, so
+//! `postgres::` holds every test; what only Postgres can show (a transaction
+//! held open) is tested below the suite.
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use flowfarm_core::{JobState, ResolvedJob, Role, TextEncoderSet, WorkerState};
 use flowfarm_store::{
-    Completion, FailureCause, JobCounts, JobFilter, JobResultRow, JobSelector, LogCursor, NewBatch, NewToken, NewWorker, PgStore,
-    RetryBackoff, StoreError,
+    Completion, FailureCause, JobCounts, JobFilter, JobResultRow, JobSelector, LogCursor, NewBatch, NewToken, NewWorker, RetryBackoff,
+    Store, StoreError,
 };
 use flowfarm_testkit::TestDb;
 use uuid::Uuid;
+
+/// A fresh store under test, and what the suite needs of it beyond the
+/// trait: rows counted, and its clock moved (leases, heartbeats and
+/// dispatches made old, retry holds lifted) without waiting.
+#[async_trait::async_trait]
+trait Backend: Send + Sync {
+    fn store(&self) -> Arc<dyn Store>;
+    /// The same database, with retried jobs held back by `backoff`.
+    fn store_with_backoff(&self, backoff: RetryBackoff) -> Arc<dyn Store>;
+    /// The single number `sql` (plain SQL every store's database reads) selects.
+    async fn count(&self, sql: &str) -> i64;
+    /// Every running job's lease ran out `ago`.
+    async fn expire_leases(&self, ago: Duration);
+    async fn age_heartbeats(&self, by: Duration);
+    async fn age_dispatches(&self, by: Duration);
+    /// Every retried job may be dispatched now.
+    async fn lift_retry_holds(&self);
+    /// A job's retry hold and the workers that failed it.
+    async fn retry_hold(&self, job: Uuid) -> (Option<DateTime<Utc>>, Vec<Uuid>);
+    /// What the token table keeps in place of the secrets.
+    async fn token_hashes(&self) -> Vec<Vec<u8>>;
+}
+
+struct Postgres(TestDb);
+
+impl Postgres {
+    async fn new() -> Postgres {
+        Postgres(TestDb::new().await)
+    }
+
+    async fn execute(&self, sql: &str) {
+        sqlx::query(sql).execute(self.0.store.pool()).await.unwrap();
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for Postgres {
+    fn store(&self) -> Arc<dyn Store> {
+        Arc::new(self.0.store.clone())
+    }
+
+    fn store_with_backoff(&self, backoff: RetryBackoff) -> Arc<dyn Store> {
+        Arc::new(self.0.store.clone().with_retry_backoff(backoff))
+    }
+
+    async fn count(&self, sql: &str) -> i64 {
+        sqlx::query_scalar(sql).fetch_one(self.0.store.pool()).await.unwrap()
+    }
+
+    async fn expire_leases(&self, ago: Duration) {
+        self.execute(&format!("UPDATE jobs SET lease_expires_at = now() - make_interval(secs => {})", ago.as_secs_f64())).await;
+    }
+
+    async fn age_heartbeats(&self, by: Duration) {
+        self.execute(&format!("UPDATE workers SET last_heartbeat_at = last_heartbeat_at - make_interval(secs => {})", by.as_secs_f64()))
+            .await;
+    }
+
+    async fn age_dispatches(&self, by: Duration) {
+        self.execute(&format!("UPDATE jobs SET dispatched_at = dispatched_at - make_interval(secs => {})", by.as_secs_f64())).await;
+    }
+
+    async fn lift_retry_holds(&self) {
+        self.execute("UPDATE jobs SET not_before = NULL").await;
+    }
+
+    async fn retry_hold(&self, job: Uuid) -> (Option<DateTime<Utc>>, Vec<Uuid>) {
+        sqlx::query_as("SELECT not_before, failed_workers FROM jobs WHERE id = $1").bind(job).fetch_one(self.0.store.pool()).await.unwrap()
+    }
+
+    async fn token_hashes(&self) -> Vec<Vec<u8>> {
+        sqlx::query_scalar("SELECT token_hash FROM api_tokens").fetch_all(self.0.store.pool()).await.unwrap()
+    }
+}
 
 fn job(i: usize) -> ResolvedJob {
     ResolvedJob {
@@ -40,12 +120,12 @@ fn batch(key: Option<&str>, hash: u8) -> NewBatch {
     }
 }
 
-async fn submit(store: &PgStore, n: usize) -> Uuid {
+async fn submit(store: &dyn Store, n: usize) -> Uuid {
     let jobs: Vec<_> = (0..n).map(job).collect();
     store.submit_batch(&batch(None, 0), &jobs).await.unwrap().batch.id
 }
 
-async fn worker(store: &PgStore) -> Uuid {
+async fn worker(store: &dyn Store) -> Uuid {
     named_worker(store, "w", 2).await
 }
 
@@ -53,26 +133,20 @@ fn result(key: &str) -> JobResultRow {
     JobResultRow { key: key.into(), sha256: "0".repeat(64), size_bytes: 10, content_type: "image/png".into(), model_hash: "ab".repeat(32) }
 }
 
-async fn count(store: &PgStore, sql: &str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(store.pool()).await.unwrap()
-}
-
-#[tokio::test]
-async fn submit_stores_jobs_with_one_creation_event_each() {
-    let db = TestDb::new().await;
-    let id = submit(&db.store, 50).await;
-    let b = db.store.get_batch(id).await.unwrap();
+async fn submit_stores_jobs_with_one_creation_event_each(backend: &dyn Backend) {
+    let store = backend.store();
+    let id = submit(&*store, 50).await;
+    let b = store.get_batch(id).await.unwrap();
     assert_eq!((b.total_jobs, b.counts.queued), (50, 50));
-    assert_eq!(count(&db.store, "SELECT count(*) FROM job_events WHERE from_state IS NULL AND to_state = 'queued'").await, 50);
-    let jobs = db.store.list_jobs(&JobFilter { batch_id: Some(id), ..Default::default() }, None, 100).await.unwrap();
+    assert_eq!(backend.count("SELECT count(*) FROM job_events WHERE from_state IS NULL AND to_state = 'queued'").await, 50);
+    let jobs = store.list_jobs(&JobFilter { batch_id: Some(id), ..Default::default() }, None, 100).await.unwrap();
     assert_eq!(jobs.iter().map(|j| j.index).collect::<Vec<_>>(), (0..50).collect::<Vec<_>>(), "id order is index order");
     assert_eq!(jobs[7].spec, job(7), "the resolved spec round-trips");
 }
 
-#[tokio::test]
-async fn recent_batches_come_newest_first_with_the_counts_get_batch_gives() {
-    let db = TestDb::new().await;
-    let s = &db.store;
+async fn recent_batches_come_newest_first_with_the_counts_get_batch_gives(backend: &dyn Backend) {
+    let store = backend.store();
+    let s: &dyn Store = &*store;
     let older = submit(s, 3).await;
     let newer = submit(s, 2).await;
     let mut other = batch(None, 9);
@@ -92,36 +166,33 @@ async fn recent_batches_come_newest_first_with_the_counts_get_batch_gives() {
     assert_eq!(s.recent_batches(None, 1).await.unwrap().len(), 1, "at most the limit");
 }
 
-#[tokio::test]
-async fn idempotency_key_replays_or_conflicts() {
-    let db = TestDb::new().await;
+async fn idempotency_key_replays_or_conflicts(backend: &dyn Backend) {
+    let store = backend.store();
     let jobs = vec![job(0)];
-    let first = db.store.submit_batch(&batch(Some("k"), 1), &jobs).await.unwrap();
-    let again = db.store.submit_batch(&batch(Some("k"), 1), &jobs).await.unwrap();
+    let first = store.submit_batch(&batch(Some("k"), 1), &jobs).await.unwrap();
+    let again = store.submit_batch(&batch(Some("k"), 1), &jobs).await.unwrap();
     assert!(first.created && !again.created);
     assert_eq!(first.batch.id, again.batch.id);
-    let err = db.store.submit_batch(&batch(Some("k"), 2), &jobs).await.unwrap_err();
+    let err = store.submit_batch(&batch(Some("k"), 2), &jobs).await.unwrap_err();
     assert!(matches!(err, StoreError::IdempotencyConflict { .. }), "{err}");
-    assert_eq!(count(&db.store, "SELECT count(*) FROM batches").await, 1);
-    assert_eq!(count(&db.store, "SELECT count(*) FROM jobs").await, 1);
+    assert_eq!(backend.count("SELECT count(*) FROM batches").await, 1);
+    assert_eq!(backend.count("SELECT count(*) FROM jobs").await, 1);
 }
 
-#[tokio::test]
-async fn concurrent_replays_make_one_batch() {
-    let db = TestDb::new().await;
+async fn concurrent_replays_make_one_batch(backend: &dyn Backend) {
+    let store = backend.store();
     let jobs = vec![job(0), job(1)];
     let request = batch(Some("same"), 3);
-    let tries = (0..8).map(|_| db.store.submit_batch(&request, &jobs));
+    let tries = (0..8).map(|_| store.submit_batch(&request, &jobs));
     let outcomes = futures::future::join_all(tries).await;
     let ids: HashSet<Uuid> = outcomes.into_iter().map(|o| o.unwrap().batch.id).collect();
     assert_eq!(ids.len(), 1);
-    assert_eq!(count(&db.store, "SELECT count(*) FROM jobs").await, 2);
+    assert_eq!(backend.count("SELECT count(*) FROM jobs").await, 2);
 }
 
-#[tokio::test]
-async fn a_job_runs_start_progress_complete_and_completion_takes_effect_once() {
-    let db = TestDb::new().await;
-    let s = &db.store;
+async fn a_job_runs_start_progress_complete_and_completion_takes_effect_once(backend: &dyn Backend) {
+    let store = backend.store();
+    let s: &dyn Store = &*store;
     submit(s, 1).await;
     let w = worker(s).await;
     let job = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 10, "test").await.unwrap().remove(0);
@@ -135,7 +206,7 @@ async fn a_job_runs_start_progress_complete_and_completion_takes_effect_once() {
     assert_eq!((again.state, again.attempt, again.worker_id), (JobState::Running, 1, Some(w)));
     let other = named_worker(s, "other", 1).await;
     assert!(matches!(s.start_job(job.id, other, lease).await, Err(StoreError::WrongState { .. })));
-    assert_eq!(count(s, "SELECT count(*) FROM job_events WHERE to_state = 'running'").await, 1, "started once");
+    assert_eq!(backend.count("SELECT count(*) FROM job_events WHERE to_state = 'running'").await, 1, "started once");
     s.report_progress(job.id, 1, w, 14, lease).await.unwrap();
     assert_eq!(s.get_job(job.id).await.unwrap().progress_step, 14);
     s.complete_job(job.id, 1, w, &result("a.png"), 2.5).await.unwrap();
@@ -143,23 +214,22 @@ async fn a_job_runs_start_progress_complete_and_completion_takes_effect_once() {
     let done = s.get_job(job.id).await.unwrap();
     assert_eq!(done.state, JobState::Succeeded);
     assert_eq!(done.result.unwrap().key, "a.png");
-    assert_eq!(count(s, "SELECT count(*) FROM job_events WHERE to_state = 'succeeded'").await, 1);
+    assert_eq!(backend.count("SELECT count(*) FROM job_events WHERE to_state = 'succeeded'").await, 1);
     let wk = s.get_worker(w).await.unwrap();
     assert_eq!((wk.images_done, wk.gpu_seconds), (1, 2.5), "credited once");
     let events: Vec<_> = s.job_events(job.id).await.unwrap().iter().map(|e| e.to_state).collect();
     assert_eq!(events, vec![JobState::Queued, JobState::Dispatched, JobState::Running, JobState::Succeeded]);
 }
 
-#[tokio::test]
-async fn expired_lease_requeues_with_next_attempt_and_fences_the_old_one() {
-    let db = TestDb::new().await;
-    let s = &db.store;
+async fn expired_lease_requeues_with_next_attempt_and_fences_the_old_one(backend: &dyn Backend) {
+    let store = backend.store();
+    let s: &dyn Store = &*store;
     submit(s, 1).await;
     let w = worker(s).await;
     let job = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "test").await.unwrap().remove(0);
     s.start_job(job.id, w, Duration::from_secs(30)).await.unwrap();
     // Let the lease lapse without waiting for it.
-    sqlx::query("UPDATE jobs SET lease_expires_at = now() - interval '1 second'").execute(s.pool()).await.unwrap();
+    backend.expire_leases(Duration::from_secs(1)).await;
     let moved = s.reap_expired_leases().await.unwrap();
     assert_eq!(moved.len(), 1);
     assert_eq!((moved[0].state, moved[0].attempt), (JobState::Queued, 2));
@@ -171,15 +241,14 @@ async fn expired_lease_requeues_with_next_attempt_and_fences_the_old_one() {
     s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "test").await.unwrap();
     let second = s.start_job(job.id, w, Duration::from_secs(30)).await.unwrap();
     assert_eq!(second.attempt, 2);
-    sqlx::query("UPDATE jobs SET lease_expires_at = now() - interval '1 second'").execute(s.pool()).await.unwrap();
+    backend.expire_leases(Duration::from_secs(1)).await;
     let moved = s.reap_expired_leases().await.unwrap();
     assert_eq!(moved[0].state, JobState::Dead);
 }
 
-#[tokio::test]
-async fn retryable_failures_requeue_until_the_last_attempt_then_dead() {
-    let db = TestDb::new().await;
-    let s = &db.store;
+async fn retryable_failures_requeue_until_the_last_attempt_then_dead(backend: &dyn Backend) {
+    let store = backend.store();
+    let s: &dyn Store = &*store;
     submit(s, 2).await;
     let w = worker(s).await;
     let lease = Duration::from_secs(30);
@@ -201,12 +270,11 @@ async fn retryable_failures_requeue_until_the_last_attempt_then_dead() {
     assert_eq!((a_now.state, a_now.attempt, a_now.spec.max_attempts), (JobState::Queued, 3, 3));
 }
 
-#[tokio::test]
-async fn concurrent_dispatchers_never_take_the_same_job() {
-    let db = TestDb::new().await;
-    submit(&db.store, 400).await;
+async fn concurrent_dispatchers_never_take_the_same_job(backend: &dyn Backend) {
+    let store = backend.store();
+    submit(&*store, 400).await;
     let runs = (0..8).map(|i| {
-        let s = db.store.clone();
+        let s = store.clone();
         tokio::spawn(async move {
             let mut got = Vec::new();
             loop {
@@ -223,10 +291,9 @@ async fn concurrent_dispatchers_never_take_the_same_job() {
     assert_eq!((all.len(), unique.len()), (400, 400));
 }
 
-#[tokio::test]
-async fn dispatch_follows_priority_and_pauses() {
-    let db = TestDb::new().await;
-    let s = &db.store;
+async fn dispatch_follows_priority_and_pauses(backend: &dyn Backend) {
+    let store = backend.store();
+    let s: &dyn Store = &*store;
     let id = submit(s, 3).await;
     let jobs = s.list_jobs(&JobFilter { batch_id: Some(id), ..Default::default() }, None, 10).await.unwrap();
     assert_eq!(s.set_priority(&JobSelector::Ids(vec![jobs[2].id]), 10).await.unwrap(), 1);
@@ -240,10 +307,9 @@ async fn dispatch_follows_priority_and_pauses() {
     assert_eq!(first[0].id, jobs[2].id, "the raised priority goes first");
 }
 
-#[tokio::test]
-async fn cancel_and_purge_touch_only_what_they_may() {
-    let db = TestDb::new().await;
-    let s = &db.store;
+async fn cancel_and_purge_touch_only_what_they_may(backend: &dyn Backend) {
+    let store = backend.store();
+    let s: &dyn Store = &*store;
     let id = submit(s, 5).await;
     let w = worker(s).await;
     let j = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
@@ -251,16 +317,15 @@ async fn cancel_and_purge_touch_only_what_they_may() {
     s.complete_job(j.id, 1, w, &result("r"), 1.0).await.unwrap();
     let cancelled = s.cancel_jobs(&JobSelector::Batch(id), "submitter:t", "no longer needed").await.unwrap();
     assert_eq!(cancelled.len(), 4, "the succeeded job stays");
-    assert_eq!(count(s, "SELECT count(*) FROM job_events WHERE to_state = 'cancelled'").await, 4);
+    assert_eq!(backend.count("SELECT count(*) FROM job_events WHERE to_state = 'cancelled'").await, 4);
     assert_eq!(s.purge_jobs(Some(&JobSelector::Batch(id)), None).await.unwrap(), 5);
-    assert_eq!(count(s, "SELECT count(*) FROM job_events").await, 0, "events go with their jobs");
+    assert_eq!(backend.count("SELECT count(*) FROM job_events").await, 0, "events go with their jobs");
     assert!(matches!(s.get_batch(id).await, Err(StoreError::NotFound { .. })), "an empty batch goes too");
 }
 
-#[tokio::test]
-async fn heartbeats_renew_leases_and_name_revoked_jobs() {
-    let db = TestDb::new().await;
-    let s = &db.store;
+async fn heartbeats_renew_leases_and_name_revoked_jobs(backend: &dyn Backend) {
+    let store = backend.store();
+    let s: &dyn Store = &*store;
     submit(s, 2).await;
     let w = worker(s).await;
     let jobs = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 2, "t").await.unwrap();
@@ -281,30 +346,30 @@ async fn heartbeats_renew_leases_and_name_revoked_jobs() {
     assert!(matches!(s.start_job(next.id, w, short).await, Err(StoreError::WorkerUnavailable { .. })));
     assert_eq!(s.get_job(next.id).await.unwrap().state, JobState::Queued, "the refused job went back to the queue");
 
-    sqlx::query("UPDATE workers SET last_heartbeat_at = now() - interval '2 minutes'").execute(s.pool()).await.unwrap();
+    backend.age_heartbeats(Duration::from_secs(120)).await;
     assert_eq!(s.mark_lost_workers(Duration::from_secs(60)).await.unwrap(), vec![w]);
     assert_eq!(s.get_worker(w).await.unwrap().state, WorkerState::Lost);
 }
 
-#[tokio::test]
-async fn tokens_authenticate_until_revoked() {
-    let db = TestDb::new().await;
-    let s = &db.store;
+async fn tokens_authenticate_until_revoked(backend: &dyn Backend) {
+    let store = backend.store();
+    let s: &dyn Store = &*store;
     let (info, secret) = s.create_token(&NewToken::new("ci", Role::Worker), [7; 32]).await.unwrap();
     assert_eq!(s.authenticate(&secret).await.unwrap(), Some(info.clone()));
     assert_eq!(s.authenticate("fft_nope").await.unwrap(), None);
-    let stored: Vec<u8> = sqlx::query_scalar("SELECT token_hash FROM api_tokens").fetch_one(s.pool()).await.unwrap();
-    assert_ne!(stored, secret.as_bytes(), "only the hash is stored");
+    let stored = backend.token_hashes().await;
+    assert_eq!(stored.len(), 1);
+    assert_ne!(stored[0], secret.as_bytes(), "only the hash is stored");
     s.revoke_token(info.id).await.unwrap();
     assert_eq!(s.authenticate(&secret).await.unwrap(), None);
 }
 
-async fn named_worker(store: &PgStore, name: &str, capacity: u32) -> Uuid {
+async fn named_worker(store: &dyn Store, name: &str, capacity: u32) -> Uuid {
     registered(store, name, capacity, vec![TextEncoderSet::All]).await
 }
 
 /// A worker serving `sd3` with the text-encoder `sets`.
-async fn registered(store: &PgStore, name: &str, capacity: u32, sets: Vec<TextEncoderSet>) -> Uuid {
+async fn registered(store: &dyn Store, name: &str, capacity: u32, sets: Vec<TextEncoderSet>) -> Uuid {
     store
         .register_worker(&NewWorker {
             name: name.into(),
@@ -324,10 +389,9 @@ async fn registered(store: &PgStore, name: &str, capacity: u32, sets: Vec<TextEn
 
 /// The dispatch window: free slots of the active workers serving the model
 /// plus a lookahead per worker, less what is already out.
-#[tokio::test]
-async fn the_dispatch_window_follows_the_fleet() {
-    let db = TestDb::new().await;
-    let s = &db.store;
+async fn the_dispatch_window_follows_the_fleet(backend: &dyn Backend) {
+    let store = backend.store();
+    let s: &dyn Store = &*store;
     submit(s, 20).await;
     assert_eq!(s.dispatch_window("sd3", flowfarm_core::TextEncoderSet::All, 2).await.unwrap(), 0, "no workers, nothing goes out");
     let a = named_worker(s, "a", 3).await;
@@ -347,18 +411,16 @@ async fn the_dispatch_window_follows_the_fleet() {
 
 /// A retried job waits out its backoff before it is dispatched again, and
 /// is not started by the worker that failed it while another worker could.
-#[tokio::test]
-async fn retries_back_off_and_go_to_another_worker() {
-    let db = TestDb::new().await;
-    let s = db.store.clone().with_retry_backoff(RetryBackoff { base: Duration::from_millis(600), max: Duration::from_secs(5) });
-    submit(&s, 1).await;
-    let a = named_worker(&s, "a", 1).await;
+async fn retries_back_off_and_go_to_another_worker(backend: &dyn Backend) {
+    let store = backend.store_with_backoff(RetryBackoff { base: Duration::from_millis(600), max: Duration::from_secs(5) });
+    let s: &dyn Store = &*store;
+    submit(s, 1).await;
+    let a = named_worker(s, "a", 1).await;
     let j = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
     s.start_job(j.id, a, Duration::from_secs(30)).await.unwrap();
     assert_eq!(s.fail_job(j.id, 1, a, "out of memory", FailureCause::Transient, 0.0).await.unwrap(), JobState::Queued);
     assert!(s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "t").await.unwrap().is_empty(), "held back by the backoff");
-    let row: (Option<chrono::DateTime<chrono::Utc>>, Vec<Uuid>) =
-        sqlx::query_as("SELECT not_before, failed_workers FROM jobs").fetch_one(s.pool()).await.unwrap();
+    let row = backend.retry_hold(j.id).await;
     let wait = row.0.unwrap() - chrono::Utc::now();
     assert!(wait <= chrono::Duration::milliseconds(600) && wait > chrono::Duration::milliseconds(200), "base × [0.5, 1]: {wait}");
     assert_eq!(row.1, vec![a]);
@@ -367,12 +429,12 @@ async fn retries_back_off_and_go_to_another_worker() {
     // Alone, the failed worker may take it again.
     let j = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
     assert_eq!(j.attempt, 2);
-    let b = named_worker(&s, "b", 1).await;
+    let b = named_worker(s, "b", 1).await;
     // With another worker there, it declines: back to the queue, same attempt.
     assert!(matches!(s.start_job(j.id, a, Duration::from_secs(30)).await, Err(StoreError::Declined { .. })));
     let declined = s.get_job(j.id).await.unwrap();
     assert_eq!((declined.state, declined.attempt), (JobState::Queued, 2));
-    sqlx::query("UPDATE jobs SET not_before = NULL").execute(s.pool()).await.unwrap();
+    backend.lift_retry_holds().await;
     let j = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
     assert_eq!(s.start_job(j.id, b, Duration::from_secs(30)).await.unwrap().attempt, 2);
 
@@ -383,20 +445,19 @@ async fn retries_back_off_and_go_to_another_worker() {
 
 /// A job dispatched but never started is dispatched again after the
 /// timeout, with an event saying so; a started one is not.
-#[tokio::test]
-async fn unstarted_dispatches_are_dispatched_again() {
-    let db = TestDb::new().await;
-    let s = &db.store;
+async fn unstarted_dispatches_are_dispatched_again(backend: &dyn Backend) {
+    let store = backend.store();
+    let s: &dyn Store = &*store;
     submit(s, 2).await;
     let w = worker(s).await;
     let out = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 2, "t").await.unwrap();
     s.start_job(out[0].id, w, Duration::from_secs(30)).await.unwrap();
     assert!(s.redispatch_stale(Duration::from_secs(60), 10, "t").await.unwrap().is_empty(), "not stale yet");
-    sqlx::query("UPDATE jobs SET dispatched_at = now() - interval '2 minutes'").execute(s.pool()).await.unwrap();
+    backend.age_dispatches(Duration::from_secs(120)).await;
     let again = s.redispatch_stale(Duration::from_secs(60), 10, "t").await.unwrap();
     assert_eq!(again.iter().map(|j| j.id).collect::<Vec<_>>(), vec![out[1].id]);
     assert_eq!(again[0].state, JobState::Dispatched);
-    assert_eq!(count(s, "SELECT count(*) FROM job_events WHERE from_state = 'dispatched' AND to_state = 'dispatched'").await, 1);
+    assert_eq!(backend.count("SELECT count(*) FROM job_events WHERE from_state = 'dispatched' AND to_state = 'dispatched'").await, 1);
     assert!(s.redispatch_stale(Duration::from_secs(60), 10, "t").await.unwrap().is_empty(), "its clock restarted");
     // The duplicate message is refused at start to any other worker; the
     // holder gets its own claim back (it skips a job it already renders).
@@ -404,16 +465,15 @@ async fn unstarted_dispatches_are_dispatched_again() {
     let other = named_worker(s, "other", 1).await;
     assert!(matches!(s.start_job(out[1].id, other, Duration::from_secs(30)).await, Err(StoreError::WrongState { .. })));
     assert_eq!(s.start_job(out[1].id, w, Duration::from_secs(30)).await.unwrap().attempt, 1);
-    assert_eq!(count(s, &format!("SELECT count(*) FROM job_events WHERE job_id = '{}' AND to_state = 'running'", out[1].id)).await, 1);
+    assert_eq!(backend.count(&format!("SELECT count(*) FROM job_events WHERE job_id = '{}' AND to_state = 'running'", out[1].id)).await, 1);
 }
 
 /// Grouped StartJob and CompleteJob do what the single calls do, and leave
 /// the calls they cannot take (duplicates, stale attempts, non-active
 /// workers) for the single path to explain.
-#[tokio::test]
-async fn grouped_starts_and_completions_match_the_single_calls() {
-    let db = TestDb::new().await;
-    let s = &db.store;
+async fn grouped_starts_and_completions_match_the_single_calls(backend: &dyn Backend) {
+    let store = backend.store();
+    let s: &dyn Store = &*store;
     submit(s, 4).await;
     let (a, b) = (named_worker(s, "a", 4).await, named_worker(s, "b", 4).await);
     s.set_worker_state(b, WorkerState::Cordoned).await.unwrap();
@@ -425,7 +485,7 @@ async fn grouped_starts_and_completions_match_the_single_calls() {
     assert_eq!(ids, vec![Some(out[0].id), Some(out[1].id), None, None, None], "duplicate, cordoned worker, unknown job: not started");
     assert_eq!(started[0].as_ref().unwrap().state, JobState::Running);
     assert_eq!(s.get_job(out[2].id).await.unwrap().state, JobState::Dispatched, "left for the single path");
-    assert_eq!(count(s, "SELECT count(*) FROM job_events WHERE to_state = 'running'").await, 2);
+    assert_eq!(backend.count("SELECT count(*) FROM job_events WHERE to_state = 'running'").await, 2);
 
     let done = |job: Uuid, attempt: u32| flowfarm_store::Completion {
         job_id: job,
@@ -448,16 +508,15 @@ async fn grouped_starts_and_completions_match_the_single_calls() {
 /// One group holding a stale completion (attempt 1, worker a, whose lease
 /// expired) and the live one (attempt 2, worker b) of the same job: each is
 /// answered by its own fence, and the job is counted once.
-#[tokio::test]
-async fn grouped_completions_answer_each_fence_on_its_own() {
-    let db = TestDb::new().await;
-    let s = &db.store;
+async fn grouped_completions_answer_each_fence_on_its_own(backend: &dyn Backend) {
+    let store = backend.store();
+    let s: &dyn Store = &*store;
     submit(s, 1).await;
     let (a, b) = (named_worker(s, "a", 1).await, named_worker(s, "b", 1).await);
     let lease = Duration::from_secs(30);
     let job = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
     s.start_job(job.id, a, lease).await.unwrap();
-    sqlx::query("UPDATE jobs SET lease_expires_at = now() - interval '1 second'").execute(s.pool()).await.unwrap();
+    backend.expire_leases(Duration::from_secs(1)).await;
     s.reap_expired_leases().await.unwrap();
     s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "t").await.unwrap();
     assert_eq!(s.start_job(job.id, b, lease).await.unwrap().attempt, 2);
@@ -480,17 +539,16 @@ async fn grouped_completions_answer_each_fence_on_its_own() {
     }
     let done = s.get_job(job.id).await.unwrap();
     assert_eq!((done.state, done.result.unwrap().key), (JobState::Succeeded, "live.png".to_owned()));
-    assert_eq!(count(s, "SELECT count(*) FROM job_events WHERE to_state = 'succeeded'").await, 1);
+    assert_eq!(backend.count("SELECT count(*) FROM job_events WHERE to_state = 'succeeded'").await, 1);
     assert_eq!(s.get_worker(b).await.unwrap().images_done, 1);
     assert_eq!(s.get_worker(a).await.unwrap().images_done, 0);
 }
 
 /// A heartbeat renews the attempts it lists and nothing else; a job the
 /// worker holds but no longer lists goes back to the queue.
-#[tokio::test]
-async fn heartbeats_renew_only_the_jobs_they_list() {
-    let db = TestDb::new().await;
-    let s = &db.store;
+async fn heartbeats_renew_only_the_jobs_they_list(backend: &dyn Backend) {
+    let store = backend.store();
+    let s: &dyn Store = &*store;
     submit(s, 2).await;
     let w = worker(s).await;
     let jobs = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 2, "t").await.unwrap();
@@ -511,16 +569,15 @@ async fn heartbeats_renew_only_the_jobs_they_list() {
 }
 
 /// Drains racing deregistrations: a gone worker stays gone.
-#[tokio::test]
-async fn a_drain_racing_a_deregistration_cannot_bring_a_worker_back() {
-    let db = TestDb::new().await;
-    let s = &db.store;
+async fn a_drain_racing_a_deregistration_cannot_bring_a_worker_back(backend: &dyn Backend) {
+    let store = backend.store();
+    let s: &dyn Store = &*store;
     let mut workers = Vec::new();
     for i in 0..40 {
         workers.push(named_worker(s, &format!("w{i}"), 1).await);
     }
     let races = workers.iter().map(|&w| {
-        let s = s.clone();
+        let s = store.clone();
         async move {
             let (drain, gone) = tokio::join!(s.set_worker_state(w, WorkerState::Draining), s.set_worker_state(w, WorkerState::Gone));
             gone.unwrap();
@@ -535,16 +592,15 @@ async fn a_drain_racing_a_deregistration_cannot_bring_a_worker_back() {
 
 /// After an outage nobody could renew leases or heartbeat: every running
 /// job gets a full lease from now, every live worker counts as just heard.
-#[tokio::test]
-async fn an_outage_is_not_held_against_leases_or_workers() {
-    let db = TestDb::new().await;
-    let s = &db.store;
+async fn an_outage_is_not_held_against_leases_or_workers(backend: &dyn Backend) {
+    let store = backend.store();
+    let s: &dyn Store = &*store;
     submit(s, 1).await;
     let w = worker(s).await;
     let job = s.dispatch_jobs("sd3", flowfarm_core::TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
     s.start_job(job.id, w, Duration::from_secs(30)).await.unwrap();
-    sqlx::query("UPDATE jobs SET lease_expires_at = now() - interval '5 seconds'").execute(s.pool()).await.unwrap();
-    sqlx::query("UPDATE workers SET last_heartbeat_at = now() - interval '5 minutes'").execute(s.pool()).await.unwrap();
+    backend.expire_leases(Duration::from_secs(5)).await;
+    backend.age_heartbeats(Duration::from_secs(300)).await;
     assert_eq!(s.forgive_outage(Duration::from_secs(30)).await.unwrap(), 1);
     assert!(s.reap_expired_leases().await.unwrap().is_empty());
     assert!(s.mark_lost_workers(Duration::from_secs(60)).await.unwrap().is_empty());
@@ -553,7 +609,7 @@ async fn an_outage_is_not_held_against_leases_or_workers() {
 
 /// Reads the whole log from `cursor` on: every page of one read, then one
 /// more read. Returns the events and the cursor after them.
-async fn read_log(s: &PgStore, batch: Uuid, mut cursor: LogCursor, limit: u32) -> (Vec<flowfarm_store::EventRow>, LogCursor) {
+async fn read_log(s: &dyn Store, batch: Uuid, mut cursor: LogCursor, limit: u32) -> (Vec<flowfarm_store::EventRow>, LogCursor) {
     let mut events = Vec::new();
     loop {
         let page = s.read_batch_log(batch, &cursor, limit, false).await.unwrap();
@@ -602,10 +658,9 @@ async fn the_log_delivers_an_event_committed_behind_a_higher_id() {
 
 /// The snapshot's counts and the log from its cursor add up to the batch
 /// as it is later, and the log pages through a large read without loss.
-#[tokio::test]
-async fn snapshot_counts_plus_the_log_equal_the_batch_later() {
-    let db = TestDb::new().await;
-    let s = &db.store;
+async fn snapshot_counts_plus_the_log_equal_the_batch_later(backend: &dyn Backend) {
+    let store = backend.store();
+    let s: &dyn Store = &*store;
     let batch = submit(s, 30).await;
     let w = named_worker(s, "w", 30).await;
     let (snapshot, cursor) = s.batch_with_cursor(batch).await.unwrap();
@@ -629,17 +684,16 @@ async fn snapshot_counts_plus_the_log_equal_the_batch_later() {
     assert_eq!(ids.len(), events.len());
 }
 
-async fn worker_with_sets(store: &PgStore, name: &str, sets: Vec<TextEncoderSet>) -> Uuid {
+async fn worker_with_sets(store: &dyn Store, name: &str, sets: Vec<TextEncoderSet>) -> Uuid {
     registered(store, name, 1, sets).await
 }
 
 /// Jobs go only to workers that have the encoders they need: a worker
 /// without T5 opens no window for T5 jobs, cannot start one (the job goes
 /// back to the queue), and the jobs show as waiting for a worker.
-#[tokio::test]
-async fn claims_respect_the_workers_text_encoders() {
-    let db = TestDb::new().await;
-    let s = &db.store;
+async fn claims_respect_the_workers_text_encoders(backend: &dyn Backend) {
+    let store = backend.store();
+    let s: &dyn Store = &*store;
     let clip_job = ResolvedJob { text_encoders: TextEncoderSet::ClipOnly, ..job(100) };
     s.submit_batch(&batch(None, 1), &[job(0), job(1), clip_job]).await.unwrap();
     let clip = worker_with_sets(s, "clip", vec![TextEncoderSet::ClipOnly]).await;
@@ -663,7 +717,7 @@ async fn claims_respect_the_workers_text_encoders() {
     let full = worker_with_sets(s, "full", vec![TextEncoderSet::All, TextEncoderSet::ClipOnly]).await;
     assert!(s.queue_stats(Some("sd3")).await.unwrap()[0].waiting_for_worker.is_empty());
     assert_eq!(s.dispatch_window("sd3", TextEncoderSet::All, 2).await.unwrap(), 1 + 2);
-    sqlx::query("UPDATE jobs SET not_before = NULL").execute(s.pool()).await.unwrap();
+    backend.lift_retry_holds().await;
     let t5 = s.dispatch_jobs("sd3", TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
     s.start_job(t5.id, full, Duration::from_secs(30)).await.unwrap();
 }
@@ -671,10 +725,9 @@ async fn claims_respect_the_workers_text_encoders() {
 /// Failures by cause: bad input fails for good; a worker that cannot serve
 /// a job hands it to another without using up an attempt, and counts one
 /// when no other worker could take it.
-#[tokio::test]
-async fn failures_are_handled_by_cause() {
-    let db = TestDb::new().await;
-    let s = &db.store;
+async fn failures_are_handled_by_cause(backend: &dyn Backend) {
+    let store = backend.store();
+    let s: &dyn Store = &*store;
     s.submit_batch(&batch(None, 2), &[job(0), job(1)]).await.unwrap();
     let a = worker_with_sets(s, "a", vec![TextEncoderSet::All, TextEncoderSet::ClipOnly]).await;
     let jobs = s.dispatch_jobs("sd3", TextEncoderSet::All, 2, "t").await.unwrap();
@@ -693,11 +746,11 @@ async fn failures_are_handled_by_cause() {
 
     // With another worker able to, it does not.
     let b = worker_with_sets(s, "b", vec![TextEncoderSet::All, TextEncoderSet::ClipOnly]).await;
-    sqlx::query("UPDATE jobs SET not_before = NULL").execute(s.pool()).await.unwrap();
+    backend.lift_retry_holds().await;
     let j = s.dispatch_jobs("sd3", TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
     // a failed it before and b can take it: a is declined; b starts it.
     assert!(matches!(s.start_job(j.id, a, Duration::from_secs(30)).await, Err(StoreError::Declined { .. })));
-    sqlx::query("UPDATE jobs SET not_before = NULL").execute(s.pool()).await.unwrap();
+    backend.lift_retry_holds().await;
     let j = s.dispatch_jobs("sd3", TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
     s.start_job(j.id, b, Duration::from_secs(30)).await.unwrap();
     worker_with_sets(s, "c", vec![TextEncoderSet::All, TextEncoderSet::ClipOnly]).await;
@@ -713,10 +766,9 @@ async fn failures_are_handled_by_cause() {
 /// GPU-seconds are counted once, per attempt, when it ends: on its event, in
 /// the job's total, the worker's, the batch's and the submitter's; heartbeats
 /// add nothing.
-#[tokio::test]
-async fn gpu_seconds_are_counted_once_per_attempt() {
-    let db = TestDb::new().await;
-    let s = &db.store;
+async fn gpu_seconds_are_counted_once_per_attempt(backend: &dyn Backend) {
+    let store = backend.store();
+    let s: &dyn Store = &*store;
     let batch_id = submit(s, 1).await;
     let other = NewBatch { submitter: "other".into(), ..batch(None, 9) };
     s.submit_batch(&other, &[job(7)]).await.unwrap();
@@ -727,7 +779,7 @@ async fn gpu_seconds_are_counted_once_per_attempt() {
     s.start_job(j.id, w, lease).await.unwrap();
     s.heartbeat(w, &[(j.id, 1)], lease, lease).await.unwrap();
     assert_eq!(s.fail_job(j.id, 1, w, "out of memory", FailureCause::Transient, 0.5).await.unwrap(), JobState::Queued);
-    sqlx::query("UPDATE jobs SET not_before = NULL").execute(s.pool()).await.unwrap();
+    backend.lift_retry_holds().await;
     let j = s.dispatch_jobs("sd3", TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
     s.start_job(j.id, w, lease).await.unwrap();
     s.heartbeat(w, &[(j.id, 2)], lease, lease).await.unwrap();
@@ -735,13 +787,9 @@ async fn gpu_seconds_are_counted_once_per_attempt() {
     assert_eq!(s.complete_jobs(std::slice::from_ref(&done)).await.unwrap(), vec![true]);
     s.complete_job(j.id, 2, w, &done.result, 2.0).await.expect("a repeat is a no-op");
 
-    let attempts: Vec<(String, Option<f64>)> =
-        sqlx::query_as("SELECT to_state, gpu_seconds FROM job_events WHERE job_id = $1 AND gpu_seconds IS NOT NULL ORDER BY id")
-            .bind(j.id)
-            .fetch_all(s.pool())
-            .await
-            .unwrap();
-    let ended = vec![("queued".to_owned(), Some(0.5)), ("succeeded".to_owned(), Some(2.0))];
+    let attempts: Vec<(JobState, Option<f64>)> =
+        s.job_events(j.id).await.unwrap().into_iter().filter(|e| e.gpu_seconds.is_some()).map(|e| (e.to_state, e.gpu_seconds)).collect();
+    let ended = vec![(JobState::Queued, Some(0.5)), (JobState::Succeeded, Some(2.0))];
     assert_eq!(attempts, ended, "each attempt's time on the event that ended it");
     assert_eq!(s.get_job(j.id).await.unwrap().gpu_seconds, 2.5);
     assert_eq!(s.get_batch(batch_id).await.unwrap().gpu_seconds, 2.5);
@@ -752,10 +800,9 @@ async fn gpu_seconds_are_counted_once_per_attempt() {
 /// A worker that failed a job before may take it again when no other worker
 /// can serve it, counting the encoders: a worker of the same model without
 /// T5 is no alternative for a T5 job (it stayed dispatched forever before).
-#[tokio::test]
-async fn a_failed_worker_retakes_a_job_only_it_can_serve() {
-    let db = TestDb::new().await;
-    let s = &db.store;
+async fn a_failed_worker_retakes_a_job_only_it_can_serve(backend: &dyn Backend) {
+    let store = backend.store();
+    let s: &dyn Store = &*store;
     submit(s, 1).await;
     let t5 = worker_with_sets(s, "t5", vec![TextEncoderSet::All, TextEncoderSet::ClipOnly]).await;
     worker_with_sets(s, "clip", vec![TextEncoderSet::ClipOnly]).await;
@@ -763,7 +810,47 @@ async fn a_failed_worker_retakes_a_job_only_it_can_serve() {
     let j = s.dispatch_jobs("sd3", TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
     s.start_job(j.id, t5, lease).await.unwrap();
     assert_eq!(s.fail_job(j.id, 1, t5, "device lost", FailureCause::Transient, 0.0).await.unwrap(), JobState::Queued);
-    sqlx::query("UPDATE jobs SET not_before = NULL").execute(s.pool()).await.unwrap();
+    backend.lift_retry_holds().await;
     let j = s.dispatch_jobs("sd3", TextEncoderSet::All, 1, "t").await.unwrap().remove(0);
     assert_eq!(s.start_job(j.id, t5, lease).await.unwrap().attempt, 2, "the only worker with T5 takes it again");
 }
+
+/// Each test of the suite, once per store.
+macro_rules! conformance {
+    ($($test:ident),* $(,)?) => {
+        mod postgres {
+            $(#[tokio::test]
+            async fn $test() {
+                super::$test(&super::Postgres::new().await).await
+            })*
+        }
+    };
+}
+
+conformance!(
+    submit_stores_jobs_with_one_creation_event_each,
+    recent_batches_come_newest_first_with_the_counts_get_batch_gives,
+    idempotency_key_replays_or_conflicts,
+    concurrent_replays_make_one_batch,
+    a_job_runs_start_progress_complete_and_completion_takes_effect_once,
+    expired_lease_requeues_with_next_attempt_and_fences_the_old_one,
+    retryable_failures_requeue_until_the_last_attempt_then_dead,
+    concurrent_dispatchers_never_take_the_same_job,
+    dispatch_follows_priority_and_pauses,
+    cancel_and_purge_touch_only_what_they_may,
+    heartbeats_renew_leases_and_name_revoked_jobs,
+    tokens_authenticate_until_revoked,
+    the_dispatch_window_follows_the_fleet,
+    retries_back_off_and_go_to_another_worker,
+    unstarted_dispatches_are_dispatched_again,
+    grouped_starts_and_completions_match_the_single_calls,
+    grouped_completions_answer_each_fence_on_its_own,
+    heartbeats_renew_only_the_jobs_they_list,
+    a_drain_racing_a_deregistration_cannot_bring_a_worker_back,
+    an_outage_is_not_held_against_leases_or_workers,
+    snapshot_counts_plus_the_log_equal_the_batch_later,
+    claims_respect_the_workers_text_encoders,
+    failures_are_handled_by_cause,
+    gpu_seconds_are_counted_once_per_attempt,
+    a_failed_worker_retakes_a_job_only_it_can_serve,
+);
