@@ -308,13 +308,22 @@ async fn a_killed_workers_job_finishes_on_the_other() {
 
 /// Redis loses everything (FLUSHALL), then goes away for a second and
 /// comes back empty, then the coordinator restarts, all in mid-batch: the
-/// batch completes with nothing lost or done twice.
+/// batch completes with nothing lost or done twice, and `farmctl watch`,
+/// running all along, follows it to the end across the restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_flush_and_coordinator_restart_lose_nothing() {
     let mut farm = Farm::start().await;
     let (a, b) = (farm.worker("a"), farm.worker("b"));
     let jobs: Vec<String> = (0..60).map(|i| job(&format!("p{}", i % 7), i, 4)).collect();
-    farm.submit(&jobs);
+    let batch = farm.submit(&jobs);
+    let watch = Command::new(farmctl_bin())
+        .args(["--json", "watch", &batch])
+        .env("FLOWFARM_SERVER", farm.url())
+        .env("FLOWFARM_TOKEN", &farm.submitter)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start farmctl watch");
     farm.wait_for("10 jobs done", Duration::from_secs(300), &[&a, &b], async || {
         farm.count("SELECT count(*) FROM jobs WHERE state = 'succeeded'").await >= 10
     })
@@ -332,6 +341,20 @@ async fn redis_flush_and_coordinator_restart_lose_nothing() {
     farm.restart_coordinator();
     farm.wait_all_finished(&[&a, &b], Duration::from_secs(600)).await;
     farm.assert_each_succeeded_once().await;
+
+    let watched = tokio::task::spawn_blocking(move || watch.wait_with_output()).await.unwrap().unwrap();
+    let stderr = String::from_utf8_lossy(&watched.stderr);
+    assert!(watched.status.success(), "farmctl watch did not follow the batch across the restart: {stderr}");
+    // Every job's end seen once: the reconnection resumed at its cursor.
+    let stdout = String::from_utf8_lossy(&watched.stdout);
+    let finished: Vec<serde_json::Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("state_change").cloned())
+        .filter(|e| e["to"] == "succeeded")
+        .collect();
+    let jobs: HashSet<&str> = finished.iter().filter_map(|e| e["job_id"].as_str()).collect();
+    assert_eq!((finished.len(), jobs.len()), (60, 60), "{stdout}");
 }
 
 /// Cancelling a running job stops its worker at the next sampling step;

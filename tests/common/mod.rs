@@ -62,6 +62,7 @@ pub fn flowfarm_bin() -> PathBuf {
             "flowfarm-proto",
             "flowfarm-queue",
             "flowfarm-results",
+            "flowfarm-sheet",
             "flowfarm-store",
             "flowfarm-worker",
         ],
@@ -69,7 +70,7 @@ pub fn flowfarm_bin() -> PathBuf {
 }
 
 pub fn farmctl_bin() -> PathBuf {
-    workspace_bin("farmctl", &["farmctl", "flowfarm-core", "flowfarm-proto"])
+    workspace_bin("farmctl", &["farmctl", "flowfarm-core", "flowfarm-proto", "flowfarm-sheet"])
 }
 
 pub fn repo_path(relative: &str) -> PathBuf {
