@@ -6,7 +6,8 @@
 //!
 //! - [`config`]: the TOML config and its environment overrides.
 //! - [`render`]: one job, prompt to PNG bytes.
-//! - [`run`]: the daemon itself.
+//! - [`run`]: the daemon itself; [`run_with`] reads work from another
+//!   [`WorkSource`] than Redis (the in-process queue).
 
 pub mod config;
 mod daemon;
@@ -14,7 +15,7 @@ pub mod metrics;
 pub mod render;
 
 pub use config::{ModelEntry, WorkerConfig, WorkerConfigError};
-pub use daemon::run;
+pub use daemon::{run, run_with, MakeSource, WorkSource};
 
 /// Why a worker could not start or could not deregister.
 #[derive(Debug, thiserror::Error)]

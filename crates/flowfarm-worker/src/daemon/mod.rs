@@ -133,10 +133,31 @@ fn jitter(d: Duration) -> Duration {
 /// [`WorkerError`] if a model cannot be loaded, the token is refused, or
 /// registration fails for good.
 pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    run_with(config, WorkSource::Redis, shutdown).await
+}
+
+/// Makes a worker's reader from its id and the lanes it serves.
+pub type MakeSource = Box<dyn Fn(&str, &[String]) -> Arc<dyn JobSource> + Send + Sync>;
+
+/// Where a worker reads its work from.
+pub enum WorkSource {
+    /// The Redis Streams of `redis_url` in its config.
+    Redis,
+    /// A reader made for the worker once it has registered, from its id
+    /// and the lanes it serves: the in-process queue of a farm that runs in
+    /// one process.
+    Given(MakeSource),
+}
+
+/// [`run`], reading work from `source`.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_with(config: WorkerConfig, source: WorkSource, shutdown: CancellationToken) -> Result<(), WorkerError> {
     let tasks = TaskTracker::new();
     // Ends what lives as long as the worker (its metrics, the drain watch).
     let stopped = CancellationToken::new();
-    let ran = serve(config, shutdown, &tasks, &stopped).await;
+    let ran = serve(config, source, shutdown, &tasks, &stopped).await;
     stopped.cancel();
     tasks.close();
     tasks.wait().await;
@@ -145,6 +166,7 @@ pub async fn run(config: WorkerConfig, shutdown: CancellationToken) -> Result<()
 
 async fn serve(
     config: WorkerConfig,
+    source: WorkSource,
     shutdown: CancellationToken,
     tasks: &TaskTracker,
     stopped: &CancellationToken,
@@ -223,7 +245,10 @@ async fn serve(
             t5.into_iter().chain([flowfarm_queue::lane(&m.name, false)])
         })
         .collect();
-    let consumer: Arc<dyn JobSource> = Arc::new(connect_consumer(&config.redis_target(), &worker_id, &lanes).await);
+    let consumer: Arc<dyn JobSource> = match source {
+        WorkSource::Redis => Arc::new(connect_consumer(&config.redis_target(), &worker_id, &lanes).await),
+        WorkSource::Given(make) => make(&worker_id, &lanes),
+    };
     metrics.set_ready(true);
     let (mode, mut mode_rx) = watch::channel(Mode::Active);
     let completions = completion_reporter(client.clone(), worker_id.clone());
