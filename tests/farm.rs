@@ -756,10 +756,11 @@ async fn every_metric_deploy_names_is_exported() {
     assert!(missing.is_empty(), "named in deploy/ but exported by neither: {missing:?}\nexported: {exported:?}");
 }
 
-/// The DOM headless Chromium has once `url` has loaded, run its scripts
-/// and followed its navigations (`--virtual-time-budget` lets the page's
-/// polling run ahead of the wall clock).
-fn chromium_dom(url: &str, profile: &std::path::Path) -> String {
+/// Headless Chromium on `url` with a profile of its own, once it has loaded,
+/// run its scripts and followed its navigations (`--virtual-time-budget`
+/// lets the page's polling run ahead of the wall clock), doing `action`
+/// (`--dump-dom`, `--screenshot=…`); its stdout.
+fn chromium(url: &str, profile: &std::path::Path, action: &str) -> String {
     let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
@@ -774,8 +775,10 @@ fn chromium_dom(url: &str, profile: &std::path::Path) -> String {
             "--disable-background-networking",
             "--disable-component-update",
             "--disable-sync",
+            "--hide-scrollbars",
+            "--window-size=1200,800",
             "--virtual-time-budget=15000",
-            "--dump-dom",
+            action,
         ])
         .arg(format!("--user-data-dir={}", profile.display()))
         .arg(url)
@@ -785,22 +788,47 @@ fn chromium_dom(url: &str, profile: &std::path::Path) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The DOM of `url` in headless Chromium.
+fn chromium_dom(url: &str, profile: &std::path::Path) -> String {
+    chromium(url, profile, "--dump-dom")
+}
+
+/// A PNG of `url` in headless Chromium, written to `to`.
+fn chromium_screenshot(url: &str, profile: &std::path::Path, to: &std::path::Path) {
+    chromium(url, profile, &format!("--screenshot={}", to.display()));
+    assert!(to.exists(), "chromium wrote no screenshot to {}", to.display());
+}
+
 /// The status page: signed out, a browser is sent to sign in; signed in, a
 /// token sees the queue, the workers and its batches, and a batch's contact
 /// sheet has a thumbnail per image linking to the full PNG; another
-/// tenant's batch is not there; headless Chromium draws it all from the
-/// page's own script after signing in from a link.
+/// tenant's batch is not there. Headless Chromium, signed in from a link,
+/// draws it from the page's own script while the batch renders and after,
+/// and the sheet fills; the last screenshot is kept under the target
+/// folder's test artifacts (CARGO_TARGET_TMPDIR).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_page_shows_the_farm_and_each_batch_as_a_contact_sheet() {
     use std::io::Cursor;
 
     let farm = Farm::start().await;
     let a = farm.worker("a");
-    let mut jobs: Vec<String> = (0..3).map(|i| job(&format!("lighthouse {i}"), 40 + i, 2)).collect();
-    jobs.push(format!("{{\"model\":\"{MODEL}\",\"prompt\":\"wide harbour\",\"seed\":7,\"steps\":2,\"width\":96,\"height\":64}}"));
+    // A quick job, then three slow ones: the page is looked at in between.
+    let mut jobs = vec![format!("{{\"model\":\"{MODEL}\",\"prompt\":\"wide harbour\",\"seed\":7,\"steps\":2,\"width\":96,\"height\":64}}")];
+    jobs.extend((0..3).map(|i| job(&format!("lighthouse {i}"), 40 + i, 100)));
     let batch = farm.submit(&jobs);
-    farm.wait_all_finished(&[&a], Duration::from_secs(300)).await;
     let base = farm.server.as_ref().unwrap().status_page.clone().expect("the status page is served");
+    let link = format!("{base}/login#token={}&next=/batches/{batch}", farm.submitter);
+
+    // While it renders: one image on the sheet, a job running, one of four done.
+    farm.wait_for("the first image and a job running", Duration::from_secs(120), &[&a], async || {
+        farm.count("SELECT count(*) FROM jobs WHERE state = 'succeeded'").await == 1
+            && farm.count("SELECT count(*) FROM jobs WHERE state = 'running' AND progress_step >= 1").await == 1
+    })
+    .await;
+    let during = chromium_dom(&link, &farm.dir.path().join("chromium-during"));
+    assert_eq!(during.matches("<img").count(), 1, "one finished image on the sheet:\n{during}");
+    assert!(during.contains("\">running ") && during.contains("1 of 4 done"), "a running job and the batch's progress:\n{during}");
+    farm.wait_all_finished(&[&a], Duration::from_secs(300)).await;
     let bob = token(&farm.db, "submit", "bob");
 
     // Signed out: browsers go to the sign-in form, the API says where to go.
@@ -840,7 +868,7 @@ async fn the_status_page_shows_the_farm_and_each_batch_as_a_contact_sheet() {
         .map(|j| (j["prompt"].as_str().unwrap().to_owned(), j["seed"].as_str().unwrap().to_owned(), j["image"].as_bool().unwrap()))
         .collect();
     let wanted: Vec<(String, String, bool)> =
-        [("lighthouse 0", "40"), ("lighthouse 1", "41"), ("lighthouse 2", "42"), ("wide harbour", "7")]
+        [("wide harbour", "7"), ("lighthouse 0", "40"), ("lighthouse 1", "41"), ("lighthouse 2", "42")]
             .map(|(p, s)| (p.into(), s.into(), true))
             .into();
     assert_eq!(listed, wanted);
@@ -890,9 +918,16 @@ async fn the_status_page_shows_the_farm_and_each_batch_as_a_contact_sheet() {
     let away = format!("token={}&next=//elsewhere.example/", farm.submitter);
     assert_eq!(http::request(&base, "POST", "/login", &urlencoded, away.as_bytes()).header("location"), Some("/"));
 
-    // A browser: sign in from a link, land on the batch, see its contact sheet.
-    let profile = farm.dir.path().join("chromium");
-    let dom = chromium_dom(&format!("{base}/login#token={}&next=/batches/{batch}", farm.submitter), &profile);
+    // A browser: sign in from a link, land on the batch, see its contact
+    // sheet filled and the progress moved on; the screenshot stays as an artifact.
+    let dom = chromium_dom(&link, &farm.dir.path().join("chromium"));
+    assert_eq!(dom.matches("<img").count(), 4, "the sheet filled:\n{dom}");
+    assert!(dom.contains("4 of 4 done") && !dom.contains("\">running "), "the progress moved on:\n{dom}");
+    let screenshot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("status-page-batch.png");
+    chromium_screenshot(&link, &farm.dir.path().join("chromium-shot"), &screenshot);
+    let shot = png::Decoder::new(Cursor::new(std::fs::read(&screenshot).unwrap())).read_info().unwrap();
+    assert_eq!((shot.info().width, shot.info().height), (1200, 800));
+    println!("status page screenshot: {}", screenshot.display());
     for (id, ..) in &rows {
         assert!(dom.contains(&format!("src=\"/api/jobs/{id}/thumbnail\"")), "no thumbnail of {id} in\n{dom}");
         assert!(dom.contains(&format!("href=\"/api/jobs/{id}/image\"")), "no link to the image of {id} in\n{dom}");
