@@ -28,7 +28,8 @@ pub enum SweepError {
     Results(#[from] ResultError),
 }
 
-/// Sweeps the batches with a job that ended within `within`: deletes their
+/// Sweeps the batches with a job that ended, or a purge, within `within`
+/// (a purged batch may be gone): deletes their
 /// objects older than `grace` that belong to an ended job without being its
 /// recorded result, or to a job that no longer exists. Returns how many were
 /// deleted. Safe on several coordinators at once (deletes are idempotent).

@@ -143,7 +143,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
 
     /// Deletes terminal jobs and their events that are selected,
     /// or, without a selector, that were last updated before `older_than`.
-    /// Batches left without jobs are deleted too. Returns the jobs deleted.
+    /// Batches left without jobs are deleted too; every batch touched is
+    /// listed by [`Store::batches_finished_within`] for a while, so the
+    /// result sweeper removes the purged jobs' objects. Returns the jobs deleted.
     ///
     /// # Errors
     /// [`StoreError::Database`] on a failed query.
@@ -311,8 +313,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// [`StoreError::Database`] on a failed query.
     async fn queue_stats(&self, model: Option<&str>) -> Result<Vec<ModelStats>, StoreError>;
 
-    /// Batches with a job that reached a terminal state within `within`:
-    /// where result objects of attempts that did not succeed may be left.
+    /// Batches with a job that reached a terminal state, or that a purge
+    /// touched, within `within` (purged whole or not): where result objects
+    /// of attempts that did not succeed, or of purged jobs, may be left.
     ///
     /// # Errors
     /// [`StoreError::Database`] on a failed query.

@@ -32,6 +32,8 @@ trait Backend: Send + Sync {
     async fn expire_leases(&self, ago: Duration);
     async fn age_heartbeats(&self, by: Duration);
     async fn age_dispatches(&self, by: Duration);
+    /// Every job was last updated `by` earlier.
+    async fn age_updates(&self, by: Duration);
     /// Every retried job may be dispatched now.
     async fn lift_retry_holds(&self);
     /// A job's retry hold and the workers that failed it.
@@ -77,6 +79,10 @@ impl Backend for Postgres {
 
     async fn age_dispatches(&self, by: Duration) {
         self.execute(&format!("UPDATE jobs SET dispatched_at = dispatched_at - make_interval(secs => {})", by.as_secs_f64())).await;
+    }
+
+    async fn age_updates(&self, by: Duration) {
+        self.execute(&format!("UPDATE jobs SET updated_at = updated_at - make_interval(secs => {})", by.as_secs_f64())).await;
     }
 
     async fn lift_retry_holds(&self) {
@@ -321,6 +327,22 @@ async fn cancel_and_purge_touch_only_what_they_may(backend: &dyn Backend) {
     assert_eq!(s.purge_jobs(Some(&JobSelector::Batch(id)), None).await.unwrap(), 5);
     assert_eq!(backend.count("SELECT count(*) FROM job_events").await, 0, "events go with their jobs");
     assert!(matches!(s.get_batch(id).await, Err(StoreError::NotFound { .. })), "an empty batch goes too");
+}
+
+/// A purged batch stays on the sweeper's list for a while, gone or not,
+/// although none of its jobs ended lately.
+async fn purged_batches_are_listed_for_the_result_sweeper(backend: &dyn Backend) {
+    let store = backend.store();
+    let s: &dyn Store = &*store;
+    let id = submit(s, 1).await;
+    s.cancel_jobs(&JobSelector::Batch(id), "t", "").await.unwrap();
+    let hour = Duration::from_secs(3600);
+    assert_eq!(s.batches_finished_within(hour).await.unwrap(), vec![id], "a job ended just now");
+    backend.age_updates(Duration::from_secs(2 * 86400)).await;
+    assert!(s.batches_finished_within(hour).await.unwrap().is_empty(), "nothing ended within the hour");
+    assert_eq!(s.purge_jobs(Some(&JobSelector::Batch(id)), None).await.unwrap(), 1);
+    assert!(matches!(s.get_batch(id).await, Err(StoreError::NotFound { .. })));
+    assert_eq!(s.batches_finished_within(hour).await.unwrap(), vec![id], "the purge put it back on the list");
 }
 
 async fn heartbeats_renew_leases_and_name_revoked_jobs(backend: &dyn Backend) {
@@ -838,6 +860,7 @@ conformance!(
     concurrent_dispatchers_never_take_the_same_job,
     dispatch_follows_priority_and_pauses,
     cancel_and_purge_touch_only_what_they_may,
+    purged_batches_are_listed_for_the_result_sweeper,
     heartbeats_renew_leases_and_name_revoked_jobs,
     tokens_authenticate_until_revoked,
     the_dispatch_window_follows_the_fleet,

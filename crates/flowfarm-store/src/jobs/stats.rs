@@ -93,8 +93,9 @@ impl PgStore {
     /// [`Store::batches_finished_within`](crate::Store::batches_finished_within) on Postgres.
     pub async fn batches_finished_within(&self, within: Duration) -> Result<Vec<Uuid>, StoreError> {
         Ok(sqlx::query_scalar(
-            "SELECT DISTINCT batch_id FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled', 'dead') \
-                 AND updated_at > now() - make_interval(secs => $1) ORDER BY 1",
+            "SELECT batch_id FROM jobs WHERE state IN ('succeeded', 'failed', 'cancelled', 'dead') \
+                 AND updated_at > now() - make_interval(secs => $1) \
+             UNION SELECT batch_id FROM batch_purges WHERE purged_at > now() - make_interval(secs => $1) ORDER BY 1",
         )
         .bind(within.as_secs_f64())
         .fetch_all(&self.pool)
