@@ -14,12 +14,16 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{Tra
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 
-/// A span as received: its service, name and string-valued attributes.
+/// A span as received: its service, name, string-valued attributes and
+/// place in its trace.
 #[derive(Debug, Clone)]
 struct Received {
     service: String,
     name: String,
     attributes: std::collections::BTreeMap<String, String>,
+    trace_id: Vec<u8>,
+    span_id: Vec<u8>,
+    parent_span_id: Vec<u8>,
 }
 
 #[derive(Clone, Default)]
@@ -48,7 +52,14 @@ impl TraceService for Collector {
                 .unwrap_or_default();
             for span in resource_spans.scope_spans.into_iter().flat_map(|s| s.spans) {
                 let attributes = span.attributes.iter().map(|kv| (kv.key.clone(), text(&kv.value))).collect();
-                received.push(Received { service: service.clone(), name: span.name, attributes });
+                received.push(Received {
+                    service: service.clone(),
+                    name: span.name,
+                    attributes,
+                    trace_id: span.trace_id,
+                    span_id: span.span_id,
+                    parent_span_id: span.parent_span_id,
+                });
             }
         }
         Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
@@ -127,6 +138,17 @@ async fn rpcs_and_job_attempts_are_spans_exported_over_otlp_with_their_ids() {
     assert_eq!(attempt.attributes.get("batch"), Some(&batch));
     assert_eq!(attempt.attributes.get("attempt").map(String::as_str), Some("1"));
     assert!(attempt.attributes.contains_key("worker"), "{attempt:?}");
+
+    // The attempt's calls continue its trace on the coordinator: each
+    // ReportProgress of the job is a child of the job_attempt span.
+    let reports: Vec<&Received> =
+        spans.iter().filter(|s| s.name == "rpc" && s.attributes.get("method").is_some_and(|m| m.ends_with("/ReportProgress"))).collect();
+    assert!(!reports.is_empty(), "no ReportProgress span in {spans:#?}");
+    for report in reports {
+        assert_eq!(report.service, "flowfarm-coordinator");
+        assert_eq!((&report.trace_id, &report.parent_span_id), (&attempt.trace_id, &attempt.span_id), "{report:?}\n{attempt:?}");
+    }
+    assert_ne!(submit.trace_id, attempt.trace_id, "a call made outside any trace starts its own");
 
     // The worker's log lines of the attempt carry the same ids.
     let log = worker.log();

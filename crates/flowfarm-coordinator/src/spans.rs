@@ -1,13 +1,31 @@
 //! One tracing span per RPC, carrying the ids the call is about (caller,
 //! worker, batch, job, attempt) once the handler knows them, so that every
 //! log line of the call and the span exported over OTLP can be found by them.
+//! A call that carries its caller's trace (W3C `traceparent`: a worker's job
+//! attempt) gets a span in that trace, as its child.
 
+use opentelemetry::propagation::Extractor;
+use tonic::codegen::http;
 use tracing::field::Empty;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use uuid::Uuid;
 
+/// A request's headers, as the trace propagator reads them.
+struct Headers<'a>(&'a http::HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
 /// The span of one call, entered for as long as the handler runs.
-pub(crate) fn rpc_span(request: &tonic::codegen::http::Request<()>) -> tracing::Span {
-    tracing::info_span!(
+pub(crate) fn rpc_span(request: &http::Request<()>) -> tracing::Span {
+    let span = tracing::info_span!(
         "rpc",
         method = %request.uri().path(),
         caller = Empty,
@@ -15,7 +33,12 @@ pub(crate) fn rpc_span(request: &tonic::codegen::http::Request<()>) -> tracing::
         batch = Empty,
         job = Empty,
         attempt = Empty,
-    )
+    );
+    // Without OTLP no propagator is installed: the context is empty and the
+    // span stays a root, as it is without a traceparent.
+    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&Headers(request.headers())));
+    let _ = span.set_parent(parent);
+    span
 }
 
 /// Records on the current call's span who is calling.

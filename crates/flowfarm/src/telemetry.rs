@@ -1,6 +1,7 @@
 //! Logs and spans: text or JSON lines on stderr (each line with the fields of
 //! the spans it is in: rpc, job_attempt and their ids), and with
-//! `[tracing] otlp_endpoint` every span exported over OTLP/gRPC as well.
+//! `[tracing] otlp_endpoint` every span exported over OTLP/gRPC as well, with
+//! traces carried across calls (W3C Trace Context).
 
 use anyhow::{Context, Result};
 use flowfarm_config::TracingConfig;
@@ -62,6 +63,9 @@ pub fn init(format: LogFormat, tracing: &TracingConfig, default_service: &str) -
             // and only warnings of the libraries (the exporter's own included).
             let exported = EnvFilter::new("warn,flowfarm=info,flowfarm_coordinator=info,flowfarm_worker=info,flowfarm_store=info");
             let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("flowfarm")).with_filter(exported);
+            // Calls carry their span's trace (W3C traceparent) and the
+            // coordinator continues it: a job attempt's calls are one trace.
+            opentelemetry::global::set_text_map_propagator(opentelemetry_sdk::propagation::TraceContextPropagator::new());
             (Some(layer), Some(provider))
         }
     };

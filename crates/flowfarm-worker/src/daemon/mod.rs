@@ -48,7 +48,7 @@ const READ_BLOCK: Duration = Duration::from_millis(500);
 /// How long a report is retried while the coordinator is away.
 const REPORT_PATIENCE: Duration = Duration::from_secs(300);
 
-type Client = WorkerServiceClient<InterceptedService<Channel, BearerToken>>;
+type Client = WorkerServiceClient<InterceptedService<Channel, Traced>>;
 
 /// What the worker is doing, as the operators (or a signal) asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,6 +79,35 @@ struct Shared {
     /// Completions that finish while a report is in flight go in the next
     /// CompleteJobs together.
     completions: Grouper<pb::CompletedJob, Result<(), Status>>,
+}
+
+/// The worker's token on every call, and the current span's trace (W3C
+/// `traceparent`), so a job attempt's calls show in the coordinator's spans
+/// as the attempt's children. Without OTLP nothing is added.
+#[derive(Clone)]
+struct Traced(BearerToken);
+
+/// Call metadata, as the trace propagator writes it.
+struct Metadata<'a>(&'a mut tonic::metadata::MetadataMap);
+
+impl opentelemetry::propagation::Injector for Metadata<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(key), Ok(value)) =
+            (tonic::metadata::MetadataKey::from_bytes(key.as_bytes()), tonic::metadata::MetadataValue::try_from(value.as_str()))
+        {
+            self.0.insert(key, value);
+        }
+    }
+}
+
+impl tonic::service::Interceptor for Traced {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        use tracing_opentelemetry::OpenTelemetrySpanExt;
+        let mut request = self.0.call(request)?;
+        let context = tracing::Span::current().context();
+        opentelemetry::global::get_text_map_propagator(|p| p.inject_context(&context, &mut Metadata(request.metadata_mut())));
+        Ok(request)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -202,7 +231,7 @@ async fn serve(
     let channel = endpoint(&config.coordinator, &config.client_tls())
         .map_err(|e| WorkerError::Config(format!("coordinator `{}`: {e}", config.coordinator)))?
         .connect_lazy();
-    let client = WorkerServiceClient::with_interceptor(channel, token);
+    let client = WorkerServiceClient::with_interceptor(channel, Traced(token));
 
     let all_t5 = renderers.values().all(|r| r.has_t5());
     let mut sets = vec![pb::TextEncoderSet::ClipOnly as i32];
