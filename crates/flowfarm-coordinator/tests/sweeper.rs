@@ -11,6 +11,12 @@ use flowfarm_results::ResultStore;
 use flowfarm_store::{FailureCause, JobResultRow};
 use flowfarm_testkit::Harness;
 
+/// A worker serving `sd3` with `capacity` slots.
+async fn register(h: &Harness, capacity: u32) -> uuid::Uuid {
+    let request = pb::RegisterWorkerRequest { name: "w".into(), models: vec!["sd3".into()], capacity, ..Default::default() };
+    h.worker().register_worker(request).await.unwrap().into_inner().worker_id.parse().unwrap()
+}
+
 #[tokio::test]
 async fn orphaned_result_objects_are_removed_and_nothing_else() {
     let h = Harness::start().await;
@@ -24,15 +30,7 @@ async fn orphaned_result_objects_are_removed_and_nothing_else() {
         .batch
         .unwrap()
         .id;
-    let mut w = h.worker();
-    let worker = w
-        .register_worker(pb::RegisterWorkerRequest { name: "w".into(), models: vec!["sd3".into()], capacity: 3, ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner()
-        .worker_id
-        .parse()
-        .unwrap();
+    let worker = register(&h, 3).await;
     let store = &h.db.store;
     let mut jobs = store.dispatch_jobs("sd3", TextEncoderSet::All, 3, "t").await.unwrap();
     jobs.sort_by_key(|j| j.index);
@@ -87,15 +85,7 @@ async fn objects_of_purged_jobs_are_removed_even_when_their_batch_is_old_or_gone
         }
     };
     let (whole, partly) = (submit(2).await, submit(2).await);
-    let worker = h
-        .worker()
-        .register_worker(pb::RegisterWorkerRequest { name: "w".into(), models: vec!["sd3".into()], capacity: 4, ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner()
-        .worker_id
-        .parse()
-        .unwrap();
+    let worker = register(&h, 4).await;
     let store = &h.db.store;
     let results = ResultStore::local(h.results_dir.path()).unwrap();
     let jobs = store.dispatch_jobs("sd3", TextEncoderSet::All, 4, "t").await.unwrap();

@@ -19,16 +19,7 @@ impl PgStore {
         .await?
         .ok_or(StoreError::NotFound { what: "batch", id })?;
         let counts = self.batch_counts(id).await?;
-        Ok(BatchRow {
-            id: row.try_get("id")?,
-            submitter: row.try_get("submitter")?,
-            idempotency_key: row.try_get("idempotency_key")?,
-            labels: labels_from_json(row.try_get("labels")?)?,
-            total_jobs: row.try_get::<i32, _>("total_jobs")? as u64,
-            created_at: row.try_get("created_at")?,
-            counts,
-            gpu_seconds: row.try_get("gpu_seconds")?,
-        })
+        batch_from_row(&row, counts)
     }
 
     /// [`Store::recent_batches`](crate::Store::recent_batches) on Postgres.
@@ -56,24 +47,16 @@ impl PgStore {
         rows.iter()
             .map(|row| {
                 let n = |state: &str| row.try_get::<i64, _>(state).map(|n| n as u64);
-                Ok(BatchRow {
-                    id: row.try_get("id")?,
-                    submitter: row.try_get("submitter")?,
-                    idempotency_key: row.try_get("idempotency_key")?,
-                    labels: labels_from_json(row.try_get("labels")?)?,
-                    total_jobs: row.try_get::<i32, _>("total_jobs")? as u64,
-                    created_at: row.try_get("created_at")?,
-                    counts: JobCounts {
-                        queued: n("queued")?,
-                        dispatched: n("dispatched")?,
-                        running: n("running")?,
-                        succeeded: n("succeeded")?,
-                        failed: n("failed")?,
-                        cancelled: n("cancelled")?,
-                        dead: n("dead")?,
-                    },
-                    gpu_seconds: row.try_get("gpu_seconds")?,
-                })
+                let counts = JobCounts {
+                    queued: n("queued")?,
+                    dispatched: n("dispatched")?,
+                    running: n("running")?,
+                    succeeded: n("succeeded")?,
+                    failed: n("failed")?,
+                    cancelled: n("cancelled")?,
+                    dead: n("dead")?,
+                };
+                batch_from_row(row, counts)
             })
             .collect()
     }
@@ -142,4 +125,19 @@ impl PgStore {
         .await?;
         rows.iter().map(EventRow::from_row).collect()
     }
+}
+
+/// A batch row (`id`, `submitter`, `idempotency_key`, `labels`,
+/// `total_jobs`, `created_at`, `gpu_seconds`) with its counts.
+fn batch_from_row(row: &sqlx::postgres::PgRow, counts: JobCounts) -> Result<BatchRow, StoreError> {
+    Ok(BatchRow {
+        id: row.try_get("id")?,
+        submitter: row.try_get("submitter")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        labels: labels_from_json(row.try_get("labels")?)?,
+        total_jobs: row.try_get::<i32, _>("total_jobs")? as u64,
+        created_at: row.try_get("created_at")?,
+        counts,
+        gpu_seconds: row.try_get("gpu_seconds")?,
+    })
 }
