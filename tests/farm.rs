@@ -842,7 +842,8 @@ async fn the_status_page_shows_the_farm_and_each_batch_as_a_contact_sheet() {
     assert_eq!(login.header("content-security-policy").map(|c| c.starts_with("default-src 'self'")), Some(true));
     assert_eq!(login.header("x-frame-options"), Some("DENY"));
 
-    // The overview, as the submitter sees it: its batch, the fleet in aggregate.
+    // The overview, as the submitter sees it: its batch, nothing of the
+    // fleet (admin-only, as ListWorkers and GetQueueStats are).
     let status = http::get(&base, "/api/status", &farm.submitter).json();
     assert_eq!(status["viewer"]["name"], "alice");
     assert_eq!(status["batches"].as_array().map(Vec::len), Some(1), "{status}");
@@ -850,13 +851,14 @@ async fn the_status_page_shows_the_farm_and_each_batch_as_a_contact_sheet() {
         (status["batches"][0]["id"].as_str(), status["batches"][0]["counts"]["succeeded"].as_u64()),
         (Some(batch.as_str()), Some(4))
     );
-    let queue = status["queues"].as_array().unwrap().iter().find(|q| q["model"] == MODEL).expect("the model's queue");
-    assert_eq!(queue["counts"]["succeeded"], 4, "{queue}");
-    let worker = &status["workers"][0];
-    assert_eq!((worker["name"].as_str(), worker["images_done"].as_u64()), (Some("a"), Some(4)), "{worker}");
-    assert!(worker.get("hostname").is_none() && worker.get("current_jobs").is_none(), "no hosts or job ids for submitters: {worker}");
+    assert_eq!((&status["queues"], &status["workers"]), (&serde_json::json!([]), &serde_json::json!([])), "{status}");
+    // As an admin sees it: the queues and the workers too.
     let for_admin = http::get(&base, "/api/status", &farm.admin).json();
-    assert!(for_admin["workers"][0]["hostname"].is_string() && for_admin["workers"][0]["current_jobs"].is_array(), "{for_admin}");
+    let queue = for_admin["queues"].as_array().unwrap().iter().find(|q| q["model"] == MODEL).expect("the model's queue");
+    assert_eq!(queue["counts"]["succeeded"], 4, "{queue}");
+    let worker = &for_admin["workers"][0];
+    assert_eq!((worker["name"].as_str(), worker["images_done"].as_u64()), (Some("a"), Some(4)), "{worker}");
+    assert!(worker["hostname"].is_string() && worker["current_jobs"].is_array(), "{worker}");
     assert_eq!(http::get(&base, "/api/status", &bob).json()["batches"], serde_json::json!([]), "bob's page lists none of alice's");
 
     // The batch: every job with its prompt and seed.
@@ -903,6 +905,14 @@ async fn the_status_page_shows_the_farm_and_each_batch_as_a_contact_sheet() {
         assert_eq!(http::get(&base, &format!("/api/jobs/{id}/image"), &bob).status, 404, "not bob's");
     }
 
+    // A result recorded with another type (before CompleteJob checked it) is a
+    // sandboxed download, never a page the browser would run.
+    let (first, ..) = &rows[0];
+    sqlx::query("UPDATE jobs SET result_content_type = 'text/html' WHERE id = $1").bind(first).execute(farm.db.store.pool()).await.unwrap();
+    let odd = http::get(&base, &format!("/api/jobs/{first}/image"), &farm.submitter);
+    assert_eq!((odd.header("content-type"), odd.header("content-disposition")), (Some("application/octet-stream"), Some("attachment")));
+    assert!(odd.header("content-security-policy").is_some_and(|c| c.starts_with("sandbox")), "{:?}", odd.headers);
+
     // Signing in with the form: an HttpOnly cookie, then a local redirect only.
     let form = format!("token={}&next=/batches/{batch}", farm.submitter);
     let urlencoded = [("Content-Type", "application/x-www-form-urlencoded")];
@@ -915,8 +925,17 @@ async fn the_status_page_shows_the_farm_and_each_batch_as_a_contact_sheet() {
     let refused = http::request(&base, "POST", "/login", &urlencoded, b"token=fft_00");
     assert_eq!(refused.status, 401);
     assert!(refused.text().contains("unknown, revoked or expired"), "{}", refused.text());
-    let away = format!("token={}&next=//elsewhere.example/", farm.submitter);
-    assert_eq!(http::request(&base, "POST", "/login", &urlencoded, away.as_bytes()).header("location"), Some("/"));
+    for elsewhere in ["//elsewhere.example/", "/%09/elsewhere.example", "https://elsewhere.example/"] {
+        let away = format!("token={}&next={elsewhere}", farm.submitter);
+        assert_eq!(http::request(&base, "POST", "/login", &urlencoded, away.as_bytes()).header("location"), Some("/"), "{elsewhere}");
+    }
+    // Another site cannot sign a browser in with a token of its choosing.
+    let forged = [("Content-Type", "application/x-www-form-urlencoded"), ("Origin", "https://elsewhere.example")];
+    let refused = http::request(&base, "POST", "/login", &forged, form.as_bytes());
+    assert_eq!((refused.status, refused.header("set-cookie")), (403, None));
+    // A page asked for while signed out comes back after sign-in.
+    let asked = http::request(&base, "GET", &format!("/batches/{batch}"), &[], b"");
+    assert_eq!(asked.header("location"), Some(format!("/login#next=/batches/{batch}").as_str()));
 
     // A browser: sign in from a link, land on the batch, see its contact
     // sheet filled and the progress moved on; the screenshot stays as an artifact.

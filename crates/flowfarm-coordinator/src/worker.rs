@@ -14,6 +14,9 @@ use uuid::Uuid;
 use crate::convert::*;
 use crate::{spans, Coordinator};
 
+/// What a result may be: what workers write and browsers may show.
+pub(crate) const RESULT_TYPES: &[&str] = &["image/png", "image/jpeg", "image/webp"];
+
 const MAX_ERROR_CHARS: usize = 4096;
 const MAX_CAPACITY: u32 = 64;
 const MAX_RESULT_KEY_CHARS: usize = 1024;
@@ -97,6 +100,13 @@ fn completion(
     }
     if result.content_type.is_empty() {
         return Err(invalid(&named("result.content_type"), "required"));
+    }
+    // Results are served to browsers (the status page): only image types.
+    if !RESULT_TYPES.contains(&result.content_type.as_str()) {
+        return Err(invalid(
+            &named("result.content_type"),
+            format!("`{}` is not an image type this farm serves ({})", result.content_type, RESULT_TYPES.join(", ")),
+        ));
     }
     if !result.model_hash.is_empty() {
         check_model_hash(&named("result.model_hash"), &result.model_hash)?;

@@ -355,6 +355,18 @@ async fn bad_arguments_on_other_rpcs_name_the_field() {
         "result.model_hash: must be 64 lower-case hex digits",
     );
     expect(
+        w.complete_job(pb::CompleteJobRequest {
+            worker_id: id.clone(),
+            job_id: id.clone(),
+            attempt: 1,
+            result: Some(pb::JobResult { content_type: "text/html".into(), ..result("a.png", &"a".repeat(64)) }),
+            gpu_seconds: 0.0,
+        })
+        .await
+        .map(drop),
+        "result.content_type: `text/html` is not an image type this farm serves (image/png, image/jpeg, image/webp)",
+    );
+    expect(
         w.fail_job(pb::FailJobRequest { worker_id: id.clone(), job_id: id, attempt: 0, ..Default::default() }).await.map(drop),
         "attempt: required",
     );

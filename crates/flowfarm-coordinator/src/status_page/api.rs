@@ -60,20 +60,17 @@ pub(super) async fn status(State(page): State<Page>, headers: HeaderMap) -> Resu
         .await?
         .iter()
         .map(|w| {
-            let mut view = json!({
-                "name": w.name, "state": w.state.as_str(), "devices": w.devices, "models": w.models,
-                "capacity": w.capacity, "busy": w.current_job_ids.len(), "images_done": w.images_done,
-                "gpu_seconds": w.gpu_seconds, "version": w.version,
-                "heartbeat_seconds_ago": (now - w.last_heartbeat_at).num_milliseconds() as f64 / 1000.0,
-            });
-            // Hosts and other tenants' job ids are the operators' business.
-            if caller.sees_all() {
-                view["hostname"] = json!(w.hostname);
-                view["current_jobs"] = json!(w.current_job_ids);
-            }
-            view
+            json!({
+                "name": w.name, "hostname": w.hostname, "state": w.state.as_str(), "devices": w.devices,
+                "models": w.models, "capacity": w.capacity, "busy": w.current_job_ids.len(),
+                "current_jobs": w.current_job_ids, "images_done": w.images_done, "gpu_seconds": w.gpu_seconds,
+                "version": w.version, "heartbeat_seconds_ago": (now - w.last_heartbeat_at).num_milliseconds() as f64 / 1000.0,
+            })
         })
         .collect();
+    // The fleet and the queues are the operators' view, as over gRPC
+    // (ListWorkers, GetQueueStats): a submit token sees its batches only.
+    let (queues, workers) = if caller.sees_all() { (queues, workers) } else { (Vec::new(), Vec::new()) };
     let submitter = (!caller.sees_all()).then_some(caller.name.as_str());
     let batches: Vec<Value> = store
         .recent_batches(submitter, RECENT_BATCHES)
@@ -160,7 +157,8 @@ async fn read_image(page: &Page, caller: &Caller, id: &str) -> Result<(JobResult
         }
         other => Refusal::Unavailable(format!("reading the image of job {id}: {other}")),
     })?;
-    let mut bytes = Vec::with_capacity(result.size_bytes as usize);
+    // The recorded size is the worker's word: a hint, bounded.
+    let mut bytes = Vec::with_capacity((result.size_bytes as usize).min(16 * 1024 * 1024));
     while let Some(piece) = pieces.next().await {
         let piece = piece.map_err(|e| Refusal::Unavailable(format!("reading the image of job {id}: {e}")))?;
         if bytes.len() + piece.len() > MAX_IMAGE_BYTES {
@@ -171,14 +169,27 @@ async fn read_image(page: &Page, caller: &Caller, id: &str) -> Result<(JobResult
     Ok((result, bytes))
 }
 
-/// A result never changes once recorded: browsers may keep it.
+/// A result never changes once recorded: browsers may keep it. It is served
+/// as an image only with an image type, and sandboxed whatever it is, so
+/// bytes a worker labelled `text/html` or `text/javascript` never run here.
 fn image_response(content_type: &str, bytes: Vec<u8>) -> Response {
-    let content_type = if content_type.is_empty() { "application/octet-stream" } else { content_type };
-    (
-        [(header::CONTENT_TYPE, content_type.to_owned()), (header::CACHE_CONTROL, "private, max-age=86400, immutable".to_owned())],
+    // CompleteJob accepts only these; a result recorded before it checked
+    // goes out as a download.
+    let image = crate::worker::RESULT_TYPES.contains(&content_type);
+    let content_type = if image { content_type } else { "application/octet-stream" };
+    let mut response = (
+        [
+            (header::CONTENT_TYPE, content_type.to_owned()),
+            (header::CACHE_CONTROL, "private, max-age=86400, immutable".to_owned()),
+            (header::CONTENT_SECURITY_POLICY, "sandbox; default-src 'none'".to_owned()),
+        ],
         Body::from(bytes),
     )
-        .into_response()
+        .into_response();
+    if !image {
+        response.headers_mut().insert(header::CONTENT_DISPOSITION, axum::http::HeaderValue::from_static("attachment"));
+    }
+    response
 }
 
 /// The full image, as the worker wrote it.

@@ -45,7 +45,10 @@ const PAGE_HTML: &str = include_str!("page.html");
 const PAGE_JS: &str = include_str!("page.js");
 const PAGE_CSS: &str = include_str!("page.css");
 const LOGIN_HTML: &str = include_str!("login.html");
+/// Over HTTPS the cookie is `__Host-` prefixed: the browser then keeps it
+/// for this host and port only, sent over TLS only.
 const COOKIE: &str = "flowfarm_token";
+const SECURE_COOKIE: &str = "__Host-flowfarm_token";
 /// How long a sign-in lasts in the browser; the token's own expiry and
 /// revocation still apply on every request.
 const COOKIE_MAX_AGE_SECONDS: u32 = 12 * 3600;
@@ -104,14 +107,23 @@ impl IntoResponse for Refusal {
 impl Page {
     /// The caller behind the request's bearer header or sign-in cookie.
     async fn viewer(&self, headers: &HeaderMap) -> Result<Caller, Refusal> {
-        let secret = bearer(headers).or_else(|| cookie(headers, COOKIE)).ok_or_else(|| Refusal::NotSignedIn("not signed in".into()))?;
+        let secret =
+            bearer(headers).or_else(|| cookie(headers, self.cookie_name())).ok_or_else(|| Refusal::NotSignedIn("not signed in".into()))?;
         Ok(self.coordinator.shared.auth.authorize_secret(&secret, VIEWERS).await?)
     }
 
+    fn cookie_name(&self) -> &'static str {
+        if self.secure {
+            SECURE_COOKIE
+        } else {
+            COOKIE
+        }
+    }
+
     fn cookie(&self, value: &str, max_age: u32) -> HeaderValue {
-        let secure = if self.secure { "; Secure" } else { "" };
+        let (name, secure) = (self.cookie_name(), if self.secure { "; Secure" } else { "" });
         // A token is `fft_` and hex: nothing in it needs quoting in a cookie.
-        HeaderValue::from_str(&format!("{COOKIE}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Strict{secure}"))
+        HeaderValue::from_str(&format!("{name}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Strict{secure}"))
             .unwrap_or_else(|_| HeaderValue::from_static("flowfarm_token=; Path=/; Max-Age=0"))
     }
 }
@@ -134,21 +146,43 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
 
 /// `/` and `/batches/{id}`: the page (its script reads the path); the
 /// sign-in form for a browser that is not signed in.
-async fn index(State(page): State<Page>, headers: HeaderMap) -> Response {
+async fn index(State(page): State<Page>, headers: HeaderMap, uri: axum::http::Uri) -> Response {
     match page.viewer(&headers).await {
         Ok(_) => ([(header::CONTENT_TYPE, "text/html; charset=utf-8")], PAGE_HTML).into_response(),
-        Err(Refusal::NotSignedIn(_)) => Redirect::to("/login").into_response(),
+        // The page asked for comes back after sign-in.
+        Err(Refusal::NotSignedIn(_)) => match local_path(uri.path()) {
+            "/" => Redirect::to("/login").into_response(),
+            next => Redirect::to(&format!("/login#next={next}")).into_response(),
+        },
         Err(other) => other.into_response(),
     }
 }
 
-fn login_page(status: StatusCode, message: &str) -> Response {
-    let html = LOGIN_HTML.replace("{{message}}", &escape_html(message));
+/// `next` if it is one of the page's own paths (`/` or `/batches/{uuid}`),
+/// else `/`: a sign-in never sends a browser anywhere else.
+fn local_path(next: &str) -> &str {
+    match next.strip_prefix("/batches/") {
+        Some(id) if uuid::Uuid::parse_str(id).is_ok() && id.len() == 36 => next,
+        _ => "/",
+    }
+}
+
+fn login_page(status: StatusCode, message: &str, next: &str) -> Response {
+    let html = LOGIN_HTML.replace("{{message}}", &escape_html(message)).replace("{{next}}", &escape_html(local_path(next)));
     (status, [(header::CONTENT_TYPE, "text/html; charset=utf-8")], html).into_response()
 }
 
 async fn login_form() -> Response {
-    login_page(StatusCode::OK, "")
+    login_page(StatusCode::OK, "", "/")
+}
+
+/// Whether a browser's POST comes from one of this server's pages: the
+/// `Origin` it sends names this host (clients that send none, like curl,
+/// are not browsers another site can drive).
+fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else { return true };
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    origin.split_once("://").is_some_and(|(_, authority)| !host.is_empty() && authority == host)
 }
 
 #[derive(serde::Deserialize)]
@@ -160,30 +194,29 @@ struct Login {
 }
 
 /// Checks the token, then keeps it in an HttpOnly cookie.
-async fn login(State(page): State<Page>, Form(form): Form<Login>) -> Response {
+async fn login(State(page): State<Page>, headers: HeaderMap, Form(form): Form<Login>) -> Response {
+    let next = local_path(&form.next);
+    if !same_origin(&headers) {
+        // Another site signing a browser in with a token of its choosing.
+        return login_page(StatusCode::FORBIDDEN, "sign in from this server's own page", next);
+    }
     let token = form.token.trim();
     if token.is_empty() {
-        return login_page(StatusCode::BAD_REQUEST, "token: paste an admin or submit token (farmctl tokens create)");
+        return login_page(StatusCode::BAD_REQUEST, "token: paste an admin or submit token (farmctl tokens create)", next);
     }
     match page.coordinator.shared.auth.authorize_secret(token, VIEWERS).await {
         Ok(_) => {
-            // Only a path here: never a redirect to another site.
-            let next = if form.next.starts_with('/') && !form.next.starts_with("//") && !form.next.contains('\\') {
-                form.next.as_str()
-            } else {
-                "/"
-            };
             let mut response = Redirect::to(next).into_response();
             response.headers_mut().insert(header::SET_COOKIE, page.cookie(token, COOKIE_MAX_AGE_SECONDS));
             response
         }
         Err(status) if status.code() == Code::Unauthenticated => {
-            login_page(StatusCode::UNAUTHORIZED, "token: unknown, revoked or expired; ask an admin for a new one")
+            login_page(StatusCode::UNAUTHORIZED, "token: unknown, revoked or expired; ask an admin for a new one", next)
         }
         Err(status) if status.code() == Code::PermissionDenied => {
-            login_page(StatusCode::FORBIDDEN, "token: a worker token cannot open the status page; use an admin or submit token")
+            login_page(StatusCode::FORBIDDEN, "token: a worker token cannot open the status page; use an admin or submit token", next)
         }
-        Err(status) => login_page(StatusCode::SERVICE_UNAVAILABLE, status.message()),
+        Err(status) => login_page(StatusCode::SERVICE_UNAVAILABLE, status.message(), next),
     }
 }
 
@@ -201,17 +234,22 @@ async fn style() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/css; charset=utf-8")], PAGE_CSS)
 }
 
-/// What every answer carries: no framing, no sniffing, no referrer, and
-/// scripts and styles from this server only.
+/// What every answer carries: no framing, no sniffing, no referrer to other sites, and
+/// scripts and styles from this server only (images keep their stricter,
+/// sandboxing policy).
 async fn security_headers(mut response: Response) -> Response {
     let headers = response.headers_mut();
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
-    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
-    headers.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'self'; img-src 'self'; frame-ancestors 'none'; form-action 'self'"),
-    );
+    // same-origin, not no-referrer: with no-referrer a browser sends `Origin: null`
+    // on its own form posts, and the sign-in could not tell them from another site's.
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    if !headers.contains_key(header::CONTENT_SECURITY_POLICY) {
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("default-src 'self'; img-src 'self'; frame-ancestors 'none'; form-action 'self'"),
+        );
+    }
     if !headers.contains_key(header::CACHE_CONTROL) {
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
@@ -320,6 +358,28 @@ mod tests {
         assert_eq!(cookie(&headers, COOKIE).as_deref(), Some("fft_ab12"));
         headers.insert(header::COOKIE, HeaderValue::from_static("flowfarm_token="));
         assert_eq!(cookie(&headers, COOKIE), None, "an emptied cookie is no sign-in");
+    }
+
+    #[test]
+    fn a_sign_in_only_leads_to_the_pages_own_paths() {
+        let batch = "/batches/01a22d2f-a0e0-71ce-8f54-9e7bed30155d";
+        assert_eq!(local_path(batch), batch);
+        for elsewhere in
+            ["//evil.example/", "/\t/evil.example", "/%09/evil.example", "https://evil.example/", "/batches/x", "/api/status", ""]
+        {
+            assert_eq!(local_path(elsewhere), "/", "{elsewhere:?}");
+        }
+    }
+
+    #[test]
+    fn a_post_from_another_site_is_told_apart() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("127.0.0.1:8080"));
+        assert!(same_origin(&headers), "no Origin: not a browser driven by another site");
+        headers.insert(header::ORIGIN, HeaderValue::from_static("http://127.0.0.1:8080"));
+        assert!(same_origin(&headers));
+        headers.insert(header::ORIGIN, HeaderValue::from_static("https://evil.example"));
+        assert!(!same_origin(&headers));
     }
 
     #[test]

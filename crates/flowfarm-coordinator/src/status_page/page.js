@@ -45,7 +45,7 @@ function finished(c) { return c.succeeded + c.failed + c.cancelled + c.dead; }
 async function get(path) {
   const response = await fetch(path, { credentials: "same-origin", headers: { Accept: "application/json" } });
   if (response.status === 401) {
-    location.href = "/login";
+    location.href = `/login#next=${encodeURIComponent(location.pathname)}`;
     throw new Error("not signed in");
   }
   if (!response.ok) throw new Error(`${path}: ${(await response.text()).trim()}`);
@@ -58,6 +58,12 @@ function fill(tbody, rows) {
 
 function drawOverview(status) {
   document.getElementById("viewer").textContent = `${status.viewer.name} (${status.viewer.role})`;
+  // The fleet is the operators' view: a submit token gets no queues or workers.
+  for (const id of ["queues", "workers"]) {
+    const table = document.getElementById(id);
+    table.hidden = status.viewer.role !== "admin";
+    table.previousElementSibling.hidden = table.hidden;
+  }
   fill(document.querySelector("#queues tbody"), status.queues.map((q) => el("tr", {},
     el("td", {}, q.model, q.paused ? " (paused)" : ""),
     ...STATES.map((s) => el("td", { class: "n" }, number(q.counts[s]))),
@@ -138,12 +144,13 @@ async function refresh() {
 
 function signInFromFragment() {
   // /login#token=…&next=/batches/… : the fragment never reaches a server log.
+  // The server checks `next` again and goes nowhere but its own pages.
   const params = new URLSearchParams(location.hash.slice(1));
+  if (params.get("next")) document.getElementById("next").value = params.get("next");
   const token = params.get("token");
   if (!token) return;
   history.replaceState(null, "", location.pathname);
   document.getElementById("token").value = token;
-  if (params.get("next")) document.getElementById("next").value = params.get("next");
   document.getElementById("login").submit();
 }
 
