@@ -109,7 +109,7 @@ pub trait JobQueue: Send + Sync + std::fmt::Debug {
 /// acknowledged (or swept).
 #[async_trait::async_trait]
 pub trait JobSource: Send + Sync {
-    /// Waits up to `block` for at most `count` new messages across the lanes.
+    /// Waits up to `block` for new messages, at most `count` from each lane.
     ///
     /// # Errors
     /// [`QueueError`] if the queue cannot be reached (call again).

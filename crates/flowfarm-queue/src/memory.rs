@@ -107,14 +107,16 @@ pub struct MemoryConsumer {
 }
 
 impl MemoryConsumer {
-    /// Up to `count` waiting messages of the reader's lanes, now pending.
+    /// Up to `count` waiting messages of each of the reader's lanes, now
+    /// pending: as Redis's XREADGROUP COUNT, per lane, so a busy lane does
+    /// not starve the others.
     fn take(&self, count: usize) -> Vec<Delivery> {
         let mut state = self.shared.state();
         let now = Instant::now();
         let mut out = Vec::new();
         for name in &self.lanes {
             let Some(lane) = state.lanes.get_mut(name) else { continue };
-            while out.len() < count {
+            for _ in 0..count {
                 let Some((id, job)) = lane.waiting.pop_front() else { break };
                 lane.pending.insert(id, Pending { delivered_at: now });
                 out.push(Delivery { lane: name.clone(), message_id: id.to_string(), job: Ok(job) });

@@ -105,6 +105,19 @@ async fn a_reader_reads_only_its_lanes(q: Queue) {
     q.forget(&[&t5, &clip]).await;
 }
 
+/// A read takes up to `count` from each lane, so a busy lane never starves
+/// the others (Redis: XREADGROUP COUNT is per stream).
+async fn a_busy_lane_does_not_starve_the_others(q: Queue) {
+    let (busy, quiet) = (new_lane(), new_lane());
+    q.queue().publish(&busy, &jobs(5)).await.unwrap();
+    q.queue().publish(&quiet, &jobs(5)).await.unwrap();
+    let reader = q.reader("w", &[busy.clone(), quiet.clone()]).await;
+    let got = reader.read(2, Duration::from_millis(100)).await.unwrap();
+    let from = |lane: &String| got.iter().filter(|d| &d.lane == lane).count();
+    assert_eq!((from(&busy), from(&quiet)), (2, 2), "{got:?}");
+    q.forget(&[&busy, &quiet]).await;
+}
+
 async fn a_blocked_read_wakes_when_work_arrives(q: Queue) {
     let lane = new_lane();
     let reader = q.reader("w", std::slice::from_ref(&lane)).await;
@@ -158,6 +171,7 @@ macro_rules! conformance {
 conformance!(
     each_message_goes_to_one_reader_in_order,
     a_reader_reads_only_its_lanes,
+    a_busy_lane_does_not_starve_the_others,
     a_blocked_read_wakes_when_work_arrives,
     sweep_removes_messages_whose_reader_died,
 );
