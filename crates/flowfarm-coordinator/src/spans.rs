@@ -34,10 +34,14 @@ pub(crate) fn rpc_span(request: &http::Request<()>) -> tracing::Span {
         job = Empty,
         attempt = Empty,
     );
-    // Without OTLP no propagator is installed: the context is empty and the
-    // span stays a root, as it is without a traceparent.
-    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&Headers(request.headers())));
-    let _ = span.set_parent(parent);
+    // Only workers' calls continue a trace: the header is read before the
+    // caller is authenticated, and nobody else's calls belong in a
+    // worker's trace. Without OTLP no propagator is installed and the
+    // context is empty.
+    if request.uri().path().starts_with("/flowfarm.v1.WorkerService/") {
+        let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&Headers(request.headers())));
+        let _ = span.set_parent(parent);
+    }
     span
 }
 

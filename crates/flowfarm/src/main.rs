@@ -298,7 +298,11 @@ async fn run(command: Command, config: Config) -> Result<()> {
             let asked = shutdown.is_cancelled();
             shutdown.cancel();
             tasks.close();
-            tasks.wait().await;
+            // The HTTP servers wait for their connections: a client that
+            // never finishes a request must not keep the process alive.
+            if tokio::time::timeout(config.server.shutdown_grace(), tasks.wait()).await.is_err() {
+                tracing::warn!(left = tasks.len(), "tasks still running after the grace period; exiting anyway");
+            }
             served?;
             if !asked {
                 bail!("the gRPC server stopped without being asked to");

@@ -14,8 +14,9 @@ use tonic::Code;
 use farmctl::client::Farm;
 use farmctl::output;
 
-/// How long the coordinator may stay unreachable before `watch` gives up:
-/// long enough for a restart or a failover to another coordinator.
+/// How long the coordinator may stay unreachable (from the moment the
+/// stream broke) before `watch` gives up: long enough for a restart or a
+/// failover to another coordinator.
 const RECONNECT_PATIENCE: Duration = Duration::from_secs(120);
 
 /// Whether a broken stream is worth opening again: the coordinator went
@@ -37,13 +38,15 @@ pub(crate) async fn watch(farm: &Farm, batch_id: &str, json: bool) -> Result<Exi
     let mut last: Option<pb::Batch> = None;
     let mut steps: HashMap<String, (u32, u32)> = HashMap::new();
     let mut cursor = String::new();
-    let mut heard = Instant::now();
+    // Since when the coordinator has not answered; None while it does.
+    let mut lost: Option<Instant> = None;
     let mut pause = Duration::from_millis(200);
-    'streams: loop {
+    loop {
         let opened = farm.render().watch_batch(pb::WatchBatchRequest { batch_id: batch_id.to_owned(), after: cursor.clone() }).await;
         let mut stream = match opened {
             Ok(stream) => stream.into_inner(),
-            Err(status) if !cursor.is_empty() && reconnectable(&status) && heard.elapsed() < RECONNECT_PATIENCE => {
+            Err(status) if !cursor.is_empty() && reconnectable(&status) && lost.is_none_or(|t| t.elapsed() < RECONNECT_PATIENCE) => {
+                lost.get_or_insert_with(Instant::now);
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_secs(5));
                 continue;
@@ -55,11 +58,11 @@ pub(crate) async fn watch(farm: &Farm, batch_id: &str, json: bool) -> Result<Exi
                 Ok(message) => message,
                 Err(status) if !cursor.is_empty() && reconnectable(&status) => {
                     bar.println(format!("lost the coordinator ({}); reconnecting", status.message()));
-                    continue 'streams;
+                    break;
                 }
                 Err(status) => return Err(farm.explain(status)),
             };
-            (heard, pause) = (Instant::now(), Duration::from_millis(200));
+            (lost, pause) = (None, Duration::from_millis(200));
             cursor = message.cursor.clone();
             match message.event {
                 Some(pb::watch_batch_event::Event::Snapshot(batch)) => {
@@ -105,13 +108,13 @@ pub(crate) async fn watch(farm: &Farm, batch_id: &str, json: bool) -> Result<Exi
                 None => {}
             }
         }
-        // The stream ends after the batch's last snapshot; one that ends
-        // sooner was closed under us (a coordinator shutting down).
+        // The stream ends after the batch's last snapshot; one that ends or
+        // breaks sooner was closed under us (a coordinator going away).
         let finished = last.as_ref().is_some_and(|b| {
             let c = b.counts.unwrap_or_default();
             c.succeeded + c.failed + c.cancelled + c.dead >= b.total_jobs
         });
-        if finished || cursor.is_empty() || heard.elapsed() >= RECONNECT_PATIENCE {
+        if finished || cursor.is_empty() || lost.get_or_insert_with(Instant::now).elapsed() >= RECONNECT_PATIENCE {
             break;
         }
         tokio::time::sleep(pause).await;

@@ -85,7 +85,8 @@ impl PgStore {
             .execute(&mut *tx)
             .await?;
         // The result sweeper visits these batches next, for the purged jobs' objects.
-        sqlx::query("DELETE FROM batch_purges WHERE purged_at < now() - interval '1 day'").execute(&mut *tx).await?;
+        // Kept well past any sweep interval (each sweep looks back two).
+        sqlx::query("DELETE FROM batch_purges WHERE purged_at < now() - interval '7 days'").execute(&mut *tx).await?;
         sqlx::query(
             "INSERT INTO batch_purges (batch_id) SELECT DISTINCT unnest($1::uuid[]) \
              ON CONFLICT (batch_id) DO UPDATE SET purged_at = now()",
