@@ -814,20 +814,26 @@ async fn the_status_page_shows_the_farm_and_each_batch_as_a_contact_sheet() {
     let a = farm.worker("a");
     // A quick job, then three slow ones: the page is looked at in between.
     let mut jobs = vec![format!("{{\"model\":\"{MODEL}\",\"prompt\":\"wide harbour\",\"seed\":7,\"steps\":2,\"width\":96,\"height\":64}}")];
-    jobs.extend((0..3).map(|i| job(&format!("lighthouse {i}"), 40 + i, 100)));
+    jobs.extend((0..3).map(|i| job(&format!("lighthouse {i}"), 40 + i, 200)));
     let batch = farm.submit(&jobs);
     let base = farm.server.as_ref().unwrap().status_page.clone().expect("the status page is served");
     let link = format!("{base}/login#token={}&next=/batches/{batch}", farm.submitter);
 
-    // While it renders: one image on the sheet, a job running, one of four done.
+    // While it renders (the slow jobs take seconds each): the sheet partly
+    // filled, jobs still running or queued.
     farm.wait_for("the first image and a job running", Duration::from_secs(120), &[&a], async || {
         farm.count("SELECT count(*) FROM jobs WHERE state = 'succeeded'").await == 1
             && farm.count("SELECT count(*) FROM jobs WHERE state = 'running' AND progress_step >= 1").await == 1
     })
     .await;
     let during = chromium_dom(&link, &farm.dir.path().join("chromium-during"));
-    assert_eq!(during.matches("<img").count(), 1, "one finished image on the sheet:\n{during}");
-    assert!(during.contains("\">running ") && during.contains("1 of 4 done"), "a running job and the batch's progress:\n{during}");
+    // A slow machine may have finished one more job by the time the page
+    // loads; the sheet is still not full and the batch not done.
+    let shown = during.matches("<img").count();
+    assert!((1..4).contains(&shown), "some finished images on the sheet, not all: {shown}\n{during}");
+    assert!(during.contains(&format!("{shown} of 4 done")), "the batch's progress:\n{during}");
+    let to_come = ["\">running ", ">queued<", ">dispatched<"];
+    assert!(to_come.iter().any(|c| during.contains(c)), "jobs still to come:\n{during}");
     farm.wait_all_finished(&[&a], Duration::from_secs(300)).await;
     let bob = token(&farm.db, "submit", "bob");
 
