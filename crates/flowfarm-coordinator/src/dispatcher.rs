@@ -63,25 +63,40 @@ impl Dispatcher {
         self.coordinator.shared.dispatch_wake.clone()
     }
 
-    /// Fills every lane's window: T5 jobs first (fewer workers can take
-    /// them), then CLIP-only jobs into what is left. Returns how many jobs
-    /// went out.
+    /// Fills each model's windows, the lane whose best job has the higher
+    /// priority first (T5 first on a tie: fewer workers can take those).
+    /// The model's window (every worker serves CLIP-only jobs, so it counts
+    /// every job of the model out) bounds both lanes together; the T5 lane
+    /// is bounded by its own too. As slots free one at a time, each goes to
+    /// the best job of either lane. Returns how many jobs went out.
     ///
     /// # Errors
     /// [`DispatchError`] from Postgres or Redis; what was committed stays
     /// and is dispatched again later if its messages were not sent.
     pub async fn dispatch_ready(&self) -> Result<usize, DispatchError> {
         let shared = &self.coordinator.shared;
+        let lookahead = shared.queue.lookahead_per_worker;
         let mut sent = 0;
         for model in shared.registry.names() {
-            for set in [TextEncoderSet::All, TextEncoderSet::ClipOnly] {
-                let window = shared.store.dispatch_window(model, set, shared.queue.lookahead_per_worker).await?;
+            let mut heads = shared.store.lane_heads(model).await?;
+            if heads.is_empty() {
+                continue;
+            }
+            let mut model_window = shared.store.dispatch_window(model, TextEncoderSet::ClipOnly, lookahead).await?;
+            // Highest priority first; on a tie T5 (All sorts before ClipOnly).
+            heads.sort_by_key(|&(set, priority)| (std::cmp::Reverse(priority), set != TextEncoderSet::All));
+            for (set, _) in heads {
+                let window = match set {
+                    TextEncoderSet::All => shared.store.dispatch_window(model, set, lookahead).await?.min(model_window),
+                    TextEncoderSet::ClipOnly => model_window,
+                };
                 if window == 0 {
                     continue;
                 }
                 let jobs = shared.store.dispatch_jobs(model, set, window.min(MAX_PER_PASS), "dispatcher").await?;
                 self.publish(&jobs).await?;
                 shared.metrics.dispatched.inc_by(jobs.len() as u64);
+                model_window = model_window.saturating_sub(jobs.len() as u32);
                 sent += jobs.len();
             }
         }

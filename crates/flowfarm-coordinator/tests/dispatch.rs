@@ -123,3 +123,44 @@ async fn redis_streams_submitted_jobs_reach_a_reader_of_their_lane() {
 async fn in_process_submitted_jobs_reach_a_reader_of_their_lane() {
     submitted_jobs_reach_a_reader_of_their_lane(Kind::Memory).await;
 }
+
+/// Priority holds across a model's two lanes: with one free slot, a
+/// high-priority CLIP-only job goes out before a backlog of T5 jobs of lower
+/// priority (the T5 lane used to be filled first, whatever the priorities),
+/// and the slots of the whole model are never given out twice.
+#[tokio::test]
+async fn priority_holds_across_the_lanes_of_a_model() {
+    let queue = MemoryQueue::new();
+    let h = Harness::start_dispatching_into(Arc::new(queue.clone()), |c| c.queue.lookahead_per_worker = 0).await;
+    let mut worker = h.worker();
+    let sets = vec![pb::TextEncoderSet::All as i32, pb::TextEncoderSet::ClipOnly as i32];
+    let request = pb::RegisterWorkerRequest {
+        name: "w".into(),
+        models: vec!["sd3".into()],
+        capacity: 1,
+        text_encoder_sets: sets,
+        ..Default::default()
+    };
+    worker.register_worker(request).await.unwrap();
+    let spec = |prompt: &str, clip_only: bool, priority: i32| pb::JobSpec {
+        model: "sd3".into(),
+        prompt: prompt.into(),
+        text_encoders: if clip_only { pb::TextEncoderSet::ClipOnly as i32 } else { pb::TextEncoderSet::All as i32 },
+        priority,
+        ..Default::default()
+    };
+    let jobs = vec![spec("t5 a", false, 0), spec("t5 b", false, 0), spec("clip urgent", true, 100)];
+    let batch = h.render().submit_batch(pb::SubmitBatchRequest { jobs, ..Default::default() }).await.unwrap().into_inner().batch.unwrap();
+    let listed =
+        h.render().list_jobs(pb::ListJobsRequest { batch_id: batch.id.clone(), ..Default::default() }).await.unwrap().into_inner().jobs;
+    let urgent = listed.iter().find(|j| j.spec.as_ref().is_some_and(|s| s.prompt == "clip urgent")).unwrap().id.clone();
+
+    let lanes = vec![flowfarm_queue::lane("sd3", true), flowfarm_queue::lane("sd3", false)];
+    let reader = queue.consumer(&lanes);
+    let first = read_n(&reader, 1).await;
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].job.as_ref().unwrap().job_id.to_string(), urgent, "the higher priority goes first, whatever its lane");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(reader.read(5, Duration::from_millis(100)).await.unwrap().is_empty(), "one slot, one job out: {lanes:?}");
+    h.stop().await;
+}

@@ -92,6 +92,10 @@ impl Store for PgStore {
         PgStore::dispatch_window(self, model, set, lookahead_per_worker).await
     }
 
+    async fn lane_heads(&self, model: &str) -> Result<Vec<(TextEncoderSet, i32)>, StoreError> {
+        PgStore::lane_heads(self, model).await
+    }
+
     async fn unserved(&self, needs: &[(String, TextEncoderSet)]) -> Result<Vec<(String, TextEncoderSet)>, StoreError> {
         PgStore::unserved(self, needs).await
     }

@@ -174,6 +174,15 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// [`StoreError::Database`] on a failed query.
     async fn dispatch_window(&self, model: &str, set: TextEncoderSet, lookahead_per_worker: u32) -> Result<u32, StoreError>;
 
+    /// Per lane of `model` (its text encoders), the highest priority of the
+    /// jobs that may be dispatched now (queued, not held back by a retry);
+    /// lanes with none are left out. The dispatcher serves the lane with the
+    /// best job first.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] on a failed query.
+    async fn lane_heads(&self, model: &str) -> Result<Vec<(TextEncoderSet, i32)>, StoreError>;
+
     /// Of the (model, text encoders) pairs `needs`, those no active worker
     /// serves, in one round trip.
     ///

@@ -710,6 +710,32 @@ async fn worker_with_sets(store: &dyn Store, name: &str, sets: Vec<TextEncoderSe
     registered(store, name, 1, sets).await
 }
 
+/// A lane's head is its best job that may go out now: queued, not held
+/// back; lanes with none are not listed.
+async fn lane_heads_are_the_best_job_that_may_go_out(backend: &dyn Backend) {
+    let store = backend.store_with_backoff(RetryBackoff { base: Duration::from_secs(60), max: Duration::from_secs(60) });
+    let s: &dyn Store = &*store;
+    assert!(s.lane_heads("sd3").await.unwrap().is_empty());
+    let clip = |i: usize, priority: i32| ResolvedJob { text_encoders: TextEncoderSet::ClipOnly, priority, ..job(i) };
+    let t5 = |i: usize, priority: i32| ResolvedJob { priority, ..job(i) };
+    s.submit_batch(&batch(None, 1), &[t5(0, 5), t5(1, -3), clip(2, 40), clip(3, 7)]).await.unwrap();
+    let mut heads = s.lane_heads("sd3").await.unwrap();
+    heads.sort_by_key(|h| h.0.as_str());
+    assert_eq!(heads, vec![(TextEncoderSet::All, 5), (TextEncoderSet::ClipOnly, 40)]);
+    // The best CLIP-only job out, then back with a retry hold: the next one leads.
+    let w = worker_with_sets(s, "w", vec![TextEncoderSet::All, TextEncoderSet::ClipOnly]).await;
+    let out = s.dispatch_jobs("sd3", TextEncoderSet::ClipOnly, 1, "t").await.unwrap().remove(0);
+    assert_eq!(out.spec.priority, 40);
+    assert!(s.lane_heads("sd3").await.unwrap().contains(&(TextEncoderSet::ClipOnly, 7)));
+    s.start_job(out.id, w, Duration::from_secs(30)).await.unwrap();
+    s.fail_job(out.id, 1, w, "device lost", FailureCause::Transient, 0.0).await.unwrap();
+    let held = s.lane_heads("sd3").await.unwrap();
+    assert!(held.contains(&(TextEncoderSet::ClipOnly, 7)), "held back by its retry: {held:?}");
+    backend.lift_retry_holds().await;
+    assert!(s.lane_heads("sd3").await.unwrap().contains(&(TextEncoderSet::ClipOnly, 40)));
+    assert!(s.lane_heads("other").await.unwrap().is_empty());
+}
+
 /// Jobs go only to workers that have the encoders they need: a worker
 /// without T5 opens no window for T5 jobs, cannot start one (the job goes
 /// back to the queue), and the jobs show as waiting for a worker.
@@ -873,6 +899,7 @@ conformance!(
     an_outage_is_not_held_against_leases_or_workers,
     snapshot_counts_plus_the_log_equal_the_batch_later,
     claims_respect_the_workers_text_encoders,
+    lane_heads_are_the_best_job_that_may_go_out,
     failures_are_handled_by_cause,
     gpu_seconds_are_counted_once_per_attempt,
     a_failed_worker_retakes_a_job_only_it_can_serve,

@@ -55,6 +55,23 @@ impl PgStore {
         Ok(window.clamp(0, i64::from(u32::MAX)) as u32)
     }
 
+    /// [`Store::lane_heads`](crate::Store::lane_heads) on Postgres.
+    pub async fn lane_heads(&self, model: &str) -> Result<Vec<(TextEncoderSet, i32)>, StoreError> {
+        let rows: Vec<(String, i32)> = sqlx::query_as(
+            "SELECT text_encoders, max(priority) FROM jobs WHERE model = $1 AND state = 'queued' \
+                 AND (not_before IS NULL OR not_before <= now()) GROUP BY text_encoders ORDER BY 1",
+        )
+        .bind(model)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|(set, priority)| {
+                let parsed = TextEncoderSet::parse(&set).ok_or_else(|| StoreError::Corrupt(format!("text_encoders = {set}")))?;
+                Ok((parsed, priority))
+            })
+            .collect()
+    }
+
     /// [`Store::unserved`](crate::Store::unserved) on Postgres.
     pub async fn unserved(&self, needs: &[(String, TextEncoderSet)]) -> Result<Vec<(String, TextEncoderSet)>, StoreError> {
         let models: Vec<&str> = needs.iter().map(|(m, _)| m.as_str()).collect();
