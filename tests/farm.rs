@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::browser::{chromium_dom, chromium_screenshot};
 use common::*;
 use flowfarm_engine::png_output::read_parameters;
 use flowfarm_proto::v1 as pb;
@@ -754,49 +755,6 @@ async fn every_metric_deploy_names_is_exported() {
     };
     let missing: Vec<&String> = named.iter().filter(|n| !exported.contains(n.as_str()) && !exported.contains(&family(n))).collect();
     assert!(missing.is_empty(), "named in deploy/ but exported by neither: {missing:?}\nexported: {exported:?}");
-}
-
-/// Headless Chromium on `url` with a profile of its own, once it has loaded,
-/// run its scripts and followed its navigations (`--virtual-time-budget`
-/// lets the page's polling run ahead of the wall clock), doing `action`
-/// (`--dump-dom`, `--screenshot=…`); its stdout.
-fn chromium(url: &str, profile: &std::path::Path, action: &str) -> String {
-    let chromium = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .unwrap_or_else(|| panic!("Chromium is missing: apt-get install chromium (scripts/test.sh installs it)"));
-    let out = Command::new(chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--hide-scrollbars",
-            "--window-size=1200,800",
-            "--virtual-time-budget=15000",
-            action,
-        ])
-        .arg(format!("--user-data-dir={}", profile.display()))
-        .arg(url)
-        .output()
-        .expect("start chromium");
-    assert!(out.status.success(), "chromium: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The DOM of `url` in headless Chromium.
-fn chromium_dom(url: &str, profile: &std::path::Path) -> String {
-    chromium(url, profile, "--dump-dom")
-}
-
-/// A PNG of `url` in headless Chromium, written to `to`.
-fn chromium_screenshot(url: &str, profile: &std::path::Path, to: &std::path::Path) {
-    chromium(url, profile, &format!("--screenshot={}", to.display()));
-    assert!(to.exists(), "chromium wrote no screenshot to {}", to.display());
 }
 
 /// The status page: signed out, a browser is sent to sign in; signed in, a

@@ -154,6 +154,14 @@ async fn coordinator_worker_and_farmctl_speak_tls_and_refuse_the_rest() {
     let succeeded: i64 =
         sqlx::query_scalar("SELECT count(*) FROM jobs WHERE state = 'succeeded'").fetch_one(db.store.pool()).await.unwrap();
     assert_eq!(succeeded, 2, "both jobs rendered by the TLS worker");
+    // The status page over the same TLS, where a browser speaks HTTP/2 (no
+    // Host header): signed in from a link, it shows the batch's two images.
+    let status_page = server.status_page.clone().expect("the status page is served");
+    assert!(status_page.starts_with("https://"), "{status_page}");
+    let batch: String = sqlx::query_scalar("SELECT id::text FROM batches").fetch_one(db.store.pool()).await.unwrap();
+    let link = format!("{status_page}/login#token={submitter}&next=/batches/{batch}");
+    let dom = common::browser::chromium_dom_trusting(&link, &d.join("chromium"));
+    assert_eq!(dom.matches("<img").count(), 2, "signed in over TLS, the sheet shows:\n{dom}");
     let batches = || async { sqlx::query_scalar::<_, i64>("SELECT count(*) FROM batches").fetch_one(db.store.pool()).await.unwrap() };
 
     // A plaintext client, and a client that trusts another CA, are refused; they store nothing.

@@ -2,6 +2,7 @@
 //! binaries as processes, private Postgres and Redis servers, tokens.
 #![allow(dead_code)] // each test file uses its own subset
 
+pub mod browser;
 pub mod http;
 
 use std::io::{BufRead, BufReader};

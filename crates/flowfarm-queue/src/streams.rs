@@ -234,7 +234,7 @@ impl Consumer {
 
 #[async_trait::async_trait]
 impl JobSource for Consumer {
-    /// Waits up to `block` for at most `count` new messages across the lanes.
+    /// Waits up to `block` for new messages, at most `count` from each lane's stream.
     ///
     /// # Errors
     /// [`QueueError::Redis`] if Redis is away (call again: it reconnects).

@@ -178,11 +178,13 @@ async fn login_form() -> Response {
 
 /// Whether a browser's POST comes from one of this server's pages: the
 /// `Origin` it sends names this host (clients that send none, like curl,
-/// are not browsers another site can drive).
-fn same_origin(headers: &HeaderMap) -> bool {
+/// are not browsers another site can drive). The host is the `Host` header
+/// over HTTP/1.1, and the request's authority over HTTP/2 (over TLS), which
+/// has no `Host` header.
+fn same_origin(headers: &HeaderMap, uri: &axum::http::Uri) -> bool {
     let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else { return true };
-    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or_default();
-    origin.split_once("://").is_some_and(|(_, authority)| !host.is_empty() && authority == host)
+    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).or_else(|| uri.authority().map(|a| a.as_str())).unwrap_or_default();
+    origin.split_once("://").is_some_and(|(_, authority)| !host.is_empty() && authority.eq_ignore_ascii_case(host))
 }
 
 #[derive(serde::Deserialize)]
@@ -194,9 +196,9 @@ struct Login {
 }
 
 /// Checks the token, then keeps it in an HttpOnly cookie.
-async fn login(State(page): State<Page>, headers: HeaderMap, Form(form): Form<Login>) -> Response {
+async fn login(State(page): State<Page>, headers: HeaderMap, uri: axum::http::Uri, Form(form): Form<Login>) -> Response {
     let next = local_path(&form.next);
-    if !same_origin(&headers) {
+    if !same_origin(&headers, &uri) {
         // Another site signing a browser in with a token of its choosing.
         return login_page(StatusCode::FORBIDDEN, "sign in from this server's own page", next);
     }
@@ -373,13 +375,27 @@ mod tests {
 
     #[test]
     fn a_post_from_another_site_is_told_apart() {
+        let path: axum::http::Uri = "/login".parse().unwrap();
         let mut headers = HeaderMap::new();
         headers.insert(header::HOST, HeaderValue::from_static("127.0.0.1:8080"));
-        assert!(same_origin(&headers), "no Origin: not a browser driven by another site");
+        assert!(same_origin(&headers, &path), "no Origin: not a browser driven by another site");
         headers.insert(header::ORIGIN, HeaderValue::from_static("http://127.0.0.1:8080"));
-        assert!(same_origin(&headers));
+        assert!(same_origin(&headers, &path));
         headers.insert(header::ORIGIN, HeaderValue::from_static("https://evil.example"));
-        assert!(!same_origin(&headers));
+        assert!(!same_origin(&headers, &path));
+    }
+
+    #[test]
+    fn over_http2_the_host_is_the_requests_authority() {
+        // HTTP/2 (what browsers speak over TLS here) sends :authority, no Host.
+        let absolute: axum::http::Uri = "https://Farm.example:8080/login".parse().unwrap();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ORIGIN, HeaderValue::from_static("https://farm.example:8080"));
+        assert!(same_origin(&headers, &absolute), "hosts compare in any case");
+        headers.insert(header::ORIGIN, HeaderValue::from_static("https://evil.example"));
+        assert!(!same_origin(&headers, &absolute));
+        let path: axum::http::Uri = "/login".parse().unwrap();
+        assert!(!same_origin(&headers, &path), "no host known: a browser's POST is refused");
     }
 
     #[test]
