@@ -39,11 +39,9 @@ fn parse_id(field: &str, text: &str) -> Result<Uuid, Refusal> {
     Uuid::parse_str(text).map_err(|_| Refusal::BadRequest(format!("{field} `{text}` is not a UUID")))
 }
 
-/// The overview: queues, workers, recent batches.
-pub(super) async fn status(State(page): State<Page>, headers: HeaderMap) -> Result<Response, Refusal> {
-    let caller = page.viewer(&headers).await?;
-    let store = &page.coordinator.shared.store;
-    let queues: Vec<Value> = store
+/// Queue depth per model and the workers, for admins.
+async fn fleet(store: &dyn flowfarm_store::Store) -> Result<(Vec<Value>, Vec<Value>), Refusal> {
+    let queues = store
         .queue_stats(None)
         .await?
         .iter()
@@ -55,7 +53,7 @@ pub(super) async fn status(State(page): State<Page>, headers: HeaderMap) -> Resu
         })
         .collect();
     let now = Utc::now();
-    let workers: Vec<Value> = store
+    let workers = store
         .list_workers(false)
         .await?
         .iter()
@@ -68,9 +66,17 @@ pub(super) async fn status(State(page): State<Page>, headers: HeaderMap) -> Resu
             })
         })
         .collect();
+    Ok((queues, workers))
+}
+
+/// The overview: queues, workers, recent batches.
+pub(super) async fn status(State(page): State<Page>, headers: HeaderMap) -> Result<Response, Refusal> {
+    let caller = page.viewer(&headers).await?;
+    let store = &page.coordinator.shared.store;
     // The fleet and the queues are the operators' view, as over gRPC
-    // (ListWorkers, GetQueueStats): a submit token sees its batches only.
-    let (queues, workers) = if caller.sees_all() { (queues, workers) } else { (Vec::new(), Vec::new()) };
+    // (ListWorkers, GetQueueStats): a submit token sees its batches only,
+    // and its polls do not read them.
+    let (queues, workers) = if caller.sees_all() { fleet(store.as_ref()).await? } else { (Vec::new(), Vec::new()) };
     let submitter = (!caller.sees_all()).then_some(caller.name.as_str());
     let batches: Vec<Value> = store
         .recent_batches(submitter, RECENT_BATCHES)
