@@ -14,6 +14,7 @@ pub fn store_status(err: StoreError) -> Status {
         StoreError::NotFound { .. } => Status::not_found(err.to_string()),
         StoreError::IdempotencyConflict { .. } => Status::already_exists(err.to_string()),
         StoreError::QuotaExceeded { .. } => Status::resource_exhausted(err.to_string()),
+        StoreError::InvalidArgument { .. } => Status::invalid_argument(err.to_string()),
         StoreError::WrongState { .. } | StoreError::WorkerUnavailable { .. } | StoreError::Declined { .. } => {
             Status::failed_precondition(err.to_string())
         }

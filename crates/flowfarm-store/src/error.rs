@@ -31,6 +31,9 @@ pub enum StoreError {
     /// A tenant's quota refuses the submission; `quota` names the limit.
     #[error("quota {quota}: {detail}")]
     QuotaExceeded { quota: &'static str, detail: String },
+    /// A caller's value the store cannot use; `field` names it.
+    #[error("{field}: {why}")]
+    InvalidArgument { field: &'static str, why: String },
     /// A value read from the database that the code does not understand
     /// (a schema newer than this build).
     #[error("corrupt row: {0}")]

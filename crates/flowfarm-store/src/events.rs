@@ -10,6 +10,12 @@
 //! snapshot does. A transaction is either visible in a snapshot or not, and
 //! once visible stays visible, so nothing is skipped and nothing comes twice.
 //!
+//! That is the Postgres form of a cursor. A store whose writes commit one
+//! after another, in id order (SQLite's single writer), has no late commits:
+//! its cursor is the last event id delivered (`@ID`, or `@ID/UPTO/AFTER` in
+//! the middle of a read). A cursor of the other kind is refused as
+//! INVALID_ARGUMENT (`after`), not misread.
+//!
 //! Invariant: one job's events are ordered by id within a read. Every state
 //! change locks the job's row before it inserts its event, so a later change
 //! of the same job takes its event id after the earlier one committed; and
@@ -42,17 +48,49 @@ impl Snapshot {
 /// Where a reader of a batch's log stands. Its text form (`Display`,
 /// [`LogCursor::parse`]) is what clients hold to resume.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogCursor {
-    /// Every event of a transaction this snapshot saw has been delivered.
-    seen: Snapshot,
-    /// A read in progress: of the events `seen` missed and this snapshot
-    /// sees, those with ids up to the second field have been delivered.
-    reading: Option<(Snapshot, i64)>,
+pub struct LogCursor(Position);
+
+/// The two kinds of position: Postgres commits out of id order, so its
+/// readers hold snapshots; a store whose writes commit one after another in
+/// id order (SQLite's single writer) holds event ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Position {
+    Snapshot {
+        /// Every event of a transaction this snapshot saw has been delivered.
+        seen: Snapshot,
+        /// A read in progress: of the events `seen` missed and this snapshot
+        /// sees, those with ids up to the second field have been delivered.
+        reading: Option<(Snapshot, i64)>,
+    },
+    Sequence(SequencePosition),
 }
+
+/// A position in a log whose event ids are in commit order: every event with
+/// an id up to `seen` has been delivered; during a read, the read's events
+/// are those up to `reading.0`, and those up to `reading.1` are delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SequencePosition {
+    pub(crate) seen: i64,
+    pub(crate) reading: Option<(i64, i64)>,
+}
+
+/// Text form of a sequence cursor: `@SEEN` or `@SEEN/UPTO/AFTER`.
+const SEQUENCE_MARK: char = '@';
 
 impl LogCursor {
     /// Parses a cursor this module wrote; None for anything else.
     pub fn parse(text: &str) -> Option<LogCursor> {
+        if let Some(rest) = text.strip_prefix(SEQUENCE_MARK) {
+            let id = |s: &str| s.parse::<i64>().ok().filter(|id| *id >= 0 && !s.starts_with('+'));
+            let mut parts = rest.split('/');
+            let seen = id(parts.next()?)?;
+            let reading = match (parts.next(), parts.next()) {
+                (None, _) => None,
+                (Some(upto), Some(after)) => Some((id(upto)?, id(after)?)),
+                (Some(_), None) => return None,
+            };
+            return parts.next().is_none().then_some(LogCursor(Position::Sequence(SequencePosition { seen, reading })));
+        }
         let mut parts = text.split('/');
         let seen = Snapshot::parse(parts.next()?)?;
         let reading = match (parts.next(), parts.next()) {
@@ -60,15 +98,41 @@ impl LogCursor {
             (Some(upto), Some(after)) => Some((Snapshot::parse(upto)?, after.parse::<i64>().ok().filter(|id| *id >= 0)?)),
             (Some(_), None) => return None,
         };
-        parts.next().is_none().then_some(LogCursor { seen, reading })
+        parts.next().is_none().then_some(LogCursor(Position::Snapshot { seen, reading }))
     }
+
+    pub(crate) fn sequence(position: SequencePosition) -> LogCursor {
+        LogCursor(Position::Sequence(position))
+    }
+
+    /// The position of a sequence cursor; None for a snapshot one.
+    pub(crate) fn as_sequence(&self) -> Option<SequencePosition> {
+        match &self.0 {
+            Position::Sequence(position) => Some(*position),
+            Position::Snapshot { .. } => None,
+        }
+    }
+
+    fn snapshot(seen: Snapshot, reading: Option<(Snapshot, i64)>) -> LogCursor {
+        LogCursor(Position::Snapshot { seen, reading })
+    }
+}
+
+/// The refusal of a cursor another kind of store issued (the farm moved
+/// stores under a client that kept its cursor).
+pub(crate) fn foreign_cursor() -> StoreError {
+    StoreError::InvalidArgument { field: "after", why: "a cursor from another farm's store; start a new watch without one".into() }
 }
 
 impl fmt::Display for LogCursor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.reading {
-            None => write!(f, "{}", self.seen.0),
-            Some((upto, after)) => write!(f, "{}/{}/{after}", self.seen.0, upto.0),
+        match &self.0 {
+            Position::Snapshot { seen, reading: None } => write!(f, "{}", seen.0),
+            Position::Snapshot { seen, reading: Some((upto, after)) } => write!(f, "{}/{}/{after}", seen.0, upto.0),
+            Position::Sequence(SequencePosition { seen, reading: None }) => write!(f, "{SEQUENCE_MARK}{seen}"),
+            Position::Sequence(SequencePosition { seen, reading: Some((upto, after)) }) => {
+                write!(f, "{SEQUENCE_MARK}{seen}/{upto}/{after}")
+            }
         }
     }
 }
@@ -125,12 +189,15 @@ impl PgStore {
             counts: counts_from_json(row.try_get("counts")?)?,
             gpu_seconds: row.try_get("gpu_seconds")?,
         };
-        Ok((batch, LogCursor { seen, reading: None }))
+        Ok((batch, LogCursor::snapshot(seen, None)))
     }
 
     /// [`Store::read_batch_log`](crate::Store::read_batch_log) on Postgres.
     pub async fn read_batch_log(&self, batch_id: Uuid, cursor: &LogCursor, limit: u32, want_counts: bool) -> Result<LogPage, StoreError> {
-        let (upto, after) = match &cursor.reading {
+        let Position::Snapshot { seen, reading } = &cursor.0 else {
+            return Err(foreign_cursor());
+        };
+        let (upto, after) = match reading {
             Some((upto, after)) => (Some(upto.0.clone()), *after),
             None => (None, 0),
         };
@@ -147,9 +214,9 @@ impl PgStore {
         ))
         .bind(batch_id)
         .bind(upto.as_deref())
-        .bind(&cursor.seen.0)
+        .bind(&seen.0)
         .bind(after)
-        .bind(want_counts && cursor.reading.is_none())
+        .bind(want_counts && reading.is_none())
         .bind(i64::from(limit.max(1)))
         .fetch_all(&self.pool)
         .await?;
@@ -163,12 +230,12 @@ impl PgStore {
                 continue; // the LEFT JOIN's row when there is nothing to read
             }
             let event = EventRow::from_row(row)?;
-            let after = LogCursor { seen: cursor.seen.clone(), reading: Some((upto.clone(), event.id)) };
+            let after = LogCursor::snapshot(seen.clone(), Some((upto.clone(), event.id)));
             events.push((event, after));
         }
         let read_complete = events.len() < limit.max(1) as usize;
         let cursor = if read_complete {
-            LogCursor { seen: upto, reading: None }
+            LogCursor::snapshot(upto, None)
         } else {
             events.last().map(|(_, c)| c.clone()).unwrap_or_else(|| cursor.clone())
         };
@@ -182,7 +249,7 @@ mod tests {
 
     #[test]
     fn cursors_round_trip_through_text() {
-        for text in ["10:12:", "10:12:10,11", "10:12:/10:15:13/42", "5:5:/9:9:/0"] {
+        for text in ["10:12:", "10:12:10,11", "10:12:/10:15:13/42", "5:5:/9:9:/0", "@0", "@17", "@17/40/23"] {
             let cursor = LogCursor::parse(text).unwrap_or_else(|| panic!("{text}"));
             assert_eq!(cursor.to_string(), text);
         }
@@ -190,7 +257,23 @@ mod tests {
 
     #[test]
     fn anything_else_is_not_a_cursor() {
-        for text in ["", "10:12", "a:b:", "10:12:/10:15:", "10:12:/10:15:/-1", "10:12:/x/1", "10:12:; DROP TABLE jobs", "1:2:3/1:2:3/4/5"] {
+        for text in [
+            "",
+            "10:12",
+            "a:b:",
+            "10:12:/10:15:",
+            "10:12:/10:15:/-1",
+            "10:12:/x/1",
+            "10:12:; DROP TABLE jobs",
+            "1:2:3/1:2:3/4/5",
+            "@",
+            "@-1",
+            "@+1",
+            "@1/2",
+            "@1/2/x",
+            "@1/2/3/4",
+            "@a",
+        ] {
             assert!(LogCursor::parse(text).is_none(), "{text}");
         }
     }

@@ -3,15 +3,17 @@
 //!
 //! [`Store`] is the contract the coordinator works through (`store.rs`);
 //! [`PgStore`] implements it on Postgres (`postgres.rs`, over the statements
-//! in `jobs/`, `events.rs`, `workers.rs`, `tokens.rs`, …). Every job
-//! state change goes through one SQL statement that moves the rows *and*
-//! writes their `job_events` rows, and it only touches rows whose current state
-//! the [`Transition`](flowfarm_core::Transition) allows, so the state machine
-//! holds whatever callers do.
+//! in `jobs/`, `events.rs`, `workers.rs`, `tokens.rs`, …), for a farm of many
+//! machines; [`SqliteStore`] on one SQLite file (`sqlite/`), for a farm in
+//! one process (`flowfarm dev`). In both, a job changes state only where the
+//! [`Transition`](flowfarm_core::Transition) allows it, checked in the
+//! statement (Postgres) or the write transaction (SQLite) that moves the rows
+//! and writes their `job_events` rows, so the state machine holds whatever
+//! callers do.
 //!
-//! Schema changes live in the repository's `migrations/postgres/` (one
-//! folder per store) and are embedded in the binary;
-//! [`PgStore::migrate`] applies them.
+//! Schema changes live in the repository's `migrations/postgres/` and
+//! `migrations/sqlite/` (one folder per store) and are embedded in the
+//! binary; [`PgStore::migrate`] and [`SqliteStore::open`] apply them.
 
 mod error;
 mod events;
@@ -19,6 +21,7 @@ mod jobs;
 mod postgres;
 mod progress;
 mod rows;
+mod sqlite;
 mod store;
 mod tenants;
 mod tokens;
@@ -34,6 +37,7 @@ pub use events::{LogCursor, LogPage};
 pub use jobs::{Completion, FailureCause, JobFilter, JobSelector, NewBatch, SubmitOutcome};
 pub use progress::{ProgressListener, ProgressNote};
 pub use rows::{BatchRow, EventRow, JobCounts, JobResultRow, JobRow, ModelStats, QueuePause, WorkerRow};
+pub use sqlite::{SqliteStore, SQLITE_MIGRATOR};
 pub use store::{ProgressSource, Store};
 pub use tokens::{check_token_name, NewToken, Quotas, TokenInfo, MAX_TOKEN_NAME, TOKEN_PREFIX};
 pub use workers::{HeartbeatOutcome, NewWorker};

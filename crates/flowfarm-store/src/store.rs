@@ -1,6 +1,8 @@
 //! The store's contract: every read and write of the farm's state, as the
 //! coordinator makes them. [`PgStore`](crate::PgStore) implements it on
-//! Postgres; the tests in `tests/store.rs` say what an implementation must do.
+//! Postgres, [`SqliteStore`](crate::SqliteStore) on SQLite; the conformance
+//! suite in `tests/store.rs`, run against both, says what an implementation
+//! must do.
 //!
 //! Invariants every implementation keeps:
 //! - A job changes state only along a [`Transition`](flowfarm_core::Transition)

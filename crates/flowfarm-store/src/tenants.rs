@@ -10,34 +10,21 @@ use uuid::Uuid;
 
 use crate::{JobSelector, PgStore, Quotas, StoreError};
 
-/// Checks a new batch of `new_jobs` jobs against `submitter`'s `quotas`,
-/// inside the transaction that will insert it.
-pub(crate) async fn enforce_quotas(conn: &mut PgConnection, submitter: &str, quotas: &Quotas, new_jobs: usize) -> Result<(), StoreError> {
+/// The refusal of a new batch of `new_jobs` jobs by `submitter`'s `quotas`,
+/// given `unfinished` jobs of theirs waiting or rendering and `used`
+/// GPU-seconds in the last 24 hours; None if it fits.
+pub(crate) fn quota_refusal(submitter: &str, quotas: &Quotas, new_jobs: usize, unfinished: u64, used: f64) -> Option<StoreError> {
     if let Some(limit) = quotas.max_batch_jobs {
         if new_jobs > limit as usize {
-            return Err(StoreError::QuotaExceeded {
+            return Some(StoreError::QuotaExceeded {
                 quota: "max_batch_jobs",
                 detail: format!("the batch has {new_jobs} jobs and this token may submit at most {limit} per batch; split it"),
             });
         }
     }
-    if quotas.max_queued_jobs.is_none() && quotas.max_gpu_seconds_per_day.is_none() {
-        return Ok(());
-    }
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('flowfarm quota' || E'\\x1f' || $1, 0))")
-        .bind(submitter)
-        .execute(&mut *conn)
-        .await?;
     if let Some(limit) = quotas.max_queued_jobs {
-        let unfinished: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM jobs j JOIN batches b ON b.id = j.batch_id \
-             WHERE b.submitter = $1 AND j.state IN ('queued', 'dispatched', 'running')",
-        )
-        .bind(submitter)
-        .fetch_one(&mut *conn)
-        .await?;
-        if unfinished as u64 + new_jobs as u64 > u64::from(limit) {
-            return Err(StoreError::QuotaExceeded {
+        if unfinished + new_jobs as u64 > u64::from(limit) {
+            return Some(StoreError::QuotaExceeded {
                 quota: "max_queued_jobs",
                 detail: format!(
                     "`{submitter}` has {unfinished} jobs waiting or rendering and this batch adds {new_jobs}, \
@@ -47,15 +34,8 @@ pub(crate) async fn enforce_quotas(conn: &mut PgConnection, submitter: &str, quo
         }
     }
     if let Some(limit) = quotas.max_gpu_seconds_per_day {
-        let used: f64 = sqlx::query_scalar(
-            "SELECT COALESCE(sum(e.gpu_seconds), 0)::float8 FROM job_events e JOIN batches b ON b.id = e.batch_id \
-             WHERE b.submitter = $1 AND e.gpu_seconds IS NOT NULL AND e.at > now() - interval '24 hours'",
-        )
-        .bind(submitter)
-        .fetch_one(&mut *conn)
-        .await?;
         if used >= limit {
-            return Err(StoreError::QuotaExceeded {
+            return Some(StoreError::QuotaExceeded {
                 quota: "max_gpu_seconds_per_day",
                 detail: format!(
                     "`{submitter}` used {used:.0} GPU-seconds in the last 24 hours, the limit is {limit:.0}; \
@@ -64,7 +44,51 @@ pub(crate) async fn enforce_quotas(conn: &mut PgConnection, submitter: &str, quo
             });
         }
     }
-    Ok(())
+    None
+}
+
+/// Checks a new batch of `new_jobs` jobs against `submitter`'s `quotas`,
+/// inside the transaction that will insert it.
+pub(crate) async fn enforce_quotas(conn: &mut PgConnection, submitter: &str, quotas: &Quotas, new_jobs: usize) -> Result<(), StoreError> {
+    // What the batch alone breaks needs no lock and no count.
+    if let Some(refusal) = quota_refusal(submitter, quotas, new_jobs, 0, 0.0) {
+        return Err(refusal);
+    }
+    if quotas.max_queued_jobs.is_none() && quotas.max_gpu_seconds_per_day.is_none() {
+        return Ok(());
+    }
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('flowfarm quota' || E'\\x1f' || $1, 0))")
+        .bind(submitter)
+        .execute(&mut *conn)
+        .await?;
+    let unfinished: i64 = match quotas.max_queued_jobs {
+        Some(_) => {
+            sqlx::query_scalar(
+                "SELECT count(*) FROM jobs j JOIN batches b ON b.id = j.batch_id \
+                 WHERE b.submitter = $1 AND j.state IN ('queued', 'dispatched', 'running')",
+            )
+            .bind(submitter)
+            .fetch_one(&mut *conn)
+            .await?
+        }
+        None => 0,
+    };
+    let used: f64 = match quotas.max_gpu_seconds_per_day {
+        Some(_) => {
+            sqlx::query_scalar(
+                "SELECT COALESCE(sum(e.gpu_seconds), 0)::float8 FROM job_events e JOIN batches b ON b.id = e.batch_id \
+                 WHERE b.submitter = $1 AND e.gpu_seconds IS NOT NULL AND e.at > now() - interval '24 hours'",
+            )
+            .bind(submitter)
+            .fetch_one(&mut *conn)
+            .await?
+        }
+        None => 0.0,
+    };
+    match quota_refusal(submitter, quotas, new_jobs, unfinished as u64, used) {
+        Some(refusal) => Err(refusal),
+        None => Ok(()),
+    }
 }
 
 impl PgStore {

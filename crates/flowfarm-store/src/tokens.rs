@@ -17,7 +17,8 @@ use crate::{PgStore, StoreError};
 /// Prefix of every secret, so leaked tokens are easy to grep for.
 pub const TOKEN_PREFIX: &str = "fft_";
 
-const TOKEN_COLUMNS: &str = "id, name, role, created_at, expires_at, revoked_at, max_queued_jobs, max_batch_jobs, max_gpu_seconds_per_day";
+pub(crate) const TOKEN_COLUMNS: &str =
+    "id, name, role, created_at, expires_at, revoked_at, max_queued_jobs, max_batch_jobs, max_gpu_seconds_per_day";
 
 /// What a tenant's submissions are held to; `None`: no limit.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -110,15 +111,15 @@ pub fn check_token_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn hash(secret: &str) -> Vec<u8> {
+pub(crate) fn hash(secret: &str) -> Vec<u8> {
     Sha256::digest(secret.as_bytes()).to_vec()
 }
 
-fn secret_of(entropy: [u8; 32]) -> String {
+pub(crate) fn secret_of(entropy: [u8; 32]) -> String {
     format!("{TOKEN_PREFIX}{}", hex::encode(entropy))
 }
 
-fn limit_column(limit: Option<u32>) -> Option<i32> {
+pub(crate) fn limit_column(limit: Option<u32>) -> Option<i32> {
     limit.map(|n| n.min(i32::MAX as u32) as i32)
 }
 
