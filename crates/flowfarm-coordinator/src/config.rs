@@ -213,6 +213,10 @@ pub struct QueueConfig {
     /// PEM CA certificate(s) a `rediss://` server's certificate must chain
     /// to; absent: the system's roots.
     pub redis_ca_file: Option<PathBuf>,
+    /// The work queue lives in this process (`flowfarm dev`): Redis is not
+    /// used, so health does not ask it. Set by code, never by a file.
+    #[serde(skip)]
+    pub in_process: bool,
 }
 
 impl QueueConfig {
@@ -240,6 +244,7 @@ impl Default for QueueConfig {
             redis_password: None,
             redis_password_file: None,
             redis_ca_file: None,
+            in_process: false,
         }
     }
 }

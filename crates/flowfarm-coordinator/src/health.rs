@@ -21,12 +21,16 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// How long an answer may take before it counts as none.
 const ANSWER_WITHIN: Duration = Duration::from_secs(2);
 
-/// What is wrong, or None when both answer.
-async fn unhealthy(coordinator: &Coordinator, redis: &mut Pinger) -> Option<String> {
-    let (db, redis) = tokio::join!(
-        tokio::time::timeout(ANSWER_WITHIN, coordinator.shared.store.ping()),
-        tokio::time::timeout(ANSWER_WITHIN, redis.ping()),
-    );
+/// What is wrong, or None when both answer. Without a pinger the queue is
+/// in this process (`flowfarm dev`) and only the store is asked.
+async fn unhealthy(coordinator: &Coordinator, redis: Option<&mut Pinger>) -> Option<String> {
+    let redis_answer = async {
+        match redis {
+            Some(redis) => tokio::time::timeout(ANSWER_WITHIN, redis.ping()).await,
+            None => Ok(Ok(())),
+        }
+    };
+    let (db, redis) = tokio::join!(tokio::time::timeout(ANSWER_WITHIN, coordinator.shared.store.ping()), redis_answer);
     let db = match db {
         Ok(Ok(())) => None,
         Ok(Err(e)) => Some(format!("Postgres: {e}")),
@@ -71,7 +75,8 @@ pub(crate) async fn watch_dependencies(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
     let mut redis = match Pinger::new(coordinator.shared.queue.redis_target()) {
-        Ok(pinger) => pinger,
+        _ if coordinator.shared.queue.in_process => None,
+        Ok(pinger) => Some(pinger),
         Err(e) => {
             // The dispatcher's connection fails on the same URL, loudly too.
             tracing::error!(error = %e, "not serving: queue.redis_url cannot be used");
@@ -85,7 +90,7 @@ pub(crate) async fn watch_dependencies(
         tokio::select! {
             _ = &mut shutdown => return,
             _ = tick.tick() => {
-                let problem = unhealthy(&coordinator, &mut redis).await;
+                let problem = unhealthy(&coordinator, redis.as_mut()).await;
                 coordinator.set_not_ready(problem.clone());
                 match (&problem, serving) {
                     (Some(problem), true) => {
