@@ -162,7 +162,12 @@ pub async fn ensure_first_admin_token(store: &dyn Store, path: &Path) -> Result<
     }
 }
 
-fn write_owner_only(path: &Path, secret: &str) -> std::io::Result<()> {
+/// Writes `secret` to `path` (making its folder if missing) through a
+/// temporary file renamed into place, readable by its owner only.
+///
+/// # Errors
+/// The I/O error that stopped it; `path` is then untouched.
+pub fn write_owner_only(path: &Path, secret: &str) -> std::io::Result<()> {
     if let Some(folder) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(folder)?;
     }

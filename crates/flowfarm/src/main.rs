@@ -1,5 +1,7 @@
 //! `flowfarm`: the farm's server binary.
 //!
+//! - `flowfarm dev`: a whole farm in one process on SQLite, no Postgres or
+//!   Redis (`dev.rs`).
 //! - `flowfarm coordinator`: migrate, then serve the gRPC API, dispatch into
 //!   Redis, reap expired leases, serve /metrics.
 //! - `flowfarm worker`: the worker daemon (its own config, `config/worker.toml`).
@@ -9,6 +11,7 @@
 //! - `flowfarm model inspect|verify|render|convert`: local work with a model,
 //!   in any form its weights are published in.
 
+mod dev;
 mod model;
 mod telemetry;
 
@@ -62,6 +65,10 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a whole farm in this process: coordinator, status page and CPU
+    /// workers over SQLite in --data, no Postgres or Redis; Ctrl-C stops it,
+    /// and its state survives a restart.
+    Dev(dev::DevArgs),
     /// Run the coordinator: apply migrations, serve gRPC, dispatch, reap expired leases.
     Coordinator,
     /// Run a worker daemon: render jobs of the models in its config until
@@ -205,7 +212,7 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Model { command } => {
-            telemetry::init(cli.log_format, &Default::default(), "flowfarm")?;
+            telemetry::init(cli.log_format, &Default::default(), "flowfarm", telemetry::SERVICE_LOGS)?;
             model::run(command)
         }
         Command::Config { command: ConfigCommand::Print { worker: true, worker_config } } => {
@@ -217,7 +224,7 @@ async fn main() -> Result<()> {
             // must not stop its renders.
             survive_sighup()?;
             let config = load_worker_config(&worker_config)?;
-            let telemetry = telemetry::init(cli.log_format, &config.tracing, "flowfarm-worker")?;
+            let telemetry = telemetry::init(cli.log_format, &config.tracing, "flowfarm-worker", telemetry::SERVICE_LOGS)?;
             let shutdown = CancellationToken::new();
             let signals = tokio::spawn(cancel_on_signal(shutdown.clone()));
             let ran = flowfarm_worker::run(config, shutdown.clone()).await;
@@ -226,11 +233,21 @@ async fn main() -> Result<()> {
             let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
             Ok(ran?)
         }
+        Command::Dev(args) => {
+            survive_sighup()?;
+            let config = Config::load(&cli.config).with_context(|| {
+                "loading config (run from the repository's root, where config/flowfarm.toml is, or pass --config FILE)".to_string()
+            })?;
+            let telemetry = telemetry::init(cli.log_format, &config.tracing, "flowfarm-dev", telemetry::QUIET_LOGS)?;
+            let ran = dev::run(args, config).await;
+            let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+            ran
+        }
         command => {
             let config = Config::load(&cli.config).with_context(|| {
                 "loading config (pass --config FILE or set FLOWFARM_CONFIG; config/flowfarm.toml is an example)".to_string()
             })?;
-            let telemetry = telemetry::init(cli.log_format, &config.tracing, "flowfarm-coordinator")?;
+            let telemetry = telemetry::init(cli.log_format, &config.tracing, "flowfarm-coordinator", telemetry::SERVICE_LOGS)?;
             let ran = run(command, config).await;
             let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
             ran
@@ -336,7 +353,7 @@ async fn run(command: Command, config: Config) -> Result<()> {
             }
         }
         Command::Config { command: ConfigCommand::Print { .. } } => print!("{}", config.to_masked_toml()?),
-        Command::Model { .. } | Command::Worker { .. } => unreachable!("handled by main"),
+        Command::Model { .. } | Command::Worker { .. } | Command::Dev(_) => unreachable!("handled by main"),
     }
     Ok(())
 }

@@ -30,14 +30,21 @@ impl Telemetry {
     }
 }
 
-/// Installs the global subscriber: logs in `format`, and spans to the OTLP
-/// collector of `tracing` if it names one (as `default_service`, unless it
-/// names another service).
+/// What is logged unless `RUST_LOG` says otherwise: a service's every
+/// change at `info`.
+pub const SERVICE_LOGS: &str = "info,sqlx=warn";
+
+/// `flowfarm dev`'s terminal is the user's: its own lines, and warnings.
+pub const QUIET_LOGS: &str = "warn";
+
+/// Installs the global subscriber: logs in `format` (filtered by `RUST_LOG`,
+/// else `default_filter`), and spans to the OTLP collector of `tracing` if it
+/// names one (as `default_service`, unless it names another service).
 ///
 /// # Errors
 /// An OTLP endpoint that cannot be used.
-pub fn init(format: LogFormat, tracing: &TracingConfig, default_service: &str) -> Result<Telemetry> {
-    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn"));
+pub fn init(format: LogFormat, tracing: &TracingConfig, default_service: &str, default_filter: &str) -> Result<Telemetry> {
+    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     use std::io::IsTerminal;
     let ansi = std::io::stderr().is_terminal();
     let logs = match format {
