@@ -23,7 +23,8 @@ async fn a_farm_in_one_process_renders_through_the_in_process_queue() {
     let dir = tempfile::tempdir().unwrap();
     let results = dir.path().join("results");
     let config_file = write(dir.path(), "flowfarm.toml", &format!("{}\n[results]\ndir = {:?}\n", coordinator_config(), results));
-    let config = flowfarm_coordinator::Config::load(&config_file).unwrap();
+    let mut config = flowfarm_coordinator::Config::load(&config_file).unwrap();
+    config.queue.in_process = true;
     let coordinator = flowfarm_coordinator::Coordinator::new(&config, db.store.clone()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());

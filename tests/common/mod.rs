@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test file uses its own subset
 
 pub mod browser;
+pub mod dev;
 pub mod http;
 
 use std::io::{BufRead, BufReader};
