@@ -2,7 +2,7 @@
 //! completions and failures fenced by (job, attempt, worker), leases that
 //! expire, and jobs taken back.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -11,8 +11,8 @@ use sqlx::{Row, SqliteConnection};
 use uuid::Uuid;
 
 use super::jobs::job_in;
-use super::rows::{active_workers, duration_micros, instant, now_micros, Event, Live, Reach};
-use super::{select_live, SqliteStore};
+use super::rows::{active_workers, duration_micros, instant, now_micros, Event, Live, Moves, Reach};
+use super::{by_id, push_ids, select_live, SqliteStore};
 use crate::{Completion, FailureCause, JobResultRow, JobRow, ProgressNote, RetryBackoff, StoreError};
 
 /// A second: how long a declined job waits, so the worker that declined it
@@ -45,17 +45,16 @@ pub(super) async fn dispatch_jobs(
         &format!("ORDER BY priority DESC, id LIMIT {limit}"),
     )
     .await?;
-    let mut out = Vec::with_capacity(candidates.len());
+    let mut moves = Moves::new(now);
     for mut live in candidates {
         if !live.transit(Transition::Dispatch) {
             continue;
         }
         live.dispatched_at = Some(now);
         live.not_before = None;
-        live.write_back(&mut tx, now).await?;
-        Event { from: Some(JobState::Queued), actor, reason: "dispatched", gpu_seconds: None }.insert(&mut tx, &live.job, now).await?;
-        out.push(live.job);
+        moves.push(live, Event::new(JobState::Queued, actor, "dispatched"));
     }
+    let out = moves.write(&mut tx).await?;
     tx.commit().await?;
     Ok(out)
 }
@@ -123,14 +122,12 @@ pub(super) async fn redispatch_stale(s: &SqliteStore, older_than: Duration, limi
         &format!("ORDER BY dispatched_at LIMIT {limit}"),
     )
     .await?;
-    let mut out = Vec::with_capacity(stale.len());
+    let mut moves = Moves::new(now);
     for mut live in stale {
         live.dispatched_at = Some(now);
-        live.write_back(&mut tx, now).await?;
-        let event = Event { from: Some(JobState::Dispatched), actor, reason: "dispatched again: not started in time", gpu_seconds: None };
-        event.insert(&mut tx, &live.job, now).await?;
-        out.push(live.job);
+        moves.push(live, Event::new(JobState::Dispatched, actor, "dispatched again: not started in time"));
     }
+    let mut out = moves.write(&mut tx).await?;
     tx.commit().await?;
     out.sort_by_key(|job| job.id);
     Ok(out)
@@ -149,45 +146,39 @@ pub(super) async fn start_jobs(s: &SqliteStore, requests: &[(Uuid, Uuid)], lease
     let fleet = active_workers(&mut tx).await?;
     let now = now_micros();
     let lease_end = instant(now + duration_micros(lease))?;
-    let mut seen = HashSet::new();
-    let mut answers = Vec::with_capacity(requests.len());
+    let filter = |qb: &mut sqlx::QueryBuilder<'_, sqlx::Sqlite>| {
+        push_ids(qb, requests.iter().map(|r| r.0));
+        qb.push(" AND state = 'dispatched'");
+    };
+    let mut dispatched = by_id(select_live(&mut tx, filter, "").await?);
+    // Each request's place among the moves, for those that start.
+    let mut places = Vec::with_capacity(requests.len());
+    let mut moves = Moves::new(now);
+    let mut started = 0;
     for &(job_id, worker_id) in requests {
-        if !seen.insert(job_id) {
-            answers.push(None);
-            continue;
-        }
-        let Some(mut live) = select_live(
-            &mut tx,
-            |qb| {
-                qb.push("id = ").push_bind(job_id).push(" AND state = 'dispatched'");
-            },
-            "",
-        )
-        .await?
-        .pop() else {
-            answers.push(None);
+        // A job's first request takes it; a repeat finds it gone from the map.
+        let Some(mut live) = dispatched.remove(&job_id) else {
+            places.push(None);
             continue;
         };
         let claimant = fleet.iter().find(|w| w.id == worker_id);
         let may = claimant.is_some_and(|w| w.serves(&live.job))
             && !(live.failed_workers.contains(&worker_id) && another_can_take(&live, &fleet, false));
         if !may || !live.transit(Transition::Start) {
-            answers.push(None);
+            places.push(None);
             continue;
         }
         live.job.worker_id = Some(worker_id);
         live.job.lease_expires_at = Some(lease_end);
         live.job.progress_step = 0;
         live.started_at = Some(now);
-        live.write_back(&mut tx, now).await?;
-        let actor = format!("worker:{worker_id}");
-        Event { from: Some(JobState::Dispatched), actor: &actor, reason: "started", gpu_seconds: None }
-            .insert(&mut tx, &live.job, now)
-            .await?;
-        answers.push(Some(live.job));
+        moves.push(live, Event::new(JobState::Dispatched, format!("worker:{worker_id}"), "started"));
+        places.push(Some(started));
+        started += 1;
     }
+    let mut jobs: Vec<Option<JobRow>> = moves.write(&mut tx).await?.into_iter().map(Some).collect();
     tx.commit().await?;
-    Ok(answers)
+    Ok(places.into_iter().map(|place| place.and_then(|i| jobs[i].take())).collect())
 }
 
 pub(super) async fn start_job(s: &SqliteStore, job_id: Uuid, worker_id: Uuid, lease: Duration) -> Result<JobRow, StoreError> {
@@ -277,8 +268,9 @@ async fn decline(
     let now = now_micros();
     live.not_before = Some(now + DECLINE_HOLD_MICROS);
     live.dispatched_at = None;
-    live.write_back(conn, now).await?;
-    Event { from: Some(from), actor, reason, gpu_seconds: None }.insert(conn, &live.job, now).await?;
+    let mut moves = Moves::new(now);
+    moves.push(live, Event::new(from, actor, reason));
+    moves.write(conn).await?;
     Ok(true)
 }
 
@@ -321,12 +313,20 @@ async fn credit_worker(conn: &mut SqliteConnection, worker_id: Uuid, images: i64
 pub(super) async fn complete_jobs(s: &SqliteStore, requests: &[Completion]) -> Result<Vec<bool>, StoreError> {
     let mut tx = s.writer.begin().await?;
     let now = now_micros();
+    let filter = |qb: &mut sqlx::QueryBuilder<'_, sqlx::Sqlite>| {
+        push_ids(qb, requests.iter().map(|c| c.job_id));
+        qb.push(" AND state = 'running'");
+    };
+    let mut running = by_id(select_live(&mut tx, filter, "").await?);
     let mut answers = Vec::with_capacity(requests.len());
+    let mut moves = Moves::new(now);
+    let mut credits: HashMap<Uuid, (i64, f64)> = HashMap::new();
     for c in requests {
         // Matched by the whole fence: a stale and a live completion of one
         // job in the same group each get their own answer; a repeat finds
-        // the job succeeded and is answered false.
-        let Some(mut live) = held(&mut tx, c.job_id, c.attempt, c.worker_id).await? else {
+        // the job gone from the map and is answered false.
+        let holds = running.get(&c.job_id).is_some_and(|live| live.job.attempt == c.attempt && live.job.worker_id == Some(c.worker_id));
+        let Some(mut live) = holds.then(|| running.remove(&c.job_id)).flatten() else {
             answers.push(false);
             continue;
         };
@@ -340,13 +340,16 @@ pub(super) async fn complete_jobs(s: &SqliteStore, requests: &[Completion]) -> R
         live.job.progress_step = live.job.spec.steps;
         live.job.result = Some(c.result.clone());
         live.job.gpu_seconds += seconds;
-        live.write_back(&mut tx, now).await?;
-        let actor = format!("worker:{}", c.worker_id);
-        Event { from: Some(JobState::Running), actor: &actor, reason: "completed", gpu_seconds: Some(seconds) }
-            .insert(&mut tx, &live.job, now)
-            .await?;
-        credit_worker(&mut tx, c.worker_id, 1, seconds).await?;
+        let event = Event { gpu_seconds: Some(seconds), ..Event::new(JobState::Running, format!("worker:{}", c.worker_id), "completed") };
+        moves.push(live, event);
+        let credit = credits.entry(c.worker_id).or_default();
+        credit.0 += 1;
+        credit.1 += seconds;
         answers.push(true);
+    }
+    moves.write(&mut tx).await?;
+    for (worker, (images, seconds)) in credits {
+        credit_worker(&mut tx, worker, images, seconds).await?;
     }
     tx.commit().await?;
     Ok(answers)
@@ -454,20 +457,16 @@ pub(super) async fn take_back(
             live.remember_failed_holder();
             live.dispatched_at = None;
             live.not_before = Some(now + retry_hold_micros(backoff, failed_attempt));
-            live.write_back(conn, now).await?;
-            Event { from: Some(from), actor: why.actor, reason: why.retry, gpu_seconds: None }.insert(conn, &live.job, now).await?;
-            retried.push(live.job);
-        } else {
-            if !live.transit(Transition::Die) {
-                continue;
-            }
-            live.write_back(conn, now).await?;
-            Event { from: Some(from), actor: why.actor, reason: why.last, gpu_seconds: None }.insert(conn, &live.job, now).await?;
-            dead.push(live.job);
+            retried.push((live, Event::new(from, why.actor, why.retry)));
+        } else if live.transit(Transition::Die) {
+            dead.push((live, Event::new(from, why.actor, why.last)));
         }
     }
-    retried.extend(dead);
-    Ok(retried)
+    let mut moves = Moves::new(now);
+    for (live, event) in retried.into_iter().chain(dead) {
+        moves.push(live, event);
+    }
+    moves.write(conn).await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -501,9 +500,9 @@ pub(super) async fn fail_job(
         live.remember_failed_holder();
         live.dispatched_at = None;
         live.not_before = Some(now + DECLINE_HOLD_MICROS);
-        live.write_back(&mut tx, now).await?;
-        Event { from: Some(JobState::Running), actor: &actor, reason: error, gpu_seconds: None }.insert(&mut tx, &live.job, now).await?;
-        live.job
+        let mut moves = Moves::new(now);
+        moves.push(live, Event::new(JobState::Running, actor.as_str(), error));
+        moves.write(&mut tx).await?.pop().ok_or_else(|| StoreError::Corrupt("a held job did not move".into()))?
     } else if cause != FailureCause::BadInput {
         let why = TakenBack { actor: &actor, retry: error, last: error };
         take_back(&mut tx, vec![live], why, s.backoff).await?.pop().ok_or_else(|| StoreError::Corrupt("a held job did not move".into()))?
@@ -511,9 +510,9 @@ pub(super) async fn fail_job(
         live.transit(Transition::Fail);
         live.job.lease_expires_at = None;
         live.job.error = Some(error.to_owned());
-        live.write_back(&mut tx, now).await?;
-        Event { from: Some(JobState::Running), actor: &actor, reason: error, gpu_seconds: None }.insert(&mut tx, &live.job, now).await?;
-        live.job
+        let mut moves = Moves::new(now);
+        moves.push(live, Event::new(JobState::Running, actor.as_str(), error));
+        moves.write(&mut tx).await?.pop().ok_or_else(|| StoreError::Corrupt("a held job did not move".into()))?
     };
     if gpu_seconds > 0.0 {
         // The attempt's time, on the event that just ended it, the job's

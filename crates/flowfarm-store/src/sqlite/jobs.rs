@@ -6,10 +6,13 @@ use flowfarm_core::{JobState, ResolvedJob, Transition};
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
-use super::rows::{event_from_row, instant, micros, now_micros, to_json, Event, Live};
+use super::rows::{event_from_row, instant, micros, now_micros, to_json, Event, Live, Moves};
 use super::{push_selector, push_states, select_live, SqliteStore, LIVE_COLUMNS};
 use crate::rows::{labels_from_json, parse_state};
 use crate::{BatchRow, EventRow, JobCounts, JobFilter, JobRow, JobSelector, NewBatch, StoreError, SubmitOutcome};
+
+/// Job rows per INSERT: 18 parameters each.
+const JOBS_PER_INSERT: usize = 32_000 / 18;
 
 const TERMINAL: [JobState; 4] = [JobState::Succeeded, JobState::Failed, JobState::Cancelled, JobState::Dead];
 
@@ -50,45 +53,47 @@ pub(super) async fn submit_batch(s: &SqliteStore, batch: &NewBatch, jobs: &[Reso
     .bind(now)
     .execute(&mut *tx)
     .await?;
-    let actor = format!("submitter:{}", batch.submitter);
-    for (i, job) in jobs.iter().enumerate() {
-        let id = Uuid::now_v7();
-        sqlx::query(
+    // Many rows per statement (SQLite takes at most 32,766 parameters).
+    let labels: Vec<String> = jobs.iter().map(|job| to_json(&job.labels)).collect::<Result<_, _>>()?;
+    let rows: Vec<(usize, &ResolvedJob, String)> = jobs.iter().zip(labels).enumerate().map(|(i, (job, labels))| (i, job, labels)).collect();
+    for chunk in rows.chunks(JOBS_PER_INSERT) {
+        let mut qb: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
             "INSERT INTO jobs (id, batch_id, idx, model, prompt, negative_prompt, width, height, steps, guidance, seed, shift, \
-                 text_encoders, priority, max_attempts, labels, state, attempt, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'queued', 1, ?, ?)",
-        )
-        .bind(id)
-        .bind(batch_id)
-        .bind(i as i64)
-        .bind(&job.model)
-        .bind(&job.prompt)
-        .bind(&job.negative_prompt)
-        .bind(i64::from(job.width))
-        .bind(i64::from(job.height))
-        .bind(i64::from(job.steps))
-        .bind(f64::from(job.guidance))
-        .bind(job.seed as i64)
-        .bind(job.shift)
-        .bind(job.text_encoders.as_str())
-        .bind(i64::from(job.priority))
-        .bind(i64::from(job.max_attempts))
-        .bind(to_json(&job.labels)?)
-        .bind(now)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO job_events (job_id, batch_id, from_state, to_state, attempt, actor, reason, at) \
-             VALUES (?, ?, NULL, 'queued', 1, ?, 'submitted', ?)",
-        )
-        .bind(id)
-        .bind(batch_id)
-        .bind(&actor)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
+                 text_encoders, priority, max_attempts, labels, state, attempt, created_at, updated_at) ",
+        );
+        qb.push_values(chunk, |mut row, (i, job, labels)| {
+            row.push_bind(Uuid::now_v7())
+                .push_bind(batch_id)
+                .push_bind(*i as i64)
+                .push_bind(job.model.clone())
+                .push_bind(job.prompt.clone())
+                .push_bind(job.negative_prompt.clone())
+                .push_bind(i64::from(job.width))
+                .push_bind(i64::from(job.height))
+                .push_bind(i64::from(job.steps))
+                .push_bind(f64::from(job.guidance))
+                .push_bind(job.seed as i64)
+                .push_bind(job.shift)
+                .push_bind(job.text_encoders.as_str())
+                .push_bind(i64::from(job.priority))
+                .push_bind(i64::from(job.max_attempts))
+                .push_bind(labels.clone())
+                .push_unseparated(", 'queued', 1, ")
+                .push_bind_unseparated(now)
+                .push_unseparated(", ")
+                .push_bind_unseparated(now);
+        });
+        qb.build().execute(&mut *tx).await?;
     }
+    sqlx::query(
+        "INSERT INTO job_events (job_id, batch_id, from_state, to_state, attempt, actor, reason, at) \
+         SELECT id, batch_id, NULL, 'queued', 1, ?, 'submitted', ? FROM jobs WHERE batch_id = ? ORDER BY id",
+    )
+    .bind(format!("submitter:{}", batch.submitter))
+    .bind(now)
+    .bind(batch_id)
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
     Ok(SubmitOutcome { batch: get_batch(s, batch_id).await?, created: true })
 }
@@ -242,18 +247,16 @@ async fn move_selected(
         "ORDER BY id",
     )
     .await?;
-    let now = now_micros();
-    let mut moved = Vec::with_capacity(candidates.len());
+    let mut moves = Moves::new(now_micros());
     for mut live in candidates {
         let from = live.job.state;
         if !live.transit(transition) {
             continue;
         }
         adjust(&mut live);
-        live.write_back(&mut tx, now).await?;
-        Event { from: Some(from), actor, reason, gpu_seconds: None }.insert(&mut tx, &live.job, now).await?;
-        moved.push(live.job);
+        moves.push(live, Event::new(from, actor, reason));
     }
+    let moved = moves.write(&mut tx).await?;
     tx.commit().await?;
     Ok(moved)
 }

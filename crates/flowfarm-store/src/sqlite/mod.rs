@@ -128,16 +128,24 @@ async fn select_live(
     rows.iter().map(Live::decode).collect()
 }
 
+/// `id IN (…)` of `ids`.
+fn push_ids(qb: &mut QueryBuilder<'_, Sqlite>, ids: impl Iterator<Item = uuid::Uuid>) {
+    qb.push("id IN (");
+    let mut list = qb.separated(", ");
+    for id in ids {
+        list.push_bind(id);
+    }
+    list.push_unseparated(")");
+}
+
+/// Jobs by id.
+fn by_id(jobs: Vec<Live>) -> std::collections::HashMap<uuid::Uuid, Live> {
+    jobs.into_iter().map(|live| (live.job.id, live)).collect()
+}
+
 fn push_selector(qb: &mut QueryBuilder<'_, Sqlite>, selector: &JobSelector) {
     match selector {
-        JobSelector::Ids(ids) => {
-            qb.push("id IN (");
-            let mut list = qb.separated(", ");
-            for id in ids {
-                list.push_bind(*id);
-            }
-            list.push_unseparated(")");
-        }
+        JobSelector::Ids(ids) => push_ids(qb, ids.iter().copied()),
         JobSelector::Batch(batch) => {
             qb.push("batch_id = ").push_bind(*batch);
         }

@@ -7,7 +7,7 @@
 use chrono::{DateTime, Utc};
 use flowfarm_core::{JobState, ResolvedJob, Role, TextEncoderSet, Transition, WorkerState};
 use sqlx::sqlite::SqliteRow;
-use sqlx::{Row, SqliteConnection};
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
 use crate::rows::{labels_from_json, parse_state};
@@ -134,69 +134,123 @@ impl Live {
             }
         }
     }
-
-    /// Writes every mutable column back, stamped `now`.
-    pub(super) async fn write_back(&mut self, conn: &mut SqliteConnection, now: i64) -> Result<(), StoreError> {
-        self.job.updated_at = instant(now)?;
-        let result = self.job.result.as_ref();
-        sqlx::query(
-            "UPDATE jobs SET state = ?, attempt = ?, worker_id = ?, lease_expires_at = ?, progress_step = ?, error = ?, \
-                 result_key = ?, result_sha256 = ?, result_size = ?, result_content_type = ?, result_model_hash = ?, \
-                 gpu_seconds = ?, max_attempts = ?, priority = ?, failed_workers = ?, dispatched_at = ?, not_before = ?, \
-                 started_at = ?, updated_at = ? WHERE id = ?",
-        )
-        .bind(self.job.state.as_str())
-        .bind(i64::from(self.job.attempt))
-        .bind(self.job.worker_id)
-        .bind(self.job.lease_expires_at.map(micros))
-        .bind(i64::from(self.job.progress_step))
-        .bind(&self.job.error)
-        .bind(result.map(|r| r.key.as_str()))
-        .bind(result.map(|r| r.sha256.as_str()))
-        .bind(result.map(|r| r.size_bytes as i64))
-        .bind(result.map(|r| r.content_type.as_str()))
-        .bind(result.map(|r| r.model_hash.as_str()).filter(|h| !h.is_empty()))
-        .bind(self.job.gpu_seconds)
-        .bind(i64::from(self.job.spec.max_attempts))
-        .bind(i64::from(self.job.spec.priority))
-        .bind(to_json(&self.failed_workers)?)
-        .bind(self.dispatched_at)
-        .bind(self.not_before)
-        .bind(self.started_at)
-        .bind(now)
-        .bind(self.job.id)
-        .execute(&mut *conn)
-        .await?;
-        Ok(())
-    }
 }
 
 /// One `job_events` row for a job that moved from `from`.
-pub(super) struct Event<'a> {
-    pub(super) from: Option<JobState>,
-    pub(super) actor: &'a str,
-    pub(super) reason: &'a str,
+pub(super) struct Event {
+    pub(super) from: JobState,
+    pub(super) actor: String,
+    pub(super) reason: String,
     pub(super) gpu_seconds: Option<f64>,
 }
 
-impl Event<'_> {
-    pub(super) async fn insert(&self, conn: &mut SqliteConnection, job: &JobRow, now: i64) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO job_events (job_id, batch_id, from_state, to_state, attempt, actor, reason, at, gpu_seconds) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(job.id)
-        .bind(job.batch_id)
-        .bind(self.from.map(JobState::as_str))
-        .bind(job.state.as_str())
-        .bind(i64::from(job.attempt))
-        .bind(self.actor)
-        .bind(self.reason)
-        .bind(now)
-        .bind(self.gpu_seconds)
-        .execute(&mut *conn)
-        .await?;
-        Ok(())
+impl Event {
+    pub(super) fn new(from: JobState, actor: impl Into<String>, reason: impl Into<String>) -> Event {
+        Event { from, actor: actor.into(), reason: reason.into(), gpu_seconds: None }
+    }
+}
+
+/// The mutable columns of `jobs`, in the order [`Moves::write`] binds them.
+const MUTABLE: [&str; 18] = [
+    "state",
+    "attempt",
+    "worker_id",
+    "lease_expires_at",
+    "progress_step",
+    "error",
+    "result_key",
+    "result_sha256",
+    "result_size",
+    "result_content_type",
+    "result_model_hash",
+    "gpu_seconds",
+    "max_attempts",
+    "priority",
+    "failed_workers",
+    "dispatched_at",
+    "not_before",
+    "started_at",
+];
+
+/// Rows per statement: SQLite takes at most 32,766 parameters.
+const ROWS_PER_UPDATE: usize = 32_000 / (MUTABLE.len() + 1);
+const ROWS_PER_INSERT: usize = 32_000 / 9;
+
+/// Job rows changed in one write transaction, each with its event, written
+/// together: one UPDATE and one INSERT per few hundred rows rather than two
+/// statements per job (each statement is a round trip to SQLite's thread).
+pub(super) struct Moves {
+    now: i64,
+    moved: Vec<(Live, Event)>,
+}
+
+impl Moves {
+    pub(super) fn new(now: i64) -> Moves {
+        Moves { now, moved: Vec::new() }
+    }
+
+    pub(super) fn push(&mut self, live: Live, event: Event) {
+        self.moved.push((live, event));
+    }
+
+    /// Writes every row's mutable columns (stamped `now`) and every event;
+    /// returns the jobs in the order they were pushed.
+    pub(super) async fn write(mut self, conn: &mut SqliteConnection) -> Result<Vec<JobRow>, StoreError> {
+        let updated_at = instant(self.now)?;
+        for (live, _) in &mut self.moved {
+            live.job.updated_at = updated_at;
+        }
+        for chunk in self.moved.chunks(ROWS_PER_UPDATE) {
+            let mut qb: QueryBuilder<'_, Sqlite> = QueryBuilder::new(format!("WITH v(id, {}) AS (", MUTABLE.join(", ")));
+            let mut failed = Vec::with_capacity(chunk.len());
+            for (live, _) in chunk {
+                failed.push(to_json(&live.failed_workers)?);
+            }
+            qb.push_values(chunk.iter().zip(failed), |mut row, ((live, _), failed_workers)| {
+                let (job, result) = (&live.job, live.job.result.as_ref());
+                row.push_bind(job.id)
+                    .push_bind(job.state.as_str())
+                    .push_bind(i64::from(job.attempt))
+                    .push_bind(job.worker_id)
+                    .push_bind(job.lease_expires_at.map(micros))
+                    .push_bind(i64::from(job.progress_step))
+                    .push_bind(job.error.clone())
+                    .push_bind(result.map(|r| r.key.clone()))
+                    .push_bind(result.map(|r| r.sha256.clone()))
+                    .push_bind(result.map(|r| r.size_bytes as i64))
+                    .push_bind(result.map(|r| r.content_type.clone()))
+                    .push_bind(result.map(|r| r.model_hash.clone()).filter(|h| !h.is_empty()))
+                    .push_bind(job.gpu_seconds)
+                    .push_bind(i64::from(job.spec.max_attempts))
+                    .push_bind(i64::from(job.spec.priority))
+                    .push_bind(failed_workers)
+                    .push_bind(live.dispatched_at)
+                    .push_bind(live.not_before)
+                    .push_bind(live.started_at);
+            });
+            let sets: Vec<String> = MUTABLE.iter().map(|column| format!("{column} = v.{column}")).collect();
+            qb.push(") UPDATE jobs SET ").push(sets.join(", "));
+            qb.push(", updated_at = ").push_bind(self.now).push(" FROM v WHERE jobs.id = v.id");
+            qb.build().execute(&mut *conn).await?;
+        }
+        for chunk in self.moved.chunks(ROWS_PER_INSERT) {
+            let mut qb: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
+                "INSERT INTO job_events (job_id, batch_id, from_state, to_state, attempt, actor, reason, at, gpu_seconds) ",
+            );
+            qb.push_values(chunk, |mut row, (live, event)| {
+                row.push_bind(live.job.id)
+                    .push_bind(live.job.batch_id)
+                    .push_bind(event.from.as_str())
+                    .push_bind(live.job.state.as_str())
+                    .push_bind(i64::from(live.job.attempt))
+                    .push_bind(event.actor.clone())
+                    .push_bind(event.reason.clone())
+                    .push_bind(self.now)
+                    .push_bind(event.gpu_seconds);
+            });
+            qb.build().execute(&mut *conn).await?;
+        }
+        Ok(self.moved.into_iter().map(|(live, _)| live.job).collect())
     }
 }
 
