@@ -1,10 +1,14 @@
-//! Bench (not a test): the coordinator's job lifecycle with no rendering.
+//! Bench (not a test): the coordinator's job lifecycle with no rendering,
+//! on each kind of farm, in the same run:
 //!
-//! An in-process coordinator with its dispatcher, over Postgres and Redis
-//! (as the tests use them), and a bench client that plays many workers at
-//! once: each reads up to its capacity from its stream, claims what it read
-//! with one StartJobs, reports it with one CompleteJobs and acknowledges it
-//! with one XACK, as the worker daemon does.
+//! - the embedded farm (`flowfarm dev`): SQLite in a temporary file and the
+//!   in-process queue;
+//! - the production farm: Postgres and Redis (as the tests use them).
+//!
+//! An in-process coordinator with its dispatcher, and a bench client that
+//! plays many workers at once: each reads up to its capacity from its
+//! queue, claims what it read with one StartJobs, reports it with one
+//! CompleteJobs and acknowledges it, as the worker daemon does.
 //!
 //! 1. Latency: idle workers; one job submitted at a time; SubmitBatch call
 //!    to StartJob answered, p50 / p99.
@@ -13,8 +17,10 @@
 //!    jobs/s from the first submission to the last completion.
 //!
 //! `cargo bench -p flowfarm-coordinator --bench lifecycle`
-//! (FLOWFARM_TEST_REDIS_URL, default redis://127.0.0.1:6379/0; uses and
-//! then deletes the stream `ff:jobs:sd3`). Prints figures; asserts nothing
+//! (`FLOWFARM_BENCH_FARM=embedded` or `postgres` for one of them;
+//! FLOWFARM_TEST_REDIS_URL, default redis://127.0.0.1:6379/0; uses and
+//! then deletes the stream `ff:jobs:sd3`). Prints figures, and the embedded
+//! farm's throughput as a ratio to the production farm's; asserts nothing
 //! about time.
 
 use std::collections::HashMap;
@@ -22,10 +28,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use flowfarm_core::Role;
 use flowfarm_proto::v1 as pb;
-use flowfarm_queue::{stream_key, Consumer, JobSource};
-use flowfarm_testkit::Harness;
+use flowfarm_queue::{stream_key, Consumer, JobSource, MemoryQueue};
+use flowfarm_store::{NewToken, SqliteStore, Store};
+use flowfarm_testkit::{Auth, Harness, Render, Worker};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 const MODEL: &str = "sd3";
 
@@ -41,23 +51,94 @@ struct Tally {
 /// When each job's StartJob was answered, by job id.
 type Started = Arc<Mutex<HashMap<String, Instant>>>;
 
-async fn play_worker(
-    h: &Harness,
-    redis: String,
-    name: String,
-    capacity: u32,
-    tally: Arc<Tally>,
-    waiters: Started,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut client = h.worker();
+/// A farm under test: its clients, a worker's queue reader, and its stop.
+struct Farm {
+    name: &'static str,
+    render: Render,
+    worker: Worker,
+    /// A reader of the queue for a registered worker's id.
+    source: Box<dyn Fn(String) -> futures::future::BoxFuture<'static, Arc<dyn JobSource>>>,
+    stop: Box<dyn FnOnce() -> futures::future::BoxFuture<'static, ()>>,
+}
+
+fn tweak(config: &mut flowfarm_coordinator::Config) {
+    config.queue.lookahead_per_worker = 32;
+    config.queue.dispatch_interval_seconds = 0.05;
+    config.database.max_connections = 32;
+}
+
+/// The production farm: Postgres and Redis.
+async fn postgres_farm(redis: String) -> Farm {
+    {
+        let mut conn = redis::Client::open(redis.as_str()).unwrap().get_multiplexed_async_connection().await.expect("Redis");
+        let _: () = redis::cmd("DEL").arg(stream_key(MODEL)).query_async(&mut conn).await.unwrap();
+    }
+    let h = Harness::start_dispatching(&redis, tweak).await;
+    Farm {
+        name: "Postgres + Redis",
+        render: h.render(),
+        worker: h.worker(),
+        source: Box::new(move |id| {
+            let redis = redis.clone();
+            Box::pin(
+                async move { Arc::new(Consumer::connect(&redis, &id, &[MODEL.to_owned()]).await.expect("consumer")) as Arc<dyn JobSource> },
+            )
+        }),
+        stop: Box::new(move || Box::pin(h.stop())),
+    }
+}
+
+/// The embedded farm of `flowfarm dev`: SQLite and the in-process queue.
+async fn embedded_farm() -> Farm {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = SqliteStore::open(&dir.path().join("farm.db")).await.expect("SQLite store");
+    let mut config = flowfarm_testkit::test_config();
+    config.results.dir = dir.path().join("results");
+    config.queue.in_process = true;
+    tweak(&mut config);
+    let token = |role, name| {
+        let store = store.clone();
+        async move { store.create_token(&NewToken::new(name, role), rand::random()).await.expect("token").1 }
+    };
+    let (submit, worker) = (token(Role::Submit, "sub").await, token(Role::Worker, "wrk").await);
+    let coordinator = flowfarm_coordinator::Coordinator::new(&config, store).expect("coordinator");
+    let queue = MemoryQueue::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
+    tasks.spawn(flowfarm_coordinator::Dispatcher::new(coordinator.clone(), Arc::new(queue.clone())).run(shutdown.clone()));
+    let serving = shutdown.clone();
+    tasks.spawn(async move { flowfarm_coordinator::serve(coordinator, listener, serving).await.expect("serve") });
+    tasks.close();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).expect("uri").connect_lazy();
+    let auth = |token: &str| Auth::new(token).expect("token");
+    Farm {
+        name: "embedded (SQLite + in-process queue)",
+        render: pb::render_service_client::RenderServiceClient::with_interceptor(channel.clone(), auth(&submit)),
+        worker: pb::worker_service_client::WorkerServiceClient::with_interceptor(channel, auth(&worker)),
+        source: Box::new(move |_| {
+            let reader = Arc::new(queue.consumer(&[MODEL.to_owned()])) as Arc<dyn JobSource>;
+            Box::pin(async move { reader })
+        }),
+        stop: Box::new(move || {
+            Box::pin(async move {
+                shutdown.cancel();
+                tasks.wait().await;
+                drop(dir);
+            })
+        }),
+    }
+}
+
+async fn play_worker(farm: &Farm, name: String, capacity: u32, tally: Arc<Tally>, waiters: Started, mut stop: watch::Receiver<bool>) {
+    let mut client = farm.worker.clone();
     let worker_id = client
         .register_worker(pb::RegisterWorkerRequest { name: name.clone(), models: vec![MODEL.into()], capacity, ..Default::default() })
         .await
         .expect("register")
         .into_inner()
         .worker_id;
-    let consumer = Consumer::connect(&redis, &worker_id, &[MODEL.to_owned()]).await.expect("consumer");
+    let consumer = (farm.source)(worker_id.clone()).await;
     tokio::spawn(async move {
         loop {
             if *stop.borrow() {
@@ -134,24 +215,30 @@ async fn wait_done(tally: &Tally, n: usize) {
 #[tokio::main]
 async fn main() {
     let redis = std::env::var("FLOWFARM_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
-    {
-        let mut conn = redis::Client::open(redis.as_str()).unwrap().get_multiplexed_async_connection().await.expect("Redis");
-        let _: () = redis::cmd("DEL").arg(stream_key(MODEL)).query_async(&mut conn).await.unwrap();
+    let which = std::env::var("FLOWFARM_BENCH_FARM").unwrap_or_default();
+    let mut throughputs = Vec::new();
+    if which.is_empty() || which == "embedded" {
+        throughputs.push(bench(embedded_farm().await).await);
     }
-    let h = Harness::start_dispatching(&redis, |config| {
-        config.queue.lookahead_per_worker = 32;
-        config.queue.dispatch_interval_seconds = 0.05;
-        config.database.max_connections = 32;
-    })
-    .await;
+    if which.is_empty() || which == "postgres" {
+        throughputs.push(bench(postgres_farm(redis).await).await);
+    }
+    if let [embedded, postgres] = throughputs[..] {
+        println!("embedded / Postgres + Redis lifecycle throughput: {:.2}", embedded / postgres);
+    }
+}
+
+/// Runs both phases on `farm`; returns its throughput in jobs/s.
+async fn bench(farm: Farm) -> f64 {
+    println!("== {} ==", farm.name);
     let tally = Arc::new(Tally::default());
     let waiters: Started = Arc::default();
     let (stop_tx, stop) = watch::channel(false);
-    let mut render = h.render();
+    let mut render = farm.render.clone();
 
     // 1. Latency with idle workers.
     for i in 0..4 {
-        play_worker(&h, redis.clone(), format!("idle-{i}"), 1, tally.clone(), waiters.clone(), stop.clone()).await;
+        play_worker(&farm, format!("idle-{i}"), 1, tally.clone(), waiters.clone(), stop.clone()).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut latencies = Vec::new();
@@ -200,7 +287,7 @@ async fn main() {
         .unwrap_or((64, 16));
     println!("throughput: {workers} workers × {slots} slots");
     for i in 0..workers {
-        play_worker(&h, redis.clone(), format!("busy-{i}"), slots, tally.clone(), waiters.clone(), stop.clone()).await;
+        play_worker(&farm, format!("busy-{i}"), slots, tally.clone(), waiters.clone(), stop.clone()).await;
     }
     // Batches of 10,000 (a 100 × 100 grid each).
     let batches: usize = std::env::var("FLOWFARM_BENCH_BATCHES").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
@@ -235,5 +322,6 @@ async fn main() {
         tally.reads.load(Ordering::Relaxed)
     );
     let _ = stop_tx.send(true);
-    h.stop().await;
+    (farm.stop)().await;
+    total as f64 / elapsed.as_secs_f64()
 }
