@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::dev::DevFarm;
 use common::*;
+use flowfarm_engine::png_output::read_parameters;
 use flowfarm_testkit::TestDb;
 use serde_json::Value;
 use uuid::Uuid;
@@ -148,7 +149,10 @@ fn watch_to_the_end(farm: &dyn Farm, token: &str, batch: &str) {
 
 /// A batch renders, each job once, and comes back as images and a contact sheet.
 fn a_batch_renders_each_job_once_and_comes_back_with_a_contact_sheet(farm: &dyn Farm) {
-    let jobs: Vec<String> = (0..24).map(|i| job(&format!("shot {}", i % 6), i)).collect();
+    let mut jobs: Vec<String> = (0..24).map(|i| job(&format!("shot {}", i % 6), i)).collect();
+    // The first job asks for a tiled VAE decode; the rest leave it to the
+    // worker, which decodes whole (as the reference pipeline does).
+    jobs[0] = jobs[0].replace("}", r#", "tile_vae": true}"#);
     let submitter = farm.submitter();
     let batch = submit(farm, &submitter, &jobs);
     watch_to_the_end(farm, &submitter, &batch);
@@ -162,6 +166,12 @@ fn a_batch_renders_each_job_once_and_comes_back_with_a_contact_sheet(farm: &dyn 
     let fetched = farmctl(&farm.url(), &submitter, &["results", "fetch", &batch, "--out", out.to_str().unwrap(), "--contact-sheet"]);
     assert!(fetched.status.success(), "{}", String::from_utf8_lossy(&fetched.stderr));
     assert_eq!(walk(&out).len(), 25, "24 images and the contact sheet");
+    for png in walk(&out).into_iter().filter(|p| p.file_name().unwrap() != "contact-sheet.png") {
+        let parameters = read_parameters(&std::fs::read(&png).unwrap()).unwrap().expect("render parameters in the PNG");
+        let first = png.file_name().unwrap().to_string_lossy().starts_with("00000-");
+        let expected = if first { "tiled" } else { "whole" };
+        assert_eq!(parameters.vae_decode.as_deref(), Some(expected), "{}", png.display());
+    }
     let shown = ok_json(farmctl(&farm.url(), &submitter, &["--json", "batch", &batch]));
     assert_eq!(shown["counts"]["succeeded"], 24, "{shown}");
     let workers = ok_json(farmctl(&farm.url(), &farm.admin(), &["--json", "workers", "list"]));

@@ -30,6 +30,8 @@ pub struct JobSpecInput {
     pub max_attempts: Option<u32>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Decode the VAE in tiles (true) or whole (false); unset: the worker decides.
+    pub tile_vae: Option<bool>,
 }
 
 impl JobSpecInput {
@@ -54,6 +56,7 @@ impl JobSpecInput {
             priority: self.priority,
             max_attempts: self.max_attempts.unwrap_or(0),
             labels: self.labels,
+            tile_vae: self.tile_vae,
         })
     }
 }

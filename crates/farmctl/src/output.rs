@@ -83,7 +83,7 @@ pub fn job(j: &pb::Job) -> Value {
             "model": s.model, "prompt": s.prompt, "negative_prompt": s.negative_prompt, "width": s.width,
             "height": s.height, "steps": s.steps, "guidance_scale": s.guidance_scale, "seed": s.seed,
             "shift": s.shift, "text_encoders": encoders_name(s.text_encoders), "priority": s.priority,
-            "max_attempts": s.max_attempts, "labels": s.labels,
+            "max_attempts": s.max_attempts, "labels": s.labels, "tile_vae": s.tile_vae,
         },
         "created_at": time(&j.created_at), "updated_at": time(&j.updated_at),
     })

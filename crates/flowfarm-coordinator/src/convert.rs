@@ -118,6 +118,7 @@ pub fn job_request(path: &str, spec: &pb::JobSpec) -> Result<JobRequest, FieldEr
         priority: spec.priority,
         max_attempts: nonzero(spec.max_attempts),
         labels: spec.labels.clone(),
+        tile_vae: spec.tile_vae,
     })
 }
 
@@ -206,6 +207,7 @@ pub fn job_to_proto(j: &JobRow) -> pb::Job {
             priority: s.priority,
             max_attempts: s.max_attempts,
             labels: s.labels.clone(),
+            tile_vae: s.tile_vae,
         }),
         state: state_to_proto(j.state) as i32,
         attempt: j.attempt,

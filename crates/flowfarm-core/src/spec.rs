@@ -113,6 +113,9 @@ pub struct JobRequest {
     pub priority: i32,
     pub max_attempts: Option<u32>,
     pub labels: BTreeMap<String, String>,
+    /// See [`ResolvedJob::tile_vae`].
+    #[serde(default)]
+    pub tile_vae: Option<bool>,
 }
 
 /// A batch given as prompts × seeds × sizes around a shared base.
@@ -144,6 +147,13 @@ pub struct ResolvedJob {
     pub priority: i32,
     pub max_attempts: u32,
     pub labels: BTreeMap<String, String>,
+    /// How the VAE decodes the image: `Some(true)` in overlapping tiles (less
+    /// memory; the seams blend, but pixels differ from a whole decode),
+    /// `Some(false)` whole, as the reference pipeline does; `None`: the
+    /// worker decides (whole, unless its config says to tile or the whole
+    /// image would not fit in the memory it has).
+    #[serde(default)]
+    pub tile_vae: Option<bool>,
 }
 
 /// Checks labels: count, key syntax, value length.
@@ -303,6 +313,7 @@ impl JobRequest {
             priority: self.priority,
             max_attempts: self.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
             labels: self.labels.clone(),
+            tile_vae: self.tile_vae,
         })
     }
 }

@@ -16,7 +16,7 @@ use flowfarm_engine::noise::initial_latent;
 use flowfarm_engine::pipeline::Pipeline;
 use flowfarm_engine::png_output::{encode, RenderParameters};
 use flowfarm_engine::sampler::{sample, SampleJob};
-use flowfarm_engine::vae::to_rgb8;
+use flowfarm_engine::vae::{to_rgb8, Decoding};
 
 fn median(mut f: impl FnMut() -> Duration, runs: usize) -> f64 {
     let mut times: Vec<Duration> = (0..runs).map(|_| f()).collect();
@@ -76,7 +76,7 @@ fn main() {
     let decode_ms = median(
         || {
             let start = Instant::now();
-            image = Some(pipeline.vae.decode(&latent).expect("decode"));
+            image = Some(pipeline.vae.decode(&latent, Decoding::Whole).expect("decode"));
             start.elapsed()
         },
         runs,
@@ -95,6 +95,7 @@ fn main() {
         shift: 3.0,
         sampler: "euler-flow-matching".into(),
         text_encoders: "all".into(),
+        vae_decode: Some("whole".into()),
     };
     let png_ms = median(
         || {

@@ -89,6 +89,27 @@ pub fn device_info(device: &Device) -> (String, Option<u64>) {
     (device_name(device), None)
 }
 
+/// Memory `device` can still give, in bytes, where it can be known: on the
+/// CPU, Linux's `MemAvailable`. None elsewhere, on GPUs too: their free
+/// memory is not read yet (the memory planner of multi-device workers will),
+/// so callers that ask take None as "assume it fits".
+pub fn available_memory(device: &Device) -> Option<u64> {
+    match device {
+        Device::Cpu => {
+            let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+            mem_available(&meminfo)
+        }
+        _ => None,
+    }
+}
+
+/// `MemAvailable` of a `/proc/meminfo` text, in bytes.
+fn mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find_map(|l| l.strip_prefix("MemAvailable:"))?;
+    let kib: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    Some(kib * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +129,16 @@ mod tests {
         assert_eq!(parse_dtype("BF16").unwrap(), DType::BF16);
         assert_eq!(parse_dtype("f16").unwrap(), DType::F16);
         assert!(parse_dtype("f64").unwrap_err().to_string().contains("`f32`, `f16` or `bf16`"));
+    }
+
+    #[test]
+    fn available_memory_reads_meminfo() {
+        let text = "MemTotal:       24576000 kB\nMemFree:         1000 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(mem_available(text), Some(20_000_000 * 1024));
+        assert_eq!(mem_available("MemFree: 12 kB\n"), None);
+        // This machine's own, whatever it is: something, and not more than all of it.
+        let available = available_memory(&Device::Cpu).expect("Linux says how much memory is available");
+        assert!(available > 0);
     }
 
     #[test]

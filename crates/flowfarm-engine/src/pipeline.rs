@@ -22,7 +22,7 @@ use crate::sampler::{sample, SampleJob, StepCallback};
 use crate::source::{ComponentFiles, ModelLayout, ModelSource, Part as ModelPart};
 use crate::t5::T5Encoder;
 use crate::tokenize::{PromptTokenizer, CLIP_MAX_LENGTH};
-use crate::vae::{to_rgb8, Vae};
+use crate::vae::{to_rgb8, Decoding, Vae};
 use crate::verify::ModelReport;
 use crate::{Checkpoint, EngineError, MmDit};
 
@@ -221,6 +221,36 @@ pub struct RenderRequest {
     pub shift: f64,
     /// False: CLIP-only (T5 replaced by zeros).
     pub use_t5: bool,
+    /// How the VAE decodes the image.
+    pub vae: VaeTiling,
+}
+
+/// How a render's VAE decode is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VaeTiling {
+    /// Whole, as the reference pipeline decodes.
+    Whole,
+    /// In tiles (a latent of one tile or less is still decoded whole).
+    Tiled,
+    /// Whole, unless [`Vae::whole_decode_bytes`] says it would not fit in
+    /// the memory the device has ([`crate::device::available_memory`]); where
+    /// that is not known, whole.
+    Auto,
+}
+
+impl VaeTiling {
+    /// Parses `whole`, `tiled` or `auto`.
+    ///
+    /// # Errors
+    /// A message naming what is accepted.
+    pub fn parse(text: &str) -> Result<VaeTiling, String> {
+        match text {
+            "whole" => Ok(VaeTiling::Whole),
+            "tiled" => Ok(VaeTiling::Tiled),
+            "auto" => Ok(VaeTiling::Auto),
+            other => Err(format!("`{other}` is not `whole`, `tiled` or `auto`")),
+        }
+    }
 }
 
 /// A rendered image.
@@ -232,6 +262,8 @@ pub struct Rendered {
     pub height: usize,
     /// Interleaved RGB, 8 bits.
     pub rgb: Vec<u8>,
+    /// How the VAE decoded it.
+    pub decoding: Decoding,
 }
 
 /// A whole model: transformer, VAE and text encoders.
@@ -321,8 +353,23 @@ impl Pipeline {
                 other => other,
             })?
             .remove(0);
-        let image = self.vae.decode(&latent)?;
+        let decoding = self.decoding(request.vae, &latent)?;
+        let image = self.vae.decode(&latent, decoding)?;
         let (width, height, rgb) = to_rgb8(&image.squeeze(0)?)?;
-        Ok(Rendered { latent, width, height, rgb })
+        Ok(Rendered { latent, width, height, rgb, decoding })
+    }
+
+    /// The decode `tiling` comes to for `latent` on this pipeline's device.
+    fn decoding(&self, tiling: VaeTiling, latent: &Tensor) -> Result<Decoding, EngineError> {
+        let (batch, _, h, w) = latent.dims4()?;
+        let requested = match tiling {
+            VaeTiling::Whole => Decoding::Whole,
+            VaeTiling::Tiled => Decoding::Tiled,
+            VaeTiling::Auto => match crate::device::available_memory(&self.device) {
+                Some(available) if self.vae.whole_decode_bytes(batch, h, w) > available => Decoding::Tiled,
+                _ => Decoding::Whole,
+            },
+        };
+        Ok(self.vae.decoding_for(requested, h, w))
     }
 }

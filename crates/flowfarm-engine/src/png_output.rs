@@ -41,6 +41,10 @@ pub struct RenderParameters {
     pub sampler: String,
     /// `all` or `clip-only`.
     pub text_encoders: String,
+    /// How the VAE decoded it: `whole` or `tiled`; None in images written
+    /// before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vae_decode: Option<String>,
 }
 
 impl RenderParameters {
@@ -54,6 +58,9 @@ impl RenderParameters {
             "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, {hash}Model: {}, Shift: {}, Text encoders: {}",
             self.steps, self.sampler, self.guidance, self.seed, self.width, self.height, self.model, self.shift, self.text_encoders
         ));
+        if let Some(decode) = &self.vae_decode {
+            text.push_str(&format!(", VAE decode: {decode}"));
+        }
         text
     }
 }
@@ -121,6 +128,7 @@ mod tests {
             shift: 3.0,
             sampler: "euler-flow-matching".into(),
             text_encoders: "all".into(),
+            vae_decode: Some("tiled".into()),
         }
     }
 
@@ -138,7 +146,8 @@ mod tests {
         let summary = reader.info().utf8_text.iter().find(|c| c.keyword == SUMMARY_KEYWORD).unwrap().get_text().unwrap();
         assert!(
             summary.contains("Negative prompt: blurry")
-                && summary.contains("Seed: 9007199254740993, Size: 4x2, Model hash: 0123456789, Model: sd3-medium"),
+                && summary.contains("Seed: 9007199254740993, Size: 4x2, Model hash: 0123456789, Model: sd3-medium")
+                && summary.ends_with(", VAE decode: tiled"),
             "{summary}"
         );
     }

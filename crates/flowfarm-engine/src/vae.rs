@@ -249,9 +249,37 @@ impl Decoder {
     }
 }
 
+/// How a latent is decoded to pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decoding {
+    /// In one piece, as diffusers' `AutoencoderKL.decode` does by default.
+    Whole,
+    /// In overlapping tiles of the config's `sample_size` pixels, blended at
+    /// the seams, as diffusers does after `enable_tiling()`: less memory, and
+    /// pixels that differ from a whole decode. A latent of one tile or less
+    /// is decoded whole.
+    Tiled,
+}
+
+impl Decoding {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decoding::Whole => "whole",
+            Decoding::Tiled => "tiled",
+        }
+    }
+}
+
+/// Elements a 3×3 convolution keeps at its peak per input element: the
+/// padded input, nine shifted copies for the product, and the block's
+/// residual input (the output is counted with the next layer's input).
+const CONV_PEAK_PER_INPUT: u64 = 12;
+
 /// A loaded VAE.
 pub struct Vae {
     model: Decoder,
+    /// The decoder's channels per level, from the widest resolution.
+    block_out_channels: Vec<usize>,
     latent_channels: usize,
     /// Pixels per latent cell a side: 2^(blocks − 1), 8 for SD3.
     scale_factor: usize,
@@ -361,6 +389,7 @@ impl Vae {
             Decoder::load(&vb, &config).map_err(|e| EngineError::checkpoint(path, format!("weights do not fit the config: {e}")))?;
         Ok(Vae {
             model,
+            block_out_channels: config.block_out_channels.clone(),
             latent_channels: config.latent_channels,
             scale_factor,
             tile_latent: (config.sample_size / scale_factor).max(1),
@@ -380,19 +409,55 @@ impl Vae {
         self.latent_channels
     }
 
+    /// What `requested` comes to for a latent of `h × w` cells: a tiled
+    /// decode of one tile or less is a whole one.
+    pub fn decoding_for(&self, requested: Decoding, h: usize, w: usize) -> Decoding {
+        match requested {
+            Decoding::Tiled if h > self.tile_latent || w > self.tile_latent => Decoding::Tiled,
+            _ => Decoding::Whole,
+        }
+    }
+
+    /// An upper estimate of the bytes a whole decode of `batch` latents of
+    /// `h × w` cells holds at its peak: the widest convolution input of any
+    /// level times [`CONV_PEAK_PER_INPUT`], or the mid block's attention
+    /// scores (two (h·w)² matrices), whichever is larger. Weights are not
+    /// counted; they are loaded already.
+    pub fn whole_decode_bytes(&self, batch: usize, h: usize, w: usize) -> u64 {
+        let mut pixels = (h * w) as u64;
+        let top = self.block_out_channels.last().copied().unwrap_or(0) as u64;
+        let mut peak = 2 * pixels * pixels;
+        let mut previous = top;
+        let levels = self.block_out_channels.len();
+        for (i, &out) in self.block_out_channels.iter().rev().enumerate() {
+            let out = out as u64;
+            // The level's first convolution takes the previous level's channels.
+            peak = peak.max(previous.max(out) * pixels * CONV_PEAK_PER_INPUT);
+            if i + 1 < levels {
+                pixels *= 4;
+                peak = peak.max(out * pixels * CONV_PEAK_PER_INPUT);
+            }
+            previous = out;
+        }
+        peak * batch as u64 * self.dtype.size_in_bytes() as u64
+    }
+
     /// Decodes sampler latents (B, 16, h, w) to images (B, 3, 8h, 8w) in
-    /// about [-1, 1], F32.
+    /// about [-1, 1], F32, whole or in tiles.
     ///
     /// # Errors
     /// [`EngineError::Input`] for a latent of the wrong channel count.
-    pub fn decode(&self, latent: &Tensor) -> Result<Tensor, EngineError> {
+    pub fn decode(&self, latent: &Tensor, decoding: Decoding) -> Result<Tensor, EngineError> {
         let (_, c, _, _) = latent.dims4()?;
         if c != self.latent_channels {
             return Err(EngineError::Input(format!("latent has {c} channels; this VAE takes {}", self.latent_channels)));
         }
         let z = ((latent.to_dtype(DType::F32)? / self.scaling_factor)? + self.shift_factor)?.to_dtype(self.dtype)?;
         let (_, _, h, w) = z.dims4()?;
-        let image = if h > self.tile_latent || w > self.tile_latent { self.decode_tiled(&z)? } else { self.model.forward(&z)? };
+        let image = match self.decoding_for(decoding, h, w) {
+            Decoding::Tiled => self.decode_tiled(&z)?,
+            Decoding::Whole => self.model.forward(&z)?,
+        };
         Ok(image.to_dtype(DType::F32)?)
     }
 

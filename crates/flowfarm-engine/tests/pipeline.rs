@@ -4,7 +4,7 @@
 //! Fixture: tools/parity/make_pipeline_fixtures.py.
 
 use candle_core::{DType, Device, Tensor};
-use flowfarm_engine::pipeline::{Pipeline, RenderRequest};
+use flowfarm_engine::pipeline::{Pipeline, RenderRequest, VaeTiling};
 
 mod support;
 
@@ -47,6 +47,7 @@ fn whole_pipeline_matches_diffusers() {
         guidance: spec["guidance"].as_f64().unwrap() as f32,
         shift: spec["shift"].as_f64().unwrap(),
         use_t5: true,
+        vae: VaeTiling::Whole,
     };
     let rendered = pipeline.render(&request, &mut |_, _| true).unwrap();
     let abs = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use flowfarm_engine::noise::initial_latent;
-use flowfarm_engine::pipeline::{Pipeline, RenderRequest, SINGLE_FILE_T5};
+use flowfarm_engine::pipeline::{Pipeline, RenderRequest, VaeTiling, SINGLE_FILE_T5};
 use flowfarm_engine::png_output::{encode, RenderParameters};
 use flowfarm_engine::source::Part;
 use flowfarm_engine::verify::examine;
@@ -44,6 +44,7 @@ fn render(source: &ModelSource) -> Render {
         guidance: 4.5,
         shift: 3.0,
         use_t5: true,
+        vae: VaeTiling::Auto,
     };
     let rendered = pipeline.render(&request, &mut |_, _| true).unwrap();
     let parameters = RenderParameters {
@@ -59,6 +60,7 @@ fn render(source: &ModelSource) -> Render {
         shift: request.shift,
         sampler: "euler-flow-matching".into(),
         text_encoders: "all".into(),
+        vae_decode: Some(rendered.decoding.as_str().into()),
     };
     let png = encode(rendered.width as u32, rendered.height as u32, &rendered.rgb, &parameters).unwrap();
     Render { png, rgb: rendered.rgb, latent: rendered.latent, identity: pipeline.identity }

@@ -2,7 +2,7 @@
 //! random model in SD3's latent format. Fixture: tools/parity/make_vae_fixtures.py.
 
 use candle_core::{DType, Device, Tensor};
-use flowfarm_engine::vae::{to_rgb8, Vae};
+use flowfarm_engine::vae::{to_rgb8, Decoding, Vae};
 
 mod support;
 
@@ -13,7 +13,7 @@ fn decode_matches_diffusers() {
     let dev = support::device();
     let vae = Vae::open(dir.join("vae-tiny"), DType::F32, &dev).unwrap();
     let on_dev = |name: &str| f[name].to_device(&dev).unwrap();
-    let image = vae.decode(&on_dev("latent")).unwrap().to_device(&Device::Cpu).unwrap();
+    let image = vae.decode(&on_dev("latent"), Decoding::Whole).unwrap().to_device(&Device::Cpu).unwrap();
     let reference = &f["image"];
     assert_eq!(image.dims(), reference.dims());
     let diff = (&image - reference).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
@@ -26,15 +26,28 @@ fn decode_matches_diffusers() {
     let worst = ours.iter().zip(&theirs).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
     assert!(worst <= 1, "uint8 pixels differ by {worst} levels");
 
-    // Larger than a tile (16 latent cells): decoded in overlapping, blended tiles.
-    let tiled = vae.decode(&on_dev("big_latent")).unwrap().to_device(&Device::Cpu).unwrap();
+    // Larger than a tile (16 latent cells), asked for tiles: decoded in
+    // overlapping, blended tiles, as diffusers does after enable_tiling().
+    let tiled = vae.decode(&on_dev("big_latent"), Decoding::Tiled).unwrap().to_device(&Device::Cpu).unwrap();
     assert_eq!(tiled.dims(), f["big_image_tiled"].dims());
     let diff = (&tiled - &f["big_image_tiled"]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     println!("VAE tiled decode (40×24 latent, 16-cell tiles): max abs error {diff:.2e}");
     assert!(diff <= 1e-4, "tiled decode differs by {diff}");
 
+    // Larger than a tile and not asked for tiles: whole, as diffusers'
+    // StableDiffusion3Pipeline decodes unless tiling is enabled.
+    let whole = vae.decode(&on_dev("big_latent"), Decoding::Whole).unwrap().to_device(&Device::Cpu).unwrap();
+    let w = candle_core::safetensors::load(dir.join("vae-tiny_whole_decode.safetensors"), &Device::Cpu).unwrap();
+    let reference = &w["big_image_whole"];
+    assert_eq!(whole.dims(), reference.dims());
+    let diff = (&whole - reference).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    println!("VAE whole decode (40×24 latent, larger than a tile): max abs error {diff:.2e}");
+    assert!(diff <= 1e-4, "whole decode differs by {diff}");
+    let apart = (&whole - &tiled).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    assert!(apart > 1e-3, "tiled and whole decodes of a large latent differ (by {apart}): the choice matters");
+
     let wrong = Tensor::zeros((1, 4, 8, 8), DType::F32, &dev).unwrap();
-    assert!(vae.decode(&wrong).unwrap_err().to_string().contains("4 channels"));
+    assert!(vae.decode(&wrong, Decoding::Whole).unwrap_err().to_string().contains("4 channels"));
 }
 
 /// Square power-of-two latents (what square images give: 1024² → 128×128):
@@ -45,7 +58,7 @@ fn decode_matches_diffusers_on_square_latents() {
     let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let f = candle_core::safetensors::load(dir.join("vae-tiny_decode.safetensors"), &Device::Cpu).unwrap();
     let vae = Vae::open(dir.join("vae-tiny"), DType::F32, &Device::Cpu).unwrap();
-    let image = vae.decode(&f["square_latent"]).unwrap();
+    let image = vae.decode(&f["square_latent"], Decoding::Whole).unwrap();
     let diff = (&image - &f["square_image"]).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
     assert!(diff <= 1e-4, "max abs error {diff}");
 }
@@ -59,8 +72,10 @@ fn single_file_decoder_equals_the_diffusers_folder() {
     let folder = Vae::open(dir.join("vae-tiny"), DType::F32, &Device::Cpu).unwrap();
     let single = Vae::open(dir.join("vae-tiny").join("single_file.safetensors"), DType::F32, &Device::Cpu).unwrap();
     for latent in ["latent", "square_latent", "big_latent"] {
-        let (a, b) = (folder.decode(&f[latent]).unwrap(), single.decode(&f[latent]).unwrap());
-        let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        assert_eq!(diff, 0.0, "{latent}");
+        for decoding in [Decoding::Whole, Decoding::Tiled] {
+            let (a, b) = (folder.decode(&f[latent], decoding).unwrap(), single.decode(&f[latent], decoding).unwrap());
+            let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert_eq!(diff, 0.0, "{latent}, {decoding:?}");
+        }
     }
 }

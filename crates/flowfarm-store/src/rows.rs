@@ -119,7 +119,7 @@ pub struct JobResultRow {
 pub(crate) const JOB_COLUMNS: &str = "id, batch_id, idx, model, prompt, negative_prompt, width, height, steps, \
     guidance, seed, shift, text_encoders, priority, max_attempts, labels, state, attempt, worker_id, \
     lease_expires_at, progress_step, error, result_key, result_sha256, result_size, result_content_type, \
-    result_model_hash, gpu_seconds, created_at, updated_at";
+    result_model_hash, gpu_seconds, tile_vae, created_at, updated_at";
 
 pub(crate) fn parse_state(s: &str) -> Result<JobState, StoreError> {
     s.parse().map_err(|e| StoreError::Corrupt(format!("{e}")))
@@ -165,6 +165,7 @@ impl JobRow {
                 priority: row.try_get("priority")?,
                 max_attempts: to_u32(row.try_get("max_attempts")?, "max_attempts")?,
                 labels: labels_from_json(row.try_get("labels")?)?,
+                tile_vae: row.try_get("tile_vae")?,
             },
             state: parse_state(row.try_get("state")?)?,
             attempt: to_u32(row.try_get("attempt")?, "attempt")?,

@@ -184,6 +184,7 @@ fn job(i: usize) -> ResolvedJob {
         priority: 0,
         max_attempts: 2,
         labels: BTreeMap::from([("i".to_string(), i.to_string())]),
+        tile_vae: [None, Some(true), Some(false)][i % 3],
     }
 }
 
@@ -218,7 +219,9 @@ async fn submit_stores_jobs_with_one_creation_event_each(backend: &dyn Backend) 
     assert_eq!(backend.count("SELECT count(*) FROM job_events WHERE from_state IS NULL AND to_state = 'queued'").await, 50);
     let jobs = store.list_jobs(&JobFilter { batch_id: Some(id), ..Default::default() }, None, 100).await.unwrap();
     assert_eq!(jobs.iter().map(|j| j.index).collect::<Vec<_>>(), (0..50).collect::<Vec<_>>(), "id order is index order");
-    assert_eq!(jobs[7].spec, job(7), "the resolved spec round-trips");
+    for i in [6, 7, 8] {
+        assert_eq!(jobs[i].spec, job(i), "the resolved spec round-trips, each choice of tile_vae too");
+    }
 }
 
 async fn recent_batches_come_newest_first_with_the_counts_get_batch_gives(backend: &dyn Backend) {

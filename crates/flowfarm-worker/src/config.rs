@@ -59,6 +59,11 @@ pub struct WorkerConfig {
     pub t5_max_length: usize,
     /// Size of the text-embedding cache (L1) in bytes.
     pub embedding_cache_bytes: usize,
+    /// How the VAE decodes a job that does not say (`tile_vae` unset):
+    /// `auto` whole, as the reference pipeline does, unless the whole image
+    /// would not fit in the memory available (then in tiles); `whole`;
+    /// `tiled` (less memory, blended seams). Each PNG records which was used.
+    pub vae_tiling: String,
     /// Where Prometheus /metrics is served; absent: not served.
     /// Env: `FLOWFARM_METRICS_LISTEN`.
     pub metrics_listen: Option<SocketAddr>,
@@ -129,6 +134,7 @@ impl Default for WorkerConfig {
             drain_timeout_seconds: 300.0,
             t5_max_length: flowfarm_engine::pipeline::DEFAULT_T5_LENGTH,
             embedding_cache_bytes: 256 << 20,
+            vae_tiling: "auto".into(),
             metrics_listen: None,
             tracing: Default::default(),
             models: Vec::new(),
@@ -161,6 +167,11 @@ pub enum WorkerConfigError {
 }
 
 impl WorkerConfig {
+    /// `vae_tiling`, which [`WorkerConfig::check`] accepted.
+    pub fn vae_tiling(&self) -> flowfarm_engine::pipeline::VaeTiling {
+        flowfarm_engine::pipeline::VaeTiling::parse(&self.vae_tiling).unwrap_or(flowfarm_engine::pipeline::VaeTiling::Auto)
+    }
+
     /// Reads a TOML file, applies the environment, resolves the token and
     /// model paths (relative to the file's folder), and checks the result.
     ///
@@ -237,6 +248,9 @@ impl WorkerConfig {
         }
         if flowfarm_engine::device::parse_dtype(&self.dtype).is_err() {
             return invalid(format!("dtype: `{}` is not `f32`, `f16` or `bf16`", self.dtype));
+        }
+        if let Err(e) = flowfarm_engine::pipeline::VaeTiling::parse(&self.vae_tiling) {
+            return invalid(format!("vae_tiling: {e}"));
         }
         if flowfarm_engine::device::parse_device(&self.device).is_err() {
             return invalid(format!("device: `{}` is not `cpu`, `cuda` or `cuda:N`", self.device));

@@ -6,8 +6,9 @@ use candle_core::{DType, Device};
 use flowfarm_core::{ResolvedJob, TextEncoderSet};
 use flowfarm_engine::cache::EmbeddingCache;
 use flowfarm_engine::noise::initial_latent;
-use flowfarm_engine::pipeline::{Pipeline, RenderRequest};
+use flowfarm_engine::pipeline::{Pipeline, RenderRequest, VaeTiling};
 use flowfarm_engine::png_output::{encode, RenderParameters};
+use flowfarm_engine::vae::Decoding;
 use flowfarm_engine::{EngineError, ModelSource};
 use flowfarm_proto::v1 as pb;
 
@@ -36,10 +37,11 @@ pub fn resolved_job(job: &pb::Job) -> Result<ResolvedJob, EngineError> {
         priority: spec.priority,
         max_attempts: spec.max_attempts,
         labels: spec.labels.clone().into_iter().collect(),
+        tile_vae: spec.tile_vae,
     })
 }
 
-fn parameters(job: &ResolvedJob, model_hash: String) -> RenderParameters {
+fn parameters(job: &ResolvedJob, model_hash: String, decoding: Decoding) -> RenderParameters {
     RenderParameters {
         prompt: job.prompt.clone(),
         negative_prompt: job.negative_prompt.clone(),
@@ -53,6 +55,7 @@ fn parameters(job: &ResolvedJob, model_hash: String) -> RenderParameters {
         shift: job.shift,
         sampler: "euler-flow-matching".into(),
         text_encoders: job.text_encoders.as_str().into(),
+        vae_decode: Some(decoding.as_str().into()),
     }
 }
 
@@ -60,6 +63,8 @@ fn parameters(job: &ResolvedJob, model_hash: String) -> RenderParameters {
 pub struct JobRenderer {
     pipeline: Pipeline,
     device: Device,
+    /// For jobs that leave it to the worker.
+    vae_tiling: VaeTiling,
 }
 
 impl JobRenderer {
@@ -77,7 +82,13 @@ impl JobRenderer {
     ) -> Result<Self, EngineError> {
         let mut pipeline = Pipeline::load(source, t5_max_length, dtype, device)?;
         pipeline.encoders = pipeline.encoders.with_cache(cache);
-        Ok(JobRenderer { pipeline, device: device.clone() })
+        Ok(JobRenderer { pipeline, device: device.clone(), vae_tiling: VaeTiling::Auto })
+    }
+
+    /// The same renderer, decoding jobs that leave it to the worker as `tiling` says.
+    pub fn with_vae_tiling(mut self, tiling: VaeTiling) -> Self {
+        self.vae_tiling = tiling;
+        self
     }
 
     /// The weights' identity (64 hex characters), the same in every form.
@@ -117,8 +128,14 @@ impl JobRenderer {
             guidance: job.guidance,
             shift: job.shift,
             use_t5,
+            vae: match job.tile_vae {
+                Some(true) => VaeTiling::Tiled,
+                Some(false) => VaeTiling::Whole,
+                None => self.vae_tiling,
+            },
         };
         let rendered = self.pipeline.render(&request, &mut |step, total| on_step(step, total))?;
-        encode(rendered.width as u32, rendered.height as u32, &rendered.rgb, &parameters(job, self.pipeline.identity.short()))
+        let parameters = parameters(job, self.pipeline.identity.short(), rendered.decoding);
+        encode(rendered.width as u32, rendered.height as u32, &rendered.rgb, &parameters)
     }
 }

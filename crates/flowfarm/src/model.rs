@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Subcommand};
 use flowfarm_engine::device::{open_device, parse_dtype};
-use flowfarm_engine::pipeline::{Pipeline, RenderRequest, DEFAULT_T5_LENGTH};
+use flowfarm_engine::pipeline::{Pipeline, RenderRequest, VaeTiling, DEFAULT_T5_LENGTH};
 use flowfarm_engine::png_output::{encode, RenderParameters};
 use flowfarm_engine::verify::examine;
 use flowfarm_engine::{noise, Checkpoint, ModelSource};
@@ -122,6 +122,11 @@ pub struct RenderArgs {
     /// Leave T5 out: its place is zeros.
     #[arg(long)]
     clip_only: bool,
+    /// How the VAE decodes: `whole` (as diffusers' pipeline does), `tiled`
+    /// (less memory, blended seams), or `auto` (whole unless it would not fit
+    /// in the memory available).
+    #[arg(long, default_value = "auto", value_parser = parse_vae_tiling)]
+    vae_tiling: VaeTiling,
     /// T5 tokens.
     #[arg(long, default_value_t = DEFAULT_T5_LENGTH)]
     t5_length: usize,
@@ -348,6 +353,7 @@ fn render(args: &RenderArgs) -> Result<()> {
         guidance: args.guidance,
         shift,
         use_t5: !args.clip_only,
+        vae: args.vae_tiling,
     };
     let rendered = pipeline.render(&request, &mut |step, _| {
         bar.set_position(step as u64);
@@ -375,11 +381,16 @@ fn render(args: &RenderArgs) -> Result<()> {
         shift,
         sampler: "euler-flow-matching".into(),
         text_encoders: if args.clip_only { "clip-only" } else { "all" }.into(),
+        vae_decode: Some(rendered.decoding.as_str().into()),
     };
     let png = encode(rendered.width as u32, rendered.height as u32, &rendered.rgb, &parameters)?;
     write_atomically(&args.out, |tmp| Ok(std::fs::write(tmp, &png)?))?;
     println!("wrote {} ({}×{})", args.out.display(), rendered.width, rendered.height);
     Ok(())
+}
+
+fn parse_vae_tiling(text: &str) -> Result<VaeTiling, String> {
+    VaeTiling::parse(text)
 }
 
 /// The folder's name, or a single file's name without `.safetensors`.

@@ -61,6 +61,7 @@ impl PgStore {
         let (mut guidance, mut seed, mut shift) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
         let (mut encoders, mut priority, mut attempts) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
         let mut labels = Vec::with_capacity(n);
+        let mut tile_vae = Vec::with_capacity(n);
         for (i, job) in jobs.iter().enumerate() {
             ids.push(Uuid::now_v7());
             idx.push(i as i32);
@@ -77,18 +78,19 @@ impl PgStore {
             priority.push(job.priority);
             attempts.push(job.max_attempts as i32);
             labels.push(serde_json::to_string(&job.labels).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+            tile_vae.push(job.tile_vae);
         }
         sqlx::query(
             "WITH ins AS (
                 INSERT INTO jobs (id, batch_id, idx, model, prompt, negative_prompt, width, height, steps, guidance,
-                                  seed, shift, text_encoders, priority, max_attempts, labels, state)
+                                  seed, shift, text_encoders, priority, max_attempts, labels, tile_vae, state)
                 SELECT u.id, $1, u.idx, u.model, u.prompt, u.neg, u.width, u.height, u.steps, u.guidance,
-                       u.seed, u.shift, u.enc, u.priority, u.attempts, u.labels::jsonb, 'queued'
+                       u.seed, u.shift, u.enc, u.priority, u.attempts, u.labels::jsonb, u.tile_vae, 'queued'
                 FROM UNNEST($2::uuid[], $3::int4[], $4::text[], $5::text[], $6::text[], $7::int4[], $8::int4[],
                             $9::int4[], $10::float4[], $11::int8[], $12::float8[], $13::text[], $14::int4[],
-                            $15::int4[], $16::text[])
+                            $15::int4[], $16::text[], $18::bool[])
                      AS u(id, idx, model, prompt, neg, width, height, steps, guidance, seed, shift, enc, priority,
-                          attempts, labels)
+                          attempts, labels, tile_vae)
                 RETURNING id, attempt
              )
              INSERT INTO job_events (job_id, batch_id, from_state, to_state, attempt, actor, reason)
@@ -111,6 +113,7 @@ impl PgStore {
         .bind(&attempts)
         .bind(&labels)
         .bind(format!("submitter:{}", batch.submitter))
+        .bind(&tile_vae)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

@@ -11,8 +11,8 @@ use super::{push_selector, push_states, select_live, SqliteStore, LIVE_COLUMNS};
 use crate::rows::{labels_from_json, parse_state};
 use crate::{BatchRow, EventRow, JobCounts, JobFilter, JobRow, JobSelector, NewBatch, StoreError, SubmitOutcome};
 
-/// Job rows per INSERT: 18 parameters each.
-const JOBS_PER_INSERT: usize = 32_000 / 18;
+/// Job rows per INSERT: 19 parameters each.
+const JOBS_PER_INSERT: usize = 32_000 / 19;
 
 const TERMINAL: [JobState; 4] = [JobState::Succeeded, JobState::Failed, JobState::Cancelled, JobState::Dead];
 
@@ -59,7 +59,7 @@ pub(super) async fn submit_batch(s: &SqliteStore, batch: &NewBatch, jobs: &[Reso
     for chunk in rows.chunks(JOBS_PER_INSERT) {
         let mut qb: QueryBuilder<'_, Sqlite> = QueryBuilder::new(
             "INSERT INTO jobs (id, batch_id, idx, model, prompt, negative_prompt, width, height, steps, guidance, seed, shift, \
-                 text_encoders, priority, max_attempts, labels, state, attempt, created_at, updated_at) ",
+                 text_encoders, priority, max_attempts, labels, tile_vae, state, attempt, created_at, updated_at) ",
         );
         qb.push_values(chunk, |mut row, (i, job, labels)| {
             row.push_bind(Uuid::now_v7())
@@ -78,6 +78,7 @@ pub(super) async fn submit_batch(s: &SqliteStore, batch: &NewBatch, jobs: &[Reso
                 .push_bind(i64::from(job.priority))
                 .push_bind(i64::from(job.max_attempts))
                 .push_bind(labels.clone())
+                .push_bind(job.tile_vae)
                 .push_unseparated(", 'queued', 1, ")
                 .push_bind_unseparated(now)
                 .push_unseparated(", ")

@@ -112,7 +112,7 @@ impl SqliteStore {
 const LIVE_COLUMNS: &str = "id, batch_id, idx, model, prompt, negative_prompt, width, height, steps, guidance, seed, shift, \
     text_encoders, priority, max_attempts, labels, state, attempt, worker_id, lease_expires_at, progress_step, error, \
     result_key, result_sha256, result_size, result_content_type, result_model_hash, gpu_seconds, failed_workers, \
-    dispatched_at, not_before, started_at, created_at, updated_at";
+    dispatched_at, not_before, started_at, tile_vae, created_at, updated_at";
 
 /// The jobs `filter` selects (it appends conditions after `WHERE`) and
 /// `tail` orders or limits.

@@ -90,6 +90,7 @@ impl Live {
                 priority: i32::try_from(row.try_get::<i64, _>("priority")?).map_err(|e| StoreError::Corrupt(format!("priority: {e}")))?,
                 max_attempts: to_u32(row.try_get("max_attempts")?, "max_attempts")?,
                 labels: labels_from_json(json(&labels, "labels")?)?,
+                tile_vae: row.try_get("tile_vae")?,
             },
             state: parse_state(row.try_get("state")?)?,
             attempt: to_u32(row.try_get("attempt")?, "attempt")?,

@@ -222,7 +222,8 @@ async fn serve(
         let renderer = tokio::task::spawn_blocking(move || JobRenderer::open(&source, t5, cache, &on, dtype))
             .await
             .map_err(|e| WorkerError::Internal(e.to_string()))?
-            .map_err(|source| WorkerError::Model { name: entry.name.clone(), source })?;
+            .map_err(|source| WorkerError::Model { name: entry.name.clone(), source })?
+            .with_vae_tiling(config.vae_tiling());
         tracing::info!(model = %entry.name, path = %entry.path.display(), t5 = renderer.has_t5(), hash = %renderer.model_hash(), device = %device_name(&device), ?dtype, "model loaded");
         renderers.insert(entry.name.clone(), Arc::new(renderer));
     }
