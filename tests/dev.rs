@@ -71,3 +71,23 @@ fn a_second_dev_farm_on_the_same_folder_is_refused() {
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(!second.status.success() && stderr.contains("another `flowfarm dev` is using"), "{stderr}");
 }
+
+/// Workers that cannot load their model stop the farm, which says why and
+/// exits non-zero, instead of serving a farm that renders nothing.
+#[test]
+fn a_farm_whose_workers_cannot_load_the_model_stops_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken-model");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::copy(repo_path("models/flowfarm-tiny/model_index.json"), broken.join("model_index.json")).unwrap();
+    let out = std::process::Command::new(flowfarm_bin())
+        .current_dir(repo_path(""))
+        .args(["dev", "--data", dir.path().join("farm").to_str().unwrap(), "--listen", "127.0.0.1:0", "--status-listen", "127.0.0.1:0"])
+        .args(["--model", broken.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let reason = stderr.lines().find(|l| l.starts_with("Error: ")).unwrap_or_else(|| panic!("no error line: {stderr}"));
+    assert!(reason.contains("stopped: loading model `flowfarm-tiny`") && reason.contains("transformer"), "{reason}");
+}

@@ -60,10 +60,15 @@ fn transient(err: &sqlx::Error) -> bool {
         sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => true,
         sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            // 08: connection exception; 57P01–57P03: shutdown, crash, cannot
-            // connect now; 53: insufficient resources; 40001 / 40P01:
+            // Postgres: 08 connection exception; 57P01–57P03 shutdown, crash,
+            // cannot connect now; 53 insufficient resources; 40001 / 40P01
             // serialization failure, deadlock.
-            code.starts_with("08") || code.starts_with("57P") || code.starts_with("53") || code == "40001" || code == "40P01"
+            let postgres =
+                code.starts_with("08") || code.starts_with("57P") || code.starts_with("53") || code == "40001" || code == "40P01";
+            // SQLite: numeric codes whose primary code is BUSY (5) or LOCKED
+            // (6): another process holds the file for now.
+            let sqlite = code.parse::<i32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6));
+            postgres || sqlite
         }),
         _ => false,
     }

@@ -149,12 +149,16 @@ pub async fn run(args: DevArgs, mut config: Config) -> Result<()> {
     let queue = MemoryQueue::new();
     tasks.spawn(flowfarm_coordinator::Dispatcher::new(coordinator.clone(), Arc::new(queue.clone())).run(stop_coordinator.clone()));
     tasks.spawn(flowfarm_coordinator::serve_status_page(coordinator.clone(), status_listener, stop_coordinator.clone()));
-    let (serving, server_ended) = (stop_coordinator.clone(), stop_workers.clone());
+    let failure = Failure { first: Arc::default(), stop: stop_workers.clone() };
+    let (serving, server_failure) = (stop_coordinator.clone(), failure.clone());
     let server = tasks.spawn(async move {
-        let served = flowfarm_coordinator::serve(coordinator, listener, serving).await;
-        // A server that stops by itself stops the farm.
-        server_ended.cancel();
-        served
+        let served = flowfarm_coordinator::serve(coordinator, listener, serving.clone()).await;
+        if !serving.is_cancelled() {
+            server_failure.record(match &served {
+                Ok(()) => "the gRPC server stopped without being asked to".to_owned(),
+                Err(e) => format!("the gRPC server failed: {e}"),
+            });
+        }
     });
 
     let url = format!("http://{addr}");
@@ -163,10 +167,16 @@ pub async fn run(args: DevArgs, mut config: Config) -> Result<()> {
         let config = worker_config(format!("dev-{i}"), &url, &token, &data.join("results"), &args.model);
         let queue = queue.clone();
         let source = flowfarm_worker::WorkSource::Given(Box::new(move |_, lanes| Arc::new(queue.consumer(lanes)) as Arc<dyn JobSource>));
-        let stop = stop_workers.clone();
+        let (stop, failure) = (stop_workers.clone(), failure.clone());
         workers.spawn(async move {
-            if let Err(e) = flowfarm_worker::run_with(config, source, stop).await {
-                tracing::error!(error = %e, "a dev worker stopped");
+            // A worker drained by an operator ends cleanly and the farm goes
+            // on; one that fails before the farm stops stops the farm.
+            if let Err(e) = flowfarm_worker::run_with(config, source, stop.clone()).await {
+                if stop.is_cancelled() {
+                    tracing::error!(error = %e, worker = i, "a dev worker did not drain cleanly");
+                } else {
+                    failure.record(format!("worker dev-{i} stopped: {e}"));
+                }
             }
         });
     }
@@ -189,27 +199,58 @@ pub async fn run(args: DevArgs, mut config: Config) -> Result<()> {
     };
 
     super::cancel_on_signal(stop_workers.clone()).await;
-    let asked = !server.is_finished();
     if let Some(demo) = demo {
         demo.abort();
     }
-    // The workers first: they hand back what they hold and deregister.
-    if tokio::time::timeout(Duration::from_secs(60), workers.wait()).await.is_err() {
-        tracing::warn!("workers still draining after 60 s; stopping anyway");
+    // A second Ctrl-C does not wait for the drain. SQLite commits are
+    // atomic, so the state is whole either way; leases of jobs cut short
+    // expire and the jobs run again at the next start.
+    tokio::spawn(async {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("second Ctrl-C: exiting without waiting for the workers");
+            std::process::exit(130);
+        }
+    });
+    // The workers first: they hand back what they hold and deregister
+    // (which needs the server; without it there is nothing to wait for).
+    if !server.is_finished() {
+        if failure.first().is_none() {
+            eprintln!("stopping: the workers finish or hand back their jobs (Ctrl-C again to exit now)");
+        }
+        if tokio::time::timeout(Duration::from_secs(60), workers.wait()).await.is_err() {
+            tracing::warn!("workers still draining after 60 s; stopping anyway");
+        }
     }
     stop_coordinator.cancel();
     tasks.close();
     if tokio::time::timeout(config.server.shutdown_grace(), tasks.wait()).await.is_err() {
         tracing::warn!(left = tasks.len(), "tasks still running after the grace period; exiting anyway");
     }
-    if server.is_finished() {
-        server.await.context("the gRPC server task")??;
-    }
-    if !asked {
-        bail!("the gRPC server stopped without being asked to");
+    if let Some(what) = failure.first() {
+        bail!("{what}; the farm's state stays in {}", data.display());
     }
     println!("stopped; the farm's state stays in {}", data.display());
     Ok(())
+}
+
+/// The first thing that stopped the farm without being asked to; recording
+/// it stops the farm.
+#[derive(Clone)]
+struct Failure {
+    first: Arc<std::sync::Mutex<Option<String>>>,
+    stop: CancellationToken,
+}
+
+impl Failure {
+    fn record(&self, what: String) {
+        tracing::error!(%what, "stopping the farm");
+        self.first.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(what);
+        self.stop.cancel();
+    }
+
+    fn first(&self) -> Option<String> {
+        self.first.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// Submits the demo grid (once per data folder: a replay returns the first

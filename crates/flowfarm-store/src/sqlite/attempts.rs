@@ -386,9 +386,9 @@ pub(super) async fn report_progress(
     step: u32,
     lease: Duration,
 ) -> Result<DateTime<Utc>, StoreError> {
+    let mut conn = s.writer.acquire().await?;
     let now = now_micros();
     let lease_end = now + duration_micros(lease);
-    let mut conn = s.writer.acquire().await?;
     let renewed: Option<(Uuid, i64)> = sqlx::query_as(
         "UPDATE jobs SET progress_step = ?, lease_expires_at = ?, updated_at = ? \
          WHERE id = ? AND attempt = ? AND worker_id = ? AND state = 'running' RETURNING batch_id, steps",
@@ -550,8 +550,8 @@ pub(super) async fn reap_expired_leases(s: &SqliteStore) -> Result<Vec<JobRow>, 
 }
 
 pub(super) async fn forgive_outage(s: &SqliteStore, lease: Duration) -> Result<u64, StoreError> {
-    let now = now_micros();
     let mut tx = s.writer.begin().await?;
+    let now = now_micros();
     let renewed = sqlx::query("UPDATE jobs SET lease_expires_at = max(COALESCE(lease_expires_at, 0), ?) WHERE state = 'running'")
         .bind(now + duration_micros(lease))
         .execute(&mut *tx)

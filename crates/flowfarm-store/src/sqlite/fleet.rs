@@ -92,9 +92,11 @@ pub(super) async fn heartbeat(
     lease: Duration,
     grace: Duration,
 ) -> Result<HeartbeatOutcome, StoreError> {
+    let mut tx = s.writer.begin().await?;
+    // The clock is read once the writer is ours: a wait behind another
+    // write must not shorten the leases this renews.
     let now = now_micros();
     let lease_end = now + duration_micros(lease);
-    let mut tx = s.writer.begin().await?;
     // Only the listed attempts are renewed: a job the worker dropped must
     // not be kept alive by the worker's other work.
     for (job, attempt) in running {
