@@ -938,6 +938,39 @@ async fn a_failed_worker_retakes_a_job_only_it_can_serve(backend: &dyn Backend) 
     assert_eq!(s.start_job(j.id, t5, lease).await.unwrap().attempt, 2, "the only worker with T5 takes it again");
 }
 
+/// Ownership: a submitter's batches and jobs are its own; another's, like a
+/// missing one, is NotFound, naming the first one in the request's order.
+async fn ownership_names_the_first_job_that_is_not_the_submitters(backend: &dyn Backend) {
+    let store = backend.store();
+    let s: &dyn Store = &*store;
+    let mine = submit(s, 2).await;
+    let mut other = batch(None, 9);
+    other.submitter = "someone-else".into();
+    let theirs = s.submit_batch(&other, &[job(0)]).await.unwrap().batch.id;
+    let ids = |batch: Uuid| async move {
+        s.list_jobs(&JobFilter { batch_id: Some(batch), ..Default::default() }, None, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|j| j.id)
+            .collect::<Vec<_>>()
+    };
+    let (my_jobs, their_job) = (ids(mine).await, ids(theirs).await[0]);
+    s.check_owned(&JobSelector::Batch(mine), "tester").await.unwrap();
+    s.check_owned(&JobSelector::Ids(my_jobs.clone()), "tester").await.unwrap();
+    let missing = Uuid::now_v7();
+    let named = |result: Result<(), StoreError>| match result {
+        Err(StoreError::NotFound { what, id }) => (what, id),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(named(s.check_owned(&JobSelector::Batch(theirs), "tester").await), ("batch", theirs));
+    assert_eq!(named(s.check_owned(&JobSelector::Ids(vec![my_jobs[0], their_job, missing]), "tester").await), ("job", their_job));
+    assert_eq!(named(s.check_owned(&JobSelector::Ids(vec![missing, their_job]), "tester").await), ("job", missing));
+    assert_eq!(s.batch_submitter(theirs).await.unwrap(), "someone-else");
+    assert_eq!(s.job_submitter(their_job).await.unwrap(), "someone-else");
+    assert!(matches!(s.job_submitter(missing).await, Err(StoreError::NotFound { what: "job", .. })));
+}
+
 /// Each test of the suite, once per store.
 macro_rules! conformance {
     ($($test:ident),* $(,)?) => {
@@ -984,4 +1017,5 @@ conformance!(
     failures_are_handled_by_cause,
     gpu_seconds_are_counted_once_per_attempt,
     a_failed_worker_retakes_a_job_only_it_can_serve,
+    ownership_names_the_first_job_that_is_not_the_submitters,
 );

@@ -5,11 +5,11 @@
 //! transaction, and writes are serial, so two submissions cannot both fit a
 //! limit only one of them fits.
 
-use sqlx::SqliteConnection;
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
 use super::rows::{micros, now_micros, token_from_row};
-use super::SqliteStore;
+use super::{push_ids, SqliteStore};
 use crate::tenants::quota_refusal;
 use crate::tokens::{hash, limit_column, secret_of, TOKEN_COLUMNS};
 use crate::{JobSelector, NewToken, Quotas, StoreError, TokenInfo};
@@ -158,12 +158,17 @@ pub(super) async fn check_owned(s: &SqliteStore, selector: &JobSelector, submitt
             }
         }
         JobSelector::Ids(ids) => {
-            for id in ids {
-                match job_submitter(s, *id).await {
-                    Ok(owner) if owner == submitter => {}
-                    Ok(_) | Err(StoreError::NotFound { .. }) => return Err(StoreError::NotFound { what: "job", id: *id }),
-                    Err(e) => return Err(e),
-                }
+            let mut owned = std::collections::HashSet::new();
+            for chunk in ids.chunks(1000) {
+                let mut qb: QueryBuilder<'_, Sqlite> =
+                    QueryBuilder::new("SELECT j.id FROM jobs j JOIN batches b ON b.id = j.batch_id WHERE b.submitter = ");
+                qb.push_bind(submitter).push(" AND j.");
+                push_ids(&mut qb, chunk.iter().copied());
+                owned.extend(qb.build_query_scalar::<Uuid>().fetch_all(&s.readers).await?);
+            }
+            // The first one named that is not the submitter's, as a missing one.
+            if let Some(id) = ids.iter().find(|id| !owned.contains(*id)) {
+                return Err(StoreError::NotFound { what: "job", id: *id });
             }
         }
     }
