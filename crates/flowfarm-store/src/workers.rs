@@ -44,6 +44,20 @@ pub struct HeartbeatOutcome {
     pub taken_back: Vec<JobRow>,
 }
 
+/// A heartbeat's verdict on the worker from its state after the update
+/// (None: no such worker): an unknown or gone worker is refused, and the
+/// caller rolls the heartbeat's renewals back.
+pub(crate) fn heartbeat_state(worker_id: Uuid, state: Option<&str>) -> Result<WorkerState, StoreError> {
+    match state.map(WorkerState::parse) {
+        None => Err(StoreError::NotFound { what: "worker", id: worker_id }),
+        Some(None) => Err(StoreError::Corrupt(format!("worker state {state:?}"))),
+        Some(Some(WorkerState::Gone)) => {
+            Err(StoreError::WorkerUnavailable { worker_id, state: "gone".into(), why: "it deregistered; register again".into() })
+        }
+        Some(Some(state)) => Ok(state),
+    }
+}
+
 impl PgStore {
     /// [`Store::register_worker`](crate::Store::register_worker) on Postgres.
     pub async fn register_worker(&self, worker: &NewWorker) -> Result<WorkerRow, StoreError> {
@@ -141,18 +155,7 @@ impl PgStore {
         .bind(worker_id)
         .fetch_optional(&mut *tx)
         .await?;
-        let state = match state.as_deref().map(WorkerState::parse) {
-            None => return Err(StoreError::NotFound { what: "worker", id: worker_id }),
-            Some(None) => return Err(StoreError::Corrupt(format!("worker state {state:?}"))),
-            Some(Some(WorkerState::Gone)) => {
-                return Err(StoreError::WorkerUnavailable {
-                    worker_id,
-                    state: "gone".into(),
-                    why: "it deregistered; register again".into(),
-                })
-            }
-            Some(Some(state)) => state,
-        };
+        let state = heartbeat_state(worker_id, state.as_deref())?;
         let revoked: Vec<Uuid> = sqlx::query_scalar(
             "SELECT r.id FROM UNNEST($2::uuid[], $3::int4[]) AS r(id, attempt) \
              LEFT JOIN jobs j ON j.id = r.id AND j.attempt = r.attempt AND j.worker_id = $1 AND j.state = 'running' \

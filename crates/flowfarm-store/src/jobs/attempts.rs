@@ -148,11 +148,7 @@ impl PgStore {
             Some(state) => {
                 // The message is spent: put the job back so another worker gets it now.
                 decline(&mut tx, job_id, worker_id, actor, "the worker takes no new work", false).await?;
-                StoreError::WorkerUnavailable {
-                    worker_id,
-                    state: state.to_owned(),
-                    why: "only active workers may start jobs; the job went back to the queue".into(),
-                }
+                not_taking_work(worker_id, state)
             }
         };
         tx.commit().await?;

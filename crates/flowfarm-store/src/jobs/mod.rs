@@ -215,6 +215,16 @@ fn push_retry_hold(qb: &mut QueryBuilder<'_, Postgres>, backoff: crate::RetryBac
         .push("::float8 * power(2, j.attempt - 1)) * (0.5 + random() * 0.5))");
 }
 
+/// StartJob's refusal of a worker in `state` (not active); the job went back
+/// to the queue.
+pub(crate) fn not_taking_work(worker_id: Uuid, state: &str) -> StoreError {
+    StoreError::WorkerUnavailable {
+        worker_id,
+        state: state.to_owned(),
+        why: "only active workers may start jobs; the job went back to the queue".into(),
+    }
+}
+
 /// Why running jobs are taken back from their worker: the actor, the event
 /// reason (also the job's error) of a retry, and that of a death on the last attempt.
 pub(crate) struct TakenBack<'a> {
@@ -273,7 +283,7 @@ impl PgStore {
     }
 }
 
-fn wrong_state_of(job: &JobRow, why: &str) -> StoreError {
+pub(crate) fn wrong_state_of(job: &JobRow, why: &str) -> StoreError {
     StoreError::WrongState {
         job_id: job.id,
         state: job.state,

@@ -13,6 +13,7 @@ use uuid::Uuid;
 use super::jobs::job_in;
 use super::rows::{active_workers, duration_micros, instant, now_micros, Event, Live, Moves, Reach};
 use super::{by_id, push_ids, select_live, SqliteStore};
+use crate::jobs::{not_taking_work, wrong_state_of, TakenBack};
 use crate::{Completion, FailureCause, JobResultRow, JobRow, ProgressNote, RetryBackoff, StoreError};
 
 /// A second: how long a declined job waits, so the worker that declined it
@@ -230,11 +231,7 @@ async fn start_refused(s: &SqliteStore, job_id: Uuid, worker_id: Uuid) -> Result
         Some(state) => {
             // The message is spent: put the job back so another worker gets it now.
             decline(&mut tx, job_id, &actor, "the worker takes no new work", |_| true).await?;
-            StoreError::WorkerUnavailable {
-                worker_id,
-                state: state.to_owned(),
-                why: "only active workers may start jobs; the job went back to the queue".into(),
-            }
+            not_taking_work(worker_id, state)
         }
     };
     tx.commit().await?;
@@ -272,16 +269,6 @@ async fn decline(
     moves.push(live, Event::new(from, actor, reason));
     moves.write(conn).await?;
     Ok(true)
-}
-
-pub(super) fn wrong_state_of(job: &JobRow, why: &str) -> StoreError {
-    StoreError::WrongState {
-        job_id: job.id,
-        state: job.state,
-        attempt: job.attempt,
-        holder: job.worker_id.map(|w| format!(", worker {w}")).unwrap_or_default(),
-        why: why.to_owned(),
-    }
 }
 
 /// The running attempt `fence` names, if it still holds its job.
@@ -414,14 +401,6 @@ pub(super) async fn report_progress(
             Err(wrong_state_of(&job, &format!("attempt {attempt} of worker {worker_id} no longer holds it")))
         }
     }
-}
-
-/// Why running jobs are taken back from their worker: the actor, the event
-/// reason (also the job's error) of a retry, and that of a death on the last attempt.
-pub(super) struct TakenBack<'a> {
-    pub(super) actor: &'a str,
-    pub(super) retry: &'a str,
-    pub(super) last: &'a str,
 }
 
 /// How long the n-th failed attempt holds its job back: `base · 2^(n−1)`, at

@@ -8,9 +8,11 @@ use flowfarm_core::WorkerState;
 use sqlx::SqliteConnection;
 use uuid::Uuid;
 
-use super::attempts::{take_back, TakenBack};
+use super::attempts::take_back;
 use super::rows::{duration_micros, instant, now_micros, to_json, worker_from_row};
 use super::{select_live, SqliteStore};
+use crate::jobs::TakenBack;
+use crate::workers::heartbeat_state;
 use crate::{HeartbeatOutcome, NewWorker, StoreError, WorkerRow};
 
 const WORKER_COLUMNS: &str = "id, name, hostname, state, devices, models, model_hashes, text_encoder_sets, capacity, version, \
@@ -133,14 +135,7 @@ pub(super) async fn heartbeat(
     .fetch_optional(&mut *tx)
     .await?;
     // An unknown or gone worker returns early, rolling the renewal back.
-    let state = match state.as_deref().map(WorkerState::parse) {
-        None => return Err(StoreError::NotFound { what: "worker", id: worker_id }),
-        Some(None) => return Err(StoreError::Corrupt(format!("worker state {state:?}"))),
-        Some(Some(WorkerState::Gone)) => {
-            return Err(StoreError::WorkerUnavailable { worker_id, state: "gone".into(), why: "it deregistered; register again".into() })
-        }
-        Some(Some(state)) => state,
-    };
+    let state = heartbeat_state(worker_id, state.as_deref())?;
     let mut revoked = Vec::new();
     for (job, attempt) in running {
         let holds: bool =
