@@ -86,10 +86,15 @@ impl Farm {
 
     /// A worker whose `[[models]]` entry for the model is `name` plus `entry` (TOML keys).
     fn worker_serving(&self, name: &str, entry: &str) -> Worker {
+        self.worker_configured(name, "", entry)
+    }
+
+    /// A worker with `top` among its top-level keys and `entry` in its model's table.
+    fn worker_configured(&self, name: &str, top: &str, entry: &str) -> Worker {
         let config = write(
             self.dir.path(),
             &format!("{name}.toml"),
-            &format!("name = \"{name}\"\ncapacity = 1\ndrain_timeout_seconds = 60\n[[models]]\nname = \"{MODEL}\"\n{entry}"),
+            &format!("name = \"{name}\"\ncapacity = 1\ndrain_timeout_seconds = 60\n{top}[[models]]\nname = \"{MODEL}\"\n{entry}"),
         );
         let log = self.dir.path().join(format!("{name}.log"));
         let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
@@ -278,6 +283,54 @@ async fn two_workers_render_a_200_job_batch() {
         assert!(value("flowfarm_worker_embedding_cache_hits_total") > 0.0, "{text}");
     }
     assert_eq!(succeeded, 200);
+}
+
+/// One worker process driving two CPU devices (a replica of the model on
+/// each, each device on its own share of the cores) renders a 40-job batch:
+/// both devices render, ListWorkers reports each with its counters, and a
+/// job renders to the same bytes whichever device takes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_renders_on_each_of_its_devices() {
+    let farm = Farm::start().await;
+    let model = format!("path = \"{}\"\n", repo_path("models/flowfarm-tiny").display());
+    let duo = farm.worker_configured("duo", "devices = [\"cpu:0\", \"cpu:1\"]\n", &model);
+    // Jobs 20..39 repeat 0..19: the same spec, rendered twice.
+    let jobs: Vec<String> = (0..40).map(|i| job(&format!("pair {}", i % 20), i % 20, 2)).collect();
+    farm.submit(&jobs);
+    farm.wait_all_finished(&[&duo], Duration::from_secs(600)).await;
+    farm.assert_each_succeeded_once().await;
+    let pairs: Vec<(String, i64, String)> =
+        sqlx::query_as("SELECT prompt, seed, result_sha256 FROM jobs ORDER BY prompt, seed").fetch_all(farm.db.store.pool()).await.unwrap();
+    for pair in pairs.chunks(2) {
+        assert_eq!(pair[0], pair[1], "the same job, the same bytes");
+    }
+
+    // The counters arrive with heartbeats (every second here).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let devices = loop {
+        let listed = ok_json(farm.farmctl(&farm.admin, &["--json", "workers", "list"]));
+        let worker = listed.as_array().unwrap()[0].clone();
+        assert_eq!(worker["capacity"], 2, "a slot per device: {worker}");
+        let devices = worker["devices"].as_array().unwrap().clone();
+        let done: u64 = devices.iter().map(|d| d["images_done"].as_u64().unwrap()).sum();
+        if done == 40 || Instant::now() > deadline {
+            break devices;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let names: Vec<&str> = devices.iter().map(|d| d["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["cpu:0", "cpu:1"]);
+    let done: Vec<u64> = devices.iter().map(|d| d["images_done"].as_u64().unwrap()).collect();
+    assert_eq!(done.iter().sum::<u64>(), 40, "{devices:?}");
+    assert!(done.iter().all(|&n| n > 0), "both devices rendered: {done:?}");
+    assert!(devices.iter().all(|d| d["busy_seconds"].as_f64().unwrap() > 0.0), "{devices:?}");
+    let text = farm.farmctl(&farm.admin, &["workers", "list"]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("cpu:0") && text.contains("cpu:1"), "{text}");
+    let metrics = scrape(duo.metrics);
+    for device in ["cpu:0", "cpu:1"] {
+        assert!(metrics.contains(&format!("flowfarm_worker_device_busy_seconds_total{{device=\"{device}\"}}")), "{metrics}");
+    }
 }
 
 /// kill -9 of a worker in mid-render: after its lease expires the job runs

@@ -114,7 +114,10 @@ pub fn event(e: &pb::JobEvent) -> Value {
 pub fn worker(w: &pb::Worker) -> Value {
     json!({
         "id": w.id, "name": w.name, "hostname": w.hostname, "state": worker_state_name(w.state),
-        "devices": w.devices.iter().map(|d| json!({"name": d.name, "memory_bytes": d.memory_bytes})).collect::<Vec<_>>(),
+        "devices": w.devices.iter().map(|d| json!({
+            "name": d.name, "memory_bytes": d.memory_bytes, "busy_slots": d.busy_slots, "images_done": d.images_done,
+            "busy_seconds": d.busy_seconds,
+        })).collect::<Vec<_>>(),
         "models": w.models, "model_hashes": w.model_hashes, "capacity": w.capacity, "current_job_ids": w.current_job_ids,
         "images_done": w.images_done, "gpu_seconds": w.gpu_seconds,
         "registered_at": time(&w.registered_at), "last_heartbeat_at": time(&w.last_heartbeat_at),
@@ -145,7 +148,19 @@ pub fn worker_line(w: &pb::Worker) -> String {
             })
             .collect::<Vec<_>>()
             .join(","),
-    )
+    ) + &device_lines(w)
+}
+
+/// With several devices, one indented line per device: its jobs now, images
+/// and busy seconds.
+fn device_lines(w: &pb::Worker) -> String {
+    if w.devices.len() < 2 {
+        return String::new();
+    }
+    w.devices
+        .iter()
+        .map(|d| format!("\n    {:<24} jobs {}  images {}  busy {:.0}s", d.name, d.busy_slots, d.images_done, d.busy_seconds))
+        .collect()
 }
 
 /// `queue stats` as text.

@@ -261,6 +261,9 @@ pub fn worker_to_proto(w: &WorkerRow) -> pb::Worker {
                 .map(|d| pb::Device {
                     name: d.get("name").and_then(|v| v.as_str()).unwrap_or_default().to_owned(),
                     memory_bytes: d.get("memory_bytes").and_then(|v| v.as_u64()).unwrap_or(0),
+                    busy_slots: d.get("busy_slots").and_then(|v| v.as_u64()).unwrap_or(0) as u32,
+                    images_done: d.get("images_done").and_then(|v| v.as_u64()).unwrap_or(0),
+                    busy_seconds: d.get("busy_seconds").and_then(|v| v.as_f64()).unwrap_or(0.0),
                 })
                 .collect()
         })

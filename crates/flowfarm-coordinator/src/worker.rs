@@ -227,9 +227,7 @@ impl WorkerService for Coordinator {
             }
             check_model_hash(&field, &req.model_hashes[model])?;
         }
-        let devices = serde_json::Value::Array(
-            req.devices.iter().map(|d| serde_json::json!({ "name": d.name, "memory_bytes": d.memory_bytes })).collect(),
-        );
+        let devices = devices_json(&req.devices);
         let worker = self
             .shared
             .store
@@ -275,6 +273,9 @@ impl WorkerService for Coordinator {
         // claim made within the last heartbeat interval may not be listed yet.
         let grace = std::time::Duration::from_secs(u64::from(self.shared.leases.heartbeat_interval_seconds.max(1)));
         let outcome = self.shared.store.heartbeat(worker_id, &running, self.shared.leases.lease(), grace).await.map_err(store_status)?;
+        if !req.devices.is_empty() {
+            self.shared.store.set_worker_devices(worker_id, &devices_json(&req.devices)).await.map_err(store_status)?;
+        }
         for job in &outcome.taken_back {
             tracing::warn!(job = %job.id, worker = %worker_id, state = %job.state, "the worker dropped a job it held; taken back");
         }
@@ -421,4 +422,19 @@ impl WorkerService for Coordinator {
         tracing::info!(worker = %worker_id, "worker deregistered");
         Ok(Response::new(pb::DeregisterWorkerResponse {}))
     }
+}
+
+/// Devices as the store keeps them.
+fn devices_json(devices: &[pb::Device]) -> serde_json::Value {
+    serde_json::Value::Array(
+        devices
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "name": d.name, "memory_bytes": d.memory_bytes, "busy_slots": d.busy_slots,
+                    "images_done": d.images_done, "busy_seconds": d.busy_seconds,
+                })
+            })
+            .collect(),
+    )
 }

@@ -394,7 +394,7 @@ async fn register(w: &mut flowfarm_testkit::Worker) -> String {
     w.register_worker(pb::RegisterWorkerRequest {
         name: "gpu-box-1".into(),
         hostname: "gpu-box-1".into(),
-        devices: vec![pb::Device { name: "cuda:0".into(), memory_bytes: 80 << 30 }],
+        devices: vec![pb::Device { name: "cuda:0".into(), memory_bytes: 80 << 30, ..Default::default() }],
         models: vec!["sd3".into()],
         model_hashes: [("sd3".to_owned(), "5d".repeat(32))].into(),
         text_encoder_sets: vec![pb::TextEncoderSet::All as i32],
@@ -456,7 +456,11 @@ async fn worker_protocol_runs_a_job_to_success_and_watchers_see_it() {
         gpu_seconds: 1.5,
     };
     // A heartbeat's delta is not counted: the completion's 1.5 s are the attempt's.
-    w.heartbeat(pb::HeartbeatRequest { worker_id: worker_id.clone(), gpu_seconds_delta: 5.0, running: vec![] }).await.unwrap();
+    // Its devices, with their counters, are what ListWorkers shows.
+    let device = pb::Device { name: "cuda:0".into(), memory_bytes: 80 << 30, busy_slots: 1, images_done: 3, busy_seconds: 4.5 };
+    let beat =
+        pb::HeartbeatRequest { worker_id: worker_id.clone(), gpu_seconds_delta: 5.0, running: vec![], devices: vec![device.clone()] };
+    w.heartbeat(beat).await.unwrap();
     w.complete_job(complete.clone()).await.unwrap();
     w.complete_job(complete).await.expect("a repeated completion is a no-op");
 
@@ -490,6 +494,7 @@ async fn worker_protocol_runs_a_job_to_success_and_watchers_see_it() {
     assert!(chunks > 1, "streamed in chunks");
     let workers = h.admin().list_workers(pb::ListWorkersRequest::default()).await.unwrap().into_inner().workers;
     assert_eq!((workers[0].images_done, workers[0].gpu_seconds), (1, 1.5));
+    assert_eq!(workers[0].devices, vec![device], "the devices as the last heartbeat reported them");
     assert_eq!(workers[0].model_hashes.get("sd3"), Some(&"5d".repeat(32)), "the weights it registered with");
     let stored = r.get_job(pb::GetJobRequest { job_id: job.id.to_string() }).await.unwrap().into_inner();
     assert_eq!(stored.result.unwrap().model_hash, "5d".repeat(32), "the weights that rendered it");
@@ -709,6 +714,7 @@ async fn leases_expire_stale_reports_are_refused_and_last_attempts_die() {
                 worker_id: worker_id.clone(),
                 gpu_seconds_delta: 1.0,
                 running: vec![pb::RunningJob { job_id: job_id.clone(), attempt: 2 }],
+                devices: vec![],
             })
             .await
             .unwrap()
@@ -859,6 +865,7 @@ async fn operators_pause_reprioritise_requeue_and_steer_workers() {
             worker_id: worker_id.clone(),
             gpu_seconds_delta: 0.0,
             running: vec![pb::RunningJob { job_id: last.clone(), attempt: 1 }],
+            devices: vec![],
         })
         .await
         .unwrap()

@@ -16,7 +16,9 @@ pub enum DeviceSpec {
     Cuda(usize),
 }
 
-/// Parses `cpu`, `cuda` (= `cuda:0`) or `cuda:N` without opening anything.
+/// Parses `cpu`, `cpu:N`, `cuda` (= `cuda:0`) or `cuda:N` without opening
+/// anything. `cpu:N` is the CPU too: a worker that lists several gives each
+/// its own share of the cores.
 ///
 /// # Errors
 /// [`EngineError::Device`] saying which forms are accepted.
@@ -25,9 +27,10 @@ pub fn parse_device(spec: &str) -> Result<DeviceSpec, EngineError> {
     match spec.trim() {
         "cpu" => Ok(DeviceSpec::Cpu),
         "cuda" => Ok(DeviceSpec::Cuda(0)),
-        other => match other.strip_prefix("cuda:") {
-            Some(n) => n.parse::<usize>().map(DeviceSpec::Cuda).map_err(|_| bad(format!("`{n}` is not a GPU number"))),
-            None => Err(bad("expected `cpu`, `cuda` or `cuda:N`".into())),
+        other => match (other.strip_prefix("cuda:"), other.strip_prefix("cpu:")) {
+            (Some(n), _) => n.parse::<usize>().map(DeviceSpec::Cuda).map_err(|_| bad(format!("`{n}` is not a GPU number"))),
+            (_, Some(n)) => n.parse::<usize>().map(|_| DeviceSpec::Cpu).map_err(|_| bad(format!("`{n}` is not a CPU device number"))),
+            _ => Err(bad("expected `cpu`, `cpu:N`, `cuda` or `cuda:N`".into())),
         },
     }
 }
@@ -119,7 +122,10 @@ mod tests {
         assert!(open_device("cpu").unwrap().is_cpu());
         assert_eq!(device_name(&open_device(" cpu ").unwrap()), "cpu");
         let err = open_device("gpu0").unwrap_err().to_string();
-        assert!(err.contains("`cpu`, `cuda` or `cuda:N`"), "{err}");
+        assert!(err.contains("`cpu`, `cpu:N`, `cuda` or `cuda:N`"), "{err}");
+        assert!(open_device("cpu:1").unwrap().is_cpu());
+        let err = open_device("cpu:one").unwrap_err().to_string();
+        assert!(err.contains("`one` is not a CPU device number"), "{err}");
         let err = open_device("cuda:x").unwrap_err().to_string();
         assert!(err.contains("`x` is not a GPU number"), "{err}");
         if !CUDA_BUILT {

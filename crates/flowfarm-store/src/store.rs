@@ -407,6 +407,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         grace: Duration,
     ) -> Result<HeartbeatOutcome, StoreError>;
 
+    /// Replaces what the worker said of its devices (a JSON array of
+    /// `{name, memory_bytes, busy_slots, images_done, busy_seconds}`), as its
+    /// heartbeats report them.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] for an unknown worker.
+    async fn set_worker_devices(&self, worker_id: Uuid, devices: &serde_json::Value) -> Result<(), StoreError>;
+
     /// Moves a worker to `draining`, `cordoned` or back to `active`, or to
     /// `gone` when it deregisters.
     ///

@@ -170,6 +170,20 @@ impl PgStore {
         Ok(HeartbeatOutcome { state, revoked, lease_expires_at, taken_back })
     }
 
+    /// [`Store::set_worker_devices`](crate::Store::set_worker_devices) on Postgres.
+    pub async fn set_worker_devices(&self, worker_id: Uuid, devices: &serde_json::Value) -> Result<(), StoreError> {
+        let updated = sqlx::query("UPDATE workers SET devices = $2 WHERE id = $1")
+            .bind(worker_id)
+            .bind(devices)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        if updated == 0 {
+            return Err(StoreError::NotFound { what: "worker", id: worker_id });
+        }
+        Ok(())
+    }
+
     /// [`Store::set_worker_state`](crate::Store::set_worker_state) on Postgres.
     pub async fn set_worker_state(&self, worker_id: Uuid, state: WorkerState) -> Result<WorkerRow, StoreError> {
         // The states each target may be reached from, checked by the UPDATE

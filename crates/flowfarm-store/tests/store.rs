@@ -971,6 +971,22 @@ async fn ownership_names_the_first_job_that_is_not_the_submitters(backend: &dyn 
     assert!(matches!(s.job_submitter(missing).await, Err(StoreError::NotFound { what: "job", .. })));
 }
 
+/// A worker's devices, as its heartbeats report them, replace what it
+/// registered with; an unknown worker is NotFound.
+async fn heartbeats_report_each_device(backend: &dyn Backend) {
+    let store = backend.store();
+    let s: &dyn Store = &*store;
+    let w = worker(s).await;
+    let devices = serde_json::json!([
+        {"name": "cpu:0", "memory_bytes": 1024, "busy_slots": 1, "images_done": 7, "busy_seconds": 2.5},
+        {"name": "cpu:1", "memory_bytes": 1024, "busy_slots": 0, "images_done": 5, "busy_seconds": 1.5},
+    ]);
+    s.set_worker_devices(w, &devices).await.unwrap();
+    assert_eq!(s.get_worker(w).await.unwrap().devices, devices);
+    let missing = Uuid::now_v7();
+    assert!(matches!(s.set_worker_devices(missing, &devices).await, Err(StoreError::NotFound { what: "worker", .. })));
+}
+
 /// Each test of the suite, once per store.
 macro_rules! conformance {
     ($($test:ident),* $(,)?) => {
@@ -1018,4 +1034,5 @@ conformance!(
     gpu_seconds_are_counted_once_per_attempt,
     a_failed_worker_retakes_a_job_only_it_can_serve,
     ownership_names_the_first_job_that_is_not_the_submitters,
+    heartbeats_report_each_device,
 );

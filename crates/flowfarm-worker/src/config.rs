@@ -50,6 +50,12 @@ pub struct WorkerConfig {
     /// Where the models run: `cpu`, `cuda` or `cuda:N` (CUDA needs a build
     /// with `--features cuda`). Env: `FLOWFARM_DEVICE`.
     pub device: String,
+    /// Several devices (`["cuda:0", "cuda:1"]`, or `["cpu:0", "cpu:1"]`, each
+    /// CPU device with its own share of the cores), used instead of `device`:
+    /// every model is loaded on each, each device has `capacity` slots, and a
+    /// claimed job goes to the device with the most free slots (replicas).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
     /// Precision of weights and activations: `f32`, `f16` or `bf16`.
     pub dtype: String,
     /// On SIGTERM or a drain, how long running jobs may take to finish;
@@ -130,6 +136,7 @@ impl Default for WorkerConfig {
             results_url: None,
             capacity: 1,
             device: "cpu".into(),
+            devices: Vec::new(),
             dtype: "f32".into(),
             drain_timeout_seconds: 300.0,
             t5_max_length: flowfarm_engine::pipeline::DEFAULT_T5_LENGTH,
@@ -167,6 +174,15 @@ pub enum WorkerConfigError {
 }
 
 impl WorkerConfig {
+    /// The devices to render on: `devices`, or `device` alone.
+    pub fn device_names(&self) -> Vec<String> {
+        if self.devices.is_empty() {
+            vec![self.device.clone()]
+        } else {
+            self.devices.clone()
+        }
+    }
+
     /// `vae_tiling`, which [`WorkerConfig::check`] accepted.
     pub fn vae_tiling(&self) -> flowfarm_engine::pipeline::VaeTiling {
         flowfarm_engine::pipeline::VaeTiling::parse(&self.vae_tiling).unwrap_or(flowfarm_engine::pipeline::VaeTiling::Auto)
@@ -253,7 +269,18 @@ impl WorkerConfig {
             return invalid(format!("vae_tiling: {e}"));
         }
         if flowfarm_engine::device::parse_device(&self.device).is_err() {
-            return invalid(format!("device: `{}` is not `cpu`, `cuda` or `cuda:N`", self.device));
+            return invalid(format!("device: `{}` is not `cpu`, `cpu:N`, `cuda` or `cuda:N`", self.device));
+        }
+        for (i, name) in self.devices.iter().enumerate() {
+            if flowfarm_engine::device::parse_device(name).is_err() {
+                return invalid(format!("devices[{i}]: `{name}` is not `cpu`, `cpu:N`, `cuda` or `cuda:N`"));
+            }
+            if self.devices[..i].contains(name) {
+                return invalid(format!("devices[{i}]: `{name}` is listed twice"));
+            }
+        }
+        if self.devices.len() > 64 {
+            return invalid(format!("devices: {} devices, more than 64", self.devices.len()));
         }
         for (i, m) in self.models.iter().enumerate() {
             if m.name.trim().is_empty() {
@@ -377,7 +404,16 @@ mod tests {
         assert!(c.check().unwrap_err().to_string().contains("models[0].path"));
         let mut c = base();
         c.device = "gpu0".into();
-        assert!(c.check().unwrap_err().to_string().contains("device: `gpu0` is not `cpu`, `cuda` or `cuda:N`"));
+        assert!(c.check().unwrap_err().to_string().contains("device: `gpu0` is not `cpu`, `cpu:N`, `cuda` or `cuda:N`"));
+        let mut c = base();
+        c.devices = vec!["cpu:0".into(), "cpu:1".into()];
+        c.check().unwrap();
+        assert_eq!(c.device_names(), vec!["cpu:0", "cpu:1"]);
+        c.devices.push("cpu:0".into());
+        assert!(c.check().unwrap_err().to_string().contains("devices[2]: `cpu:0` is listed twice"));
+        c.devices = vec!["cpu:0".into(), "tpu".into()];
+        assert!(c.check().unwrap_err().to_string().contains("devices[1]: `tpu` is not"));
+        assert_eq!(base().device_names(), vec!["cpu"], "without `devices`, the one `device`");
         let mut c = base();
         c.dtype = "f64".into();
         assert!(c.check().unwrap_err().to_string().contains("dtype: `f64` is not `f32`, `f16` or `bf16`"));

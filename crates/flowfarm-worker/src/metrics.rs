@@ -39,7 +39,6 @@ struct Inner {
     /// Per device: seconds spent rendering, and its memory.
     device_busy: Family<Labels, Counter<f64, AtomicU64>>,
     device_memory: Family<Labels, Gauge>,
-    device: std::sync::Mutex<String>,
 }
 
 impl WorkerMetrics {
@@ -77,7 +76,6 @@ impl WorkerMetrics {
                 ready,
                 device_busy,
                 device_memory,
-                device: std::sync::Mutex::new(String::new()),
             }),
         }
     }
@@ -96,17 +94,16 @@ impl WorkerMetrics {
         self.inner.busy.inc_by(delta);
     }
 
-    /// The device this worker renders on, and its memory in bytes.
-    pub(crate) fn set_device(&self, name: &str, memory_bytes: u64) {
-        *self.inner.device.lock().unwrap_or_else(|p| p.into_inner()) = name.to_owned();
+    /// A device this worker renders on, and its memory in bytes.
+    pub(crate) fn add_device(&self, name: &str, memory_bytes: u64) {
         self.inner.device_memory.get_or_create(&vec![("device", name.to_owned())]).set(memory_bytes.min(i64::MAX as u64) as i64);
         let _ = self.inner.device_busy.get_or_create(&vec![("device", name.to_owned())]);
     }
 
-    pub(crate) fn observe_render(&self, seconds: f64) {
+    /// A render of `seconds` on `device` that succeeded.
+    pub(crate) fn observe_render(&self, device: &str, seconds: f64) {
         self.inner.render_seconds.observe(seconds);
-        let device = self.inner.device.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        self.inner.device_busy.get_or_create(&vec![("device", device)]).inc_by(seconds);
+        self.inner.device_busy.get_or_create(&vec![("device", device.to_owned())]).inc_by(seconds);
     }
 
     /// The text exposition.

@@ -154,6 +154,20 @@ pub(super) async fn heartbeat(
     Ok(HeartbeatOutcome { state, revoked, lease_expires_at: instant(lease_end)?, taken_back })
 }
 
+pub(super) async fn set_worker_devices(s: &SqliteStore, worker_id: Uuid, devices: &serde_json::Value) -> Result<(), StoreError> {
+    let mut conn = s.writer.acquire().await?;
+    let updated = sqlx::query("UPDATE workers SET devices = ? WHERE id = ?")
+        .bind(to_json(devices)?)
+        .bind(worker_id)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    if updated == 0 {
+        return Err(StoreError::NotFound { what: "worker", id: worker_id });
+    }
+    Ok(())
+}
+
 pub(super) async fn set_worker_state(s: &SqliteStore, worker_id: Uuid, state: WorkerState) -> Result<WorkerRow, StoreError> {
     // The states each target may be reached from, checked by the UPDATE
     // itself: a drain racing a deregistration cannot bring a gone worker back.

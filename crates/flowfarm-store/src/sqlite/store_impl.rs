@@ -236,6 +236,10 @@ impl Store for SqliteStore {
         fleet::heartbeat(self, worker_id, running, lease, grace).await
     }
 
+    async fn set_worker_devices(&self, worker_id: Uuid, devices: &serde_json::Value) -> Result<(), StoreError> {
+        fleet::set_worker_devices(self, worker_id, devices).await
+    }
+
     async fn set_worker_state(&self, worker_id: Uuid, state: WorkerState) -> Result<WorkerRow, StoreError> {
         fleet::set_worker_state(self, worker_id, state).await
     }

@@ -32,15 +32,19 @@ pub(super) async fn run_attempt(shared: Arc<Shared>, delivery: Delivery, job: pb
     let handed_back = Arc::new(AtomicBool::new(false));
     lock(&shared.running).insert(job_id, RunningJob { attempt, revoked: revoked.clone(), handed_back: handed_back.clone() });
     shared.metrics.busy(1);
-    tracing::info!(job = %job_id, attempt, "started");
+    let device = shared.devices.take();
+    tracing::info!(job = %job_id, attempt, device = %shared.devices.list[device].label, "started");
 
     let started = Instant::now();
-    let outcome = render(&shared, &job, attempt, revoked.clone(), handed_back.clone()).await;
+    let outcome = render(&shared, device, &job, attempt, revoked.clone(), handed_back.clone()).await;
     let seconds = started.elapsed().as_secs_f64();
+    let rendered = outcome.is_ok().then_some(seconds);
     let report = match outcome {
         Ok(png) => {
-            let model_hash = job.spec.as_ref().and_then(|s| shared.renderers.get(&s.model)).map(|r| r.model_hash()).unwrap_or_default();
-            complete(&shared, &job, attempt, png, &model_hash, seconds).await
+            let renderers = &shared.devices.list[device].renderers;
+            let model_hash = job.spec.as_ref().and_then(|s| renderers.get(&s.model)).map(|r| r.model_hash()).unwrap_or_default();
+            let label = shared.devices.list[device].label.clone();
+            complete(&shared, &job, attempt, png, &model_hash, &label, seconds).await
         }
         Err(EngineError::Cancelled { step }) if handed_back.load(Ordering::SeqCst) => {
             // Handed back: another worker takes it without an attempt used up.
@@ -69,6 +73,7 @@ pub(super) async fn run_attempt(shared: Arc<Shared>, delivery: Delivery, job: pb
     }
     acknowledge(&shared, &delivery).await;
     lock(&shared.running).remove(&job_id);
+    shared.devices.give(device, rendered);
     shared.metrics.busy(-1);
     drop(permit);
 }
@@ -77,13 +82,14 @@ pub(super) async fn run_attempt(shared: Arc<Shared>, delivery: Delivery, job: pb
 /// stops the render at the next step.
 pub(super) async fn render(
     shared: &Arc<Shared>,
+    device: usize,
     job: &pb::Job,
     attempt: u32,
     revoked: Arc<AtomicBool>,
     handed_back: Arc<AtomicBool>,
 ) -> Result<Vec<u8>, EngineError> {
     let spec = resolved_job(job)?;
-    let renderer = shared
+    let renderer = shared.devices.list[device]
         .renderers
         .get(&spec.model)
         .cloned()
@@ -94,28 +100,32 @@ pub(super) async fn render(
     // The attempt's span goes along, so the render thread's logs carry its ids.
     let span = tracing::Span::current();
     tokio::task::spawn_blocking(move || {
-        let _attempt = span.enter();
-        renderer.render_png(&spec, &mut |step, total| {
-            if revoked.load(Ordering::SeqCst) || handed_back.load(Ordering::SeqCst) {
-                return false;
-            }
-            let mut client = shared.client.clone();
-            let request = pb::ReportProgressRequest {
-                worker_id: shared.worker_id.clone(),
-                job_id: job_id.clone(),
-                attempt,
-                step: step as u32,
-                total_steps: total as u32,
-            };
-            match handle.block_on(client.report_progress(request)) {
-                Ok(_) => true,
-                Err(status) if transient(&status) => true, // the lease outlives a short outage
-                Err(status) => {
-                    tracing::info!(job = %job_id, reason = %status.message(), "progress refused");
-                    revoked.store(true, Ordering::SeqCst);
-                    false
+        let on = &shared.devices.list[device];
+        on.run(|| {
+            // Entered on the thread that renders (the device's own, for a CPU device with threads of its own).
+            let _attempt = span.enter();
+            renderer.render_png(&spec, &mut |step, total| {
+                if revoked.load(Ordering::SeqCst) || handed_back.load(Ordering::SeqCst) {
+                    return false;
                 }
-            }
+                let mut client = shared.client.clone();
+                let request = pb::ReportProgressRequest {
+                    worker_id: shared.worker_id.clone(),
+                    job_id: job_id.clone(),
+                    attempt,
+                    step: step as u32,
+                    total_steps: total as u32,
+                };
+                match handle.block_on(client.report_progress(request)) {
+                    Ok(_) => true,
+                    Err(status) if transient(&status) => true, // the lease outlives a short outage
+                    Err(status) => {
+                        tracing::info!(job = %job_id, reason = %status.message(), "progress refused");
+                        revoked.store(true, Ordering::SeqCst);
+                        false
+                    }
+                }
+            })
         })
     })
     .await
@@ -128,6 +138,7 @@ pub(super) async fn complete(
     attempt: u32,
     png: Vec<u8>,
     model_hash: &str,
+    device: &str,
     seconds: f64,
 ) -> Result<(), Status> {
     let job_id = Uuid::parse_str(&job.id).map_err(|e| Status::internal(e.to_string()))?;
@@ -165,7 +176,7 @@ pub(super) async fn complete(
     }
     tracing::info!(job = %job_id, attempt, seconds, "completed");
     shared.metrics.finished("succeeded");
-    shared.metrics.observe_render(seconds);
+    shared.metrics.observe_render(device, seconds);
     Ok(())
 }
 

@@ -21,7 +21,8 @@ pub(super) async fn heartbeat_loop(shared: Arc<Shared>, interval: Duration, stop
         let running: Vec<pb::RunningJob> =
             lock(&shared.running).iter().map(|(id, r)| pb::RunningJob { job_id: id.to_string(), attempt: r.attempt }).collect();
         // Device time is reported per attempt, with its completion or failure.
-        let request = pb::HeartbeatRequest { worker_id: shared.worker_id.clone(), gpu_seconds_delta: 0.0, running };
+        let request =
+            pb::HeartbeatRequest { worker_id: shared.worker_id.clone(), gpu_seconds_delta: 0.0, running, devices: shared.devices.states() };
         // A call in flight does not hold up a stop (a coordinator that hangs).
         let Some(answer) = stop.run_until_cancelled(shared.client.clone().heartbeat(request)).await else { return };
         match answer {

@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flowfarm_engine::cache::EmbeddingCache;
-use flowfarm_engine::device::{device_info, device_name, open_device, parse_dtype};
 use flowfarm_group::Grouper;
 use flowfarm_proto::client::{endpoint, BearerToken};
 use flowfarm_proto::v1 as pb;
@@ -27,7 +26,6 @@ use uuid::Uuid;
 
 use crate::config::{hostname, WorkerConfig};
 use crate::metrics::WorkerMetrics;
-use crate::render::JobRenderer;
 use crate::WorkerError;
 use flowfarm_results::ResultStore;
 
@@ -35,6 +33,7 @@ use flowfarm_results::ResultStore;
 // grouped completion reports, heartbeats.
 mod attempt;
 mod claim;
+mod devices;
 mod heartbeat;
 mod reports;
 
@@ -72,7 +71,8 @@ struct Shared {
     worker_id: String,
     running: Mutex<HashMap<Uuid, RunningJob>>,
     mode: watch::Sender<Mode>,
-    renderers: HashMap<String, Arc<JobRenderer>>,
+    /// Where jobs render: every model on each device.
+    devices: devices::Devices,
     results: ResultStore,
     consumer: Arc<dyn JobSource>,
     metrics: WorkerMetrics,
@@ -210,23 +210,8 @@ async fn serve(
         println!("metrics on {}", listener.local_addr().map_err(|e| WorkerError::Internal(e.to_string()))?);
         tasks.spawn(crate::metrics::serve(metrics.clone(), listener, stopped.clone()));
     }
-    let device = open_device(&config.device).map_err(|e| WorkerError::Config(e.to_string()))?;
-    let dtype = parse_dtype(&config.dtype).map_err(|e| WorkerError::Config(e.to_string()))?;
-    let (device_label, device_memory) = device_info(&device);
-    let device_memory = device_memory.unwrap_or_else(|| if device.is_cpu() { total_memory_bytes() } else { 0 });
-    metrics.set_device(&device_label, device_memory);
-    let mut renderers = HashMap::new();
-    for entry in &config.models {
-        let (source, t5, cache) = (entry.source(), config.t5_max_length, cache.clone());
-        let on = device.clone();
-        let renderer = tokio::task::spawn_blocking(move || JobRenderer::open(&source, t5, cache, &on, dtype))
-            .await
-            .map_err(|e| WorkerError::Internal(e.to_string()))?
-            .map_err(|source| WorkerError::Model { name: entry.name.clone(), source })?
-            .with_vae_tiling(config.vae_tiling());
-        tracing::info!(model = %entry.name, path = %entry.path.display(), t5 = renderer.has_t5(), hash = %renderer.model_hash(), device = %device_name(&device), ?dtype, "model loaded");
-        renderers.insert(entry.name.clone(), Arc::new(renderer));
-    }
+    let devices = devices::open(&config, cache.clone(), &metrics).await?;
+    let slots_total = devices.slots(config.capacity);
     let results = ResultStore::open(config.results_url.as_deref(), &config.results_dir)?;
     let token = BearerToken::new(&config.token).map_err(|e| WorkerError::Config(format!("token: {e}")))?;
     let channel = endpoint(&config.coordinator, &config.client_tls())
@@ -234,7 +219,7 @@ async fn serve(
         .connect_lazy();
     let client = WorkerServiceClient::with_interceptor(channel, Traced(token));
 
-    let all_t5 = renderers.values().all(|r| r.has_t5());
+    let all_t5 = devices.first().values().all(|r| r.has_t5());
     let mut sets = vec![pb::TextEncoderSet::ClipOnly as i32];
     if all_t5 {
         sets.insert(0, pb::TextEncoderSet::All as i32);
@@ -243,15 +228,13 @@ async fn serve(
     let register = pb::RegisterWorkerRequest {
         name: name.clone(),
         hostname: hostname(),
-        devices: vec![pb::Device {
-            name: device_label.clone(),
-            // The host's memory on the CPU; 0 if a GPU's is not known.
-            memory_bytes: device_memory,
-        }],
+        // Memory: the host's for the CPU; 0 if a GPU's is not known.
+        devices: devices.states(),
         models: config.models.iter().map(|m| m.name.clone()).collect(),
-        model_hashes: renderers.iter().map(|(name, r)| (name.clone(), r.model_hash())).collect(),
+        model_hashes: devices.first().iter().map(|(name, r)| (name.clone(), r.model_hash())).collect(),
         text_encoder_sets: sets,
-        capacity: config.capacity,
+        // Every device's slots.
+        capacity: slots_total,
         version: env!("CARGO_PKG_VERSION").into(),
     };
     let registered = retrying("RegisterWorker", Duration::MAX, || {
@@ -263,7 +246,7 @@ async fn serve(
     .map_err(|status| WorkerError::Rpc { what: "RegisterWorker", status })?
     .into_inner();
     let worker_id = registered.worker_id;
-    tracing::info!(worker = %worker_id, %name, capacity = config.capacity, "registered");
+    tracing::info!(worker = %worker_id, %name, capacity = slots_total, devices = devices.list.len(), "registered");
 
     // The lanes this worker can serve: every model's CLIP-only jobs, and its
     // T5 jobs when every model it loaded has T5 (as registered above).
@@ -282,17 +265,8 @@ async fn serve(
     metrics.set_ready(true);
     let (mode, mut mode_rx) = watch::channel(Mode::Active);
     let completions = completion_reporter(client.clone(), worker_id.clone());
-    let shared = Arc::new(Shared {
-        client,
-        worker_id,
-        completions,
-        running: Mutex::new(HashMap::new()),
-        mode,
-        renderers,
-        results,
-        consumer,
-        metrics,
-    });
+    let shared =
+        Arc::new(Shared { client, worker_id, completions, running: Mutex::new(HashMap::new()), mode, devices, results, consumer, metrics });
     {
         let shared = shared.clone();
         let stopped = stopped.clone();
@@ -310,7 +284,7 @@ async fn serve(
     let interval = Duration::from_secs(u64::from(registered.heartbeat_interval_seconds.max(1)));
     tasks.spawn(heartbeat_loop(shared.clone(), interval, heartbeats.clone()));
 
-    let slots = Arc::new(Semaphore::new(config.capacity as usize));
+    let slots = Arc::new(Semaphore::new(slots_total as usize));
     let mut read_errors = 0u32;
     loop {
         let current = *mode_rx.borrow_and_update();
@@ -362,7 +336,7 @@ async fn serve(
         }
     }
 
-    drain(&shared, &slots, config.capacity, Duration::from_secs_f64(config.drain_timeout_seconds)).await;
+    drain(&shared, &slots, slots_total, Duration::from_secs_f64(config.drain_timeout_seconds)).await;
     heartbeats.cancel();
     retrying("DeregisterWorker", Duration::from_secs(30), || {
         let mut client = shared.client.clone();

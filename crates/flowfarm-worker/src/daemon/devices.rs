@@ -1,0 +1,157 @@
+//! The devices a worker renders on (`devices` in its config, or the one
+//! `device`): every model is loaded on each (replicas), each device has
+//! `capacity` slots, and a claimed job goes to the device with the most free
+//! slots. CPU devices listed together (`cpu:0`, `cpu:1`) split the cores:
+//! each renders on a thread pool of its own.
+//!
+//! Invariant: a slot is taken only under a permit of the worker's semaphore
+//! (`capacity` × devices permits), so a device with a free slot exists
+//! whenever one is taken.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use flowfarm_engine::cache::EmbeddingCache;
+use flowfarm_engine::device::{device_info, device_name, open_device, parse_dtype};
+use flowfarm_proto::v1 as pb;
+
+use crate::config::WorkerConfig;
+use crate::metrics::WorkerMetrics;
+use crate::render::JobRenderer;
+use crate::WorkerError;
+
+/// One device and the models loaded on it.
+pub(super) struct Device {
+    /// The name it is registered and reported under (`cpu:1`, `cuda:0 NVIDIA H200`).
+    pub(super) label: String,
+    memory_bytes: u64,
+    pub(super) renderers: HashMap<String, Arc<JobRenderer>>,
+    /// A CPU device's own threads, when several CPU devices share the cores.
+    pool: Option<rayon::ThreadPool>,
+    busy: AtomicI64,
+    images: AtomicU64,
+    busy_micros: AtomicU64,
+}
+
+impl Device {
+    /// Runs `render` on this device's threads (the caller's, for a device
+    /// without a pool of its own).
+    pub(super) fn run<T: Send>(&self, render: impl FnOnce() -> T + Send) -> T {
+        match &self.pool {
+            Some(pool) => pool.install(render),
+            None => render(),
+        }
+    }
+
+    /// What heartbeats report of it.
+    fn state(&self) -> pb::Device {
+        pb::Device {
+            name: self.label.clone(),
+            memory_bytes: self.memory_bytes,
+            busy_slots: self.busy.load(Ordering::SeqCst).max(0) as u32,
+            images_done: self.images.load(Ordering::SeqCst),
+            busy_seconds: self.busy_micros.load(Ordering::SeqCst) as f64 / 1e6,
+        }
+    }
+}
+
+/// Every device of the worker, and their free slots.
+pub(super) struct Devices {
+    pub(super) list: Vec<Device>,
+    free: Mutex<Vec<u32>>,
+}
+
+impl Devices {
+    /// Slots on all devices together.
+    pub(super) fn slots(&self, capacity: u32) -> u32 {
+        capacity * self.list.len() as u32
+    }
+
+    /// Takes a slot on the device with the most free ones (the first of
+    /// equals); returns its index.
+    pub(super) fn take(&self) -> usize {
+        let mut free = super::lock(&self.free);
+        let (index, _) = free.iter().enumerate().max_by_key(|(i, n)| (**n, std::cmp::Reverse(*i))).unwrap_or((0, &0));
+        free[index] = free[index].saturating_sub(1);
+        self.list[index].busy.fetch_add(1, Ordering::SeqCst);
+        index
+    }
+
+    /// Gives the slot taken on device `index` back, counting a rendered
+    /// image of `seconds` when there is one.
+    pub(super) fn give(&self, index: usize, rendered: Option<f64>) {
+        let device = &self.list[index];
+        device.busy.fetch_sub(1, Ordering::SeqCst);
+        if let Some(seconds) = rendered {
+            device.images.fetch_add(1, Ordering::SeqCst);
+            device.busy_micros.fetch_add((seconds * 1e6) as u64, Ordering::SeqCst);
+        }
+        super::lock(&self.free)[index] += 1;
+    }
+
+    /// Every device as heartbeats report them.
+    pub(super) fn states(&self) -> Vec<pb::Device> {
+        self.list.iter().map(Device::state).collect()
+    }
+
+    /// The renderers of the first device: every device has the same models,
+    /// with the same weights.
+    pub(super) fn first(&self) -> &HashMap<String, Arc<JobRenderer>> {
+        &self.list[0].renderers
+    }
+}
+
+/// Opens every device of `config` and loads every model on each. CPU
+/// devices share one embedding cache (their tensors live in host memory);
+/// each GPU gets a cache of its own, on the card.
+pub(super) async fn open(config: &WorkerConfig, cache: Arc<EmbeddingCache>, metrics: &WorkerMetrics) -> Result<Devices, WorkerError> {
+    let names = config.device_names();
+    let dtype = parse_dtype(&config.dtype).map_err(|e| WorkerError::Config(e.to_string()))?;
+    let opened =
+        names.iter().map(|name| open_device(name).map_err(|e| WorkerError::Config(e.to_string()))).collect::<Result<Vec<_>, _>>()?;
+    let cpu_devices = opened.iter().filter(|d| d.is_cpu()).count();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut list = Vec::with_capacity(names.len());
+    for (index, (name, device)) in names.iter().zip(opened).enumerate() {
+        let (info, memory) = device_info(&device);
+        // A CPU device is known by the name the config gives it.
+        let label = if device.is_cpu() { name.trim().to_owned() } else { info };
+        let memory_bytes = memory.unwrap_or_else(|| if device.is_cpu() { super::total_memory_bytes() } else { 0 });
+        let pool = if device.is_cpu() && cpu_devices > 1 {
+            let threads = (cores / cpu_devices).max(1);
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .thread_name(move |i| format!("render-cpu{index}-{i}"))
+                .build()
+                .map_err(|e| WorkerError::Internal(format!("threads for {label}: {e}")))?;
+            Some(pool)
+        } else {
+            None
+        };
+        let cache = if device.is_cpu() || index == 0 { cache.clone() } else { Arc::new(EmbeddingCache::new(config.embedding_cache_bytes)) };
+        let mut renderers = HashMap::new();
+        for entry in &config.models {
+            let (source, t5, cache, on) = (entry.source(), config.t5_max_length, cache.clone(), device.clone());
+            let renderer = tokio::task::spawn_blocking(move || JobRenderer::open(&source, t5, cache, &on, dtype))
+                .await
+                .map_err(|e| WorkerError::Internal(e.to_string()))?
+                .map_err(|source| WorkerError::Model { name: entry.name.clone(), source })?
+                .with_vae_tiling(config.vae_tiling());
+            tracing::info!(model = %entry.name, path = %entry.path.display(), t5 = renderer.has_t5(), hash = %renderer.model_hash(), device = %device_name(&device), %label, ?dtype, "model loaded");
+            renderers.insert(entry.name.clone(), Arc::new(renderer));
+        }
+        metrics.add_device(&label, memory_bytes);
+        list.push(Device {
+            label,
+            memory_bytes,
+            renderers,
+            pool,
+            busy: AtomicI64::new(0),
+            images: AtomicU64::new(0),
+            busy_micros: AtomicU64::new(0),
+        });
+    }
+    let free = Mutex::new(vec![config.capacity; list.len()]);
+    Ok(Devices { list, free })
+}
