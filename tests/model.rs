@@ -54,6 +54,24 @@ fn render_writes_a_png_whose_metadata_round_trips_and_bytes_repeat() {
     assert_eq!(std::fs::read(&c).unwrap(), bytes);
 }
 
+/// CFG-parallel on two CPU devices (the conditional and unconditional
+/// halves of every step at once, each on half the cores) writes the same
+/// bytes as one device.
+#[test]
+fn cfg_parallel_on_two_devices_renders_the_same_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let (one, two) = (dir.path().join("one.png"), dir.path().join("two.png"));
+    let result = render(&bundled(), &one, &[]);
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    let result = render(&bundled(), &two, &["--devices", "cpu:0,cpu:1", "--parallel", "cfg"]);
+    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+    assert_eq!(std::fs::read(&one).unwrap(), std::fs::read(&two).unwrap(), "the same image, byte for byte");
+
+    let result = render(&bundled(), &dir.path().join("three.png"), &["--devices", "cpu:0,cpu:1,cpu:2", "--parallel", "cfg"]);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success() && stderr.contains("--devices takes two devices"), "{stderr}");
+}
+
 #[test]
 fn clip_only_renders_with_a_model_that_has_no_t5_at_all() {
     let dir = tempfile::tempdir().unwrap();

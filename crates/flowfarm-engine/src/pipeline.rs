@@ -18,7 +18,7 @@ use flowfarm_core::shift::flow_match_sigmas;
 use crate::cache::{cache_key, EmbeddingCache};
 use crate::clip::ClipTextEncoder;
 use crate::identity::WeightsIdentity;
-use crate::sampler::{sample, SampleJob, StepCallback};
+use crate::sampler::{sample_on, Replica, Replicas, SampleJob, StepCallback};
 use crate::source::{ComponentFiles, ModelLayout, ModelSource, Part as ModelPart};
 use crate::t5::T5Encoder;
 use crate::tokenize::{PromptTokenizer, CLIP_MAX_LENGTH};
@@ -325,11 +325,40 @@ impl Pipeline {
         })
     }
 
+    /// Loads only the transformer of `source`, on `device`: a replica for
+    /// CFG-parallel rendering ([`Pipeline::render_on`]).
+    ///
+    /// # Errors
+    /// [`EngineError::Checkpoint`] naming what is missing or malformed.
+    pub fn load_transformer(source: &ModelSource, dtype: DType, device: &Device) -> Result<MmDit, EngineError> {
+        let layout = source.resolve()?;
+        Checkpoint::from_component(&layout.transformer)?.load_model(dtype, device)
+    }
+
     /// Renders one image; `on_step` sees every step and may cancel.
     ///
     /// # Errors
     /// Encoder, sampler and decoder errors; [`EngineError::Cancelled`].
     pub fn render(&self, request: &RenderRequest, on_step: &mut StepCallback) -> Result<Rendered, EngineError> {
+        self.render_on(request, None, on_step)
+    }
+
+    /// [`Pipeline::render`], CFG-parallel when `cfg` gives this pipeline's
+    /// transformer's threads and a replica for the unconditional half
+    /// (the same weights: [`Pipeline::load_transformer`]).
+    ///
+    /// # Errors
+    /// As [`Pipeline::render`].
+    pub fn render_on(
+        &self,
+        request: &RenderRequest,
+        cfg: Option<(Option<&rayon::ThreadPool>, Replica)>,
+        on_step: &mut StepCallback,
+    ) -> Result<Rendered, EngineError> {
+        let replicas = match cfg {
+            Some((threads, uncond)) => Replicas::Cfg { cond: Replica { model: &self.transformer, threads }, uncond },
+            None => Replicas::One(&self.transformer),
+        };
         let joint = self.transformer.config().joint_attention_dim;
         let cond = self.encoders.encode(&request.prompt, request.use_t5, joint, &self.device)?;
         let uncond = self.encoders.encode(&request.negative_prompt, request.use_t5, joint, &self.device)?;
@@ -344,7 +373,7 @@ impl Pipeline {
         };
         let scale = self.vae.scale_factor();
         let patch = self.transformer.config().patch_size;
-        let latent = sample(&self.transformer, &[job], None, on_step)
+        let latent = sample_on(replicas, &[job], None, on_step)
             .map_err(|e| match e {
                 // The transformer alone assumes SD3's VAE (8 pixels a latent cell); this model's may differ.
                 EngineError::TooLarge { height, width, h_patches, w_patches, max, .. } => {

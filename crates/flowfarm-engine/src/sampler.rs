@@ -3,7 +3,12 @@
 //! Each job of a batch keeps its own sigmas (its shift), guidance scale and
 //! text conditioning; jobs share the latent shape and the step count. One
 //! transformer call per step evaluates every job's conditional and (when its
-//! guidance is not 1) unconditional halves together.
+//! guidance is not 1) unconditional halves together; or, CFG-parallel, two
+//! calls at once on two replicas of the transformer, the conditional halves
+//! on one and the unconditional halves on the other ([`Replicas::Cfg`]).
+//!
+//! Invariant: on the CPU in F32 a sample's rows give the same bits whatever
+//! other rows share the call, so the two forms give the same latents.
 
 use candle_core::{DType, Tensor};
 
@@ -55,6 +60,34 @@ impl SkipLayerGuidance {
 /// Called after every step with (step done, steps): return false to stop.
 pub type StepCallback<'a> = dyn FnMut(usize, usize) -> bool + 'a;
 
+/// A transformer, and the threads its CPU work runs on (None: the caller's).
+#[derive(Clone, Copy)]
+pub struct Replica<'a> {
+    pub model: &'a MmDit,
+    pub threads: Option<&'a rayon::ThreadPool>,
+}
+
+impl Replica<'_> {
+    fn run<T: Send>(&self, work: impl FnOnce() -> T + Send) -> T {
+        match self.threads {
+            Some(pool) => pool.install(work),
+            None => work(),
+        }
+    }
+}
+
+/// Where a step's transformer calls run.
+#[derive(Clone, Copy)]
+pub enum Replicas<'a> {
+    /// Every row in one call.
+    One(&'a MmDit),
+    /// CFG-parallel: the conditional rows on `cond`, the unconditional rows
+    /// on `uncond` (the same weights, on another device or other threads),
+    /// both at once; the velocity is combined on `cond`'s device, where the
+    /// latents live.
+    Cfg { cond: Replica<'a>, uncond: Replica<'a> },
+}
+
 /// Samples every job to its final latent, (1, C, H, W) F32 each, in order.
 ///
 /// x ← x + (σ_{i+1} − σ_i)·v, v = v_u + g·(v_c − v_u), with the model fed
@@ -69,6 +102,23 @@ pub fn sample(
     slg: Option<&SkipLayerGuidance>,
     on_step: &mut StepCallback,
 ) -> Result<Vec<Tensor>, EngineError> {
+    sample_on(Replicas::One(model), jobs, slg, on_step)
+}
+
+/// [`sample`] with the transformer calls on `replicas`.
+///
+/// # Errors
+/// As [`sample`].
+pub fn sample_on(
+    replicas: Replicas,
+    jobs: &[SampleJob],
+    slg: Option<&SkipLayerGuidance>,
+    on_step: &mut StepCallback,
+) -> Result<Vec<Tensor>, EngineError> {
+    let (model, pinned) = match replicas {
+        Replicas::One(model) => (model, None),
+        Replicas::Cfg { cond, uncond } => (cond.model, Some((cond, uncond))),
+    };
     let Some(first) = jobs.first() else { return Ok(Vec::new()) };
     let steps = first.sigmas.len().saturating_sub(1);
     for (i, job) in jobs.iter().enumerate() {
@@ -96,6 +146,15 @@ pub fn sample(
     let cond_context = context.narrow(0, 0, n)?;
     let cond_pooled = pooled.narrow(0, 0, n)?;
     let device = first.latent.device();
+    // The unconditional rows' text, on the unconditional replica's device once.
+    let g = guided.len();
+    let uncond_text = match pinned {
+        Some((_, uncond)) if g > 0 => {
+            let on = uncond.model.device();
+            Some((context.narrow(0, n, g)?.to_device(on)?, pooled.narrow(0, n, g)?.to_device(on)?))
+        }
+        _ => None,
+    };
 
     let mut latents: Vec<Tensor> = jobs.iter().map(|j| j.latent.to_dtype(DType::F32)).collect::<Result<_, _>>()?;
     for step in 0..steps {
@@ -105,12 +164,33 @@ pub fn sample(
         let input = Tensor::cat(&input, 0)?;
         let t: Vec<f32> = rows.iter().map(|&(i, _)| sigma(&jobs[i], step) * 1000.0).collect();
         let t = Tensor::from_vec(t, rows.len(), device)?;
-        let v = model.forward(&input, &t, &context, &pooled, &[])?.to_dtype(DType::F32)?;
+        let v = match (pinned, &uncond_text) {
+            (Some((cond, uncond)), Some((u_context, u_pooled))) => {
+                let on = uncond.model.device();
+                let (x_u, t_u) = (input.narrow(0, n, g)?.to_device(on)?, t.narrow(0, n, g)?.to_device(on)?);
+                let (x_c, t_c) = (input.narrow(0, 0, n)?, t.narrow(0, 0, n)?);
+                let (v_c, v_u) = std::thread::scope(|scope| {
+                    let unconditional = scope.spawn(|| uncond.run(|| uncond.model.forward(&x_u, &t_u, u_context, u_pooled, &[])));
+                    let conditional = cond.run(|| cond.model.forward(&x_c, &t_c, &cond_context, &cond_pooled, &[]));
+                    let unconditional =
+                        unconditional.join().unwrap_or_else(|_| Err(EngineError::Input("the unconditional pass panicked".into())));
+                    (conditional, unconditional)
+                });
+                Tensor::cat(&[v_c?.to_dtype(DType::F32)?, v_u?.to_dtype(DType::F32)?.to_device(device)?], 0)?
+            }
+            (Some((cond, _)), None) => cond.run(|| model.forward(&input, &t, &context, &pooled, &[]))?.to_dtype(DType::F32)?,
+            (None, _) => model.forward(&input, &t, &context, &pooled, &[])?.to_dtype(DType::F32)?,
+        };
         let v_skip = match slg {
             Some(slg) if slg.active(step, steps) => {
                 let x = input.narrow(0, 0, n)?;
                 let t = t.narrow(0, 0, n)?;
-                Some(model.forward(&x, &t, &cond_context, &cond_pooled, &slg.layers)?.to_dtype(DType::F32)?)
+                let skipped = || model.forward(&x, &t, &cond_context, &cond_pooled, &slg.layers);
+                let v = match pinned {
+                    Some((cond, _)) => cond.run(skipped)?,
+                    None => skipped()?,
+                };
+                Some(v.to_dtype(DType::F32)?)
             }
             _ => None,
         };

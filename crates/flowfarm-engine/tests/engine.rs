@@ -9,7 +9,7 @@ use flowfarm_core::shift::flow_match_sigmas;
 use flowfarm_engine::checkpoint::{write_diffusers, write_single_file};
 use flowfarm_engine::mmdit::Variant;
 use flowfarm_engine::noise::initial_latent;
-use flowfarm_engine::sampler::{sample, SampleJob, SkipLayerGuidance};
+use flowfarm_engine::sampler::{sample, sample_on, Replica, Replicas, SampleJob, SkipLayerGuidance};
 use flowfarm_engine::tiny::{random_weights, tiny_config};
 use flowfarm_engine::{Checkpoint, EngineError, Layout, MmDit};
 
@@ -141,6 +141,34 @@ fn job(seed: u64, shift: f64, guidance: f32) -> SampleJob {
         negative_pooled: Tensor::zeros((1, 40), DType::F32, &dev).unwrap(),
         guidance,
         sigmas: flow_match_sigmas(shift, 6),
+    }
+}
+
+/// CFG-parallel: the conditional rows on one replica and the unconditional
+/// rows on another, each on threads of its own, give the same bits as one
+/// call with every row, for each variant (with skip-layer guidance too).
+#[test]
+fn cfg_parallel_gives_the_same_latents_as_one_call() {
+    let pools: Vec<rayon::ThreadPool> = (0..2).map(|_| rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap()).collect();
+    let every_step = SkipLayerGuidance { layers: vec![1], scale: 2.8, start: 0.0, stop: 1.0 };
+    for (variant, slg) in [(Variant::Sd3Medium, None), (Variant::Sd35Large, None), (Variant::Sd35Medium, Some(&every_step))] {
+        let (cond, uncond) = (tiny_model(variant), tiny_model(variant));
+        let jobs = [job(7, 1.5, 1.0), job(42, 3.0, 5.0), job(9, 6.0, 7.5)];
+        let one = sample(&cond, &jobs, slg, &mut |_, _| true).unwrap();
+        let replicas = Replicas::Cfg {
+            cond: Replica { model: &cond, threads: Some(&pools[0]) },
+            uncond: Replica { model: &uncond, threads: Some(&pools[1]) },
+        };
+        let mut steps = Vec::new();
+        let split = sample_on(replicas, &jobs, slg, &mut |step, _| {
+            steps.push(step);
+            true
+        })
+        .unwrap();
+        assert_eq!(steps, (1..=6).collect::<Vec<_>>(), "{variant:?}: every step reported");
+        for (i, (a, b)) in one.iter().zip(&split).enumerate() {
+            assert!(equal(a, b), "{variant:?}: job {i} differs between one call and CFG-parallel");
+        }
     }
 }
 

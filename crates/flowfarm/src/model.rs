@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 use flowfarm_engine::device::{open_device, parse_dtype};
 use flowfarm_engine::pipeline::{Pipeline, RenderRequest, VaeTiling, DEFAULT_T5_LENGTH};
 use flowfarm_engine::png_output::{encode, RenderParameters};
+use flowfarm_engine::sampler::Replica;
 use flowfarm_engine::verify::examine;
 use flowfarm_engine::{noise, Checkpoint, ModelSource};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -139,6 +140,15 @@ pub struct RenderArgs {
     /// Where to run: `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Two devices instead of --device, with --parallel: `cpu:0,cpu:1` (the
+    /// cores split between them) or `cuda:0,cuda:1`.
+    #[arg(long, value_delimiter = ',', requires = "parallel")]
+    devices: Vec<String>,
+    /// How --devices share a render: `cfg`, the conditional half of every
+    /// step on the first device and the unconditional half on the second, at
+    /// once (the same image as on one device).
+    #[arg(long, value_parser = ["cfg"], requires = "devices")]
+    parallel: Option<String>,
     /// Precision of the weights and activations: `f32`, `f16` or `bf16`.
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -308,7 +318,13 @@ fn human_bytes(n: u64) -> String {
 }
 
 fn render(args: &RenderArgs) -> Result<()> {
-    let device = open_device(&args.device).context("--device")?;
+    let cfg_devices = match args.devices.as_slice() {
+        [] => None,
+        [first, second] => Some((first.clone(), second.clone())),
+        other => bail!("--devices takes two devices for --parallel cfg, got {}", other.len()),
+    };
+    let first = cfg_devices.as_ref().map_or(args.device.as_str(), |(first, _)| first.as_str());
+    let device = open_device(first).context(if cfg_devices.is_some() { "--devices" } else { "--device" })?;
     let dtype = parse_dtype(&args.dtype).context("--dtype")?;
     let source = args.model.source();
     let pipeline =
@@ -355,7 +371,24 @@ fn render(args: &RenderArgs) -> Result<()> {
         use_t5: !args.clip_only,
         vae: args.vae_tiling,
     };
-    let rendered = pipeline.render(&request, &mut |step, _| {
+    let partner = match &cfg_devices {
+        Some((_, second)) => {
+            let on = open_device(second).context("--devices")?;
+            let model = Pipeline::load_transformer(&source, dtype, &on).with_context(|| format!("loading the transformer on {second}"))?;
+            // CPU devices split the cores; a GPU's work is on the card.
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let threads = |d: &Device| -> Result<Option<rayon::ThreadPool>> {
+                if !(d.is_cpu() && device.is_cpu()) {
+                    return Ok(None);
+                }
+                Ok(Some(rayon::ThreadPoolBuilder::new().num_threads((cores / 2).max(1)).build()?))
+            };
+            Some((model, threads(&device)?, threads(&on)?))
+        }
+        None => None,
+    };
+    let cfg = partner.as_ref().map(|(model, first, second)| (first.as_ref(), Replica { model, threads: second.as_ref() }));
+    let rendered = pipeline.render_on(&request, cfg, &mut |step, _| {
         bar.set_position(step as u64);
         true
     })?;

@@ -69,6 +69,11 @@ impl MmDit {
         &self.config
     }
 
+    /// The device its weights are on.
+    pub fn device(&self) -> &candle_core::Device {
+        self.patch_weight.device()
+    }
+
     pub fn dtype(&self) -> DType {
         self.dtype
     }
