@@ -233,8 +233,8 @@ pub enum VaeTiling {
     /// In tiles (a latent of one tile or less is still decoded whole).
     Tiled,
     /// Whole, unless [`Vae::whole_decode_bytes`] says it would not fit in
-    /// the memory the device has ([`crate::device::available_memory`]); where
-    /// that is not known, whole.
+    /// the memory the device has ([`crate::device::available_memory`]; on a
+    /// GPU, whose free memory is not read yet, its total).
     Auto,
 }
 
@@ -394,10 +394,16 @@ impl Pipeline {
         let requested = match tiling {
             VaeTiling::Whole => Decoding::Whole,
             VaeTiling::Tiled => Decoding::Tiled,
-            VaeTiling::Auto => match crate::device::available_memory(&self.device) {
-                Some(available) if self.vae.whole_decode_bytes(batch, h, w) > available => Decoding::Tiled,
-                _ => Decoding::Whole,
-            },
+            VaeTiling::Auto => {
+                // Where free memory cannot be read (GPUs, for now), the
+                // device's total bounds it: a decode that needs more than the
+                // whole card is tiled.
+                let room = crate::device::available_memory(&self.device).or_else(|| crate::device::device_info(&self.device).1);
+                match room {
+                    Some(room) if self.vae.whole_decode_bytes(batch, h, w) > room => Decoding::Tiled,
+                    _ => Decoding::Whole,
+                }
+            }
         };
         Ok(self.vae.decoding_for(requested, h, w))
     }

@@ -421,12 +421,17 @@ impl Vae {
     /// An upper estimate of the bytes a whole decode of `batch` latents of
     /// `h × w` cells holds at its peak: the widest convolution input of any
     /// level times [`CONV_PEAK_PER_INPUT`], or the mid block's attention
-    /// scores (two (h·w)² matrices), whichever is larger. Weights are not
+    /// ((h·w)² scores and probabilities, and the softmax's F32 copy),
+    /// whichever is larger. Weights are not
     /// counted; they are loaded already.
     pub fn whole_decode_bytes(&self, batch: usize, h: usize, w: usize) -> u64 {
         let mut pixels = (h * w) as u64;
         let top = self.block_out_channels.last().copied().unwrap_or(0) as u64;
-        let mut peak = 2 * pixels * pixels;
+        let bytes = self.dtype.size_in_bytes() as u64;
+        // The mid block's attention: scores and probabilities in the VAE's
+        // dtype, and the softmax's F32 copy of them.
+        let attention = pixels * pixels * (2 * bytes + 8);
+        let mut peak = 0u64;
         let mut previous = top;
         let levels = self.block_out_channels.len();
         for (i, &out) in self.block_out_channels.iter().rev().enumerate() {
@@ -439,7 +444,7 @@ impl Vae {
             }
             previous = out;
         }
-        peak * batch as u64 * self.dtype.size_in_bytes() as u64
+        (peak * bytes).max(attention) * batch as u64
     }
 
     /// Decodes sampler latents (B, 16, h, w) to images (B, 3, 8h, 8w) in

@@ -271,16 +271,28 @@ impl WorkerConfig {
         if flowfarm_engine::device::parse_device(&self.device).is_err() {
             return invalid(format!("device: `{}` is not `cpu`, `cpu:N`, `cuda` or `cuda:N`", self.device));
         }
+        use flowfarm_engine::device::{parse_device, DeviceSpec};
         for (i, name) in self.devices.iter().enumerate() {
-            if flowfarm_engine::device::parse_device(name).is_err() {
+            let Ok(spec) = parse_device(name) else {
                 return invalid(format!("devices[{i}]: `{name}` is not `cpu`, `cpu:N`, `cuda` or `cuda:N`"));
-            }
-            if self.devices[..i].contains(name) {
+            };
+            // `cuda` and `cuda:0` are one GPU; CPU devices are told apart by name.
+            let same = |other: &String| match (spec, parse_device(other)) {
+                (DeviceSpec::Cuda(a), Ok(DeviceSpec::Cuda(b))) => a == b,
+                _ => other.trim() == name.trim(),
+            };
+            if self.devices[..i].iter().any(same) {
                 return invalid(format!("devices[{i}]: `{name}` is listed twice"));
             }
         }
-        if self.devices.len() > 64 {
-            return invalid(format!("devices: {} devices, more than 64", self.devices.len()));
+        // The coordinator takes at most 64 slots per worker.
+        let slots = u64::from(self.capacity) * self.device_names().len() as u64;
+        if slots > 64 {
+            return invalid(format!(
+                "capacity {} on each of {} devices is {slots} slots, more than the 64 a worker may have; lower capacity or list fewer devices",
+                self.capacity,
+                self.devices.len()
+            ));
         }
         for (i, m) in self.models.iter().enumerate() {
             if m.name.trim().is_empty() {
@@ -413,6 +425,11 @@ mod tests {
         assert!(c.check().unwrap_err().to_string().contains("devices[2]: `cpu:0` is listed twice"));
         c.devices = vec!["cpu:0".into(), "tpu".into()];
         assert!(c.check().unwrap_err().to_string().contains("devices[1]: `tpu` is not"));
+        c.devices = vec!["cuda".into(), "cuda:0".into()];
+        assert!(c.check().unwrap_err().to_string().contains("devices[1]: `cuda:0` is listed twice"), "one GPU, two names");
+        c.devices = vec!["cpu:0".into(), "cpu:1".into()];
+        c.capacity = 40;
+        assert!(c.check().unwrap_err().to_string().contains("80 slots, more than the 64"));
         assert_eq!(base().device_names(), vec!["cpu"], "without `devices`, the one `device`");
         let mut c = base();
         c.dtype = "f64".into();

@@ -377,8 +377,9 @@ fn render(args: &RenderArgs) -> Result<()> {
             let model = Pipeline::load_transformer(&source, dtype, &on).with_context(|| format!("loading the transformer on {second}"))?;
             // CPU devices split the cores; a GPU's work is on the card.
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let threads = |d: &Device| -> Result<Option<rayon::ThreadPool>> {
-                if !(d.is_cpu() && device.is_cpu()) {
+            let both_cpu = device.is_cpu() && on.is_cpu();
+            let threads = |_: &Device| -> Result<Option<rayon::ThreadPool>> {
+                if !both_cpu {
                     return Ok(None);
                 }
                 Ok(Some(rayon::ThreadPoolBuilder::new().num_threads((cores / 2).max(1)).build()?))

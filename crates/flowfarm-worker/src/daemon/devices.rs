@@ -27,8 +27,10 @@ pub(super) struct Device {
     pub(super) label: String,
     memory_bytes: u64,
     pub(super) renderers: HashMap<String, Arc<JobRenderer>>,
-    /// A CPU device's own threads, when several CPU devices share the cores.
-    pool: Option<rayon::ThreadPool>,
+    /// A CPU device's own threads, when several CPU devices share the cores,
+    /// and the lock that gives them to one render at a time: a render waiting
+    /// in a rayon join would otherwise pick up another job's whole render.
+    pool: Option<(rayon::ThreadPool, Mutex<()>)>,
     busy: AtomicI64,
     images: AtomicU64,
     busy_micros: AtomicU64,
@@ -39,7 +41,10 @@ impl Device {
     /// without a pool of its own).
     pub(super) fn run<T: Send>(&self, render: impl FnOnce() -> T + Send) -> T {
         match &self.pool {
-            Some(pool) => pool.install(render),
+            Some((pool, one_at_a_time)) => {
+                let _turn = super::lock(one_at_a_time);
+                pool.install(render)
+            }
             None => render(),
         }
     }
@@ -125,11 +130,16 @@ pub(super) async fn open(config: &WorkerConfig, cache: Arc<EmbeddingCache>, metr
                 .thread_name(move |i| format!("render-cpu{index}-{i}"))
                 .build()
                 .map_err(|e| WorkerError::Internal(format!("threads for {label}: {e}")))?;
-            Some(pool)
+            Some((pool, Mutex::new(())))
         } else {
             None
         };
-        let cache = if device.is_cpu() || index == 0 { cache.clone() } else { Arc::new(EmbeddingCache::new(config.embedding_cache_bytes)) };
+        // Cached tensors live on the device that encoded them: CPU devices
+        // share the worker's cache (the one its metrics show), a GPU has its
+        // own, except the first when there is no CPU device.
+        let first_gpu_alone = cpu_devices == 0 && index == 0;
+        let cache =
+            if device.is_cpu() || first_gpu_alone { cache.clone() } else { Arc::new(EmbeddingCache::new(config.embedding_cache_bytes)) };
         let mut renderers = HashMap::new();
         for entry in &config.models {
             let (source, t5, cache, on) = (entry.source(), config.t5_max_length, cache.clone(), device.clone());
