@@ -333,6 +333,47 @@ async fn a_worker_renders_on_each_of_its_devices() {
     }
 }
 
+/// A worker in CFG mode on two CPU devices renders every job on the pair
+/// (the halves of each step at once): its image is, pixel for pixel, the one
+/// `flowfarm model render` makes on one device, and ListWorkers shows the
+/// pair as one unit with one slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cfg_worker_renders_each_job_on_a_pair_of_devices() {
+    let farm = Farm::start().await;
+    let model = repo_path("models/flowfarm-tiny");
+    let entry = format!("path = \"{}\"\n", model.display());
+    let pair = farm.worker_configured("pair", "devices = [\"cpu:0\", \"cpu:1\"]\nparallel = \"cfg\"\n", &entry);
+    let jobs: Vec<String> = (0..6).map(|i| job(&format!("pair {i}"), i, 3)).collect();
+    farm.submit(&jobs);
+    farm.wait_all_finished(&[&pair], Duration::from_secs(300)).await;
+    farm.assert_each_succeeded_once().await;
+
+    let (key, guidance, shift): (String, f32, f64) =
+        sqlx::query_as("SELECT result_key, guidance, shift FROM jobs WHERE idx = 0").fetch_one(farm.db.store.pool()).await.unwrap();
+    let alone = farm.dir.path().join("alone.png");
+    let out = Command::new(flowfarm_bin())
+        .args(["model", "render", "--model"])
+        .arg(&model)
+        .args(["--prompt", "pair 0", "--seed", "0", "--steps", "3", "--width", "64", "--height", "64"])
+        .args(["--guidance", &guidance.to_string(), "--shift", &shift.to_string(), "--out"])
+        .arg(&alone)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pixels = |path: &std::path::Path| {
+        let mut reader = png::Decoder::new(std::io::Cursor::new(std::fs::read(path).unwrap())).read_info().unwrap();
+        let mut buffer = vec![0; reader.output_buffer_size()];
+        reader.next_frame(&mut buffer).unwrap();
+        buffer
+    };
+    assert_eq!(pixels(&farm.results.join(&key)), pixels(&alone), "CFG-parallel on the farm gives the one-device image");
+
+    let listed = ok_json(farm.farmctl(&farm.admin, &["--json", "workers", "list"]));
+    let worker = &listed.as_array().unwrap()[0];
+    assert_eq!(worker["capacity"], 1, "one slot for the pair: {worker}");
+    assert_eq!(worker["devices"][0]["name"], "cpu:0+cpu:1", "{worker}");
+}
+
 /// kill -9 of a worker in mid-render: after its lease expires the job runs
 /// again on the other worker, as attempt 2, with one result.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

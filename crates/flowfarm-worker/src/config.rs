@@ -56,6 +56,12 @@ pub struct WorkerConfig {
     /// claimed job goes to the device with the most free slots (replicas).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<String>,
+    /// How `devices` share the work: `replicate` (each device renders jobs
+    /// of its own) or `cfg` (devices pair up in order, and each pair renders
+    /// one job at a time, the conditional half of every step on the first
+    /// and the unconditional half on the second, at once: about half the
+    /// latency of one device, the same image). Block pipelines are not built.
+    pub parallel: String,
     /// Precision of weights and activations: `f32`, `f16` or `bf16`.
     pub dtype: String,
     /// On SIGTERM or a drain, how long running jobs may take to finish;
@@ -137,6 +143,7 @@ impl Default for WorkerConfig {
             capacity: 1,
             device: "cpu".into(),
             devices: Vec::new(),
+            parallel: "replicate".into(),
             dtype: "f32".into(),
             drain_timeout_seconds: 300.0,
             t5_max_length: flowfarm_engine::pipeline::DEFAULT_T5_LENGTH,
@@ -174,6 +181,16 @@ pub enum WorkerConfigError {
 }
 
 impl WorkerConfig {
+    /// What renders jobs side by side: each device, or each pair with `parallel = "cfg"`.
+    pub fn render_units(&self) -> usize {
+        let devices = self.device_names().len();
+        if self.parallel == "cfg" {
+            devices / 2
+        } else {
+            devices
+        }
+    }
+
     /// The devices to render on: `devices`, or `device` alone.
     pub fn device_names(&self) -> Vec<String> {
         if self.devices.is_empty() {
@@ -285,8 +302,20 @@ impl WorkerConfig {
                 return invalid(format!("devices[{i}]: `{name}` is listed twice"));
             }
         }
+        match self.parallel.as_str() {
+            "replicate" => {}
+            "cfg" if self.devices.len() >= 2 && self.devices.len().is_multiple_of(2) => {}
+            "cfg" => {
+                return invalid(format!(
+                    "parallel = \"cfg\" pairs the devices up; `devices` lists {}: list an even number, at least 2",
+                    self.devices.len()
+                ))
+            }
+            "pipeline" => return invalid("parallel: `pipeline` is not built yet; use `replicate` or `cfg`".into()),
+            other => return invalid(format!("parallel: `{other}` is not `replicate` or `cfg`")),
+        }
         // The coordinator takes at most 64 slots per worker.
-        let slots = u64::from(self.capacity) * self.device_names().len() as u64;
+        let slots = u64::from(self.capacity) * self.render_units() as u64;
         if slots > 64 {
             return invalid(format!(
                 "capacity {} on each of {} devices is {slots} slots, more than the 64 a worker may have; lower capacity or list fewer devices",
@@ -430,6 +459,13 @@ mod tests {
         c.devices = vec!["cpu:0".into(), "cpu:1".into()];
         c.capacity = 40;
         assert!(c.check().unwrap_err().to_string().contains("80 slots, more than the 64"));
+        c.parallel = "cfg".into();
+        c.check().unwrap();
+        assert_eq!(c.render_units(), 1, "a pair renders as one");
+        c.devices.push("cpu:2".into());
+        assert!(c.check().unwrap_err().to_string().contains("lists 3: list an even number"));
+        c.parallel = "pipeline".into();
+        assert!(c.check().unwrap_err().to_string().contains("`pipeline` is not built yet"));
         assert_eq!(base().device_names(), vec!["cpu"], "without `devices`, the one `device`");
         let mut c = base();
         c.dtype = "f64".into();

@@ -8,7 +8,9 @@ use flowfarm_engine::cache::EmbeddingCache;
 use flowfarm_engine::noise::initial_latent;
 use flowfarm_engine::pipeline::{Pipeline, RenderRequest, VaeTiling};
 use flowfarm_engine::png_output::{encode, RenderParameters};
+use flowfarm_engine::sampler::Replica;
 use flowfarm_engine::vae::Decoding;
+use flowfarm_engine::MmDit;
 use flowfarm_engine::{EngineError, ModelSource};
 use flowfarm_proto::v1 as pb;
 
@@ -65,6 +67,16 @@ pub struct JobRenderer {
     device: Device,
     /// For jobs that leave it to the worker.
     vae_tiling: VaeTiling,
+    /// CFG-parallel: the unconditional half on another device's replica.
+    cfg: Option<CfgPartner>,
+}
+
+/// The second device of a CFG pair, and the threads of both halves (CPU
+/// devices split the cores); one render at a time uses them.
+struct CfgPartner {
+    model: MmDit,
+    threads: [Option<rayon::ThreadPool>; 2],
+    one_at_a_time: std::sync::Mutex<()>,
 }
 
 impl JobRenderer {
@@ -82,7 +94,28 @@ impl JobRenderer {
     ) -> Result<Self, EngineError> {
         let mut pipeline = Pipeline::load(source, t5_max_length, dtype, device)?;
         pipeline.encoders = pipeline.encoders.with_cache(cache);
-        Ok(JobRenderer { pipeline, device: device.clone(), vae_tiling: VaeTiling::Auto })
+        Ok(JobRenderer { pipeline, device: device.clone(), vae_tiling: VaeTiling::Auto, cfg: None })
+    }
+
+    /// The same renderer, CFG-parallel: the unconditional half of every
+    /// step on a replica of the transformer loaded on `partner`. Two CPU
+    /// devices split the cores between them.
+    ///
+    /// # Errors
+    /// [`EngineError`] loading the replica, or making the threads.
+    pub fn with_cfg_partner(mut self, source: &ModelSource, partner: &Device, dtype: DType) -> Result<Self, EngineError> {
+        let model = Pipeline::load_transformer(source, dtype, partner)?;
+        let both_cpu = self.device.is_cpu() && partner.is_cpu();
+        let half = (std::thread::available_parallelism().map_or(2, |n| n.get()) / 2).max(1);
+        let threads = || -> Result<Option<rayon::ThreadPool>, EngineError> {
+            if !both_cpu {
+                return Ok(None);
+            }
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(half).build();
+            Ok(Some(pool.map_err(|e| EngineError::Input(format!("CFG threads: {e}")))?))
+        };
+        self.cfg = Some(CfgPartner { model, threads: [threads()?, threads()?], one_at_a_time: std::sync::Mutex::new(()) });
+        Ok(self)
     }
 
     /// The same renderer, decoding jobs that leave it to the worker as `tiling` says.
@@ -134,7 +167,14 @@ impl JobRenderer {
                 None => self.vae_tiling,
             },
         };
-        let rendered = self.pipeline.render(&request, &mut |step, total| on_step(step, total))?;
+        let rendered = match &self.cfg {
+            Some(partner) => {
+                let _turn = partner.one_at_a_time.lock().unwrap_or_else(|p| p.into_inner());
+                let uncond = Replica { model: &partner.model, threads: partner.threads[1].as_ref() };
+                self.pipeline.render_on(&request, Some((partner.threads[0].as_ref(), uncond)), &mut |step, total| on_step(step, total))?
+            }
+            None => self.pipeline.render(&request, &mut |step, total| on_step(step, total))?,
+        };
         let parameters = parameters(job, self.pipeline.identity.short(), rendered.decoding);
         encode(rendered.width as u32, rendered.height as u32, &rendered.rgb, &parameters)
     }

@@ -2,7 +2,9 @@
 //! `device`): every model is loaded on each (replicas), each device has
 //! `capacity` slots, and a claimed job goes to the device with the most free
 //! slots. CPU devices listed together (`cpu:0`, `cpu:1`) split the cores:
-//! each renders on a thread pool of its own.
+//! each renders on a thread pool of its own. With `parallel = "cfg"` the
+//! devices pair up and each pair is one such unit (`cpu:0+cpu:1`), every
+//! render split across both.
 //!
 //! Invariant: a slot is taken only under a permit of the worker's semaphore
 //! (`capacity` × devices permits), so a device with a free slot exists
@@ -107,23 +109,42 @@ impl Devices {
     }
 }
 
-/// Opens every device of `config` and loads every model on each. CPU
-/// devices share one embedding cache (their tensors live in host memory);
-/// each GPU gets a cache of its own, on the card.
+/// Opens every device of `config` and loads every model on each (on each
+/// pair, with `parallel = "cfg"`: the pipeline on the first device, a
+/// replica of the transformer on the second). CPU devices share one
+/// embedding cache (their tensors live in host memory); each GPU gets a
+/// cache of its own, on the card.
 pub(super) async fn open(config: &WorkerConfig, cache: Arc<EmbeddingCache>, metrics: &WorkerMetrics) -> Result<Devices, WorkerError> {
     let names = config.device_names();
     let dtype = parse_dtype(&config.dtype).map_err(|e| WorkerError::Config(e.to_string()))?;
     let opened =
         names.iter().map(|name| open_device(name).map_err(|e| WorkerError::Config(e.to_string()))).collect::<Result<Vec<_>, _>>()?;
+    let cfg = config.parallel == "cfg";
+    // Each render unit: a device, or a CFG pair of devices.
+    let units: Vec<(usize, Option<usize>)> =
+        if cfg { (0..names.len()).step_by(2).map(|i| (i, Some(i + 1))).collect() } else { (0..names.len()).map(|i| (i, None)).collect() };
     let cpu_devices = opened.iter().filter(|d| d.is_cpu()).count();
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut list = Vec::with_capacity(names.len());
-    for (index, (name, device)) in names.iter().zip(opened).enumerate() {
-        let (info, memory) = device_info(&device);
+    let label_of = |i: usize| -> (String, u64) {
+        let (info, memory) = device_info(&opened[i]);
         // A CPU device is known by the name the config gives it.
-        let label = if device.is_cpu() { name.trim().to_owned() } else { info };
-        let memory_bytes = memory.unwrap_or_else(|| if device.is_cpu() { super::total_memory_bytes() } else { 0 });
-        let pool = if device.is_cpu() && cpu_devices > 1 {
+        let label = if opened[i].is_cpu() { names[i].trim().to_owned() } else { info };
+        (label, memory.unwrap_or_else(|| if opened[i].is_cpu() { super::total_memory_bytes() } else { 0 }))
+    };
+    let mut list = Vec::with_capacity(units.len());
+    for (index, &(first, second)) in units.iter().enumerate() {
+        let device = opened[first].clone();
+        let (mut label, mut memory_bytes) = label_of(first);
+        if let Some(second) = second {
+            let (other, memory) = label_of(second);
+            label = format!("{label}+{other}");
+            // Two CPU names of one host have one memory between them.
+            if !(opened[first].is_cpu() && opened[second].is_cpu()) {
+                memory_bytes += memory;
+            }
+        }
+        // In CFG pairs the renderer holds the threads of both halves.
+        let pool = if !cfg && device.is_cpu() && cpu_devices > 1 {
             let threads = (cores / cpu_devices).max(1);
             let pool = rayon::ThreadPoolBuilder::new()
                 .num_threads(threads)
@@ -143,12 +164,19 @@ pub(super) async fn open(config: &WorkerConfig, cache: Arc<EmbeddingCache>, metr
         let mut renderers = HashMap::new();
         for entry in &config.models {
             let (source, t5, cache, on) = (entry.source(), config.t5_max_length, cache.clone(), device.clone());
-            let renderer = tokio::task::spawn_blocking(move || JobRenderer::open(&source, t5, cache, &on, dtype))
-                .await
-                .map_err(|e| WorkerError::Internal(e.to_string()))?
-                .map_err(|source| WorkerError::Model { name: entry.name.clone(), source })?
-                .with_vae_tiling(config.vae_tiling());
-            tracing::info!(model = %entry.name, path = %entry.path.display(), t5 = renderer.has_t5(), hash = %renderer.model_hash(), device = %device_name(&device), %label, ?dtype, "model loaded");
+            let partner = second.map(|i| opened[i].clone());
+            let tiling = config.vae_tiling();
+            let renderer = tokio::task::spawn_blocking(move || {
+                let renderer = JobRenderer::open(&source, t5, cache, &on, dtype)?.with_vae_tiling(tiling);
+                match partner {
+                    Some(partner) => renderer.with_cfg_partner(&source, &partner, dtype),
+                    None => Ok(renderer),
+                }
+            })
+            .await
+            .map_err(|e| WorkerError::Internal(e.to_string()))?
+            .map_err(|source| WorkerError::Model { name: entry.name.clone(), source })?;
+            tracing::info!(model = %entry.name, path = %entry.path.display(), t5 = renderer.has_t5(), hash = %renderer.model_hash(), device = %device_name(&device), %label, cfg, ?dtype, "model loaded");
             renderers.insert(entry.name.clone(), Arc::new(renderer));
         }
         metrics.add_device(&label, memory_bytes);
