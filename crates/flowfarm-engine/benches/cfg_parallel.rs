@@ -22,28 +22,11 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use flowfarm_core::shift::flow_match_sigmas;
 use flowfarm_engine::checkpoint::write_diffusers;
-use flowfarm_engine::mmdit::{MmDitConfig, Variant};
+use flowfarm_engine::mmdit::MmDitConfig;
 use flowfarm_engine::noise::initial_latent;
 use flowfarm_engine::sampler::{sample_on, Replica, Replicas, SampleJob};
 use flowfarm_engine::tiny::random_weights;
 use flowfarm_engine::{Checkpoint, MmDit};
-
-fn config() -> MmDitConfig {
-    MmDitConfig {
-        variant: Variant::Sd3Medium,
-        depth: 6,
-        hidden: 384,
-        heads: 6,
-        patch_size: 2,
-        in_channels: 16,
-        out_channels: 16,
-        joint_attention_dim: 4096,
-        pooled_dim: 2048,
-        pos_embed_max_size: 96,
-        qk_norm: false,
-        dual_attention_layers: Vec::new(),
-    }
-}
 
 fn model(config: &MmDitConfig) -> MmDit {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -58,7 +41,7 @@ fn median(mut times: Vec<f64>) -> f64 {
 
 fn main() {
     support::keep_freed_memory();
-    let config = config();
+    let config = support::bench_config();
     let (cond, uncond) = (model(&config), model(&config));
     let input = |seed: u64, shape: &[usize]| initial_latent(seed, shape, &Device::Cpu).expect("input");
     let job = SampleJob {

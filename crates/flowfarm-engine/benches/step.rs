@@ -15,31 +15,14 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use flowfarm_engine::checkpoint::write_diffusers;
 use flowfarm_engine::device::{device_name, open_device, parse_dtype};
-use flowfarm_engine::mmdit::{MmDitConfig, Variant, WeightSource};
+use flowfarm_engine::mmdit::{MmDitConfig, WeightSource};
 use flowfarm_engine::noise::initial_latent;
 use flowfarm_engine::tiny::random_weights;
 use flowfarm_engine::{Checkpoint, EngineError, MmDit};
 
-fn bench_config() -> MmDitConfig {
-    MmDitConfig {
-        variant: Variant::Sd3Medium,
-        depth: 6,
-        hidden: 384,
-        heads: 6,
-        patch_size: 2,
-        in_channels: 16,
-        out_channels: 16,
-        joint_attention_dim: 4096,
-        pooled_dim: 2048,
-        pos_embed_max_size: 96,
-        qk_norm: false,
-        dual_attention_layers: Vec::new(),
-    }
-}
-
 /// SD3-medium's real sizes (24 blocks × 1536, 24 heads): only timed on a GPU.
 fn sd3_medium_config() -> MmDitConfig {
-    MmDitConfig { depth: 24, hidden: 1536, heads: 24, pos_embed_max_size: 192, ..bench_config() }
+    MmDitConfig { depth: 24, hidden: 1536, heads: 24, pos_embed_max_size: 192, ..support::bench_config() }
 }
 
 /// Random weights made on the device itself (σ 0.02), so a 2B-parameter
@@ -90,7 +73,7 @@ fn main() {
         .collect();
     let on_cpu = dev.is_cpu();
     let mut results = Vec::new();
-    let mut cases: Vec<(&str, MmDitConfig, Vec<usize>)> = vec![("6×384", bench_config(), vec![32, 64])];
+    let mut cases: Vec<(&str, MmDitConfig, Vec<usize>)> = vec![("6×384", support::bench_config(), vec![32, 64])];
     if !on_cpu {
         cases.push(("sd3-medium", sd3_medium_config(), vec![64, 128]));
     }
