@@ -198,15 +198,7 @@ impl PgStore {
         let completion = Completion { job_id, attempt, worker_id, result: result.clone(), gpu_seconds };
         let done = self.complete_jobs(std::slice::from_ref(&completion)).await?;
         if !done.first().copied().unwrap_or(false) {
-            let job = self.get_job(job_id).await?;
-            let same = job.state == JobState::Succeeded
-                && job.attempt == attempt
-                && job.worker_id == Some(worker_id)
-                && job.result.as_ref().map(|r| &r.key) == Some(&result.key);
-            if same {
-                return Ok(());
-            }
-            return Err(wrong_state_of(&job, &format!("attempt {attempt} of worker {worker_id} no longer holds it")));
+            return repeated_completion(&self.get_job(job_id).await?, attempt, worker_id, result);
         }
         Ok(())
     }

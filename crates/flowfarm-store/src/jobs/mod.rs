@@ -215,6 +215,20 @@ fn push_retry_hold(qb: &mut QueryBuilder<'_, Postgres>, backoff: crate::RetryBac
         .push("::float8 * power(2, j.attempt - 1)) * (0.5 + random() * 0.5))");
 }
 
+/// A CompleteJob that did not take effect: a repeat of the completion that
+/// did (same attempt, worker and result) is fine; anything else is refused
+/// as the job stands now.
+pub(crate) fn repeated_completion(job: &JobRow, attempt: u32, worker_id: Uuid, result: &JobResultRow) -> Result<(), StoreError> {
+    let same = job.state == JobState::Succeeded
+        && job.attempt == attempt
+        && job.worker_id == Some(worker_id)
+        && job.result.as_ref().map(|r| &r.key) == Some(&result.key);
+    if same {
+        return Ok(());
+    }
+    Err(wrong_state_of(job, &format!("attempt {attempt} of worker {worker_id} no longer holds it")))
+}
+
 /// StartJob's refusal of a worker in `state` (not active); the job went back
 /// to the queue.
 pub(crate) fn not_taking_work(worker_id: Uuid, state: &str) -> StoreError {

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::jobs::job_in;
 use super::rows::{active_workers, duration_micros, instant, now_micros, Event, Live, Moves, Reach};
 use super::{by_id, push_ids, select_live, SqliteStore};
-use crate::jobs::{not_taking_work, wrong_state_of, TakenBack};
+use crate::jobs::{not_taking_work, repeated_completion, wrong_state_of, TakenBack};
 use crate::{Completion, FailureCause, JobResultRow, JobRow, ProgressNote, RetryBackoff, StoreError};
 
 /// A second: how long a declined job waits, so the worker that declined it
@@ -354,15 +354,7 @@ pub(super) async fn complete_job(
     if complete_jobs(s, std::slice::from_ref(&completion)).await?.first().copied().unwrap_or(false) {
         return Ok(());
     }
-    let job = super::jobs::get_job(s, job_id).await?;
-    let same = job.state == JobState::Succeeded
-        && job.attempt == attempt
-        && job.worker_id == Some(worker_id)
-        && job.result.as_ref().map(|r| &r.key) == Some(&result.key);
-    if same {
-        return Ok(());
-    }
-    Err(wrong_state_of(&job, &format!("attempt {attempt} of worker {worker_id} no longer holds it")))
+    repeated_completion(&super::jobs::get_job(s, job_id).await?, attempt, worker_id, result)
 }
 
 pub(super) async fn report_progress(
