@@ -94,7 +94,10 @@ impl Farm {
         let config = write(
             self.dir.path(),
             &format!("{name}.toml"),
-            &format!("name = \"{name}\"\ncapacity = 1\ndrain_timeout_seconds = 60\n{top}[[models]]\nname = \"{MODEL}\"\n{entry}"),
+            &format!(
+                "name = \"{name}\"\n{}drain_timeout_seconds = 60\n{top}[[models]]\nname = \"{MODEL}\"\n{entry}",
+                if top.contains("capacity") { "" } else { "capacity = 1\n" }
+            ),
         );
         let log = self.dir.path().join(format!("{name}.log"));
         let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
@@ -333,45 +336,76 @@ async fn a_worker_renders_on_each_of_its_devices() {
     }
 }
 
-/// A worker in CFG mode on two CPU devices renders every job on the pair
-/// (the halves of each step at once): its image is, pixel for pixel, the one
-/// `flowfarm model render` makes on one device, and ListWorkers shows the
-/// pair as one unit with one slot.
+/// A worker over two CPU devices renders each job across both, as its
+/// model's `parallel` says — CFG pairs (one job at a time per pair) or a
+/// block pipeline (`capacity` jobs per device in flight through the
+/// blocks) — and the result is the one-device image, byte for byte. Each
+/// device counts every image it took part in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cfg_worker_renders_each_job_on_a_pair_of_devices() {
+async fn a_worker_splits_each_job_across_its_devices_in_cfg_and_pipeline_modes() {
+    for (mode, slots) in [("cfg", 2), ("pipeline", 4)] {
+        let farm = Farm::start().await;
+        let model = repo_path("models/flowfarm-tiny");
+        // The mode is the model's own; the worker's default stays replicate.
+        let entry = format!("path = \"{}\"\nparallel = \"{mode}\"\n", model.display());
+        let worker = farm.worker_configured(mode, "devices = [\"cpu:0\", \"cpu:1\"]\ncapacity = 2\n", &entry);
+        let jobs: Vec<String> = (0..8).map(|i| job(&format!("{mode} {i}"), i, 3)).collect();
+        farm.submit(&jobs);
+        farm.wait_all_finished(&[&worker], Duration::from_secs(300)).await;
+        farm.assert_each_succeeded_once().await;
+
+        let (key, guidance, shift): (String, f32, f64) =
+            sqlx::query_as("SELECT result_key, guidance, shift FROM jobs WHERE idx = 0").fetch_one(farm.db.store.pool()).await.unwrap();
+        let alone = farm.dir.path().join("alone.png");
+        let out = Command::new(flowfarm_bin())
+            .args(["model", "render", "--model"])
+            .arg(&model)
+            .args(["--prompt", &format!("{mode} 0"), "--seed", "0", "--steps", "3", "--width", "64", "--height", "64"])
+            .args(["--guidance", &guidance.to_string(), "--shift", &shift.to_string(), "--out"])
+            .arg(&alone)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let pixels = |path: &std::path::Path| {
+            let mut reader = png::Decoder::new(std::io::Cursor::new(std::fs::read(path).unwrap())).read_info().unwrap();
+            let mut buffer = vec![0; reader.output_buffer_size()];
+            reader.next_frame(&mut buffer).unwrap();
+            buffer
+        };
+        assert_eq!(pixels(&farm.results.join(&key)), pixels(&alone), "{mode} on the farm gives the one-device image");
+
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let worker = loop {
+            let listed = ok_json(farm.farmctl(&farm.admin, &["--json", "workers", "list"]));
+            let worker = listed.as_array().unwrap()[0].clone();
+            let done: Vec<u64> = worker["devices"].as_array().unwrap().iter().map(|d| d["images_done"].as_u64().unwrap()).collect();
+            if done == [8, 8] || Instant::now() > deadline {
+                break worker;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert_eq!(worker["capacity"], slots, "{mode}: {worker}");
+        let names: Vec<&str> = worker["devices"].as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["cpu:0", "cpu:1"], "{worker}");
+        let done: Vec<u64> = worker["devices"].as_array().unwrap().iter().map(|d| d["images_done"].as_u64().unwrap()).collect();
+        assert_eq!(done, [8, 8], "{mode}: both devices took part in every image: {worker}");
+    }
+}
+
+/// A model that does not fit its devices is refused at start, naming the
+/// device, the need and the memory it has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_whose_model_does_not_fit_is_refused_at_start() {
     let farm = Farm::start().await;
-    let model = repo_path("models/flowfarm-tiny");
-    let entry = format!("path = \"{}\"\n", model.display());
-    let pair = farm.worker_configured("pair", "devices = [\"cpu:0\", \"cpu:1\"]\nparallel = \"cfg\"\n", &entry);
-    let jobs: Vec<String> = (0..6).map(|i| job(&format!("pair {i}"), i, 3)).collect();
-    farm.submit(&jobs);
-    farm.wait_all_finished(&[&pair], Duration::from_secs(300)).await;
-    farm.assert_each_succeeded_once().await;
-
-    let (key, guidance, shift): (String, f32, f64) =
-        sqlx::query_as("SELECT result_key, guidance, shift FROM jobs WHERE idx = 0").fetch_one(farm.db.store.pool()).await.unwrap();
-    let alone = farm.dir.path().join("alone.png");
-    let out = Command::new(flowfarm_bin())
-        .args(["model", "render", "--model"])
-        .arg(&model)
-        .args(["--prompt", "pair 0", "--seed", "0", "--steps", "3", "--width", "64", "--height", "64"])
-        .args(["--guidance", &guidance.to_string(), "--shift", &shift.to_string(), "--out"])
-        .arg(&alone)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let pixels = |path: &std::path::Path| {
-        let mut reader = png::Decoder::new(std::io::Cursor::new(std::fs::read(path).unwrap())).read_info().unwrap();
-        let mut buffer = vec![0; reader.output_buffer_size()];
-        reader.next_frame(&mut buffer).unwrap();
-        buffer
-    };
-    assert_eq!(pixels(&farm.results.join(&key)), pixels(&alone), "CFG-parallel on the farm gives the one-device image");
-
-    let listed = ok_json(farm.farmctl(&farm.admin, &["--json", "workers", "list"]));
-    let worker = &listed.as_array().unwrap()[0];
-    assert_eq!(worker["capacity"], 1, "one slot for the pair: {worker}");
-    assert_eq!(worker["devices"][0]["name"], "cpu:0+cpu:1", "{worker}");
+    // SD3.5-large's shapes (its configs; no weights need be here): in F32
+    // with its encoders, each replica needs ~75 GB, more than half of any
+    // host this runs on.
+    let entry = format!("path = \"{}\"\n", repo_path("crates/flowfarm-engine/tests/fixtures/configs/sd3.5-large").display());
+    let mut worker = farm.worker_configured("huge", "devices = [\"cpu:0\", \"cpu:1\"]\n", &entry);
+    let status = worker.process.child.wait().unwrap();
+    let log = worker.process.log();
+    assert!(!status.success(), "{log}");
+    assert!(log.contains("does not fit") && log.contains("cpu:0 needs") && log.contains("flowfarm model plan"), "{log}");
 }
 
 /// kill -9 of a worker in mid-render: after its lease expires the job runs

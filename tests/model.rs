@@ -54,22 +54,91 @@ fn render_writes_a_png_whose_metadata_round_trips_and_bytes_repeat() {
     assert_eq!(std::fs::read(&c).unwrap(), bytes);
 }
 
-/// CFG-parallel on two CPU devices (the conditional and unconditional
-/// halves of every step at once, each on half the cores) writes the same
-/// bytes as one device.
-#[test]
-fn cfg_parallel_on_two_devices_renders_the_same_image() {
-    let dir = tempfile::tempdir().unwrap();
-    let (one, two) = (dir.path().join("one.png"), dir.path().join("two.png"));
-    let result = render(&bundled(), &one, &[]);
-    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
-    let result = render(&bundled(), &two, &["--devices", "cpu:0,cpu:1", "--parallel", "cfg"]);
-    assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
-    assert_eq!(std::fs::read(&one).unwrap(), std::fs::read(&two).unwrap(), "the same image, byte for byte");
+/// The bundled model with the transformer of each variant's tiny fixture
+/// (the same widths as the bundled encoders and VAE).
+fn variant_models(dir: &Path) -> Vec<PathBuf> {
+    let mut models = vec![bundled()];
+    for variant in ["sd3.5-large", "sd3.5-medium"] {
+        let model = dir.join(variant);
+        copy_dir(&bundled(), &model);
+        std::fs::remove_dir_all(model.join("transformer")).unwrap();
+        copy_dir(&common::repo_path("crates/flowfarm-engine/tests/fixtures").join(variant).join("transformer"), &model.join("transformer"));
+        models.push(model);
+    }
+    models
+}
 
-    let result = render(&bundled(), &dir.path().join("three.png"), &["--devices", "cpu:0,cpu:1,cpu:2", "--parallel", "cfg"]);
-    let stderr = String::from_utf8_lossy(&result.stderr);
-    assert!(!result.status.success() && stderr.contains("--devices takes two devices"), "{stderr}");
+/// Every multi-device mode on two CPU devices (CFG-parallel: the two halves
+/// of every step at once; block pipeline: the blocks split between them,
+/// activations handed on), and the pipeline on three, writes the same
+/// bytes as one device, for each of the three variants.
+#[test]
+fn every_parallel_mode_renders_the_same_image_as_one_device_for_every_variant() {
+    let dir = tempfile::tempdir().unwrap();
+    for model in variant_models(dir.path()) {
+        let one = dir.path().join("one.png");
+        let result = render(&model, &one, &[]);
+        assert!(result.status.success(), "{}", String::from_utf8_lossy(&result.stderr));
+        let modes: [&[&str]; 4] = [
+            &["--devices", "cpu:0,cpu:1", "--parallel", "cfg"],
+            &["--devices", "cpu:0,cpu:1", "--parallel", "pipeline"],
+            &["--devices", "cpu:0,cpu:1,cpu:2", "--parallel", "pipeline"],
+            &["--devices", "cpu:0,cpu:1", "--parallel", "pipeline", "--encoders", "cpu"],
+        ];
+        for mode in modes {
+            let split = dir.path().join("split.png");
+            let result = render(&model, &split, mode);
+            assert!(result.status.success(), "{mode:?}: {}", String::from_utf8_lossy(&result.stderr));
+            assert_eq!(std::fs::read(&one).unwrap(), std::fs::read(&split).unwrap(), "{}, {mode:?}: byte for byte", model.display());
+        }
+    }
+    let refused: [(&[&str], &str); 3] = [
+        (&["--devices", "cpu:0,cpu:1,cpu:2", "--parallel", "cfg"], "--parallel cfg takes exactly two --devices, got 3"),
+        (&["--devices", "cpu:0,cpu:1,cpu:2,cpu:3", "--parallel", "pipeline"], "4 stages for a 3-block model: give 1 to 3"),
+        (&["--encoders", "gpu"], "--encoders"),
+    ];
+    for (args, message) in refused {
+        let result = render(&bundled(), &dir.path().join("refused.png"), args);
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(!result.status.success() && stderr.contains(message), "{args:?}: {stderr}");
+    }
+}
+
+/// `flowfarm model plan` on published shapes (configs only): SD3.5-large in
+/// BF16 fits two 24 GB devices as a pipeline and is refused on one, with
+/// the shortfall; SD3-medium on one 80 GB device is replicated.
+#[test]
+fn model_plan_proposes_a_mode_that_fits_or_names_the_shortfall() {
+    let configs = common::repo_path("crates/flowfarm-engine/tests/fixtures/configs");
+    let plan = |model: &str, devices: &str, extra: &[&str]| {
+        let model = configs.join(model);
+        let mut args = vec!["model", "plan", "--model", model.to_str().unwrap(), "--devices", devices];
+        args.extend(extra);
+        flowfarm(&args)
+    };
+    let two = plan("sd3.5-large", "24GB,24GB", &[]);
+    let out = String::from_utf8_lossy(&two.stdout);
+    assert!(two.status.success(), "{out}{}", String::from_utf8_lossy(&two.stderr));
+    assert!(out.contains("transformer 8.15B parameters (38 blocks)") && out.contains("T5 4.76B"), "{out}");
+    assert!(out.contains("proposed (the fastest that fits): parallel = \"pipeline\""), "{out}");
+    assert!(out.contains("holds blocks 0..19") && out.contains("holds blocks 19..38"), "{out}");
+
+    let one = plan("sd3.5-large", "24GB", &[]);
+    let err = String::from_utf8_lossy(&one.stderr);
+    assert_eq!(one.status.code(), Some(1), "{err}");
+    assert!(err.contains("no plan fits") && err.contains("device 0 needs") && err.contains("short"), "{err}");
+
+    let medium = plan("sd3-medium", "80GB", &[]);
+    let out = String::from_utf8_lossy(&medium.stdout);
+    assert!(medium.status.success() && out.contains("parallel = \"replicate\", encoders on the first device"), "{out}");
+
+    // A mode asked for is planned as asked, and refused when it does not fit.
+    let asked = plan("sd3-medium", "80GB,80GB", &["--parallel", "cfg"]);
+    assert!(asked.status.success() && String::from_utf8_lossy(&asked.stdout).contains("plan: parallel = \"cfg\""));
+    let small = plan("sd3.5-large", "24GB,24GB", &["--parallel", "replicate"]);
+    assert!(!small.status.success() && String::from_utf8_lossy(&small.stderr).contains("replicate with encoders on the CPU"));
+    let bad = plan("sd3-medium", "lots", &[]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--devices: `lots` is not a size like 24GB"));
 }
 
 #[test]

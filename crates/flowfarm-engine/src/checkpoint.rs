@@ -317,6 +317,14 @@ impl Checkpoint {
         MmDit::load(self.config()?, self, dtype, device)
     }
 
+    /// Builds one stage of a block pipeline: the joint blocks `blocks` only.
+    ///
+    /// # Errors
+    /// As [`Checkpoint::config`] and [`MmDit::load_blocks`].
+    pub fn load_stage(&self, dtype: DType, device: &Device, blocks: std::ops::Range<usize>) -> Result<MmDit, EngineError> {
+        MmDit::load_blocks(self.config()?, self, dtype, device, blocks)
+    }
+
     /// Every transformer weight under its diffusers name, in the file's
     /// dtype, on the CPU (q, k, v split out of fused projections).
     ///

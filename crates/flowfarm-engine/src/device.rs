@@ -53,6 +53,24 @@ pub fn open_device(spec: &str) -> Result<Device, EngineError> {
     Device::new_cuda(ordinal).map_err(|e| bad(format!("cannot open GPU {ordinal}: {e}")))
 }
 
+/// Every GPU the driver lets this process open, as `cuda:N` names (a
+/// worker's `devices = "all"`).
+///
+/// # Errors
+/// [`EngineError::Device`] when this build has no CUDA support or no GPU opens.
+pub fn every_gpu() -> Result<Vec<String>, EngineError> {
+    let bad = |reason: &str| EngineError::Device { spec: "all".into(), reason: reason.into() };
+    if !CUDA_BUILT {
+        return Err(bad("`all` means every GPU, and this flowfarm was built without CUDA; rebuild with `--features cuda`, or list CPU devices (`cpu:0`, `cpu:1`)"));
+    }
+    // Ordinals are dense: the first that does not open is past the last GPU.
+    let names: Vec<String> = (0..64).take_while(|&n| Device::new_cuda(n).is_ok()).map(|n| format!("cuda:{n}")).collect();
+    if names.is_empty() {
+        return Err(bad("no GPU could be opened (is the driver loaded, and CUDA_VISIBLE_DEVICES set right?)"));
+    }
+    Ok(names)
+}
+
 /// The dtype named by `name` (`f32`, `f16` or `bf16`, any case).
 ///
 /// # Errors

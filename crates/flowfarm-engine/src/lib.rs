@@ -9,6 +9,10 @@
 //!   (`transformer/`, sharded or not) layouts, detected from the keys, memory-mapped.
 //! - [`sampler`]: Euler flow matching with classifier-free guidance, each
 //!   sample of a batch with its own sigmas (shift) and guidance.
+//! - [`plan`]: the memory each device needs per mode, from the configs
+//!   alone, and the fastest mode that fits.
+//! - [`stages`]: the transformer's blocks split across devices, several
+//!   renders in flight through them (block pipeline).
 //! - [`noise`]: the initial latent from a portable seeded RNG on the CPU.
 //! - [`tiny`]: random tiny models in both layouts, for tests and benchmarks.
 //! - [`vae`]: the 16-channel VAE decoder (diffusers layout), latents to pixels.
@@ -33,9 +37,11 @@ pub mod identity;
 pub mod mmdit;
 pub mod noise;
 pub mod pipeline;
+pub mod plan;
 pub mod png_output;
 pub mod sampler;
 pub mod source;
+pub mod stages;
 pub mod t5;
 pub mod tiny;
 pub mod tokenize;

@@ -8,6 +8,7 @@
 //! T5 is left out); pooled = CLIP-L pooled ‖ CLIP-G pooled, both projected.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use crate::clip::ClipTextEncoder;
 use crate::identity::WeightsIdentity;
 use crate::sampler::{sample_on, Replica, Replicas, SampleJob, StepCallback};
 use crate::source::{ComponentFiles, ModelLayout, ModelSource, Part as ModelPart};
+use crate::stages::{split_blocks, BlockPipeline, Stage};
 use crate::t5::T5Encoder;
 use crate::tokenize::{PromptTokenizer, CLIP_MAX_LENGTH};
 use crate::vae::{to_rgb8, Decoding, Vae};
@@ -108,10 +110,11 @@ impl TextEncoders {
         let layout = ModelSource::at(dir).resolve()?;
         let report = crate::verify::examine(&layout);
         report.ensure_sound(dir)?;
-        Self::from_layout(&layout, &report, t5_length, dtype, device)
+        Self::from_layout(&layout, &report, t5_length, true, dtype, device)
     }
 
-    /// The encoders of a resolved and examined model.
+    /// The encoders of a resolved and examined model; T5's weights are not
+    /// read unless `with_t5` (and the model has them).
     ///
     /// # Errors
     /// [`EngineError::Checkpoint`] when a part does not fit its config; tokenizer errors.
@@ -119,6 +122,7 @@ impl TextEncoders {
         layout: &ModelLayout,
         report: &ModelReport,
         t5_length: usize,
+        with_t5: bool,
         dtype: DType,
         device: &Device,
     ) -> Result<Self, EngineError> {
@@ -127,7 +131,7 @@ impl TextEncoders {
         };
         let clip =
             |c: &ComponentFiles| Part::new(c, identity(c.part)?, CLIP_MAX_LENGTH, ClipTextEncoder::from_component(c, dtype, device, None)?);
-        let t5 = match &layout.t5 {
+        let t5 = match layout.t5.as_ref().filter(|_| with_t5) {
             Some(c) => Some(Part::new(c, identity(ModelPart::T5)?, t5_length, T5Encoder::from_component(c, dtype, device, None)?)?),
             None => None,
         };
@@ -278,8 +282,45 @@ fn once_per_image_dtype(dtype: DType, device: &Device) -> DType {
     }
 }
 
+/// How a [`Pipeline`] is loaded, beyond where its weights are.
+#[derive(Debug, Clone)]
+pub struct Loading {
+    /// T5 tokens per prompt.
+    pub t5_length: usize,
+    /// The transformer's dtype (the once-per-image parts follow
+    /// [`once_per_image_dtype`]).
+    pub dtype: DType,
+    /// Where the transformer (or its first stage) and the VAE run.
+    pub device: Device,
+    /// Where the text encoders run; None: on `device`. Their conditioning
+    /// is moved to `device` (T5-XXL on the CPU or a card of its own).
+    pub encoders: Option<Device>,
+    /// Whether to load T5 when the model has it; false: CLIP-only, T5's
+    /// weights never read.
+    pub t5: bool,
+}
+
+impl Loading {
+    /// Everything on `device`, T5 included.
+    pub fn on(device: &Device, dtype: DType, t5_length: usize) -> Self {
+        Loading { t5_length, dtype, device: device.clone(), encoders: None, t5: true }
+    }
+}
+
+/// How a render's transformer calls are split across devices.
+pub enum Split<'a> {
+    /// On this pipeline's transformer alone.
+    One,
+    /// CFG-parallel: the conditional halves on this pipeline's transformer
+    /// (on `threads`), the unconditional halves on `uncond`, at once.
+    Cfg { threads: Option<&'a rayon::ThreadPool>, uncond: Replica<'a> },
+    /// Through a block pipeline whose first stage is on this pipeline's device.
+    Blocks(&'a BlockPipeline),
+}
+
 pub struct Pipeline {
-    pub transformer: MmDit,
+    /// The whole transformer, or the first stage of a block pipeline.
+    pub transformer: Arc<MmDit>,
     pub vae: Vae,
     pub encoders: TextEncoders,
     /// The weights' identity, the same in every form they come in.
@@ -289,6 +330,7 @@ pub struct Pipeline {
     /// The scheduler config's shift, when the model has one.
     pub scheduler_shift: Option<f64>,
     device: Device,
+    encoder_device: Device,
 }
 
 impl Pipeline {
@@ -306,6 +348,58 @@ impl Pipeline {
     /// # Errors
     /// [`EngineError::Checkpoint`] naming every missing or malformed part.
     pub fn load(source: &ModelSource, t5_length: usize, dtype: DType, device: &Device) -> Result<Self, EngineError> {
+        Self::load_with(source, &Loading::on(device, dtype, t5_length))
+    }
+
+    /// [`Pipeline::load`] as `loading` says.
+    ///
+    /// # Errors
+    /// As [`Pipeline::load`].
+    pub fn load_with(source: &ModelSource, loading: &Loading) -> Result<Self, EngineError> {
+        Self::load_part(source, loading, None)
+    }
+
+    /// Loads the model with its transformer as a block pipeline across
+    /// `stages` (a device each, and its threads for CPU devices): the
+    /// returned pipeline holds the first stage's blocks, the VAE and the
+    /// encoders on the first device; render with [`Split::Blocks`] of the
+    /// returned [`BlockPipeline`]. The blocks are split evenly
+    /// ([`split_blocks`]).
+    ///
+    /// # Errors
+    /// As [`Pipeline::load`]; [`EngineError::Input`] for no stages, or more
+    /// stages than blocks.
+    pub fn load_staged(
+        source: &ModelSource,
+        loading: &Loading,
+        stages: Vec<(Device, Option<rayon::ThreadPool>)>,
+    ) -> Result<(Self, BlockPipeline), EngineError> {
+        let layout = source.resolve()?;
+        let checkpoint = Checkpoint::from_component(&layout.transformer)?;
+        let depth = checkpoint.config()?.depth;
+        if stages.is_empty() || stages.len() > depth {
+            return Err(EngineError::Input(format!("{} stages for a {depth}-block model: give 1 to {depth}", stages.len())));
+        }
+        let ranges = split_blocks(depth, stages.len());
+        let mut parts = Vec::with_capacity(stages.len());
+        let mut pipeline = None;
+        for ((device, threads), blocks) in stages.into_iter().zip(ranges) {
+            let model = match pipeline {
+                None => {
+                    let first = Self::load_part(source, &Loading { device: device.clone(), ..loading.clone() }, Some(blocks))?;
+                    let model = first.transformer.clone();
+                    pipeline = Some(first);
+                    model
+                }
+                Some(_) => Arc::new(checkpoint.load_stage(loading.dtype, &device, blocks)?),
+            };
+            parts.push(Stage { model, threads });
+        }
+        let pipeline = pipeline.ok_or_else(|| EngineError::Input("no stages".into()))?;
+        Ok((pipeline, BlockPipeline::start(parts)?))
+    }
+
+    fn load_part(source: &ModelSource, loading: &Loading, blocks: Option<Range<usize>>) -> Result<Self, EngineError> {
         let layout = source.resolve()?;
         let report = crate::verify::examine(&layout);
         let identity = report.ensure_sound(&source.path)?;
@@ -313,15 +407,29 @@ impl Pipeline {
             Some(path) => crate::read_json::<serde_json::Value>(path, "a scheduler config")?.get("shift").and_then(|v| v.as_f64()),
             None => None,
         };
-        let once = once_per_image_dtype(dtype, device);
+        let (dtype, device) = (loading.dtype, &loading.device);
+        let encoder_device = loading.encoders.clone().unwrap_or_else(|| device.clone());
+        let checkpoint = Checkpoint::from_component(&layout.transformer)?;
+        let transformer = match blocks {
+            Some(blocks) => checkpoint.load_stage(dtype, device, blocks)?,
+            None => checkpoint.load_model(dtype, device)?,
+        };
         Ok(Pipeline {
-            transformer: Checkpoint::from_component(&layout.transformer)?.load_model(dtype, device)?,
-            vae: Vae::from_component(&layout.vae, once, device, None)?,
-            encoders: TextEncoders::from_layout(&layout, &report, t5_length, once, device)?,
+            transformer: Arc::new(transformer),
+            vae: Vae::from_component(&layout.vae, once_per_image_dtype(dtype, device), device, None)?,
+            encoders: TextEncoders::from_layout(
+                &layout,
+                &report,
+                loading.t5_length,
+                loading.t5,
+                once_per_image_dtype(dtype, &encoder_device),
+                &encoder_device,
+            )?,
             identity,
             form: layout.form.clone(),
             scheduler_shift,
             device: device.clone(),
+            encoder_device,
         })
     }
 
@@ -340,34 +448,38 @@ impl Pipeline {
     /// # Errors
     /// Encoder, sampler and decoder errors; [`EngineError::Cancelled`].
     pub fn render(&self, request: &RenderRequest, on_step: &mut StepCallback) -> Result<Rendered, EngineError> {
-        self.render_on(request, None, on_step)
+        self.render_on(request, Split::One, on_step)
     }
 
-    /// [`Pipeline::render`], CFG-parallel when `cfg` gives this pipeline's
-    /// transformer's threads and a replica for the unconditional half
-    /// (the same weights: [`Pipeline::load_transformer`]).
+    /// [`Pipeline::render`] with the transformer calls split as `split`
+    /// says: CFG-parallel with a replica of the same weights
+    /// ([`Pipeline::load_transformer`]) for the unconditional halves, or
+    /// through a block pipeline ([`Pipeline::load_staged`]).
     ///
     /// # Errors
-    /// As [`Pipeline::render`].
-    pub fn render_on(
-        &self,
-        request: &RenderRequest,
-        cfg: Option<(Option<&rayon::ThreadPool>, Replica)>,
-        on_step: &mut StepCallback,
-    ) -> Result<Rendered, EngineError> {
-        let replicas = match cfg {
-            Some((threads, uncond)) => Replicas::Cfg { cond: Replica { model: &self.transformer, threads }, uncond },
-            None => Replicas::One(&self.transformer),
+    /// As [`Pipeline::render`]; [`EngineError::Input`] for a block pipeline
+    /// that does not start on this pipeline's device.
+    pub fn render_on(&self, request: &RenderRequest, split: Split, on_step: &mut StepCallback) -> Result<Rendered, EngineError> {
+        let replicas = match split {
+            Split::Cfg { threads, uncond } => Replicas::Cfg { cond: Replica { model: &self.transformer, threads }, uncond },
+            Split::One => Replicas::One(&self.transformer),
+            Split::Blocks(stages) => {
+                if !stages.devices().first().is_some_and(|d| d.same_device(&self.device)) {
+                    return Err(EngineError::Input("the block pipeline must start on this pipeline's device".into()));
+                }
+                Replicas::Blocks(stages)
+            }
         };
         let joint = self.transformer.config().joint_attention_dim;
-        let cond = self.encoders.encode(&request.prompt, request.use_t5, joint, &self.device)?;
-        let uncond = self.encoders.encode(&request.negative_prompt, request.use_t5, joint, &self.device)?;
+        let cond = self.encoders.encode(&request.prompt, request.use_t5, joint, &self.encoder_device)?;
+        let uncond = self.encoders.encode(&request.negative_prompt, request.use_t5, joint, &self.encoder_device)?;
+        let here = |t: Tensor| t.to_device(&self.device);
         let job = SampleJob {
             latent: request.initial_latent.to_device(&self.device)?,
-            context: cond.context,
-            pooled: cond.pooled,
-            negative_context: uncond.context,
-            negative_pooled: uncond.pooled,
+            context: here(cond.context)?,
+            pooled: here(cond.pooled)?,
+            negative_context: here(uncond.context)?,
+            negative_pooled: here(uncond.pooled)?,
             guidance: request.guidance,
             sigmas: flow_match_sigmas(request.shift, request.steps),
         };

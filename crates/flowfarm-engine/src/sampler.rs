@@ -5,14 +5,18 @@
 //! transformer call per step evaluates every job's conditional and (when its
 //! guidance is not 1) unconditional halves together; or, CFG-parallel, two
 //! calls at once on two replicas of the transformer, the conditional halves
-//! on one and the unconditional halves on the other ([`Replicas::Cfg`]).
+//! on one and the unconditional halves on the other ([`Replicas::Cfg`]); or
+//! through a block pipeline whose stages are on several devices
+//! ([`Replicas::Blocks`]).
 //!
 //! Invariant: on the CPU in F32 a sample's rows give the same bits whatever
-//! other rows share the call, so the two forms give the same latents.
+//! other rows share the call, and whichever device runs which blocks, so
+//! every form gives the same latents.
 
 use candle_core::{DType, Tensor};
 
 use crate::mmdit::MmDit;
+use crate::stages::BlockPipeline;
 use crate::EngineError;
 
 /// One job's inputs.
@@ -86,6 +90,20 @@ pub enum Replicas<'a> {
     /// both at once; the velocity is combined on `cond`'s device, where the
     /// latents live.
     Cfg { cond: Replica<'a>, uncond: Replica<'a> },
+    /// Every row in one call that travels through the stages of a block
+    /// pipeline; the latents live on its first stage's device.
+    Blocks(&'a BlockPipeline),
+}
+
+impl Replicas<'_> {
+    /// One call with every row given (not split by halves).
+    fn forward(&self, x: &Tensor, t: &Tensor, context: &Tensor, pooled: &Tensor, skip: &[usize]) -> Result<Tensor, EngineError> {
+        match self {
+            Replicas::One(model) => model.forward(x, t, context, pooled, skip),
+            Replicas::Cfg { cond, .. } => cond.run(|| cond.model.forward(x, t, context, pooled, skip)),
+            Replicas::Blocks(stages) => stages.forward(x, t, context, pooled, skip),
+        }
+    }
 }
 
 /// Samples every job to its final latent, (1, C, H, W) F32 each, in order.
@@ -115,9 +133,9 @@ pub fn sample_on(
     slg: Option<&SkipLayerGuidance>,
     on_step: &mut StepCallback,
 ) -> Result<Vec<Tensor>, EngineError> {
-    let (model, pinned) = match replicas {
-        Replicas::One(model) => (model, None),
-        Replicas::Cfg { cond, uncond } => (cond.model, Some((cond, uncond))),
+    let pinned = match replicas {
+        Replicas::Cfg { cond, uncond } => Some((cond, uncond)),
+        Replicas::One(_) | Replicas::Blocks(_) => None,
     };
     let Some(first) = jobs.first() else { return Ok(Vec::new()) };
     let steps = first.sigmas.len().saturating_sub(1);
@@ -178,19 +196,12 @@ pub fn sample_on(
                 });
                 Tensor::cat(&[v_c?.to_dtype(DType::F32)?, v_u?.to_dtype(DType::F32)?.to_device(device)?], 0)?
             }
-            (Some((cond, _)), None) => cond.run(|| model.forward(&input, &t, &context, &pooled, &[]))?.to_dtype(DType::F32)?,
-            (None, _) => model.forward(&input, &t, &context, &pooled, &[])?.to_dtype(DType::F32)?,
+            _ => replicas.forward(&input, &t, &context, &pooled, &[])?.to_dtype(DType::F32)?,
         };
         let v_skip = match slg {
             Some(slg) if slg.active(step, steps) => {
-                let x = input.narrow(0, 0, n)?;
-                let t = t.narrow(0, 0, n)?;
-                let skipped = || model.forward(&x, &t, &cond_context, &cond_pooled, &slg.layers);
-                let v = match pinned {
-                    Some((cond, _)) => cond.run(skipped)?,
-                    None => skipped()?,
-                };
-                Some(v.to_dtype(DType::F32)?)
+                let (x, t) = (input.narrow(0, 0, n)?, t.narrow(0, 0, n)?);
+                Some(replicas.forward(&x, &t, &cond_context, &cond_pooled, &slg.layers)?.to_dtype(DType::F32)?)
             }
             _ => None,
         };

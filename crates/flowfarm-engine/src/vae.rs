@@ -425,26 +425,7 @@ impl Vae {
     /// whichever is larger. Weights are not
     /// counted; they are loaded already.
     pub fn whole_decode_bytes(&self, batch: usize, h: usize, w: usize) -> u64 {
-        let mut pixels = (h * w) as u64;
-        let top = self.block_out_channels.last().copied().unwrap_or(0) as u64;
-        let bytes = self.dtype.size_in_bytes() as u64;
-        // The mid block's attention: scores and probabilities in the VAE's
-        // dtype, and the softmax's F32 copy of them.
-        let attention = pixels * pixels * (2 * bytes + 8);
-        let mut peak = 0u64;
-        let mut previous = top;
-        let levels = self.block_out_channels.len();
-        for (i, &out) in self.block_out_channels.iter().rev().enumerate() {
-            let out = out as u64;
-            // The level's first convolution takes the previous level's channels.
-            peak = peak.max(previous.max(out) * pixels * CONV_PEAK_PER_INPUT);
-            if i + 1 < levels {
-                pixels *= 4;
-                peak = peak.max(out * pixels * CONV_PEAK_PER_INPUT);
-            }
-            previous = out;
-        }
-        (peak * bytes).max(attention) * batch as u64
+        decode_peak_bytes(&self.block_out_channels, self.dtype.size_in_bytes() as u64, batch, h, w)
     }
 
     /// Decodes sampler latents (B, 16, h, w) to images (B, 3, 8h, 8w) in
@@ -557,6 +538,30 @@ pub fn to_rgb8(image: &Tensor) -> Result<(usize, usize, Vec<u8>), EngineError> {
     let pixels = ((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
     let hwc = pixels.permute((1, 2, 0))?.flatten_all()?.to_vec1::<f32>()?;
     Ok((w, h, hwc.iter().map(|v| (v * 255.0).round() as u8).collect()))
+}
+
+/// [`Vae::whole_decode_bytes`] for a decoder of `block_out_channels` whose
+/// elements are `bytes` wide (the memory planner uses it without a VAE).
+pub fn decode_peak_bytes(block_out_channels: &[usize], bytes: u64, batch: usize, h: usize, w: usize) -> u64 {
+    let mut pixels = (h * w) as u64;
+    let top = block_out_channels.last().copied().unwrap_or(0) as u64;
+    // The mid block's attention: scores and probabilities in the VAE's
+    // dtype, and the softmax's F32 copy of them.
+    let attention = pixels * pixels * (2 * bytes + 8);
+    let mut peak = 0u64;
+    let mut previous = top;
+    let levels = block_out_channels.len();
+    for (i, &out) in block_out_channels.iter().rev().enumerate() {
+        let out = out as u64;
+        // The level's first convolution takes the previous level's channels.
+        peak = peak.max(previous.max(out) * pixels * CONV_PEAK_PER_INPUT);
+        if i + 1 < levels {
+            pixels *= 4;
+            peak = peak.max(out * pixels * CONV_PEAK_PER_INPUT);
+        }
+        previous = out;
+    }
+    (peak * bytes).max(attention) * batch as u64
 }
 
 #[cfg(test)]

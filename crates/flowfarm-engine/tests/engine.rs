@@ -10,6 +10,7 @@ use flowfarm_engine::checkpoint::{write_diffusers, write_single_file};
 use flowfarm_engine::mmdit::Variant;
 use flowfarm_engine::noise::initial_latent;
 use flowfarm_engine::sampler::{sample, sample_on, Replica, Replicas, SampleJob, SkipLayerGuidance};
+use flowfarm_engine::stages::{split_blocks, BlockPipeline, Stage};
 use flowfarm_engine::tiny::{random_weights, tiny_config};
 use flowfarm_engine::{Checkpoint, EngineError, Layout, MmDit};
 
@@ -170,6 +171,74 @@ fn cfg_parallel_gives_the_same_latents_as_one_call() {
             assert!(equal(a, b), "{variant:?}: job {i} differs between one call and CFG-parallel");
         }
     }
+}
+
+/// A block pipeline over two or three stages, each on threads of its own,
+/// gives the same bits as one call, for each variant (with skip-layer
+/// guidance too), and renders from several threads at once are in flight
+/// together without mixing up their answers.
+#[test]
+fn a_block_pipeline_gives_the_same_latents_as_one_model() {
+    let every_step = SkipLayerGuidance { layers: vec![1], scale: 2.8, start: 0.0, stop: 1.0 };
+    for (variant, slg) in [(Variant::Sd3Medium, None), (Variant::Sd35Large, None), (Variant::Sd35Medium, Some(&every_step))] {
+        let config = tiny_config(variant);
+        let dir = tempfile::tempdir().unwrap();
+        write_diffusers(&config, &random_weights(&config, 11).unwrap(), dir.path()).unwrap();
+        let checkpoint = Checkpoint::open(dir.path()).unwrap();
+        let whole = checkpoint.load_model(DType::F32, &support::device()).unwrap();
+        let jobs = [job(7, 1.5, 1.0), job(42, 3.0, 5.0), job(9, 6.0, 7.5)];
+        let one = sample(&whole, &jobs, slg, &mut |_, _| true).unwrap();
+        for parts in [2, 3] {
+            let stages = split_blocks(config.depth, parts)
+                .into_iter()
+                .map(|blocks| Stage {
+                    model: std::sync::Arc::new(checkpoint.load_stage(DType::F32, &support::device(), blocks).unwrap()),
+                    threads: Some(rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap()),
+                })
+                .collect();
+            let pipeline = BlockPipeline::start(stages).unwrap();
+            assert_eq!(pipeline.ranges().len(), parts);
+            // Each job sampled alone, all three at once from their own threads.
+            let split: Vec<Tensor> = std::thread::scope(|scope| {
+                let runs: Vec<_> = jobs
+                    .iter()
+                    .map(|job| {
+                        let pipeline = &pipeline;
+                        scope.spawn(move || sample_on(Replicas::Blocks(pipeline), std::slice::from_ref(job), slg, &mut |_, _| true))
+                    })
+                    .collect();
+                runs.into_iter().map(|r| r.join().unwrap().unwrap().remove(0)).collect()
+            });
+            for (i, (a, b)) in one.iter().zip(&split).enumerate() {
+                assert!(equal(a, b), "{variant:?}, {parts} stages: job {i} differs from one model's");
+            }
+            let together = sample_on(Replicas::Blocks(&pipeline), &jobs, slg, &mut |_, _| true).unwrap();
+            assert!(one.iter().zip(&together).all(|(a, b)| equal(a, b)), "{variant:?}: the batch through {parts} stages");
+        }
+    }
+}
+
+#[test]
+fn stages_must_cover_the_model_in_order_and_a_stage_alone_cannot_forward() {
+    let config = tiny_config(Variant::Sd3Medium);
+    let dir = tempfile::tempdir().unwrap();
+    write_diffusers(&config, &random_weights(&config, 3).unwrap(), dir.path()).unwrap();
+    let checkpoint = Checkpoint::open(dir.path()).unwrap();
+    let stage = |blocks: std::ops::Range<usize>| Stage {
+        model: std::sync::Arc::new(checkpoint.load_stage(DType::F32, &Device::Cpu, blocks).unwrap()),
+        threads: None,
+    };
+    let (x, t, c, y) = inputs(1, 8, 8, 1);
+    let err = stage(0..1).model.forward(&x, &t, &c, &y, &[]).unwrap_err().to_string();
+    assert!(err.contains("holds blocks 0..1 of 3: run it as a stage of a block pipeline"), "{err}");
+    let gap = BlockPipeline::start(vec![stage(0..1), stage(2..3)]).err().unwrap().to_string();
+    assert!(gap.contains("stage 1 holds blocks 2..3; it must start at block 1"), "{gap}");
+    let short = BlockPipeline::start(vec![stage(0..1), stage(1..2)]).err().unwrap().to_string();
+    assert!(short.contains("the stages end at block 2; the model has 3"), "{short}");
+    let past = checkpoint.load_stage(DType::F32, &Device::Cpu, 2..4).err().unwrap().to_string();
+    assert!(past.contains("blocks 2..4 of a 3-block model"), "{past}");
+    assert_eq!(split_blocks(24, 2), vec![0..12, 12..24]);
+    assert_eq!(split_blocks(38, 3), vec![0..12, 12..25, 25..38]);
 }
 
 #[test]

@@ -51,16 +51,19 @@ pub struct WorkerConfig {
     /// with `--features cuda`). Env: `FLOWFARM_DEVICE`.
     pub device: String,
     /// Several devices (`["cuda:0", "cuda:1"]`, or `["cpu:0", "cpu:1"]`, each
-    /// CPU device with its own share of the cores), used instead of `device`:
-    /// every model is loaded on each, each device has `capacity` slots, and a
-    /// claimed job goes to the device with the most free slots (replicas).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub devices: Vec<String>,
-    /// How `devices` share the work: `replicate` (each device renders jobs
-    /// of its own) or `cfg` (devices pair up in order, and each pair renders
-    /// one job at a time, the conditional half of every step on the first
-    /// and the unconditional half on the second, at once: about half the
-    /// latency of one device, the same image). Block pipelines are not built.
+    /// CPU device with its own share of the cores), used instead of
+    /// `device`; or `"all"`, every GPU the driver shows (a CUDA build).
+    #[serde(default, skip_serializing_if = "DeviceList::is_empty")]
+    pub devices: DeviceList,
+    /// How `devices` share a model's work, unless its `[[models]]` entry
+    /// says otherwise (all give the same image as one device):
+    /// - `replicate`: the model on each device, `capacity` jobs each;
+    /// - `cfg`: devices pair up in order; each pair renders one job at a
+    ///   time, the conditional half of every step on the first and the
+    ///   unconditional half on the second, at once (about half the latency);
+    /// - `pipeline`: the transformer's blocks split into a contiguous range
+    ///   per device (a model larger than one card runs), `capacity` jobs per
+    ///   device in flight through them.
     pub parallel: String,
     /// Precision of weights and activations: `f32`, `f16` or `bf16`.
     pub dtype: String,
@@ -110,6 +113,53 @@ pub struct ModelEntry {
     /// A diffusers folder's weight variant (`fp16` reads `*.fp16.safetensors`).
     #[serde(default)]
     pub variant: Option<String>,
+    /// This model's `parallel` mode; absent: the worker's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<String>,
+    /// Where its text encoders run: `same` (the device of the transformer,
+    /// or of its first stage), `cpu`, or `cuda:N` (T5-XXL on a card of
+    /// its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoders: Option<String>,
+    /// `all`, or `clip-only`: T5 is never loaded. Encoder sets are per
+    /// worker, so the worker then takes CLIP-only jobs only, of every model.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_encoders: Option<String>,
+}
+
+/// `devices`: names, or `"all"`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DeviceList {
+    #[default]
+    #[serde(skip)]
+    Unset,
+    Named(Vec<String>),
+    /// `"all"`; any other text is refused by [`WorkerConfig::check`].
+    Every(String),
+}
+
+impl DeviceList {
+    fn is_empty(&self) -> bool {
+        match self {
+            DeviceList::Unset => true,
+            DeviceList::Named(names) => names.is_empty(),
+            DeviceList::Every(_) => false,
+        }
+    }
+}
+
+/// How one model's work is spread over a worker's devices (`parallel`).
+pub use flowfarm_engine::plan::Mode as Parallel;
+
+/// Jobs one model in `mode` takes at once on `devices` devices with
+/// `capacity` each: every device's `capacity` (replicas, or jobs in flight
+/// through a pipeline), or one pair's for CFG pairs.
+pub fn mode_slots(mode: Parallel, capacity: u32, devices: usize) -> u32 {
+    match mode {
+        Parallel::Replicate | Parallel::Pipeline => capacity * devices as u32,
+        Parallel::Cfg => capacity * (devices / 2) as u32,
+    }
 }
 
 impl ModelEntry {
@@ -142,7 +192,7 @@ impl Default for WorkerConfig {
             results_url: None,
             capacity: 1,
             device: "cpu".into(),
-            devices: Vec::new(),
+            devices: DeviceList::Unset,
             parallel: "replicate".into(),
             dtype: "f32".into(),
             drain_timeout_seconds: 300.0,
@@ -181,22 +231,27 @@ pub enum WorkerConfigError {
 }
 
 impl WorkerConfig {
-    /// What renders jobs side by side: each device, or each pair with `parallel = "cfg"`.
-    pub fn render_units(&self) -> usize {
-        let devices = self.device_names().len();
-        if self.parallel == "cfg" {
-            devices / 2
-        } else {
-            devices
-        }
+    /// Model `index`'s mode, which [`WorkerConfig::check`] accepted.
+    pub fn parallel_of(&self, index: usize) -> Parallel {
+        let text = self.models.get(index).and_then(|m| m.parallel.as_deref()).unwrap_or(&self.parallel);
+        Parallel::parse(text).unwrap_or(Parallel::Replicate)
     }
 
-    /// The devices to render on: `devices`, or `device` alone.
+    /// Jobs the worker takes at once: the most any of its models takes
+    /// ([`Parallel::slots`]) on `devices` devices.
+    pub fn slots(&self, devices: usize) -> u32 {
+        (0..self.models.len()).map(|i| mode_slots(self.parallel_of(i), self.capacity, devices)).max().unwrap_or(self.capacity)
+    }
+
+    /// The devices to render on: `devices`, or `device` alone. `"all"` is
+    /// resolved when the worker starts ([`flowfarm_engine::device::every_gpu`]);
+    /// here it is the empty list.
     pub fn device_names(&self) -> Vec<String> {
-        if self.devices.is_empty() {
-            vec![self.device.clone()]
-        } else {
-            self.devices.clone()
+        match &self.devices {
+            DeviceList::Unset => vec![self.device.clone()],
+            DeviceList::Named(names) if names.is_empty() => vec![self.device.clone()],
+            DeviceList::Named(names) => names.clone(),
+            DeviceList::Every(_) => Vec::new(),
         }
     }
 
@@ -289,7 +344,12 @@ impl WorkerConfig {
             return invalid(format!("device: `{}` is not `cpu`, `cpu:N`, `cuda` or `cuda:N`", self.device));
         }
         use flowfarm_engine::device::{parse_device, DeviceSpec};
-        for (i, name) in self.devices.iter().enumerate() {
+        let names = match &self.devices {
+            DeviceList::Every(all) if all == "all" => None,
+            DeviceList::Every(other) => return invalid(format!("devices: `{other}` is neither a list of devices nor \"all\"")),
+            _ => Some(self.device_names()),
+        };
+        for (i, name) in names.iter().flatten().enumerate() {
             let Ok(spec) = parse_device(name) else {
                 return invalid(format!("devices[{i}]: `{name}` is not `cpu`, `cpu:N`, `cuda` or `cuda:N`"));
             };
@@ -298,30 +358,46 @@ impl WorkerConfig {
                 (DeviceSpec::Cuda(a), Ok(DeviceSpec::Cuda(b))) => a == b,
                 _ => other.trim() == name.trim(),
             };
-            if self.devices[..i].iter().any(same) {
+            if names.iter().flatten().take(i).any(same) {
                 return invalid(format!("devices[{i}]: `{name}` is listed twice"));
             }
         }
-        match self.parallel.as_str() {
-            "replicate" => {}
-            "cfg" if self.devices.len() >= 2 && self.devices.len().is_multiple_of(2) => {}
-            "cfg" => {
-                return invalid(format!(
-                    "parallel = \"cfg\" pairs the devices up; `devices` lists {}: list an even number, at least 2",
-                    self.devices.len()
-                ))
+        if let Err(e) = Parallel::parse(&self.parallel) {
+            return invalid(format!("parallel: {e}"));
+        }
+        for (i, m) in self.models.iter().enumerate() {
+            let key = |k: &str| if m.parallel.is_some() && k == "parallel" { format!("models[{i}].parallel") } else { k.to_owned() };
+            let mode = match Parallel::parse(m.parallel.as_deref().unwrap_or(&self.parallel)) {
+                Ok(mode) => mode,
+                Err(e) => return invalid(format!("{}: {e}", key("parallel"))),
+            };
+            // With "all", the count is known at start; the worker checks it then.
+            if let Some(names) = &names {
+                if let Err(e) = mode_fits(mode, names.len()) {
+                    return invalid(format!("{} = \"{}\": {e}", key("parallel"), mode.as_str()));
+                }
             }
-            "pipeline" => return invalid("parallel: `pipeline` is not built yet; use `replicate` or `cfg`".into()),
-            other => return invalid(format!("parallel: `{other}` is not `replicate` or `cfg`")),
+            if let Some(encoders) = &m.encoders {
+                if encoders != "same" && parse_device(encoders).is_err() {
+                    return invalid(format!("models[{i}].encoders: `{encoders}` is not `same`, `cpu` or `cuda:N`"));
+                }
+            }
+            if let Some(set) = &m.text_encoders {
+                if set != "all" && set != "clip-only" {
+                    return invalid(format!("models[{i}].text_encoders: `{set}` is not `all` or `clip-only`"));
+                }
+            }
         }
         // The coordinator takes at most 64 slots per worker.
-        let slots = u64::from(self.capacity) * self.render_units() as u64;
-        if slots > 64 {
-            return invalid(format!(
-                "capacity {} on each of {} devices is {slots} slots, more than the 64 a worker may have; lower capacity or list fewer devices",
-                self.capacity,
-                self.devices.len()
-            ));
+        if let Some(names) = &names {
+            let slots = u64::from(self.slots(names.len()));
+            if slots > 64 {
+                return invalid(format!(
+                    "capacity {} on each of {} devices is {slots} slots, more than the 64 a worker may have; lower capacity or list fewer devices",
+                    self.capacity,
+                    names.len()
+                ));
+            }
         }
         for (i, m) in self.models.iter().enumerate() {
             if m.name.trim().is_empty() {
@@ -370,6 +446,20 @@ impl WorkerConfig {
     /// The configured name, or `{hostname}-{pid}`.
     pub fn worker_name(&self) -> String {
         self.name.clone().unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()))
+    }
+}
+
+/// Whether `mode` can use `devices` devices; a message saying what to list.
+///
+/// # Errors
+/// The message.
+pub fn mode_fits(mode: Parallel, devices: usize) -> Result<(), String> {
+    match mode {
+        Parallel::Replicate => Ok(()),
+        Parallel::Cfg if devices >= 2 && devices.is_multiple_of(2) => Ok(()),
+        Parallel::Cfg => Err(format!("CFG pairs the devices up; there are {devices}: list an even number, at least 2")),
+        Parallel::Pipeline if devices >= 2 => Ok(()),
+        Parallel::Pipeline => Err(format!("a block pipeline needs at least 2 devices; there are {devices}")),
     }
 }
 
@@ -447,25 +537,61 @@ mod tests {
         c.device = "gpu0".into();
         assert!(c.check().unwrap_err().to_string().contains("device: `gpu0` is not `cpu`, `cpu:N`, `cuda` or `cuda:N`"));
         let mut c = base();
-        c.devices = vec!["cpu:0".into(), "cpu:1".into()];
+        let named = |names: &[&str]| DeviceList::Named(names.iter().map(|n| n.to_string()).collect());
+        c.devices = named(&["cpu:0", "cpu:1"]);
         c.check().unwrap();
         assert_eq!(c.device_names(), vec!["cpu:0", "cpu:1"]);
-        c.devices.push("cpu:0".into());
+        c.devices = named(&["cpu:0", "cpu:1", "cpu:0"]);
         assert!(c.check().unwrap_err().to_string().contains("devices[2]: `cpu:0` is listed twice"));
-        c.devices = vec!["cpu:0".into(), "tpu".into()];
+        c.devices = named(&["cpu:0", "tpu"]);
         assert!(c.check().unwrap_err().to_string().contains("devices[1]: `tpu` is not"));
-        c.devices = vec!["cuda".into(), "cuda:0".into()];
+        c.devices = named(&["cuda", "cuda:0"]);
         assert!(c.check().unwrap_err().to_string().contains("devices[1]: `cuda:0` is listed twice"), "one GPU, two names");
-        c.devices = vec!["cpu:0".into(), "cpu:1".into()];
+        c.devices = named(&["cpu:0", "cpu:1"]);
         c.capacity = 40;
         assert!(c.check().unwrap_err().to_string().contains("80 slots, more than the 64"));
         c.parallel = "cfg".into();
         c.check().unwrap();
-        assert_eq!(c.render_units(), 1, "a pair renders as one");
-        c.devices.push("cpu:2".into());
-        assert!(c.check().unwrap_err().to_string().contains("lists 3: list an even number"));
+        assert_eq!(c.slots(2), 40, "a pair renders as one");
+        c.devices = named(&["cpu:0", "cpu:1", "cpu:2"]);
+        c.capacity = 2;
+        assert!(c.check().unwrap_err().to_string().contains("there are 3: list an even number"));
         c.parallel = "pipeline".into();
-        assert!(c.check().unwrap_err().to_string().contains("`pipeline` is not built yet"));
+        c.check().unwrap();
+        assert_eq!(c.slots(3), 6, "capacity jobs in flight per stage");
+        c.devices = named(&["cpu:0"]);
+        assert!(c.check().unwrap_err().to_string().contains("parallel = \"pipeline\": a block pipeline needs at least 2 devices"));
+        c.parallel = "ring".into();
+        assert!(c.check().unwrap_err().to_string().contains("parallel: `ring` is not `replicate`, `cfg` or `pipeline`"));
+        // One model's own mode, encoder placement and encoder set.
+        let mut c = base();
+        c.devices = named(&["cpu:0", "cpu:1"]);
+        c.models[0].parallel = Some("pipeline".into());
+        c.models.push(ModelEntry { name: "second".into(), ..c.models[0].clone() });
+        c.models[1].parallel = Some("cfg".into());
+        c.check().unwrap();
+        assert_eq!((c.parallel_of(0), c.parallel_of(1)), (Parallel::Pipeline, Parallel::Cfg));
+        assert_eq!(c.slots(2), 2, "the largest model's share");
+        c.models[1].parallel = Some("rings".into());
+        assert!(c.check().unwrap_err().to_string().contains("models[1].parallel: `rings` is not"));
+        c.models[1].parallel = None;
+        c.models[1].encoders = Some("gpu".into());
+        assert!(c.check().unwrap_err().to_string().contains("models[1].encoders: `gpu` is not `same`, `cpu` or `cuda:N`"));
+        c.models[1].encoders = Some("cpu".into());
+        c.models[1].text_encoders = Some("t5-only".into());
+        assert!(c.check().unwrap_err().to_string().contains("models[1].text_encoders: `t5-only` is not `all` or `clip-only`"));
+        c.models[1].text_encoders = Some("clip-only".into());
+        c.check().unwrap();
+        // "all" is a list resolved at start; other words are refused.
+        let all: WorkerConfig = toml::from_str("devices = \"all\"\n[[models]]\nname = \"m\"\npath = \".\"\n").unwrap();
+        assert_eq!(all.devices, DeviceList::Every("all".into()));
+        let list: WorkerConfig = toml::from_str("devices = [\"cuda:0\"]\n[[models]]\nname = \"m\"\npath = \".\"\n").unwrap();
+        assert_eq!(list.devices, named(&["cuda:0"]));
+        let mut c = base();
+        c.devices = DeviceList::Every("every".into());
+        assert!(c.check().unwrap_err().to_string().contains("devices: `every` is neither a list of devices nor \"all\""));
+        c.devices = DeviceList::Every("all".into());
+        c.check().unwrap();
         assert_eq!(base().device_names(), vec!["cpu"], "without `devices`, the one `device`");
         let mut c = base();
         c.dtype = "f64".into();

@@ -100,10 +100,13 @@ impl WorkerMetrics {
         let _ = self.inner.device_busy.get_or_create(&vec![("device", name.to_owned())]);
     }
 
-    /// A render of `seconds` on `device` that succeeded.
-    pub(crate) fn observe_render(&self, device: &str, seconds: f64) {
+    /// A render of `seconds` that succeeded, on every device in `devices`
+    /// (one, a CFG pair, or a block pipeline's).
+    pub(crate) fn observe_render(&self, devices: &[String], seconds: f64) {
         self.inner.render_seconds.observe(seconds);
-        self.inner.device_busy.get_or_create(&vec![("device", device.to_owned())]).inc_by(seconds);
+        for device in devices {
+            self.inner.device_busy.get_or_create(&vec![("device", device.clone())]).inc_by(seconds);
+        }
     }
 
     /// The text exposition.

@@ -6,9 +6,10 @@ use candle_core::{DType, Device};
 use flowfarm_core::{ResolvedJob, TextEncoderSet};
 use flowfarm_engine::cache::EmbeddingCache;
 use flowfarm_engine::noise::initial_latent;
-use flowfarm_engine::pipeline::{Pipeline, RenderRequest, VaeTiling};
+use flowfarm_engine::pipeline::{Loading, Pipeline, RenderRequest, Split, VaeTiling};
 use flowfarm_engine::png_output::{encode, RenderParameters};
 use flowfarm_engine::sampler::Replica;
+use flowfarm_engine::stages::BlockPipeline;
 use flowfarm_engine::vae::Decoding;
 use flowfarm_engine::MmDit;
 use flowfarm_engine::{EngineError, ModelSource};
@@ -67,8 +68,16 @@ pub struct JobRenderer {
     device: Device,
     /// For jobs that leave it to the worker.
     vae_tiling: VaeTiling,
+    /// How its transformer calls are split across devices.
+    split: Splitting,
+}
+
+enum Splitting {
+    One,
     /// CFG-parallel: the unconditional half on another device's replica.
-    cfg: Option<CfgPartner>,
+    Cfg(Box<CfgPartner>),
+    /// The blocks across several devices; renders in flight together.
+    Blocks(BlockPipeline),
 }
 
 /// The second device of a CFG pair, and the threads of both halves (CPU
@@ -81,20 +90,40 @@ struct CfgPartner {
 
 impl JobRenderer {
     /// Finds, checks and loads the model `source` names, in any published
-    /// form, on `device` in `dtype`.
+    /// form, as `loading` says (device, dtype, encoder placement, T5 or not).
     ///
     /// # Errors
     /// [`EngineError`] naming every part of the model that is missing or malformed.
-    pub fn open(
-        source: &ModelSource,
-        t5_max_length: usize,
-        cache: Arc<EmbeddingCache>,
-        device: &Device,
-        dtype: DType,
-    ) -> Result<Self, EngineError> {
-        let mut pipeline = Pipeline::load(source, t5_max_length, dtype, device)?;
+    pub fn open(source: &ModelSource, loading: &Loading, cache: Arc<EmbeddingCache>) -> Result<Self, EngineError> {
+        let mut pipeline = Pipeline::load_with(source, loading)?;
         pipeline.encoders = pipeline.encoders.with_cache(cache);
-        Ok(JobRenderer { pipeline, device: device.clone(), vae_tiling: VaeTiling::Auto, cfg: None })
+        Ok(JobRenderer { pipeline, device: loading.device.clone(), vae_tiling: VaeTiling::Auto, split: Splitting::One })
+    }
+
+    /// [`JobRenderer::open`] with the transformer's blocks split across
+    /// `stages` (a device each, with its threads for CPU devices); the
+    /// VAE and, unless `loading` places them, the encoders on the first.
+    ///
+    /// # Errors
+    /// As [`JobRenderer::open`]; more stages than blocks.
+    pub fn open_staged(
+        source: &ModelSource,
+        loading: &Loading,
+        cache: Arc<EmbeddingCache>,
+        stages: Vec<(Device, Option<rayon::ThreadPool>)>,
+    ) -> Result<Self, EngineError> {
+        let (mut pipeline, blocks) = Pipeline::load_staged(source, loading, stages)?;
+        pipeline.encoders = pipeline.encoders.with_cache(cache);
+        let device = blocks.devices()[0].clone();
+        Ok(JobRenderer { pipeline, device, vae_tiling: VaeTiling::Auto, split: Splitting::Blocks(blocks) })
+    }
+
+    /// The stages' block ranges, for a block pipeline.
+    pub fn stage_blocks(&self) -> Option<Vec<std::ops::Range<usize>>> {
+        match &self.split {
+            Splitting::Blocks(blocks) => Some(blocks.ranges().to_vec()),
+            _ => None,
+        }
     }
 
     /// The same renderer, CFG-parallel: the unconditional half of every
@@ -114,7 +143,8 @@ impl JobRenderer {
             let pool = rayon::ThreadPoolBuilder::new().num_threads(half).build();
             Ok(Some(pool.map_err(|e| EngineError::Input(format!("CFG threads: {e}")))?))
         };
-        self.cfg = Some(CfgPartner { model, threads: [threads()?, threads()?], one_at_a_time: std::sync::Mutex::new(()) });
+        self.split =
+            Splitting::Cfg(Box::new(CfgPartner { model, threads: [threads()?, threads()?], one_at_a_time: std::sync::Mutex::new(()) }));
         Ok(self)
     }
 
@@ -167,13 +197,15 @@ impl JobRenderer {
                 None => self.vae_tiling,
             },
         };
-        let rendered = match &self.cfg {
-            Some(partner) => {
+        let mut on_step = |step, total| on_step(step, total);
+        let rendered = match &self.split {
+            Splitting::Cfg(partner) => {
                 let _turn = partner.one_at_a_time.lock().unwrap_or_else(|p| p.into_inner());
                 let uncond = Replica { model: &partner.model, threads: partner.threads[1].as_ref() };
-                self.pipeline.render_on(&request, Some((partner.threads[0].as_ref(), uncond)), &mut |step, total| on_step(step, total))?
+                self.pipeline.render_on(&request, Split::Cfg { threads: partner.threads[0].as_ref(), uncond }, &mut on_step)?
             }
-            None => self.pipeline.render(&request, &mut |step, total| on_step(step, total))?,
+            Splitting::Blocks(blocks) => self.pipeline.render_on(&request, Split::Blocks(blocks), &mut on_step)?,
+            Splitting::One => self.pipeline.render(&request, &mut on_step)?,
         };
         let parameters = parameters(job, self.pipeline.identity.short(), rendered.decoding);
         encode(rendered.width as u32, rendered.height as u32, &rendered.rgb, &parameters)

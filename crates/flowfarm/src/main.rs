@@ -13,6 +13,7 @@
 
 mod dev;
 mod model;
+mod plan;
 mod telemetry;
 
 use std::path::PathBuf;

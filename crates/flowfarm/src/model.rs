@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Subcommand};
 use flowfarm_engine::device::{open_device, parse_dtype};
-use flowfarm_engine::pipeline::{Pipeline, RenderRequest, VaeTiling, DEFAULT_T5_LENGTH};
+use flowfarm_engine::pipeline::{Loading, Pipeline, RenderRequest, Split, VaeTiling, DEFAULT_T5_LENGTH};
 use flowfarm_engine::png_output::{encode, RenderParameters};
 use flowfarm_engine::sampler::Replica;
 use flowfarm_engine::verify::examine;
@@ -55,7 +55,7 @@ impl SingleFileParts {
 }
 
 impl ModelArgs {
-    fn source(&self) -> ModelSource {
+    pub(crate) fn source(&self) -> ModelSource {
         self.parts.clone().source(&self.path, self.variant.clone())
     }
 }
@@ -68,6 +68,10 @@ pub enum ModelCommand {
     /// every tensor's shape and dtype as the detected variant expects,
     /// tokenizers and configs readable. Exit code 1 when anything is wrong.
     Verify(ModelArgs),
+    /// The memory each device needs for the model in each parallel mode
+    /// (from its configs: the weights need not be here), and the fastest
+    /// mode that fits. Exit code 1 when nothing fits.
+    Plan(Box<crate::plan::PlanArgs>),
     /// Render one image locally.
     // Boxed: the render flags dwarf every other command's.
     Render(Box<RenderArgs>),
@@ -140,15 +144,21 @@ pub struct RenderArgs {
     /// Where to run: `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Two devices instead of --device, with --parallel: `cpu:0,cpu:1` (the
-    /// cores split between them) or `cuda:0,cuda:1`.
+    /// Several devices instead of --device, with --parallel: `cpu:0,cpu:1`
+    /// (the cores split between them) or `cuda:0,cuda:1`.
     #[arg(long, value_delimiter = ',', requires = "parallel")]
     devices: Vec<String>,
-    /// How --devices share a render: `cfg`, the conditional half of every
-    /// step on the first device and the unconditional half on the second, at
-    /// once (the same image as on one device).
-    #[arg(long, value_parser = ["cfg"], requires = "devices")]
+    /// How --devices share a render: `cfg` (two devices), the conditional
+    /// half of every step on the first and the unconditional half on the
+    /// second, at once; `pipeline` (two or more), the transformer's blocks
+    /// split into a contiguous range per device, activations handed on.
+    /// Either gives the same image as one device.
+    #[arg(long, value_parser = ["cfg", "pipeline"], requires = "devices")]
     parallel: Option<String>,
+    /// Where the text encoders run, when not on the (first) device: `cpu`
+    /// or `cuda:N` (T5-XXL on a card or the host of its own).
+    #[arg(long)]
+    encoders: Option<String>,
     /// Precision of the weights and activations: `f32`, `f16` or `bf16`.
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -161,6 +171,7 @@ pub fn run(command: ModelCommand) -> Result<()> {
         ModelCommand::Inspect(args) => inspect(&args.source()),
         ModelCommand::Verify(args) => verify(&args.source()),
         ModelCommand::Render(args) => render(&args),
+        ModelCommand::Plan(args) => crate::plan::run(&args),
         ModelCommand::Convert { path, variant, to, out, parts } => {
             if out.exists() {
                 bail!("{} exists; choose another output path or remove it", out.display());
@@ -298,7 +309,7 @@ fn group_digits(n: u64) -> String {
     out
 }
 
-fn human_count(n: u64) -> String {
+pub(crate) fn human_count(n: u64) -> String {
     match n {
         n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
         n if n >= 1_000_000 => format!("{:.1}M", n as f64 / 1e6),
@@ -307,7 +318,7 @@ fn human_count(n: u64) -> String {
     }
 }
 
-fn human_bytes(n: u64) -> String {
+pub(crate) fn human_bytes(n: u64) -> String {
     const GIB: f64 = (1u64 << 30) as f64;
     const MIB: f64 = (1u64 << 20) as f64;
     match n as f64 {
@@ -317,18 +328,48 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
+/// The devices of a multi-device render, and the threads of each (CPU
+/// devices listed together split the cores; a GPU's work is on the card).
+fn open_devices(names: &[String]) -> Result<Vec<(Device, Option<rayon::ThreadPool>)>> {
+    let opened = names.iter().map(|name| open_device(name).with_context(|| format!("--devices: {name}"))).collect::<Result<Vec<_>>>()?;
+    let cpus = opened.iter().filter(|d| d.is_cpu()).count();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    opened
+        .into_iter()
+        .map(|device| {
+            let threads = if device.is_cpu() && cpus > 1 {
+                Some(rayon::ThreadPoolBuilder::new().num_threads((cores / cpus).max(1)).build()?)
+            } else {
+                None
+            };
+            Ok((device, threads))
+        })
+        .collect()
+}
+
 fn render(args: &RenderArgs) -> Result<()> {
-    let cfg_devices = match args.devices.as_slice() {
-        [] => None,
-        [first, second] => Some((first.clone(), second.clone())),
-        other => bail!("--devices takes two devices for --parallel cfg, got {}", other.len()),
-    };
-    let first = cfg_devices.as_ref().map_or(args.device.as_str(), |(first, _)| first.as_str());
-    let device = open_device(first).context(if cfg_devices.is_some() { "--devices" } else { "--device" })?;
     let dtype = parse_dtype(&args.dtype).context("--dtype")?;
     let source = args.model.source();
-    let pipeline =
-        Pipeline::load(&source, args.t5_length, dtype, &device).with_context(|| format!("loading model {}", source.path.display()))?;
+    let mut devices = match (args.parallel.as_deref(), args.devices.len()) {
+        (None, _) => vec![(open_device(&args.device).context("--device")?, None)],
+        (Some("cfg"), 2) | (Some("pipeline"), 2..) => open_devices(&args.devices)?,
+        (Some("cfg"), n) => bail!("--parallel cfg takes exactly two --devices, got {n}"),
+        (Some(_), n) => bail!("--parallel pipeline takes two or more --devices, got {n}"),
+    };
+    let device = devices[0].0.clone();
+    let loading = Loading {
+        encoders: args.encoders.as_deref().map(|name| open_device(name).context("--encoders")).transpose()?,
+        t5: !args.clip_only,
+        ..Loading::on(&device, dtype, args.t5_length)
+    };
+    let loaded = |what: &str| format!("loading model {}{what}", source.path.display());
+    let (pipeline, stages) = if args.parallel.as_deref() == Some("pipeline") {
+        let (pipeline, stages) =
+            Pipeline::load_staged(&source, &loading, std::mem::take(&mut devices)).with_context(|| loaded(" across --devices"))?;
+        (pipeline, Some(stages))
+    } else {
+        (Pipeline::load_with(&source, &loading).with_context(|| loaded(""))?, None)
+    };
     if !args.clip_only && !pipeline.encoders.has_t5() {
         bail!("{} has no T5 encoder; pass --clip-only, or --t5 FILE", source.path.display());
     }
@@ -371,25 +412,21 @@ fn render(args: &RenderArgs) -> Result<()> {
         use_t5: !args.clip_only,
         vae: args.vae_tiling,
     };
-    let partner = match &cfg_devices {
-        Some((_, second)) => {
-            let on = open_device(second).context("--devices")?;
-            let model = Pipeline::load_transformer(&source, dtype, &on).with_context(|| format!("loading the transformer on {second}"))?;
-            // CPU devices split the cores; a GPU's work is on the card.
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            let both_cpu = device.is_cpu() && on.is_cpu();
-            let threads = |_: &Device| -> Result<Option<rayon::ThreadPool>> {
-                if !both_cpu {
-                    return Ok(None);
-                }
-                Ok(Some(rayon::ThreadPoolBuilder::new().num_threads((cores / 2).max(1)).build()?))
-            };
-            Some((model, threads(&device)?, threads(&on)?))
+    let partner = match args.parallel.as_deref() {
+        Some("cfg") => {
+            let (on, threads) = devices.pop().context("--devices")?;
+            let model = Pipeline::load_transformer(&source, dtype, &on)
+                .with_context(|| format!("loading the transformer on {}", args.devices[1]))?;
+            Some((model, devices.pop().and_then(|(_, threads)| threads), threads))
         }
-        None => None,
+        _ => None,
     };
-    let cfg = partner.as_ref().map(|(model, first, second)| (first.as_ref(), Replica { model, threads: second.as_ref() }));
-    let rendered = pipeline.render_on(&request, cfg, &mut |step, _| {
+    let split = match (&partner, &stages) {
+        (Some((model, first, second)), _) => Split::Cfg { threads: first.as_ref(), uncond: Replica { model, threads: second.as_ref() } },
+        (None, Some(stages)) => Split::Blocks(stages),
+        (None, None) => Split::One,
+    };
+    let rendered = pipeline.render_on(&request, split, &mut |step, _| {
         bar.set_position(step as u64);
         true
     })?;

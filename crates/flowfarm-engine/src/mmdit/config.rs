@@ -44,6 +44,45 @@ pub struct MmDitConfig {
 pub const DEFAULT_HEAD_DIM: usize = 64;
 
 impl MmDitConfig {
+    /// The config a diffusers `transformer/config.json` describes (the
+    /// memory planner reads it where there are no weights to detect from).
+    ///
+    /// # Errors
+    /// [`EngineError::Input`] naming a missing or malformed key.
+    pub fn from_diffusers_json(json: &serde_json::Value) -> Result<MmDitConfig, EngineError> {
+        let number = |key: &str| -> Result<usize, EngineError> {
+            json.get(key)
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+                .ok_or_else(|| EngineError::Input(format!("transformer config: `{key}` is missing or not a number")))
+        };
+        let dual_attention_layers: Vec<usize> = json
+            .get("dual_attention_layers")
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().filter_map(|v| v.as_u64().map(|v| v as usize)).collect())
+            .unwrap_or_default();
+        let qk_norm = json.get("qk_norm").is_some_and(|v| v.as_str().is_some());
+        let heads = number("num_attention_heads")?;
+        Ok(MmDitConfig {
+            variant: match (dual_attention_layers.is_empty(), qk_norm) {
+                (false, _) => Variant::Sd35Medium,
+                (true, true) => Variant::Sd35Large,
+                (true, false) => Variant::Sd3Medium,
+            },
+            depth: number("num_layers")?,
+            hidden: heads * number("attention_head_dim")?,
+            heads,
+            patch_size: number("patch_size")?,
+            in_channels: number("in_channels")?,
+            out_channels: number("out_channels")?,
+            joint_attention_dim: number("joint_attention_dim")?,
+            pooled_dim: number("pooled_projection_dim")?,
+            pos_embed_max_size: number("pos_embed_max_size")?,
+            qk_norm,
+            dual_attention_layers,
+        })
+    }
+
     /// Every tensor of a model with this config, diffusers names and shapes:
     /// what loading asks for and `verify` checks.
     pub fn weight_shapes(&self) -> Vec<(String, Vec<usize>)> {

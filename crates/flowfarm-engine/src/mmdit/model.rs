@@ -1,5 +1,7 @@
 //! The whole transformer: embeddings, joint blocks, output head.
 
+use std::ops::Range;
+
 use candle_core::{DType, Device, Tensor};
 
 use super::block::JointBlock;
@@ -9,6 +11,10 @@ use crate::EngineError;
 
 /// An MM-DiT with its weights on one device, in one dtype. `Send + Sync`:
 /// one model serves concurrent forwards.
+///
+/// It may hold only a contiguous range of the joint blocks (one stage of a
+/// [`crate::stages::BlockPipeline`]); the embeddings and the output head,
+/// small beside the blocks, are always loaded.
 pub struct MmDit {
     config: MmDitConfig,
     dtype: DType,
@@ -20,7 +26,9 @@ pub struct MmDit {
     time_embed: Mlp2,
     pooled_embed: Mlp2,
     context_embedder: Linear,
+    /// Blocks `first_block..first_block + blocks.len()`.
     blocks: Vec<JointBlock>,
+    first_block: usize,
     norm_out: Modulation,
     proj_out: Linear,
 }
@@ -45,11 +53,32 @@ impl MmDit {
     /// # Errors
     /// [`EngineError::MissingTensor`] or [`EngineError::ShapeMismatch`] naming the key.
     pub fn load(config: MmDitConfig, weights: &dyn WeightSource, dtype: DType, device: &Device) -> Result<Self, EngineError> {
+        let all = 0..config.depth;
+        Self::load_blocks(config, weights, dtype, device, all)
+    }
+
+    /// [`MmDit::load`] with only the joint blocks `blocks` (a stage of a
+    /// block pipeline).
+    ///
+    /// # Errors
+    /// As [`MmDit::load`]; [`EngineError::Input`] for an empty range or one
+    /// past the last block.
+    pub fn load_blocks(
+        config: MmDitConfig,
+        weights: &dyn WeightSource,
+        dtype: DType,
+        device: &Device,
+        blocks: Range<usize>,
+    ) -> Result<Self, EngineError> {
+        if blocks.is_empty() || blocks.end > config.depth {
+            return Err(EngineError::Input(format!("blocks {blocks:?} of a {}-block model", config.depth)));
+        }
         let l = Loader { weights, dtype, device };
         let d = config.hidden;
         let (c, p, m) = (config.in_channels, config.patch_size, config.pos_embed_max_size);
         let patch_weight = l.tensor("pos_embed.proj.weight", &[d, c, p, p])?.reshape((d, c * p * p))?;
-        let blocks = (0..config.depth).map(|i| JointBlock::load(&l, &config, i)).collect::<Result<_, _>>()?;
+        let first_block = blocks.start;
+        let blocks = blocks.map(|i| JointBlock::load(&l, &config, i)).collect::<Result<_, _>>()?;
         Ok(MmDit {
             patch_bias: l.tensor("pos_embed.proj.bias", &[d])?,
             pos_embed: l.tensor("pos_embed.pos_embed", &[1, m * m, d])?.reshape((m, m, d))?,
@@ -60,6 +89,7 @@ impl MmDit {
             proj_out: l.linear("proj_out", d, p * p * config.out_channels)?,
             patch_weight,
             blocks,
+            first_block,
             config,
             dtype,
         })
@@ -78,6 +108,11 @@ impl MmDit {
         self.dtype
     }
 
+    /// The joint blocks it holds: `0..depth` unless it is a pipeline stage.
+    pub fn blocks(&self) -> Range<usize> {
+        self.first_block..self.first_block + self.blocks.len()
+    }
+
     /// Predicted velocity for a batch.
     ///
     /// - `latents`: (B, C, H, W); H and W multiples of the patch size.
@@ -90,7 +125,8 @@ impl MmDit {
     ///
     /// # Errors
     /// [`EngineError::TooLarge`] past the position-embedding grid;
-    /// [`EngineError::Input`] for mismatched shapes.
+    /// [`EngineError::Input`] for mismatched shapes, or a model that holds
+    /// only some blocks.
     pub fn forward(
         &self,
         latents: &Tensor,
@@ -99,8 +135,15 @@ impl MmDit {
         pooled: &Tensor,
         skip_layers: &[usize],
     ) -> Result<Tensor, EngineError> {
+        if self.blocks() != (0..self.config.depth) {
+            return Err(EngineError::Input(format!(
+                "this model holds blocks {:?} of {}: run it as a stage of a block pipeline",
+                self.blocks(),
+                self.config.depth
+            )));
+        }
         let mut state = self.embed(latents, timesteps, context, pooled)?;
-        for index in 0..self.blocks.len() {
+        for index in self.blocks() {
             if !skip_layers.contains(&index) {
                 state = self.run_block(index, state)?;
             }
@@ -150,10 +193,12 @@ impl MmDit {
     /// Runs joint block `index` on the streams.
     ///
     /// # Errors
-    /// [`EngineError::Input`] for an index past the last block.
+    /// [`EngineError::Input`] for a block this model does not hold.
     pub fn run_block(&self, index: usize, state: Embedded) -> Result<Embedded, EngineError> {
-        let block =
-            self.blocks.get(index).ok_or_else(|| EngineError::Input(format!("block {index} of a {}-block model", self.blocks.len())))?;
+        let block = index
+            .checked_sub(self.first_block)
+            .and_then(|i| self.blocks.get(i))
+            .ok_or_else(|| EngineError::Input(format!("block {index}: this model holds blocks {:?}", self.blocks())))?;
         let (x, context) = block.forward(&state.x, &state.context, &state.conditioning)?;
         Ok(Embedded { x, context, ..state })
     }

@@ -13,6 +13,7 @@ use tonic::Status;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use super::devices::Slot;
 use super::*;
 use crate::render::resolved_job;
 use flowfarm_results::ResultStore;
@@ -32,19 +33,22 @@ pub(super) async fn run_attempt(shared: Arc<Shared>, delivery: Delivery, job: pb
     let handed_back = Arc::new(AtomicBool::new(false));
     lock(&shared.running).insert(job_id, RunningJob { attempt, revoked: revoked.clone(), handed_back: handed_back.clone() });
     shared.metrics.busy(1);
-    let device = shared.devices.take();
-    tracing::info!(job = %job_id, attempt, device = %shared.devices.list[device].label, "started");
+    let model = job.spec.as_ref().map(|s| s.model.clone()).unwrap_or_default();
+    let slot = shared.devices.take(&model);
+    let on = slot.map(|slot| shared.devices.labels(&model, slot)).unwrap_or_default();
+    tracing::info!(job = %job_id, attempt, device = %on.join("+"), "started");
 
     let started = Instant::now();
-    let outcome = render(&shared, device, &job, attempt, revoked.clone(), handed_back.clone()).await;
+    let outcome = match slot {
+        Some(slot) => render(&shared, &model, slot, &job, attempt, revoked.clone(), handed_back.clone()).await,
+        None => Err(EngineError::Unserved(format!("this worker does not serve model `{model}`"))),
+    };
     let seconds = started.elapsed().as_secs_f64();
     let rendered = outcome.is_ok().then_some(seconds);
     let report = match outcome {
         Ok(png) => {
-            let renderers = &shared.devices.list[device].renderers;
-            let model_hash = job.spec.as_ref().and_then(|s| renderers.get(&s.model)).map(|r| r.model_hash()).unwrap_or_default();
-            let label = shared.devices.list[device].label.clone();
-            complete(&shared, &job, attempt, png, &model_hash, &label, seconds).await
+            let model_hash = shared.devices.models.get(&model).map(|m| m.renderer().model_hash()).unwrap_or_default();
+            complete(&shared, &job, attempt, png, &model_hash, &on, seconds).await
         }
         Err(EngineError::Cancelled { step }) if handed_back.load(Ordering::SeqCst) => {
             // Handed back: another worker takes it without an attempt used up.
@@ -73,7 +77,9 @@ pub(super) async fn run_attempt(shared: Arc<Shared>, delivery: Delivery, job: pb
     }
     acknowledge(&shared, &delivery).await;
     lock(&shared.running).remove(&job_id);
-    shared.devices.give(device, rendered);
+    if let Some(slot) = slot {
+        shared.devices.give(&model, slot, rendered);
+    }
     shared.metrics.busy(-1);
     drop(permit);
 }
@@ -82,26 +88,24 @@ pub(super) async fn run_attempt(shared: Arc<Shared>, delivery: Delivery, job: pb
 /// stops the render at the next step.
 pub(super) async fn render(
     shared: &Arc<Shared>,
-    device: usize,
+    model: &str,
+    slot: Slot,
     job: &pb::Job,
     attempt: u32,
     revoked: Arc<AtomicBool>,
     handed_back: Arc<AtomicBool>,
 ) -> Result<Vec<u8>, EngineError> {
     let spec = resolved_job(job)?;
-    let renderer = shared.devices.list[device]
-        .renderers
-        .get(&spec.model)
-        .cloned()
-        .ok_or_else(|| EngineError::Unserved(format!("this worker does not serve model `{}`", spec.model)))?;
+    let renderer =
+        shared.devices.renderer(model, slot).ok_or_else(|| EngineError::Unserved(format!("this worker does not serve model `{model}`")))?;
+    let model = model.to_owned();
     let handle = tokio::runtime::Handle::current();
     let shared = shared.clone();
     let job_id = job.id.clone();
     // The attempt's span goes along, so the render thread's logs carry its ids.
     let span = tracing::Span::current();
     tokio::task::spawn_blocking(move || {
-        let on = &shared.devices.list[device];
-        on.run(|| {
+        shared.devices.run(&model, slot, || {
             // Entered on the thread that renders (the device's own, for a CPU device with threads of its own).
             let _attempt = span.enter();
             renderer.render_png(&spec, &mut |step, total| {
@@ -138,7 +142,7 @@ pub(super) async fn complete(
     attempt: u32,
     png: Vec<u8>,
     model_hash: &str,
-    device: &str,
+    devices: &[String],
     seconds: f64,
 ) -> Result<(), Status> {
     let job_id = Uuid::parse_str(&job.id).map_err(|e| Status::internal(e.to_string()))?;
@@ -176,7 +180,7 @@ pub(super) async fn complete(
     }
     tracing::info!(job = %job_id, attempt, seconds, "completed");
     shared.metrics.finished("succeeded");
-    shared.metrics.observe_render(device, seconds);
+    shared.metrics.observe_render(devices, seconds);
     Ok(())
 }
 

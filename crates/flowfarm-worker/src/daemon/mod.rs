@@ -211,7 +211,7 @@ async fn serve(
         tasks.spawn(crate::metrics::serve(metrics.clone(), listener, stopped.clone()));
     }
     let devices = devices::open(&config, cache.clone(), &metrics).await?;
-    let slots_total = devices.slots(config.capacity);
+    let slots_total = devices.slots;
     let results = ResultStore::open(config.results_url.as_deref(), &config.results_dir)?;
     let token = BearerToken::new(&config.token).map_err(|e| WorkerError::Config(format!("token: {e}")))?;
     let channel = endpoint(&config.coordinator, &config.client_tls())
@@ -219,7 +219,7 @@ async fn serve(
         .connect_lazy();
     let client = WorkerServiceClient::with_interceptor(channel, Traced(token));
 
-    let all_t5 = devices.first().values().all(|r| r.has_t5());
+    let all_t5 = devices.models.values().all(|m| m.renderer().has_t5());
     let mut sets = vec![pb::TextEncoderSet::ClipOnly as i32];
     if all_t5 {
         sets.insert(0, pb::TextEncoderSet::All as i32);
@@ -231,7 +231,7 @@ async fn serve(
         // Memory: the host's for the CPU; 0 if a GPU's is not known.
         devices: devices.states(),
         models: config.models.iter().map(|m| m.name.clone()).collect(),
-        model_hashes: devices.first().iter().map(|(name, r)| (name.clone(), r.model_hash())).collect(),
+        model_hashes: devices.models.iter().map(|(name, m)| (name.clone(), m.renderer().model_hash())).collect(),
         text_encoder_sets: sets,
         // Every device's slots.
         capacity: slots_total,
