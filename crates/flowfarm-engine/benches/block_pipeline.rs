@@ -34,11 +34,6 @@ use flowfarm_engine::Checkpoint;
 
 const JOBS: usize = 4;
 
-fn median(mut times: Vec<f64>) -> f64 {
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
-}
-
 fn main() {
     support::keep_freed_memory();
     let config = support::bench_config();
@@ -94,7 +89,7 @@ fn main() {
     }
     let runs = 5;
     let time = |run: &dyn Fn() -> Vec<Tensor>| {
-        median(
+        support::median(
             (0..runs)
                 .map(|_| {
                     let start = Instant::now();

@@ -34,11 +34,6 @@ fn model(config: &MmDitConfig) -> MmDit {
     Checkpoint::open(dir.path()).and_then(|c| c.load_model(DType::F32, &Device::Cpu)).expect("model")
 }
 
-fn median(mut times: Vec<f64>) -> f64 {
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
-}
-
 fn main() {
     support::keep_freed_memory();
     let config = support::bench_config();
@@ -67,7 +62,7 @@ fn main() {
     assert_eq!(same.expect("compare"), 0.0, "CFG-parallel must give the same latent");
     let runs = 5;
     let time = |run: &dyn Fn(()) -> Result<Vec<Tensor>, flowfarm_engine::EngineError>| {
-        median(
+        support::median(
             (0..runs)
                 .map(|_| {
                     let start = Instant::now();

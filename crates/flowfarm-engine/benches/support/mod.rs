@@ -33,3 +33,10 @@ pub fn bench_config() -> flowfarm_engine::mmdit::MmDitConfig {
         dual_attention_layers: Vec::new(),
     }
 }
+
+/// The middle of `times` (the upper middle for an even count).
+#[allow(dead_code)] // not every bench uses it
+pub fn median(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
