@@ -389,7 +389,107 @@ async fn a_worker_splits_each_job_across_its_devices_in_cfg_and_pipeline_modes()
         assert_eq!(names, ["cpu:0", "cpu:1"], "{worker}");
         let done: Vec<u64> = worker["devices"].as_array().unwrap().iter().map(|d| d["images_done"].as_u64().unwrap()).collect();
         assert_eq!(done, [8, 8], "{mode}: both devices took part in every image: {worker}");
+        let placement = &worker["placements"][MODEL];
+        assert_eq!(
+            (placement["parallel"].as_str(), placement["units"].clone()),
+            (Some(mode), serde_json::json!(["cpu:0+cpu:1"])),
+            "{worker}"
+        );
+        let listed = farm.farmctl(&farm.admin, &["workers", "list"]);
+        let text = String::from_utf8_lossy(&listed.stdout);
+        assert!(text.contains(&format!("({mode} on cpu:0+cpu:1)")), "the mode shows in the list: {text}");
     }
+}
+
+/// Cross-job batches: jobs of one model, size and encoder set are sampled
+/// together, each with its own prompt, seed, shift, guidance and step
+/// count, and each PNG is byte for byte the one the job renders alone; a
+/// job cancelled in mid-batch leaves it without changing the others' images.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_batches_compatible_jobs_and_each_png_is_the_one_rendered_alone() {
+    let farm = Farm::start().await;
+    let spec = |prompt: &str, seed: u64, steps: u32, shift: f64, guidance: f64| {
+        format!(
+            "{{\"model\":\"{MODEL}\",\"prompt\":\"{prompt}\",\"seed\":{seed},\"steps\":{steps},\"width\":64,\"height\":64,\"shift\":{shift},\"guidance_scale\":{guidance}}}"
+        )
+    };
+    let kept = [spec("a red circle", 11, 24, 3.0, 5.0), spec("a blue square", 12, 30, 1.5, 7.0), spec("a green field", 13, 36, 6.0, 1.0)];
+    let results_of = async |batch: &str| -> Vec<Option<Vec<u8>>> {
+        let keys: Vec<Option<String>> = sqlx::query_scalar(&format!("SELECT result_key FROM jobs WHERE batch_id = '{batch}' ORDER BY idx"))
+            .fetch_all(farm.db.store.pool())
+            .await
+            .unwrap();
+        keys.into_iter().map(|k| k.map(|k| std::fs::read(farm.results.join(k)).unwrap())).collect()
+    };
+
+    // Alone: one job per render.
+    let alone = farm.worker("alone");
+    let alone_batch = farm.submit(&kept);
+    farm.wait_all_finished(&[&alone], Duration::from_secs(300)).await;
+    signal(&alone.process.child, "TERM");
+    farm.wait_for("worker alone to leave", Duration::from_secs(60), &[&alone], async || {
+        farm.count("SELECT count(*) FROM workers WHERE name = 'alone' AND state = 'gone'").await == 1
+    })
+    .await;
+
+    // Batched: a long job holds the only slot while the next four wait in
+    // the stream, so one read brings them all.
+    let entry = format!("path = \"{}\"\n", repo_path("models/flowfarm-tiny").display());
+    let batched = farm.worker_configured("batched", "max_batch = 4\n", &entry);
+    farm.submit(&[job("blocker", 1, 80)]);
+    farm.wait_for("the blocker to render", Duration::from_secs(120), &[&batched], async || {
+        farm.count("SELECT count(*) FROM jobs WHERE prompt = 'blocker' AND state = 'running' AND progress_step >= 1").await == 1
+    })
+    .await;
+    let mut together: Vec<String> = kept.to_vec();
+    together.push(spec("cancel me", 14, 200, 3.0, 5.0));
+    let together = farm.submit(&together);
+    farm.wait_for("the four to wait in the stream", Duration::from_secs(60), &[&batched], async || {
+        farm.count(&format!("SELECT count(*) FROM jobs WHERE batch_id = '{together}' AND state = 'dispatched'")).await == 4
+    })
+    .await;
+    assert_eq!(
+        farm.count("SELECT count(*) FROM jobs WHERE prompt = 'blocker' AND state = 'running'").await,
+        1,
+        "the four were dispatched while the blocker rendered"
+    );
+    farm.wait_for("the batch to be at step 3", Duration::from_secs(120), &[&batched], async || {
+        farm.count(&format!("SELECT count(*) FROM jobs WHERE batch_id = '{together}' AND state = 'running' AND progress_step >= 3")).await
+            == 4
+    })
+    .await;
+    let victim: Uuid = farm.scalar(&format!("SELECT id FROM jobs WHERE batch_id = '{together}' AND idx = 3")).await;
+    let cancelled = farm.farmctl(&farm.submitter, &["jobs", "cancel", &victim.to_string()]);
+    assert!(cancelled.status.success(), "{}", String::from_utf8_lossy(&cancelled.stderr));
+    assert_eq!(
+        farm.count(&format!("SELECT count(*) FROM jobs WHERE batch_id = '{together}' AND state = 'running' AND idx < 3")).await,
+        3,
+        "the others were still rendering when it was cancelled"
+    );
+    farm.wait_all_finished(&[&batched], Duration::from_secs(300)).await;
+    farm.wait_for("the worker to drop the cancelled job", Duration::from_secs(60), &[&batched], async || {
+        batched.log().contains("stopped: the job is no longer")
+    })
+    .await;
+
+    let (alone, together) = (results_of(&alone_batch).await, results_of(&together).await);
+    for i in 0..3 {
+        let (a, b) = (alone[i].as_ref().expect("rendered alone"), together[i].as_ref().expect("rendered in the batch"));
+        assert!(a == b, "job {i}: the batched PNG differs from the one rendered alone");
+    }
+    assert!(together[3].is_none(), "the cancelled job has no image");
+    assert_eq!(farm.scalar::<String>(&format!("SELECT state FROM jobs WHERE id = '{victim}'")).await, "cancelled");
+    // Two renders: the blocker alone, then the four together.
+    let metrics = scrape(batched.metrics);
+    let value = |name: &str| -> f64 {
+        let line = metrics.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name} in\n{metrics}"));
+        line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{line}"))
+    };
+    assert_eq!((value("flowfarm_worker_render_jobs_count"), value("flowfarm_worker_render_jobs_sum")), (2.0, 5.0), "{metrics}");
+    let listed = ok_json(farm.farmctl(&farm.admin, &["--json", "workers", "list"]));
+    let worker = listed.as_array().unwrap().iter().find(|w| w["name"] == "batched").unwrap().clone();
+    assert_eq!(worker["capacity"], 4, "a batch of max_batch in its one slot: {worker}");
+    assert_eq!(worker["placements"][MODEL]["max_batch"], 4, "{worker}");
 }
 
 /// A model that does not fit its devices is refused at start, naming the

@@ -118,7 +118,11 @@ pub fn worker(w: &pb::Worker) -> Value {
             "name": d.name, "memory_bytes": d.memory_bytes, "busy_slots": d.busy_slots, "images_done": d.images_done,
             "busy_seconds": d.busy_seconds,
         })).collect::<Vec<_>>(),
-        "models": w.models, "model_hashes": w.model_hashes, "capacity": w.capacity, "current_job_ids": w.current_job_ids,
+        "models": w.models, "model_hashes": w.model_hashes,
+        "placements": w.placements.iter().map(|(m, p)| (m.clone(), json!({
+            "parallel": p.parallel, "units": p.units, "encoders": p.encoders, "max_batch": p.max_batch,
+        }))).collect::<serde_json::Map<_, _>>(),
+        "capacity": w.capacity, "current_job_ids": w.current_job_ids,
         "images_done": w.images_done, "gpu_seconds": w.gpu_seconds,
         "registered_at": time(&w.registered_at), "last_heartbeat_at": time(&w.last_heartbeat_at),
     })
@@ -141,14 +145,32 @@ pub fn worker_line(w: &pb::Worker) -> String {
         w.gpu_seconds,
         w.models
             .iter()
-            .map(|m| match w.model_hashes.get(m) {
-                // The short form image tools show as "Model hash".
-                Some(h) if h.get(..10).is_some() => format!("{m}@{}", &h[..10]),
-                _ => m.clone(),
+            .map(|m| {
+                let named = match w.model_hashes.get(m) {
+                    // The short form image tools show as "Model hash".
+                    Some(h) if h.get(..10).is_some() => format!("{m}@{}", &h[..10]),
+                    _ => m.clone(),
+                };
+                match w.placements.get(m) {
+                    Some(p) => format!("{named} ({})", placement_text(p)),
+                    None => named,
+                }
             })
             .collect::<Vec<_>>()
             .join(","),
     ) + &device_lines(w)
+}
+
+/// How a model is served, in words: "cfg on cpu:0+cpu:1, batches of 4, encoders on cpu".
+pub fn placement_text(p: &pb::ModelPlacement) -> String {
+    let mut text = format!("{} on {}", p.parallel, p.units.join(","));
+    if p.max_batch > 1 {
+        text.push_str(&format!(", batches of {}", p.max_batch));
+    }
+    if p.encoders != "same" && !p.encoders.is_empty() {
+        text.push_str(&format!(", encoders on {}", p.encoders));
+    }
+    text
 }
 
 /// With several devices, one indented line per device: its jobs now, images

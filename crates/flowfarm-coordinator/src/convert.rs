@@ -252,6 +252,25 @@ pub fn worker_state_to_proto(state: WorkerState) -> pb::WorkerState {
     }
 }
 
+/// A worker's stored placements; what cannot be read is left out.
+fn placements_to_proto(placements: &serde_json::Value) -> std::collections::BTreeMap<String, pb::ModelPlacement> {
+    let Some(map) = placements.as_object() else { return Default::default() };
+    map.iter()
+        .map(|(model, p)| {
+            let text = |key: &str| p.get(key).and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+            let units =
+                p.get("units").and_then(|v| v.as_array()).map(|units| units.iter().filter_map(|u| u.as_str().map(str::to_owned)).collect());
+            let placement = pb::ModelPlacement {
+                parallel: text("parallel"),
+                units: units.unwrap_or_default(),
+                encoders: text("encoders"),
+                max_batch: p.get("max_batch").and_then(|v| v.as_u64()).unwrap_or(1) as u32,
+            };
+            (model.clone(), placement)
+        })
+        .collect()
+}
+
 pub fn worker_to_proto(w: &WorkerRow) -> pb::Worker {
     let devices = w
         .devices
@@ -276,6 +295,7 @@ pub fn worker_to_proto(w: &WorkerRow) -> pb::Worker {
         devices,
         models: w.models.clone(),
         model_hashes: w.model_hashes.clone().into_iter().collect(),
+        placements: placements_to_proto(&w.placements),
         text_encoder_sets: w.text_encoder_sets.iter().map(|s| encoders_to_proto(*s) as i32).collect(),
         capacity: w.capacity,
         current_job_ids: w.current_job_ids.iter().map(Uuid::to_string).collect(),

@@ -227,7 +227,11 @@ impl WorkerService for Coordinator {
             }
             check_model_hash(&field, &req.model_hashes[model])?;
         }
+        for (model, placement) in &req.placements {
+            check_placement(&format!("placements[{model}]"), model, placement, &req.models)?;
+        }
         let devices = devices_json(&req.devices);
+        let placements = placements_json(&req.placements);
         let worker = self
             .shared
             .store
@@ -237,6 +241,7 @@ impl WorkerService for Coordinator {
                 devices,
                 models: req.models,
                 model_hashes: req.model_hashes.into_iter().collect(),
+                placements,
                 text_encoder_sets: sets,
                 capacity: req.capacity,
                 version: req.version,
@@ -425,6 +430,42 @@ impl WorkerService for Coordinator {
 }
 
 /// Devices as the store keeps them.
+/// A registered placement must name one of the worker's models, a mode,
+/// and units; what it says is shown to operators, not acted on.
+fn check_placement(field: &str, model: &str, p: &pb::ModelPlacement, models: &[String]) -> Result<(), Status> {
+    if !models.iter().any(|m| m == model) {
+        return Err(invalid(field, "names a model that is not in `models`"));
+    }
+    if !["replicate", "cfg", "pipeline"].contains(&p.parallel.as_str()) {
+        return Err(invalid(&format!("{field}.parallel"), format!("`{}` is not `replicate`, `cfg` or `pipeline`", p.parallel)));
+    }
+    if p.units.is_empty() || p.units.len() > 64 {
+        return Err(invalid(&format!("{field}.units"), "must list 1 to 64 units"));
+    }
+    let named = |text: &str| !text.trim().is_empty() && text.chars().count() <= 256;
+    if let Some(i) = p.units.iter().position(|u| !named(u)) {
+        return Err(invalid(&format!("{field}.units[{i}]"), "must be 1 to 256 characters"));
+    }
+    if !named(&p.encoders) {
+        return Err(invalid(&format!("{field}.encoders"), "must be 1 to 256 characters"));
+    }
+    if !(1..=16).contains(&p.max_batch) {
+        return Err(invalid(&format!("{field}.max_batch"), format!("{} is outside 1..=16", p.max_batch)));
+    }
+    Ok(())
+}
+
+fn placements_json(placements: &std::collections::BTreeMap<String, pb::ModelPlacement>) -> serde_json::Value {
+    placements
+        .iter()
+        .map(|(model, p)| {
+            let placement = serde_json::json!({"parallel": p.parallel, "units": p.units, "encoders": p.encoders, "max_batch": p.max_batch});
+            (model.clone(), placement)
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
 fn devices_json(devices: &[pb::Device]) -> serde_json::Value {
     serde_json::Value::Array(
         devices

@@ -304,6 +304,31 @@ async fn bad_arguments_on_other_rpcs_name_the_field() {
         .map(drop),
         "model_hashes[other]: names a model that is not in `models`",
     );
+    let placed = |model: &str, parallel: &str, units: &[&str], max_batch: u32| pb::RegisterWorkerRequest {
+        name: "w".into(),
+        models: vec!["sd3".into()],
+        placements: [(
+            model.to_owned(),
+            pb::ModelPlacement {
+                parallel: parallel.into(),
+                units: units.iter().map(|u| u.to_string()).collect(),
+                encoders: "same".into(),
+                max_batch,
+            },
+        )]
+        .into(),
+        capacity: 1,
+        ..Default::default()
+    };
+    for (request, said) in [
+        (placed("other", "cfg", &["cuda:0+cuda:1"], 1), "placements[other]: names a model that is not in `models`"),
+        (placed("sd3", "ring", &["cuda:0"], 1), "placements[sd3].parallel: `ring` is not `replicate`, `cfg` or `pipeline`"),
+        (placed("sd3", "cfg", &[], 1), "placements[sd3].units: must list 1 to 64 units"),
+        (placed("sd3", "cfg", &["cuda:0", " "], 1), "placements[sd3].units[1]: must be 1 to 256 characters"),
+        (placed("sd3", "cfg", &["cuda:0"], 0), "placements[sd3].max_batch: 0 is outside 1..=16"),
+    ] {
+        expect(w.register_worker(request).await.map(drop), said);
+    }
     let id = uuid::Uuid::now_v7().to_string();
     expect(
         w.report_progress(pb::ReportProgressRequest { worker_id: id.clone(), job_id: id.clone(), attempt: 1, step: 5, total_steps: 4 })
@@ -390,6 +415,11 @@ async fn idempotent_resubmission_returns_the_first_batch() {
     h.stop().await;
 }
 
+/// How the test worker serves `sd3`.
+fn placement() -> pb::ModelPlacement {
+    pb::ModelPlacement { parallel: "replicate".into(), units: vec!["cuda:0".into()], encoders: "cpu".into(), max_batch: 2 }
+}
+
 async fn register(w: &mut flowfarm_testkit::Worker) -> String {
     w.register_worker(pb::RegisterWorkerRequest {
         name: "gpu-box-1".into(),
@@ -397,6 +427,7 @@ async fn register(w: &mut flowfarm_testkit::Worker) -> String {
         devices: vec![pb::Device { name: "cuda:0".into(), memory_bytes: 80 << 30, ..Default::default() }],
         models: vec!["sd3".into()],
         model_hashes: [("sd3".to_owned(), "5d".repeat(32))].into(),
+        placements: [("sd3".to_owned(), placement())].into(),
         text_encoder_sets: vec![pb::TextEncoderSet::All as i32],
         capacity: 2,
         version: "test".into(),
@@ -496,6 +527,7 @@ async fn worker_protocol_runs_a_job_to_success_and_watchers_see_it() {
     assert_eq!((workers[0].images_done, workers[0].gpu_seconds), (1, 1.5));
     assert_eq!(workers[0].devices, vec![device], "the devices as the last heartbeat reported them");
     assert_eq!(workers[0].model_hashes.get("sd3"), Some(&"5d".repeat(32)), "the weights it registered with");
+    assert_eq!(workers[0].placements.get("sd3"), Some(&placement()), "how it serves the model, as registered");
     let stored = r.get_job(pb::GetJobRequest { job_id: job.id.to_string() }).await.unwrap().into_inner();
     assert_eq!(stored.result.unwrap().model_hash, "5d".repeat(32), "the weights that rendered it");
     assert_eq!(stored.gpu_seconds, 1.5);

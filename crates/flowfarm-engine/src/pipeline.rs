@@ -19,7 +19,7 @@ use flowfarm_core::shift::flow_match_sigmas;
 use crate::cache::{cache_key, EmbeddingCache};
 use crate::clip::ClipTextEncoder;
 use crate::identity::WeightsIdentity;
-use crate::sampler::{sample_on, Replica, Replicas, SampleJob, StepCallback};
+use crate::sampler::{sample_batch, JobStepCallback, Replica, Replicas, SampleJob, StepCallback};
 use crate::source::{ComponentFiles, ModelLayout, ModelSource, Part as ModelPart};
 use crate::stages::{split_blocks, BlockPipeline, Stage};
 use crate::t5::T5Encoder;
@@ -460,6 +460,33 @@ impl Pipeline {
     /// As [`Pipeline::render`]; [`EngineError::Input`] for a block pipeline
     /// that does not start on this pipeline's device.
     pub fn render_on(&self, request: &RenderRequest, split: Split, on_step: &mut StepCallback) -> Result<Rendered, EngineError> {
+        self.render_batch(std::slice::from_ref(request), split, &mut |_, step, steps| on_step(step, steps))?.remove(0)
+    }
+
+    /// Renders several requests of one latent size together: their prompts
+    /// are encoded one by one, every step samples the requests still
+    /// sampling in one transformer call ([`sample_batch`]), and each image
+    /// is decoded on its own. Each request keeps its own prompt, seed,
+    /// shift, guidance, step count and decode; `on_step(request, step,
+    /// steps)` follows each one and takes it out of the batch when it says
+    /// stop.
+    ///
+    /// Invariant: where the device's rows are independent of their batch
+    /// mates (the CPU, F32 or BF16), a request renders the same bits alone
+    /// and in any batch.
+    ///
+    /// The outcome per request: its image; [`EngineError::Cancelled`];
+    /// [`EngineError::Input`] for a latent of another size than the
+    /// first's; its encoders' or decoder's error.
+    ///
+    /// # Errors
+    /// What ends every request: the split's and the transformer's errors.
+    pub fn render_batch(
+        &self,
+        requests: &[RenderRequest],
+        split: Split,
+        on_step: &mut JobStepCallback,
+    ) -> Result<Vec<Result<Rendered, EngineError>>, EngineError> {
         let replicas = match split {
             Split::Cfg { threads, uncond } => Replicas::Cfg { cond: Replica { model: &self.transformer, threads }, uncond },
             Split::One => Replicas::One(&self.transformer),
@@ -470,11 +497,45 @@ impl Pipeline {
                 Replicas::Blocks(stages)
             }
         };
+        let Some(first) = requests.first() else { return Ok(Vec::new()) };
+        let mut outcomes: Vec<Result<Option<SampleJob>, EngineError>> =
+            requests.iter().map(|request| self.sample_job(request, first.initial_latent.dims()).map(Some)).collect();
+        // The requests that sample, and where each one's outcome goes.
+        let sampling: Vec<usize> = (0..requests.len()).filter(|&i| matches!(outcomes[i], Ok(Some(_)))).collect();
+        let jobs: Vec<SampleJob> = sampling.iter().filter_map(|&i| outcomes[i].as_mut().ok().and_then(Option::take)).collect();
+        let scale = self.vae.scale_factor();
+        let patch = self.transformer.config().patch_size;
+        let latents = sample_batch(replicas, &jobs, None, &mut |job, step, steps| on_step(sampling[job], step, steps)).map_err(|e| {
+            match e {
+                // The transformer alone assumes SD3's VAE (8 pixels a latent cell); this model's may differ.
+                EngineError::TooLarge { height, width, h_patches, w_patches, max, .. } => {
+                    EngineError::TooLarge { height, width, h_patches, w_patches, max, max_px: max * patch * scale }
+                }
+                other => other,
+            }
+        })?;
+        let mut rendered: Vec<Option<Result<Rendered, EngineError>>> = outcomes.into_iter().map(|o| o.err().map(Err)).collect();
+        for (&i, latent) in sampling.iter().zip(latents) {
+            rendered[i] = Some(latent.and_then(|latent| self.decode(&requests[i], latent)));
+        }
+        Ok(rendered.into_iter().map(|r| r.unwrap_or_else(|| Err(EngineError::Input("the request was not sampled".into())))).collect())
+    }
+
+    /// A request's sampler input: its prompts' conditioning on this
+    /// pipeline's device, its noise and sigmas; refused unless its latent
+    /// has the `batch_latent` shape.
+    fn sample_job(&self, request: &RenderRequest, batch_latent: &[usize]) -> Result<SampleJob, EngineError> {
+        if request.initial_latent.dims() != batch_latent {
+            return Err(EngineError::Input(format!(
+                "a latent of {:?} cannot join a batch of {batch_latent:?}",
+                request.initial_latent.dims()
+            )));
+        }
         let joint = self.transformer.config().joint_attention_dim;
         let cond = self.encoders.encode(&request.prompt, request.use_t5, joint, &self.encoder_device)?;
         let uncond = self.encoders.encode(&request.negative_prompt, request.use_t5, joint, &self.encoder_device)?;
         let here = |t: Tensor| t.to_device(&self.device);
-        let job = SampleJob {
+        Ok(SampleJob {
             latent: request.initial_latent.to_device(&self.device)?,
             context: here(cond.context)?,
             pooled: here(cond.pooled)?,
@@ -482,18 +543,11 @@ impl Pipeline {
             negative_pooled: here(uncond.pooled)?,
             guidance: request.guidance,
             sigmas: flow_match_sigmas(request.shift, request.steps),
-        };
-        let scale = self.vae.scale_factor();
-        let patch = self.transformer.config().patch_size;
-        let latent = sample_on(replicas, &[job], None, on_step)
-            .map_err(|e| match e {
-                // The transformer alone assumes SD3's VAE (8 pixels a latent cell); this model's may differ.
-                EngineError::TooLarge { height, width, h_patches, w_patches, max, .. } => {
-                    EngineError::TooLarge { height, width, h_patches, w_patches, max, max_px: max * patch * scale }
-                }
-                other => other,
-            })?
-            .remove(0);
+        })
+    }
+
+    /// Decodes a sampled latent as `request` asks.
+    fn decode(&self, request: &RenderRequest, latent: Tensor) -> Result<Rendered, EngineError> {
         let decoding = self.decoding(request.vae, &latent)?;
         let image = self.vae.decode(&latent, decoding)?;
         let (width, height, rgb) = to_rgb8(&image.squeeze(0)?)?;

@@ -9,7 +9,7 @@ use flowfarm_core::shift::flow_match_sigmas;
 use flowfarm_engine::checkpoint::{write_diffusers, write_single_file};
 use flowfarm_engine::mmdit::Variant;
 use flowfarm_engine::noise::initial_latent;
-use flowfarm_engine::sampler::{sample, sample_on, Replica, Replicas, SampleJob, SkipLayerGuidance};
+use flowfarm_engine::sampler::{sample, sample_batch, sample_on, Replica, Replicas, SampleJob, SkipLayerGuidance};
 use flowfarm_engine::stages::{split_blocks, BlockPipeline, Stage};
 use flowfarm_engine::tiny::{random_weights, tiny_config};
 use flowfarm_engine::{Checkpoint, EngineError, Layout, MmDit};
@@ -252,6 +252,35 @@ fn same_seed_gives_the_same_latent_alone_or_in_a_batch() {
     assert!(equal(&alone[0], &batch[1]), "the job's latent must not depend on its batch mates");
     let other = sample(&model, &[job(43, 3.0, 5.0)], None, &mut |_, _| true).unwrap();
     assert!(!equal(&alone[0], &other[0]));
+}
+
+/// Jobs of different step counts share a batch: each leaves when its steps
+/// are done, or when its callback says stop, and every other job's latent
+/// is the one it samples alone, skip-layer guidance on its own window included.
+#[test]
+fn jobs_of_any_step_count_share_a_batch_and_leave_it_alone() {
+    let model = tiny_model(Variant::Sd35Medium);
+    let slg = SkipLayerGuidance { layers: vec![1], scale: 2.8, start: 0.1, stop: 0.5 };
+    let with_steps = |seed, shift, guidance, steps| SampleJob { sigmas: flow_match_sigmas(shift, steps), ..job(seed, shift, guidance) };
+    let jobs = [with_steps(1, 3.0, 5.0, 4), with_steps(2, 1.5, 1.0, 9), with_steps(3, 6.0, 7.5, 6), with_steps(4, 3.0, 4.0, 12)];
+    let alone: Vec<Tensor> =
+        jobs.iter().map(|j| sample(&model, std::slice::from_ref(j), Some(&slg), &mut |_, _| true).unwrap().remove(0)).collect();
+    let mut seen = Vec::new();
+    // Job 3 is cancelled after its 5th step, while jobs 1 and 2 still sample.
+    let together = sample_batch(Replicas::One(&model), &jobs, Some(&slg), &mut |job, step, steps| {
+        seen.push((job, step, steps));
+        !(job == 3 && step == 5)
+    })
+    .unwrap();
+    for i in 0..3 {
+        assert!(equal(together[i].as_ref().unwrap(), &alone[i]), "job {i} must not depend on its batch mates");
+    }
+    assert!(matches!(together[3], Err(EngineError::Cancelled { step: 5 })), "{:?}", together[3]);
+    for (job, steps) in [(0, 4), (1, 9), (2, 6), (3, 5)] {
+        let reports: Vec<usize> = seen.iter().filter(|s| s.0 == job).map(|s| s.1).collect();
+        assert_eq!(reports, (1..=steps).collect::<Vec<_>>(), "job {job} reports each of its steps once, then leaves");
+    }
+    assert!(seen.iter().all(|&(job, _, steps)| steps == [4, 9, 6, 12][job]));
 }
 
 #[test]

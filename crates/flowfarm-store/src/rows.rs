@@ -227,6 +227,8 @@ pub struct WorkerRow {
     pub models: Vec<String>,
     /// Model name → identity of the weights the worker serves it with.
     pub model_hashes: BTreeMap<String, String>,
+    /// Model name → how the worker serves it on its devices (see [`crate::NewWorker::placements`]).
+    pub placements: serde_json::Value,
     pub text_encoder_sets: Vec<TextEncoderSet>,
     pub capacity: u32,
     pub version: String,
@@ -250,6 +252,7 @@ impl WorkerRow {
             models: row.try_get("models")?,
             model_hashes: serde_json::from_value(row.try_get("model_hashes")?)
                 .map_err(|e| StoreError::Corrupt(format!("model_hashes: {e}")))?,
+            placements: row.try_get("placements")?,
             text_encoder_sets: sets
                 .iter()
                 .map(|s| TextEncoderSet::parse(s).ok_or_else(|| StoreError::Corrupt(format!("text encoder set {s}"))))

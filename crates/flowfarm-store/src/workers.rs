@@ -10,7 +10,8 @@ use uuid::Uuid;
 use crate::jobs::{take_back, TakenBack};
 use crate::{JobRow, PgStore, StoreError, WorkerRow};
 
-const WORKER_COLUMNS: &str = "w.id, w.name, w.hostname, w.state, w.devices, w.models, w.model_hashes, w.text_encoder_sets, w.capacity, \
+const WORKER_COLUMNS: &str =
+    "w.id, w.name, w.hostname, w.state, w.devices, w.models, w.model_hashes, w.placements, w.text_encoder_sets, w.capacity, \
     w.version, w.images_done, w.gpu_seconds, w.registered_at, w.last_heartbeat_at, \
     ARRAY(SELECT j.id FROM jobs j WHERE j.worker_id = w.id AND j.state = 'running' ORDER BY j.id) AS current_job_ids";
 
@@ -24,6 +25,9 @@ pub struct NewWorker {
     pub models: Vec<String>,
     /// Model name → identity of the weights it serves it with.
     pub model_hashes: std::collections::BTreeMap<String, String>,
+    /// Model name → how the worker serves it on its devices
+    /// (`{"parallel": …, "units": […], "encoders": …, "max_batch": …}`).
+    pub placements: serde_json::Value,
     pub text_encoder_sets: Vec<TextEncoderSet>,
     pub capacity: u32,
     pub version: String,
@@ -64,8 +68,8 @@ impl PgStore {
         let id = Uuid::now_v7();
         let sets: Vec<&str> = worker.text_encoder_sets.iter().map(|s| s.as_str()).collect();
         sqlx::query(
-            "INSERT INTO workers (id, name, hostname, state, devices, models, text_encoder_sets, capacity, version, token_id, model_hashes) \
-             VALUES ($1, $2, $3, 'active', $4, $5, $6, $7, $8, $9, $10)",
+            "INSERT INTO workers (id, name, hostname, state, devices, models, text_encoder_sets, capacity, version, token_id, model_hashes, placements) \
+             VALUES ($1, $2, $3, 'active', $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .bind(id)
         .bind(&worker.name)
@@ -77,6 +81,7 @@ impl PgStore {
         .bind(&worker.version)
         .bind(worker.token_id)
         .bind(serde_json::to_value(&worker.model_hashes).unwrap_or_default())
+        .bind(&worker.placements)
         .execute(&self.pool)
         .await?;
         self.get_worker(id).await

@@ -297,6 +297,7 @@ async fn a_job_runs_start_progress_complete_and_completion_takes_effect_once(bac
     assert_eq!(backend.count("SELECT count(*) FROM job_events WHERE to_state = 'succeeded'").await, 1);
     let wk = s.get_worker(w).await.unwrap();
     assert_eq!((wk.images_done, wk.gpu_seconds), (1, 2.5), "credited once");
+    assert_eq!(wk.placements, placement(), "as registered");
     let events: Vec<_> = s.job_events(job.id).await.unwrap().iter().map(|e| e.to_state).collect();
     assert_eq!(events, vec![JobState::Queued, JobState::Dispatched, JobState::Running, JobState::Succeeded]);
 }
@@ -460,6 +461,11 @@ async fn tokens_authenticate_until_revoked(backend: &dyn Backend) {
     assert_eq!(s.authenticate(&secret).await.unwrap(), None);
 }
 
+/// How the test workers serve `sd3`, as a worker registers it.
+fn placement() -> serde_json::Value {
+    serde_json::json!({"sd3": {"parallel": "cfg", "units": ["cpu:0+cpu:1"], "encoders": "same", "max_batch": 4}})
+}
+
 async fn named_worker(store: &dyn Store, name: &str, capacity: u32) -> Uuid {
     registered(store, name, capacity, vec![TextEncoderSet::All]).await
 }
@@ -473,6 +479,7 @@ async fn registered(store: &dyn Store, name: &str, capacity: u32, sets: Vec<Text
             devices: serde_json::json!([]),
             models: vec!["sd3".into()],
             model_hashes: Default::default(),
+            placements: placement(),
             text_encoder_sets: sets,
             capacity,
             version: "test".into(),

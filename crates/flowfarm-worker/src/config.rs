@@ -45,8 +45,14 @@ pub struct WorkerConfig {
     /// the coordinator's `results.url`; endpoint and credentials from the
     /// `AWS_*` variables. Env: `FLOWFARM_RESULTS_URL`.
     pub results_url: Option<String>,
-    /// Jobs rendered at once.
+    /// Renders at once on each device (or CFG pair); each render is a
+    /// batch of up to `max_batch` jobs.
     pub capacity: u32,
+    /// Jobs of one model, size and text-encoder set sampled together in one
+    /// render, each with its own prompt, seed, shift, guidance and step
+    /// count; a job's image is the same alone or in a batch (see
+    /// docs/architecture.md). 1: one job per render.
+    pub max_batch: u32,
     /// Where the models run: `cpu`, `cuda` or `cuda:N` (CUDA needs a build
     /// with `--features cuda`). Env: `FLOWFARM_DEVICE`.
     pub device: String,
@@ -191,6 +197,7 @@ impl Default for WorkerConfig {
             results_dir: PathBuf::from("results"),
             results_url: None,
             capacity: 1,
+            max_batch: 1,
             device: "cpu".into(),
             devices: DeviceList::Unset,
             parallel: "replicate".into(),
@@ -237,10 +244,16 @@ impl WorkerConfig {
         Parallel::parse(text).unwrap_or(Parallel::Replicate)
     }
 
-    /// Jobs the worker takes at once: the most any of its models takes
-    /// ([`Parallel::slots`]) on `devices` devices.
+    /// Renders the worker runs at once: the most any of its models runs
+    /// ([`mode_slots`]) on `devices` devices.
     pub fn slots(&self, devices: usize) -> u32 {
         (0..self.models.len()).map(|i| mode_slots(self.parallel_of(i), self.capacity, devices)).max().unwrap_or(self.capacity)
+    }
+
+    /// Jobs the worker takes at once (what it registers as its capacity):
+    /// a batch of `max_batch` in each of its [`WorkerConfig::slots`].
+    pub fn jobs_at_once(&self, devices: usize) -> u32 {
+        self.slots(devices) * self.max_batch
     }
 
     /// The devices to render on: `devices`, or `device` alone. `"all"` is
@@ -388,14 +401,18 @@ impl WorkerConfig {
                 }
             }
         }
-        // The coordinator takes at most 64 slots per worker.
+        if !(1..=16).contains(&self.max_batch) {
+            return invalid(format!("max_batch {} is outside 1..=16", self.max_batch));
+        }
+        // The coordinator takes at most 64 jobs at once per worker.
         if let Some(names) = &names {
-            let slots = u64::from(self.slots(names.len()));
-            if slots > 64 {
+            let jobs = u64::from(self.slots(names.len())) * u64::from(self.max_batch);
+            if jobs > 64 {
                 return invalid(format!(
-                    "capacity {} on each of {} devices is {slots} slots, more than the 64 a worker may have; lower capacity or list fewer devices",
+                    "capacity {} on each of {} devices, in batches of max_batch {}, is {jobs} jobs at once, more than the 64 a worker may have; lower capacity or max_batch, or list fewer devices",
                     self.capacity,
-                    names.len()
+                    names.len(),
+                    self.max_batch
                 ));
             }
         }
@@ -509,6 +526,7 @@ mod tests {
         wanted.redis_ca_file = Some("/tls/redis-ca".into());
         wanted.results_url = Some("s3://b/p".into());
         wanted.capacity = 3;
+        wanted.max_batch = 4;
         wanted.device = "cuda:1".into();
         wanted.drain_timeout_seconds = 12.5;
         wanted.metrics_listen = Some("0.0.0.0:9101".parse().unwrap());
@@ -531,6 +549,15 @@ mod tests {
         c.capacity = 0;
         assert!(c.check().unwrap_err().to_string().contains("capacity"));
         let mut c = base();
+        c.max_batch = 0;
+        assert!(c.check().unwrap_err().to_string().contains("max_batch 0 is outside 1..=16"));
+        c.max_batch = 8;
+        c.capacity = 9;
+        assert!(c.check().unwrap_err().to_string().contains("in batches of max_batch 8, is 72 jobs at once"));
+        c.capacity = 8;
+        c.check().unwrap();
+        assert_eq!((c.slots(1), c.jobs_at_once(1)), (8, 64));
+        let mut c = base();
         c.models[0].path = "/nonexistent".into();
         assert!(c.check().unwrap_err().to_string().contains("models[0].path"));
         let mut c = base();
@@ -549,7 +576,7 @@ mod tests {
         assert!(c.check().unwrap_err().to_string().contains("devices[1]: `cuda:0` is listed twice"), "one GPU, two names");
         c.devices = named(&["cpu:0", "cpu:1"]);
         c.capacity = 40;
-        assert!(c.check().unwrap_err().to_string().contains("80 slots, more than the 64"));
+        assert!(c.check().unwrap_err().to_string().contains("is 80 jobs at once, more than the 64"));
         c.parallel = "cfg".into();
         c.check().unwrap();
         assert_eq!(c.slots(2), 40, "a pair renders as one");

@@ -31,6 +31,7 @@ struct Inner {
     jobs: Family<Labels, Counter>,
     busy: Gauge,
     render_seconds: Histogram,
+    render_jobs: Histogram,
     cache_hits: Counter,
     cache_misses: Counter,
     cache_bytes: Gauge,
@@ -47,10 +48,16 @@ impl WorkerMetrics {
         let jobs = Family::<Labels, Counter>::default();
         let busy = Gauge::default();
         let render_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 18));
+        let render_jobs = Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0]);
         let (cache_hits, cache_misses, cache_bytes) = (Counter::default(), Counter::default(), Gauge::default());
         registry.register("jobs", "Jobs finished here, by outcome (succeeded, failed, dropped)", jobs.clone());
         registry.register("busy_slots", "Jobs rendering now", busy.clone());
-        registry.register("render_seconds", "Wall time per rendered job, claim to stored image", render_seconds.clone());
+        registry.register(
+            "render_seconds",
+            "Wall time per render that made an image (a batch of jobs, or one), start to last image",
+            render_seconds.clone(),
+        );
+        registry.register("render_jobs", "Jobs sampled together per render that made an image (cross-job batches)", render_jobs.clone());
         registry.register("embedding_cache_hits", "Text encodings served from the L1 cache", cache_hits.clone());
         registry.register("embedding_cache_misses", "Text encodings computed", cache_misses.clone());
         registry.register("embedding_cache_bytes", "Bytes held by the L1 cache", cache_bytes.clone());
@@ -69,6 +76,7 @@ impl WorkerMetrics {
                 jobs,
                 busy,
                 render_seconds,
+                render_jobs,
                 cache_hits,
                 cache_misses,
                 cache_bytes,
@@ -100,10 +108,12 @@ impl WorkerMetrics {
         let _ = self.inner.device_busy.get_or_create(&vec![("device", name.to_owned())]);
     }
 
-    /// A render of `seconds` that succeeded, on every device in `devices`
-    /// (one, a CFG pair, or a block pipeline's).
-    pub(crate) fn observe_render(&self, devices: &[String], seconds: f64) {
+    /// A render of `jobs` jobs together, `seconds` long, that made an
+    /// image, on every device in `devices` (one, a CFG pair, or a block
+    /// pipeline's).
+    pub(crate) fn observe_render(&self, devices: &[String], seconds: f64, jobs: usize) {
         self.inner.render_seconds.observe(seconds);
+        self.inner.render_jobs.observe(jobs as f64);
         for device in devices {
             self.inner.device_busy.get_or_create(&vec![("device", device.clone())]).inc_by(seconds);
         }

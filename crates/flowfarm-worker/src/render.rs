@@ -172,6 +172,51 @@ impl JobRenderer {
     /// cannot render; [`EngineError::Unserved`] for T5 asked of a CLIP-only
     /// model; engine errors.
     pub fn render_png(&self, job: &ResolvedJob, on_step: &mut dyn FnMut(usize, usize) -> bool) -> Result<Vec<u8>, EngineError> {
+        self.render_pngs(std::slice::from_ref(job), &mut |_, step, total| on_step(step, total))?.remove(0)
+    }
+
+    /// Renders jobs of one size and text-encoder set together, each with
+    /// its own prompt, seed, shift, guidance and step count
+    /// ([`Pipeline::render_batch`]); each job's PNG is the one it renders
+    /// alone. `on_step(job, done, total)` runs after each of a job's
+    /// steps; returning false takes that job out of the batch.
+    ///
+    /// The outcome per job: its PNG, or why it has none (as
+    /// [`JobRenderer::render_png`] says).
+    ///
+    /// # Errors
+    /// What ends every job of the batch (a transformer error).
+    pub fn render_pngs(
+        &self,
+        jobs: &[ResolvedJob],
+        on_step: &mut dyn FnMut(usize, usize, usize) -> bool,
+    ) -> Result<Vec<Result<Vec<u8>, EngineError>>, EngineError> {
+        let mut outcomes: Vec<Result<Option<RenderRequest>, EngineError>> = jobs.iter().map(|job| self.request(job).map(Some)).collect();
+        let rendering: Vec<usize> = (0..jobs.len()).filter(|&i| matches!(outcomes[i], Ok(Some(_)))).collect();
+        let requests: Vec<RenderRequest> = rendering.iter().filter_map(|&i| outcomes[i].as_mut().ok().and_then(Option::take)).collect();
+        let mut on_step = |job: usize, step, total| on_step(rendering[job], step, total);
+        let rendered = match &self.split {
+            Splitting::Cfg(partner) => {
+                let _turn = partner.one_at_a_time.lock().unwrap_or_else(|p| p.into_inner());
+                let uncond = Replica { model: &partner.model, threads: partner.threads[1].as_ref() };
+                self.pipeline.render_batch(&requests, Split::Cfg { threads: partner.threads[0].as_ref(), uncond }, &mut on_step)?
+            }
+            Splitting::Blocks(blocks) => self.pipeline.render_batch(&requests, Split::Blocks(blocks), &mut on_step)?,
+            Splitting::One => self.pipeline.render_batch(&requests, Split::One, &mut on_step)?,
+        };
+        let mut pngs: Vec<Option<Result<Vec<u8>, EngineError>>> = outcomes.into_iter().map(|o| o.err().map(Err)).collect();
+        for (&i, rendered) in rendering.iter().zip(rendered) {
+            pngs[i] = Some(rendered.and_then(|rendered| {
+                let parameters = parameters(&jobs[i], self.pipeline.identity.short(), rendered.decoding);
+                encode(rendered.width as u32, rendered.height as u32, &rendered.rgb, &parameters)
+            }));
+        }
+        Ok(pngs.into_iter().map(|p| p.unwrap_or_else(|| Err(EngineError::Input("the job was not rendered".into())))).collect())
+    }
+
+    /// What the engine renders for `job`: its size and encoders checked
+    /// against this model, its noise drawn from its seed.
+    fn request(&self, job: &ResolvedJob) -> Result<RenderRequest, EngineError> {
         let use_t5 = job.text_encoders == TextEncoderSet::All;
         if use_t5 && !self.has_t5() {
             return Err(EngineError::Unserved("this worker's model has no T5 encoder; the job needs one".into()));
@@ -183,7 +228,7 @@ impl JobRenderer {
             return Err(EngineError::Input(format!("{w}×{h}: sides must be positive multiples of {factor}")));
         }
         let shape = [1, self.pipeline.vae.latent_channels(), h / scale, w / scale];
-        let request = RenderRequest {
+        Ok(RenderRequest {
             prompt: job.prompt.clone(),
             negative_prompt: job.negative_prompt.clone(),
             initial_latent: initial_latent(job.seed, &shape, &self.device)?,
@@ -196,18 +241,6 @@ impl JobRenderer {
                 Some(false) => VaeTiling::Whole,
                 None => self.vae_tiling,
             },
-        };
-        let mut on_step = |step, total| on_step(step, total);
-        let rendered = match &self.split {
-            Splitting::Cfg(partner) => {
-                let _turn = partner.one_at_a_time.lock().unwrap_or_else(|p| p.into_inner());
-                let uncond = Replica { model: &partner.model, threads: partner.threads[1].as_ref() };
-                self.pipeline.render_on(&request, Split::Cfg { threads: partner.threads[0].as_ref(), uncond }, &mut on_step)?
-            }
-            Splitting::Blocks(blocks) => self.pipeline.render_on(&request, Split::Blocks(blocks), &mut on_step)?,
-            Splitting::One => self.pipeline.render(&request, &mut on_step)?,
-        };
-        let parameters = parameters(job, self.pipeline.identity.short(), rendered.decoding);
-        encode(rendered.width as u32, rendered.height as u32, &rendered.rgb, &parameters)
+        })
     }
 }

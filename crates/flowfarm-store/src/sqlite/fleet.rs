@@ -15,7 +15,7 @@ use crate::jobs::TakenBack;
 use crate::workers::heartbeat_state;
 use crate::{HeartbeatOutcome, NewWorker, StoreError, WorkerRow};
 
-const WORKER_COLUMNS: &str = "id, name, hostname, state, devices, models, model_hashes, text_encoder_sets, capacity, version, \
+const WORKER_COLUMNS: &str = "id, name, hostname, state, devices, models, model_hashes, placements, text_encoder_sets, capacity, version, \
     images_done, gpu_seconds, registered_at, last_heartbeat_at";
 
 pub(super) async fn register_worker(s: &SqliteStore, worker: &NewWorker) -> Result<WorkerRow, StoreError> {
@@ -25,7 +25,7 @@ pub(super) async fn register_worker(s: &SqliteStore, worker: &NewWorker) -> Resu
     let mut conn = s.writer.acquire().await?;
     sqlx::query(
         "INSERT INTO workers (id, name, hostname, state, devices, models, text_encoder_sets, capacity, version, token_id, model_hashes, \
-             registered_at, last_heartbeat_at) VALUES (?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             placements, registered_at, last_heartbeat_at) VALUES (?, ?, ?, 'active', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(id)
     .bind(&worker.name)
@@ -37,6 +37,7 @@ pub(super) async fn register_worker(s: &SqliteStore, worker: &NewWorker) -> Resu
     .bind(&worker.version)
     .bind(worker.token_id)
     .bind(to_json(&worker.model_hashes)?)
+    .bind(to_json(&worker.placements)?)
     .bind(now)
     .bind(now)
     .execute(&mut *conn)

@@ -283,6 +283,7 @@ pub(super) fn worker_from_row(row: &SqliteRow) -> Result<WorkerRow, StoreError> 
         devices: json(&row.try_get::<String, _>("devices")?, "devices")?,
         models: json(&row.try_get::<String, _>("models")?, "models")?,
         model_hashes: json(&row.try_get::<String, _>("model_hashes")?, "model_hashes")?,
+        placements: json(&row.try_get::<String, _>("placements")?, "placements")?,
         text_encoder_sets: sets
             .iter()
             .map(|s| TextEncoderSet::parse(s).ok_or_else(|| StoreError::Corrupt(format!("text encoder set {s}"))))

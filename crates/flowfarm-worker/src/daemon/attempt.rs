@@ -1,5 +1,7 @@
-//! One job attempt: render on a blocking thread with a progress report per
-//! step, store the image, report the outcome.
+//! One render: a batch of claimed jobs of one model, size and text-encoder
+//! set (one job when `max_batch` is 1), rendered together on a blocking
+//! thread with a progress report per job and step; then each job's image
+//! stored and its outcome reported on its own.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -8,6 +10,7 @@ use std::time::Instant;
 use flowfarm_engine::EngineError;
 use flowfarm_proto::v1 as pb;
 use flowfarm_queue::Delivery;
+use futures::future::join_all;
 use tokio::sync::OwnedSemaphorePermit;
 use tonic::Status;
 use tracing::Instrument;
@@ -18,105 +21,177 @@ use super::*;
 use crate::render::resolved_job;
 use flowfarm_results::ResultStore;
 
-/// One job attempt, in a span of its own (job, batch, attempt, worker) that
-/// every log line of the attempt carries and OTLP exports.
-pub(super) async fn run_job(shared: Arc<Shared>, delivery: Delivery, start: pb::StartJobResponse, permit: OwnedSemaphorePermit) {
-    let Some(job) = start.job else { return };
-    let span =
-        tracing::info_span!("job_attempt", job = %job.id, batch = %job.batch_id, attempt = start.attempt, worker = %shared.worker_id);
-    run_attempt(shared, delivery, job, start.attempt, permit).instrument(span).await;
+/// One job of a render: its message, claim and stop flags, and its span
+/// (job, batch, attempt, worker) that every log line about it carries.
+struct Member {
+    delivery: Delivery,
+    job: pb::Job,
+    job_id: Uuid,
+    attempt: u32,
+    /// Set when the job is no longer ours (revoked, refused report).
+    revoked: Arc<AtomicBool>,
+    /// Set when the drain deadline passed: hand the job back.
+    handed_back: Arc<AtomicBool>,
+    span: tracing::Span,
 }
 
-pub(super) async fn run_attempt(shared: Arc<Shared>, delivery: Delivery, job: pb::Job, attempt: u32, permit: OwnedSemaphorePermit) {
-    let Ok(job_id) = Uuid::parse_str(&job.id) else { return };
-    let revoked = Arc::new(AtomicBool::new(false));
-    let handed_back = Arc::new(AtomicBool::new(false));
-    lock(&shared.running).insert(job_id, RunningJob { attempt, revoked: revoked.clone(), handed_back: handed_back.clone() });
-    shared.metrics.busy(1);
-    let model = job.spec.as_ref().map(|s| s.model.clone()).unwrap_or_default();
+/// What became of one job of a render.
+enum Outcome {
+    Rendered(Vec<u8>),
+    /// Stopped by its step callback after `step` steps.
+    Stopped {
+        step: usize,
+    },
+    Failed {
+        error: String,
+        cause: pb::FailureCause,
+    },
+}
+
+impl Outcome {
+    fn of(rendered: Result<Vec<u8>, EngineError>) -> Outcome {
+        rendered.map_or_else(|e| Outcome::failed(&e), Outcome::Rendered)
+    }
+
+    /// Bad input can only fail again; anything else may be this machine's trouble.
+    fn failed(e: &EngineError) -> Outcome {
+        let cause = match e {
+            EngineError::Cancelled { step } => return Outcome::Stopped { step: *step },
+            EngineError::Input(_) | EngineError::TooLarge { .. } => pb::FailureCause::BadInput,
+            EngineError::Unserved(_) => pb::FailureCause::WorkerCannot,
+            _ => pb::FailureCause::Transient,
+        };
+        Outcome::Failed { error: e.to_string(), cause }
+    }
+}
+
+/// Renders claimed jobs of one model, size and encoder set as one batch on
+/// one of the model's slots, then settles each job.
+pub(super) async fn run_batch(shared: Arc<Shared>, claimed: Vec<(Delivery, pb::StartJobResponse)>, permit: OwnedSemaphorePermit) {
+    let members: Vec<Member> = claimed
+        .into_iter()
+        .filter_map(|(delivery, start)| {
+            let job = start.job?;
+            let job_id = Uuid::parse_str(&job.id).ok()?;
+            let span = tracing::info_span!("job_attempt", job = %job.id, batch = %job.batch_id, attempt = start.attempt, worker = %shared.worker_id);
+            let revoked = Arc::new(AtomicBool::new(false));
+            let handed_back = Arc::new(AtomicBool::new(false));
+            Some(Member { delivery, job, job_id, attempt: start.attempt, revoked, handed_back, span })
+        })
+        .collect();
+    let Some(first) = members.first() else { return };
+    let model = first.job.spec.as_ref().map(|s| s.model.clone()).unwrap_or_default();
+    {
+        let mut running = lock(&shared.running);
+        for m in &members {
+            running.insert(m.job_id, RunningJob { attempt: m.attempt, revoked: m.revoked.clone(), handed_back: m.handed_back.clone() });
+        }
+    }
+    let jobs = members.len();
+    shared.metrics.busy(jobs as i64);
     let slot = shared.devices.take(&model);
     let on = slot.map(|slot| shared.devices.labels(&model, slot)).unwrap_or_default();
-    tracing::info!(job = %job_id, attempt, device = %on.join("+"), "started");
+    for m in &members {
+        m.span.in_scope(|| tracing::info!(job = %m.job_id, attempt = m.attempt, device = %on.join("+"), batch_of = jobs, "started"));
+    }
 
     let started = Instant::now();
-    let outcome = match slot {
-        Some(slot) => render(&shared, &model, slot, &job, attempt, revoked.clone(), handed_back.clone()).await,
-        None => Err(EngineError::Unserved(format!("this worker does not serve model `{model}`"))),
+    let outcomes = match slot {
+        Some(slot) => render(&shared, &model, slot, &members).await,
+        None => {
+            members.iter().map(|_| Outcome::failed(&EngineError::Unserved(format!("this worker does not serve model `{model}`")))).collect()
+        }
     };
     let seconds = started.elapsed().as_secs_f64();
-    let rendered = outcome.is_ok().then_some(seconds);
-    let report = match outcome {
-        Ok(png) => {
-            let model_hash = shared.devices.models.get(&model).map(|m| m.renderer().model_hash()).unwrap_or_default();
-            complete(&shared, &job, attempt, png, &model_hash, &on, seconds).await
-        }
-        Err(EngineError::Cancelled { step }) if handed_back.load(Ordering::SeqCst) => {
-            // Handed back: another worker takes it without an attempt used up.
-            let why = format!("the worker shut down at step {step} before finishing");
-            fail(&shared, &job.id, attempt, &why, pb::FailureCause::WorkerCannot, seconds).await
-        }
-        Err(EngineError::Cancelled { step }) => {
-            tracing::info!(job = %job_id, step, "stopped: the job is no longer this worker's");
-            shared.metrics.finished("dropped");
-            Ok(())
-        }
-        Err(e) => {
-            // Bad input can only fail again; anything else may be this machine's trouble.
-            let cause = match e {
-                EngineError::Input(_) | EngineError::TooLarge { .. } => pb::FailureCause::BadInput,
-                EngineError::Unserved(_) => pb::FailureCause::WorkerCannot,
-                _ => pb::FailureCause::Transient,
-            };
-            tracing::warn!(job = %job_id, error = %e, ?cause, "render failed");
-            fail(&shared, &job.id, attempt, &e.to_string(), cause, seconds).await
-        }
-    };
-    if let Err(status) = report {
-        tracing::warn!(job = %job_id, code = ?status.code(), reason = %status.message(), "report refused: dropping the job");
-        shared.metrics.finished("dropped");
-    }
-    acknowledge(&shared, &delivery).await;
-    lock(&shared.running).remove(&job_id);
+    let images = outcomes.iter().filter(|o| matches!(o, Outcome::Rendered(_))).count();
+    // The render's device time, shared by the jobs that took part.
+    let share = seconds / jobs as f64;
+    let model_hash = shared.devices.models.get(&model).map(|m| m.renderer().model_hash()).unwrap_or_default();
+    join_all(members.iter().zip(outcomes).map(|(m, outcome)| settle(&shared, m, outcome, &model_hash, share).instrument(m.span.clone())))
+        .await;
     if let Some(slot) = slot {
-        shared.devices.give(&model, slot, rendered);
+        shared.devices.give(&model, slot, images as u64, seconds);
+        if images > 0 {
+            shared.metrics.observe_render(&on, seconds, jobs);
+        }
     }
-    shared.metrics.busy(-1);
+    shared.metrics.busy(-(jobs as i64));
     drop(permit);
 }
 
-/// Renders on a blocking thread, reporting each step; a refused report
-/// stops the render at the next step.
-pub(super) async fn render(
-    shared: &Arc<Shared>,
-    model: &str,
-    slot: Slot,
-    job: &pb::Job,
-    attempt: u32,
-    revoked: Arc<AtomicBool>,
-    handed_back: Arc<AtomicBool>,
-) -> Result<Vec<u8>, EngineError> {
-    let spec = resolved_job(job)?;
-    let renderer =
-        shared.devices.renderer(model, slot).ok_or_else(|| EngineError::Unserved(format!("this worker does not serve model `{model}`")))?;
-    let model = model.to_owned();
+/// Reports one job's outcome, acknowledges its message and forgets it.
+async fn settle(shared: &Shared, m: &Member, outcome: Outcome, model_hash: &str, seconds: f64) {
+    let report = match outcome {
+        Outcome::Rendered(png) => complete(shared, &m.job, m.attempt, png, model_hash, seconds).await,
+        Outcome::Stopped { step } if m.handed_back.load(Ordering::SeqCst) => {
+            // Handed back: another worker takes it without an attempt used up.
+            let why = format!("the worker shut down at step {step} before finishing");
+            fail(shared, &m.job.id, m.attempt, &why, pb::FailureCause::WorkerCannot, seconds).await
+        }
+        Outcome::Stopped { step } => {
+            tracing::info!(job = %m.job_id, step, "stopped: the job is no longer this worker's");
+            shared.metrics.finished("dropped");
+            Ok(())
+        }
+        Outcome::Failed { error, cause } => {
+            tracing::warn!(job = %m.job_id, %error, ?cause, "render failed");
+            fail(shared, &m.job.id, m.attempt, &error, cause, seconds).await
+        }
+    };
+    if let Err(status) = report {
+        tracing::warn!(job = %m.job_id, code = ?status.code(), reason = %status.message(), "report refused: dropping the job");
+        shared.metrics.finished("dropped");
+    }
+    acknowledge(shared, &m.delivery).await;
+    lock(&shared.running).remove(&m.job_id);
+}
+
+/// Renders the batch on a blocking thread, reporting each job's steps; a
+/// refused report takes that job out at its next step.
+async fn render(shared: &Arc<Shared>, model: &str, slot: Slot, members: &[Member]) -> Vec<Outcome> {
+    let Some(renderer) = shared.devices.renderer(model, slot) else {
+        return members
+            .iter()
+            .map(|_| Outcome::failed(&EngineError::Unserved(format!("this worker does not serve model `{model}`"))))
+            .collect();
+    };
+    // Jobs whose spec cannot be rendered fail alone; the rest render together.
+    let specs: Vec<Result<flowfarm_core::ResolvedJob, EngineError>> = members.iter().map(|m| resolved_job(&m.job)).collect();
+    let rendering: Vec<usize> = (0..members.len()).filter(|&i| specs[i].is_ok()).collect();
+    let jobs: Vec<flowfarm_core::ResolvedJob> = specs.iter().filter_map(|s| s.as_ref().ok().cloned()).collect();
+    struct Watch {
+        job_id: String,
+        attempt: u32,
+        revoked: Arc<AtomicBool>,
+        handed_back: Arc<AtomicBool>,
+    }
+    let watches: Vec<Watch> = rendering
+        .iter()
+        .map(|&i| {
+            let m = &members[i];
+            Watch { job_id: m.job.id.clone(), attempt: m.attempt, revoked: m.revoked.clone(), handed_back: m.handed_back.clone() }
+        })
+        .collect();
+    let model_name = model.to_owned();
     let handle = tokio::runtime::Handle::current();
-    let shared = shared.clone();
-    let job_id = job.id.clone();
-    // The attempt's span goes along, so the render thread's logs carry its ids.
-    let span = tracing::Span::current();
-    tokio::task::spawn_blocking(move || {
-        shared.devices.run(&model, slot, || {
+    let thread_shared = shared.clone();
+    // The first job's span goes along, so the render thread's logs carry its ids.
+    let span = members[rendering.first().copied().unwrap_or(0)].span.clone();
+    let rendered = tokio::task::spawn_blocking(move || {
+        let shared = thread_shared;
+        shared.devices.run(&model_name, slot, || {
             // Entered on the thread that renders (the device's own, for a CPU device with threads of its own).
-            let _attempt = span.enter();
-            renderer.render_png(&spec, &mut |step, total| {
-                if revoked.load(Ordering::SeqCst) || handed_back.load(Ordering::SeqCst) {
+            let _render = span.enter();
+            renderer.render_pngs(&jobs, &mut |job, step, total| {
+                let w = &watches[job];
+                if w.revoked.load(Ordering::SeqCst) || w.handed_back.load(Ordering::SeqCst) {
                     return false;
                 }
                 let mut client = shared.client.clone();
                 let request = pb::ReportProgressRequest {
                     worker_id: shared.worker_id.clone(),
-                    job_id: job_id.clone(),
-                    attempt,
+                    job_id: w.job_id.clone(),
+                    attempt: w.attempt,
                     step: step as u32,
                     total_steps: total as u32,
                 };
@@ -124,16 +199,28 @@ pub(super) async fn render(
                     Ok(_) => true,
                     Err(status) if transient(&status) => true, // the lease outlives a short outage
                     Err(status) => {
-                        tracing::info!(job = %job_id, reason = %status.message(), "progress refused");
-                        revoked.store(true, Ordering::SeqCst);
+                        tracing::info!(job = %w.job_id, reason = %status.message(), "progress refused");
+                        w.revoked.store(true, Ordering::SeqCst);
                         false
                     }
                 }
             })
         })
     })
-    .await
-    .map_err(|e| EngineError::Input(format!("render thread failed: {e}")))?
+    .await;
+    let mut rendered = match rendered {
+        Ok(Ok(pngs)) => pngs.into_iter().map(Outcome::of).collect::<Vec<_>>(),
+        Ok(Err(e)) => rendering.iter().map(|_| Outcome::failed(&e)).collect(),
+        Err(e) => rendering.iter().map(|_| Outcome::failed(&EngineError::Input(format!("render thread failed: {e}")))).collect(),
+    }
+    .into_iter();
+    specs
+        .into_iter()
+        .map(|spec| match spec {
+            Ok(_) => rendered.next().unwrap_or_else(|| Outcome::failed(&EngineError::Input("the job was not rendered".into()))),
+            Err(e) => Outcome::failed(&e),
+        })
+        .collect()
 }
 
 pub(super) async fn complete(
@@ -142,7 +229,6 @@ pub(super) async fn complete(
     attempt: u32,
     png: Vec<u8>,
     model_hash: &str,
-    devices: &[String],
     seconds: f64,
 ) -> Result<(), Status> {
     let job_id = Uuid::parse_str(&job.id).map_err(|e| Status::internal(e.to_string()))?;
@@ -180,7 +266,6 @@ pub(super) async fn complete(
     }
     tracing::info!(job = %job_id, attempt, seconds, "completed");
     shared.metrics.finished("succeeded");
-    shared.metrics.observe_render(devices, seconds);
     Ok(())
 }
 

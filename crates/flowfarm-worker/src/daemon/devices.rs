@@ -69,6 +69,10 @@ pub(super) struct Unit {
 pub(super) struct ModelUnits {
     pub(super) units: Vec<Unit>,
     free: Mutex<Vec<i64>>,
+    /// How the model spreads over the devices, and where its encoders run
+    /// (`same`, or a device's name), as registered.
+    parallel: Parallel,
+    encoders: String,
 }
 
 impl ModelUnits {
@@ -78,7 +82,7 @@ impl ModelUnits {
     }
 }
 
-/// A slot taken for one job: its model's unit.
+/// A slot taken for one render (a batch of jobs): its model's unit.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Slot {
     unit: usize,
@@ -106,15 +110,15 @@ impl Devices {
         Some(Slot { unit })
     }
 
-    /// Gives back a slot of `model`, counting a rendered image of `seconds`
-    /// on each of the unit's devices when there is one.
-    pub(super) fn give(&self, model: &str, slot: Slot, rendered: Option<f64>) {
+    /// Gives back a slot of `model` after a render of `seconds` that made
+    /// `images` images, counted on each of the unit's devices when it made any.
+    pub(super) fn give(&self, model: &str, slot: Slot, images: u64, seconds: f64) {
         let Some(units) = self.models.get(model) else { return };
         for &d in &units.units[slot.unit].devices {
             let device = &self.list[d];
             device.busy.fetch_sub(1, Ordering::SeqCst);
-            if let Some(seconds) = rendered {
-                device.images.fetch_add(1, Ordering::SeqCst);
+            if images > 0 {
+                device.images.fetch_add(images, Ordering::SeqCst);
                 device.busy_micros.fetch_add((seconds * 1e6) as u64, Ordering::SeqCst);
             }
         }
@@ -147,6 +151,23 @@ impl Devices {
             },
             _ => render(),
         }
+    }
+
+    /// How each model is served, as registration reports it.
+    pub(super) fn placements(&self, max_batch: u32) -> std::collections::BTreeMap<String, pb::ModelPlacement> {
+        self.models
+            .iter()
+            .map(|(name, m)| {
+                let units = m.units.iter().map(|u| u.devices.iter().map(|&d| self.list[d].label.as_str()).collect::<Vec<_>>().join("+"));
+                let placement = pb::ModelPlacement {
+                    parallel: m.parallel.as_str().into(),
+                    units: units.collect(),
+                    encoders: m.encoders.clone(),
+                    max_batch,
+                };
+                (name.clone(), placement)
+            })
+            .collect()
     }
 
     /// Every device as heartbeats report them.
@@ -238,13 +259,14 @@ pub(super) async fn open(config: &WorkerConfig, cache: Arc<EmbeddingCache>, metr
         }
         let per_unit = i64::from(mode_slots(mode, config.capacity, opened.len())) / units.len() as i64;
         let free = Mutex::new(vec![per_unit; units.len()]);
-        models.insert(entry.name.clone(), ModelUnits { units, free });
+        let placed = entry.encoders.clone().unwrap_or_else(|| "same".into());
+        models.insert(entry.name.clone(), ModelUnits { units, free, parallel: mode, encoders: placed });
     }
     Ok(Devices { list, models, slots: config.slots(opened.len()) })
 }
 
 /// Refuses a model that the memory planner says does not fit its devices
-/// in its mode, at the model's native size with `capacity` jobs at once
+/// in its mode, at the model's native size with `capacity` × `max_batch` jobs at once
 /// ([`flowfarm_engine::plan`]): GPUs by their total memory (their free
 /// memory is not read yet), CPU devices by an equal share of the memory
 /// the host has available. A model whose configs cannot be read is not
@@ -275,7 +297,7 @@ fn check_fits(config: &WorkerConfig, m: usize, mode: Parallel, opened: &[Opened]
     let work = Workload {
         width: side,
         height: side,
-        batch: config.capacity as usize,
+        batch: (config.capacity * config.max_batch.max(1)) as usize,
         t5_length: config.t5_max_length,
         dtype: parse_dtype(&config.dtype).map_err(|e| WorkerError::Config(e.to_string()))?,
     };
@@ -294,7 +316,7 @@ fn check_fits(config: &WorkerConfig, m: usize, mode: Parallel, opened: &[Opened]
             short.need() >> 20,
             short.weights >> 20,
             short.activations >> 20,
-            config.capacity,
+            config.capacity * config.max_batch.max(1),
             short.memory >> 20
         ))),
     }

@@ -37,7 +37,7 @@ mod devices;
 mod heartbeat;
 mod reports;
 
-use attempt::run_job;
+use attempt::run_batch;
 use claim::{acknowledge, claim_all};
 use heartbeat::heartbeat_loop;
 use reports::completion_reporter;
@@ -232,9 +232,10 @@ async fn serve(
         devices: devices.states(),
         models: config.models.iter().map(|m| m.name.clone()).collect(),
         model_hashes: devices.models.iter().map(|(name, m)| (name.clone(), m.renderer().model_hash())).collect(),
+        placements: devices.placements(config.max_batch.max(1)),
         text_encoder_sets: sets,
-        // Every device's slots.
-        capacity: slots_total,
+        // Jobs at once: a batch in each of every device's slots.
+        capacity: slots_total * config.max_batch.max(1),
         version: env!("CARGO_PKG_VERSION").into(),
     };
     let registered = retrying("RegisterWorker", Duration::MAX, || {
@@ -284,7 +285,9 @@ async fn serve(
     let interval = Duration::from_secs(u64::from(registered.heartbeat_interval_seconds.max(1)));
     tasks.spawn(heartbeat_loop(shared.clone(), interval, heartbeats.clone()));
 
+    // A permit per render; each render samples up to `max_batch` jobs.
     let slots = Arc::new(Semaphore::new(slots_total as usize));
+    let max_batch = config.max_batch.max(1) as usize;
     let mut read_errors = 0u32;
     loop {
         let current = *mode_rx.borrow_and_update();
@@ -306,7 +309,7 @@ async fn serve(
         }
         // Not raced against mode changes: dropping a read in flight would
         // strand messages Redis already handed out.
-        let deliveries = match shared.consumer.read(permits.len(), READ_BLOCK).await {
+        let deliveries = match shared.consumer.read(permits.len() * max_batch, READ_BLOCK).await {
             Ok(d) => {
                 read_errors = 0;
                 d
@@ -320,19 +323,22 @@ async fn serve(
                 continue;
             }
         };
+        let mut started = Vec::new();
         for (delivery, claimed) in claim_all(&shared, deliveries).await {
             match claimed {
-                Some(start) => {
-                    // COUNT bounds each stream, not the sum: with several
-                    // models a read may bring more than the free slots.
-                    let permit = match permits.pop() {
-                        Some(permit) => permit,
-                        None => slots.clone().acquire_owned().await.map_err(|e| WorkerError::Internal(e.to_string()))?,
-                    };
-                    tasks.spawn(run_job(shared.clone(), delivery, start, permit));
-                }
+                Some(start) => started.push((delivery, start)),
                 None => acknowledge(&shared, &delivery).await,
             }
+        }
+        for batch in batches(started, max_batch) {
+            // COUNT bounds each stream, not the sum, and jobs that cannot
+            // share a batch need a slot each: a read may bring more
+            // renders than the free slots.
+            let permit = match permits.pop() {
+                Some(permit) => permit,
+                None => slots.clone().acquire_owned().await.map_err(|e| WorkerError::Internal(e.to_string()))?,
+            };
+            tasks.spawn(run_batch(shared.clone(), batch, permit));
         }
     }
 
@@ -361,6 +367,38 @@ async fn connect_consumer(target: &flowfarm_queue::RedisTarget, worker_id: &str,
             }
         }
     }
+}
+
+/// Groups started jobs into renders: jobs of one model, size and
+/// text-encoder set share a batch of up to `max_batch`, in the order they
+/// came (the streams' priority order).
+fn batches(
+    started: Vec<(flowfarm_queue::Delivery, pb::StartJobResponse)>,
+    max_batch: usize,
+) -> Vec<Vec<(flowfarm_queue::Delivery, pb::StartJobResponse)>> {
+    type Key = (String, u32, u32, i32);
+    let key = |start: &pb::StartJobResponse| -> Key {
+        let spec = start.job.as_ref().and_then(|j| j.spec.as_ref());
+        spec.map(|s| (s.model.clone(), s.width, s.height, s.text_encoders)).unwrap_or_default()
+    };
+    let mut open: Vec<(Key, Vec<(flowfarm_queue::Delivery, pb::StartJobResponse)>)> = Vec::new();
+    let mut full = Vec::new();
+    for (delivery, start) in started {
+        let k = key(&start);
+        let at = match open.iter().position(|(o, _)| *o == k) {
+            Some(at) => at,
+            None => {
+                open.push((k, Vec::new()));
+                open.len() - 1
+            }
+        };
+        open[at].1.push((delivery, start));
+        if open[at].1.len() == max_batch {
+            full.push(open.remove(at).1);
+        }
+    }
+    full.extend(open.into_iter().map(|(_, batch)| batch));
+    full
 }
 
 /// Waits for running jobs to finish; at the deadline hands the rest back.
