@@ -25,6 +25,8 @@ pub struct JointBlock {
     context: ContextStream,
     /// MMDiT-X: a second, image-only attention.
     dual: Option<(Qkv, Linear)>,
+    /// Whether F32 on the CPU runs the fused kernels (not when training).
+    fused: bool,
 }
 
 impl JointBlock {
@@ -61,6 +63,7 @@ impl JointBlock {
             context_qkv,
             context,
             dual,
+            fused: !l.trainable,
         })
     }
 
@@ -70,7 +73,7 @@ impl JointBlock {
     /// F32 on the CPU runs the fused kernels of `cpu.rs`, everything else the
     /// composed tensor ops; both compute the same thing.
     pub fn forward(&self, x: &Tensor, ctx: &Tensor, c: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-        if x.device().is_cpu() && x.dtype() == DType::F32 {
+        if self.fused && x.device().is_cpu() && x.dtype() == DType::F32 {
             self.forward_fused(x, ctx, c)
         } else {
             self.forward_composed(x, ctx, c)
@@ -226,7 +229,7 @@ mod tests {
         for variant in [Variant::Sd3Medium, Variant::Sd35Large, Variant::Sd35Medium] {
             let config = MmDitConfig { hidden: 64, heads: 4, ..tiny_config(variant) };
             let weights = Weights(random_weights(&config, 7).unwrap());
-            let loader = Loader { weights: &weights, dtype: DType::F32, device: &Device::Cpu };
+            let loader = Loader { weights: &weights, dtype: DType::F32, device: &Device::Cpu, trainable: false };
             let x = Tensor::randn(0f32, 1.0, (3, 150, 64), &Device::Cpu).unwrap();
             let ctx = Tensor::randn(0f32, 1.0, (3, 33, 64), &Device::Cpu).unwrap();
             let c = Tensor::randn(0f32, 1.0, (3, 64), &Device::Cpu).unwrap();

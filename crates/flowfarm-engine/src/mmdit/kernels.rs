@@ -1,8 +1,10 @@
 //! Softmax and LayerNorm as tensor ops, for the composed path (GPUs, half
-//! precision) and the text encoders. On CPU F32 each runs the row kernels of
-//! `cpu.rs` over rows in parallel, where the composed tensor ops make five or
-//! six passes with a fresh buffer each. Other devices, and dtypes other than
-//! F32, use the composed ops (and on CUDA a softmax kernel of our own).
+//! precision, training) and the text encoders. On CPU F32 each runs the row
+//! kernels of `cpu.rs` over rows in parallel, where the composed tensor ops
+//! make five or six passes with a fresh buffer each; their gradients are
+//! composed tensor ops, so training runs through the same kernels. Other
+//! devices, and dtypes other than F32, use the composed ops (and on CUDA a
+//! softmax kernel of our own, inference only).
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
@@ -29,6 +31,12 @@ impl CustomOp1 for Softmax {
         out.par_chunks_mut(width).zip(src.par_chunks(width)).for_each(|(dst, row)| cpu::softmax_row(row, dst));
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
+
+    /// dx = y ⊙ (dy − Σ dy ⊙ y), per row.
+    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let dot = (dy * y)?.sum_keepdim(D::Minus1)?;
+        Ok(Some((y * dy.broadcast_sub(&dot)?)?))
+    }
 }
 
 struct LayerNorm {
@@ -46,6 +54,14 @@ impl CustomOp1 for LayerNorm {
         let mut out = vec![0f32; src.len()];
         out.par_chunks_mut(width).zip(src.par_chunks(width)).for_each(|(dst, row)| cpu::layer_norm_row(row, dst, eps));
         Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    /// With y = (x − μ)/σ per row: dx = (dy − mean(dy) − y·mean(dy ⊙ y)) / σ.
+    fn bwd(&self, x: &Tensor, y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        let centered = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let sigma = (centered.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?;
+        let along = y.broadcast_mul(&(dy * y)?.mean_keepdim(D::Minus1)?)?;
+        Ok(Some(dy.broadcast_sub(&dy.mean_keepdim(D::Minus1)?)?.sub(&along)?.broadcast_div(&sigma)?))
     }
 }
 
@@ -122,7 +138,7 @@ pub fn softmax_probabilities(x: &Tensor) -> Result<Tensor> {
 /// Softmax over the last dim.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if fusable(x) {
-        x.contiguous()?.apply_op1_no_bwd(&Softmax)
+        x.contiguous()?.apply_op1(Softmax)
     } else {
         candle_nn::ops::softmax_last_dim(x)
     }
@@ -131,7 +147,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 /// (x − mean) / sqrt(var + eps) over the last dim, no affine.
 pub fn layer_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
     if fusable(x) {
-        return x.contiguous()?.apply_op1_no_bwd(&LayerNorm { eps });
+        return x.contiguous()?.apply_op1(LayerNorm { eps });
     }
     let mean = x.mean_keepdim(D::Minus1)?;
     let centered = x.broadcast_sub(&mean)?;

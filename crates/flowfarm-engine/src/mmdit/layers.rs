@@ -15,6 +15,10 @@ pub struct Loader<'a> {
     pub weights: &'a dyn WeightSource,
     pub dtype: DType,
     pub device: &'a Device,
+    /// Build for training: products keep views of the weights they were
+    /// given (so gradients reach them) and run composed tensor ops, never
+    /// the fused CPU kernels, which have no gradients.
+    pub trainable: bool,
 }
 
 impl Loader<'_> {
@@ -26,7 +30,12 @@ impl Loader<'_> {
     pub fn linear(&self, prefix: &str, input: usize, output: usize) -> Result<Linear, EngineError> {
         let weight = self.tensor(&format!("{prefix}.weight"), &[output, input])?;
         let bias = self.tensor(&format!("{prefix}.bias"), &[output])?;
-        Ok(Linear::new(&weight, bias)?)
+        self.product(&weight, bias)
+    }
+
+    /// A [`Linear`] of W (out, in) and b (out), as this loader builds them.
+    pub fn product(&self, weight: &Tensor, bias: Tensor) -> Result<Linear, EngineError> {
+        Ok(if self.trainable { Linear::trainable(weight, bias)? } else { Linear::new(weight, bias)? })
     }
 
     pub fn rms_norm(&self, name: &str, width: usize) -> Result<RmsNorm, EngineError> {
@@ -78,19 +87,27 @@ pub struct Linear {
     /// elsewhere a transposed view of W, as the BLAS takes either.
     weight_t: Tensor,
     bias: Tensor,
+    /// Whether F32 on the CPU takes the fused path.
+    fused: bool,
 }
 
 impl Linear {
     /// From W (out, in) and b (out).
     pub fn new(weight: &Tensor, bias: Tensor) -> candle_core::Result<Self> {
         let weight_t = if weight.device().is_cpu() { weight.t()?.contiguous()? } else { weight.t()? };
-        Ok(Linear { weight_t, bias })
+        Ok(Linear { weight_t, bias, fused: true })
+    }
+
+    /// From W and b, for training: Wᵀ a view of W and composed tensor ops
+    /// only, so the product is differentiable with respect to both.
+    pub fn trainable(weight: &Tensor, bias: Tensor) -> candle_core::Result<Self> {
+        Ok(Linear { weight_t: weight.t()?, bias, fused: false })
     }
 
     /// x: (B, …, in) → (B, …, out). F32 on the CPU takes the fused path
     /// (per-sample gemm, bias in one parallel pass), as the blocks do.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() >= 2 {
+        if self.fused && x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() >= 2 {
             let x = x.contiguous()?;
             let mut dims = x.dims().to_vec();
             let (batch, input) = (dims[0], dims[dims.len() - 1]);
@@ -217,7 +234,7 @@ impl Qkv {
         let part = |name: &str, suffix: &str, shape: &[usize]| l.tensor(&format!("{name}.{suffix}"), shape);
         let weights = names.iter().map(|n| part(n, "weight", &[hidden, hidden])).collect::<Result<Vec<_>, _>>()?;
         let biases = names.iter().map(|n| part(n, "bias", &[hidden])).collect::<Result<Vec<_>, _>>()?;
-        let proj = Linear::new(&Tensor::cat(&weights, 0)?, Tensor::cat(&biases, 0)?)?;
+        let proj = l.product(&Tensor::cat(&weights, 0)?, Tensor::cat(&biases, 0)?)?;
         Ok(Qkv { proj, norm, heads })
     }
 

@@ -70,22 +70,39 @@ impl MmDit {
         device: &Device,
         blocks: Range<usize>,
     ) -> Result<Self, EngineError> {
+        Self::build(config, &Loader { weights, dtype, device, trainable: false }, blocks)
+    }
+
+    /// The whole model for training: every operation is a tensor op with a
+    /// gradient (no fused CPU kernels), and every weight a view of, or an op
+    /// on, the tensor `weights` gave, so the gradients of its output reach
+    /// them. Rebuilt after each update: products whose weights are built
+    /// from several tensors (q, k, v side by side) hold copies.
+    ///
+    /// # Errors
+    /// As [`MmDit::load`].
+    pub fn load_trainable(config: MmDitConfig, weights: &dyn WeightSource, dtype: DType, device: &Device) -> Result<Self, EngineError> {
+        let all = 0..config.depth;
+        Self::build(config, &Loader { weights, dtype, device, trainable: true }, all)
+    }
+
+    fn build(config: MmDitConfig, l: &Loader, blocks: Range<usize>) -> Result<Self, EngineError> {
         if blocks.is_empty() || blocks.end > config.depth {
             return Err(EngineError::Input(format!("blocks {blocks:?} of a {}-block model", config.depth)));
         }
-        let l = Loader { weights, dtype, device };
+        let dtype = l.dtype;
         let d = config.hidden;
         let (c, p, m) = (config.in_channels, config.patch_size, config.pos_embed_max_size);
         let patch_weight = l.tensor("pos_embed.proj.weight", &[d, c, p, p])?.reshape((d, c * p * p))?;
         let first_block = blocks.start;
-        let blocks = blocks.map(|i| JointBlock::load(&l, &config, i)).collect::<Result<_, _>>()?;
+        let blocks = blocks.map(|i| JointBlock::load(l, &config, i)).collect::<Result<_, _>>()?;
         Ok(MmDit {
             patch_bias: l.tensor("pos_embed.proj.bias", &[d])?,
             pos_embed: l.tensor("pos_embed.pos_embed", &[1, m * m, d])?.reshape((m, m, d))?,
-            time_embed: Mlp2::load(&l, "time_text_embed.timestep_embedder", 256, d)?,
-            pooled_embed: Mlp2::load(&l, "time_text_embed.text_embedder", config.pooled_dim, d)?,
+            time_embed: Mlp2::load(l, "time_text_embed.timestep_embedder", 256, d)?,
+            pooled_embed: Mlp2::load(l, "time_text_embed.text_embedder", config.pooled_dim, d)?,
             context_embedder: l.linear("context_embedder", config.joint_attention_dim, d)?,
-            norm_out: Modulation::load(&l, "norm_out", d, 2)?,
+            norm_out: Modulation::load(l, "norm_out", d, 2)?,
             proj_out: l.linear("proj_out", d, p * p * config.out_channels)?,
             patch_weight,
             blocks,
