@@ -79,3 +79,40 @@ fn single_file_decoder_equals_the_diffusers_folder() {
         }
     }
 }
+
+/// The encoder against diffusers' `vae.encode(image).latent_dist` on a
+/// square and a non-square image (fixture: tools/parity/make_vae_encoder_fixture.py).
+#[test]
+fn encode_matches_diffusers() {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let f = candle_core::safetensors::load(dir.join("vae-tiny_encode.safetensors"), &Device::Cpu).unwrap();
+    let dev = support::device();
+    let vae = Vae::open_autoencoder(dir.join("vae-tiny"), DType::F32, &dev).unwrap();
+    assert!(vae.has_encoder());
+    let max_abs = |a: &Tensor, b: &Tensor| {
+        assert_eq!(a.dims(), b.dims());
+        (a.to_device(&Device::Cpu).unwrap() - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    };
+    for name in ["square", "wide"] {
+        let image = f[&format!("{name}_image")].to_device(&dev).unwrap();
+        let (mean, logvar) = vae.encode_distribution(&image).unwrap();
+        let latent = vae.encode(&image).unwrap();
+        let errors = [
+            max_abs(&mean, &f[&format!("{name}_mean")]),
+            max_abs(&logvar, &f[&format!("{name}_logvar")]),
+            max_abs(&latent, &f[&format!("{name}_latent")]),
+        ];
+        println!("VAE encode ({name}): max abs error of mean, log-variance, latent {:.2e} {:.2e} {:.2e}", errors[0], errors[1], errors[2]);
+        assert!(errors.iter().all(|&e| e <= 1e-4), "{name}: {errors:?}");
+    }
+    let odd = Tensor::zeros((1, 3, 31, 32), DType::F32, &dev).unwrap();
+    let err = vae.encode(&odd).unwrap_err().to_string();
+    assert!(err.contains("sides must be positive multiples of 2 to encode"), "{err}");
+    // Rendering reads the decoder alone; a single file's encoder is not read.
+    let decoder = Vae::open(dir.join("vae-tiny"), DType::F32, &Device::Cpu).unwrap();
+    assert!(!decoder.has_encoder());
+    let err = decoder.encode(&Tensor::zeros((1, 3, 32, 32), DType::F32, &Device::Cpu).unwrap()).unwrap_err().to_string();
+    assert!(err.contains("opened without its encoder: open it with Vae::open_autoencoder"), "{err}");
+    let err = Vae::open_autoencoder(dir.join("vae-tiny/single_file.safetensors"), DType::F32, &Device::Cpu).err().unwrap().to_string();
+    assert!(err.contains("give a diffusers `vae/` folder"), "{err}");
+}

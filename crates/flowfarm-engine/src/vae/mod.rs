@@ -1,4 +1,6 @@
-//! The 16-channel AutoEncoderKL decoder of SD3-class models: latents to pixels.
+//! The 16-channel AutoEncoderKL of SD3-class models: latents to pixels (the
+//! decoder, here) and, where the weights have it, pixels to latents (the
+//! encoder, `encoder.rs`).
 //!
 //! Our own decoder, following diffusers' `Decoder` of `AutoencoderKL`, with
 //! our own convolutions: candle 0.9.2's CPU conv2d (its tiled im2col path)
@@ -23,6 +25,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{GroupNorm, VarBuilder};
 use serde::Deserialize;
 
+mod encoder;
+
 use crate::source::{ComponentFiles, Part};
 use crate::weights::{DryRun, FilesBackend, TensorFiles};
 use crate::EngineError;
@@ -39,6 +43,10 @@ struct DiffusersVaeConfig {
     norm_num_groups: usize,
     #[serde(default = "yes")]
     use_post_quant_conv: bool,
+    #[serde(default = "yes")]
+    use_quant_conv: bool,
+    #[serde(default = "three")]
+    in_channels: usize,
     scaling_factor: Option<f64>,
     shift_factor: Option<f64>,
     /// Pixels a side of a decoding tile.
@@ -96,6 +104,34 @@ impl Conv2d {
             &columns,
         )?;
         out.broadcast_add(&self.bias.reshape((1, (), 1))?)?.reshape((b, (), h, w))
+    }
+
+    /// The 3×3 convolution at stride 2 after one zero row and column at the
+    /// bottom and right (diffusers' `Downsample2D`, `padding=0`): (B, C, H,
+    /// W) → (B, out, H/2, W/2), H and W even. Every other window of the
+    /// same im2col, taken by folding each side into (half, 2) and keeping
+    /// the first of each pair.
+    fn forward_halving(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        if h % 2 != 0 || w % 2 != 0 || self.kernel != 3 {
+            candle_core::bail!("a halving convolution takes a 3×3 kernel and even sides, not {h}×{w}");
+        }
+        let (ho, wo) = (h / 2, w / 2);
+        // One zero row and column as the reference pads, one more that no kept window reads.
+        let padded = x.pad_with_zeros(2, 0, 2)?.pad_with_zeros(3, 0, 2)?;
+        let mut shifted = Vec::with_capacity(9);
+        for ky in 0..3 {
+            for kx in 0..3 {
+                let window = padded.narrow(2, ky, 2 * ho)?.narrow(3, kx, 2 * wo)?.contiguous()?;
+                shifted.push(window.reshape((b, c, ho, 2, wo, 2))?.narrow(3, 0, 1)?.narrow(5, 0, 1)?.reshape((b, c, ho, wo))?);
+            }
+        }
+        let columns = Tensor::stack(&shifted, 2)?.reshape((b, c * 9, ho * wo))?;
+        let out = crate::mmdit::layers::matmul(
+            &self.weight.unsqueeze(0)?.broadcast_as((b, self.weight.dim(0)?, self.weight.dim(1)?))?.contiguous()?,
+            &columns,
+        )?;
+        out.broadcast_add(&self.bias.reshape((1, (), 1))?)?.reshape((b, (), ho, wo))
     }
 }
 
@@ -278,6 +314,8 @@ const CONV_PEAK_PER_INPUT: u64 = 12;
 /// A loaded VAE.
 pub struct Vae {
     model: Decoder,
+    /// Loaded only when asked for ([`Vae::open_autoencoder`]).
+    encoder: Option<encoder::Encoder>,
     /// The decoder's channels per level, from the widest resolution.
     block_out_channels: Vec<usize>,
     latent_channels: usize,
@@ -299,14 +337,38 @@ impl Vae {
     /// # Errors
     /// [`EngineError::Checkpoint`] naming what is missing or malformed.
     pub fn open(path: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Vae, EngineError> {
+        Self::from_component(&Self::component(path.as_ref())?, dtype, device, None)
+    }
+
+    /// [`Vae::open`] with the encoder as well, for encoding images
+    /// ([`Vae::encode`]): a diffusers `vae/` folder whose weights have one.
+    /// Rendering never needs it, so [`Vae::open`] leaves it unread.
+    ///
+    /// # Errors
+    /// As [`Vae::open`]; [`EngineError::Checkpoint`] for weights without an
+    /// encoder, or a single file (whose encoder names are not mapped).
+    pub fn open_autoencoder(path: impl AsRef<Path>, dtype: DType, device: &Device) -> Result<Vae, EngineError> {
         let path = path.as_ref();
+        let c = Self::component(path)?;
+        let Some(config) = &c.config else {
+            return Err(EngineError::checkpoint(path, "a single file's encoder is not read: give a diffusers `vae/` folder"));
+        };
+        let config: DiffusersVaeConfig = crate::read_json(config, "a VAE config")?;
+        let vb = FilesBackend::new(c.files.clone(), &c.prefix).into_var_builder(dtype, device);
+        if !vb.contains_tensor("encoder.conv_in.weight") {
+            return Err(EngineError::checkpoint(path, "these VAE weights have no encoder (encoder.conv_in.weight)"));
+        }
+        Self::build(config, vb, true, dtype, path)
+    }
+
+    fn component(path: &Path) -> Result<ComponentFiles, EngineError> {
         let component = if path.is_file() {
             ComponentFiles::file(Part::Vae, path)?
         } else {
             let dir: PathBuf = if path.join("vae").is_dir() { path.join("vae") } else { path.to_owned() };
             ComponentFiles::folder(Part::Vae, &dir, "diffusion_pytorch_model")?
         };
-        Self::from_component(&component, dtype, device, None)
+        Ok(component)
     }
 
     /// The VAE of a resolved model; with `dry`, checks and records what it
@@ -331,7 +393,7 @@ impl Vae {
             Some(dry) => backend.dry(dry),
             None => backend,
         };
-        Self::build(config, backend.into_var_builder(dtype, device), dtype, &path)
+        Self::build(config, backend.into_var_builder(dtype, device), false, dtype, &path)
     }
 
     /// The decoder of an SD3 single file: `first_stage_model.decoder.*` (or
@@ -373,6 +435,8 @@ impl Vae {
             layers_per_block: layers,
             norm_num_groups: number("norm_num_groups", 32)?,
             use_post_quant_conv: files.info(&format!("{prefix}post_quant_conv.weight")).is_some(),
+            use_quant_conv: false,
+            in_channels: 3,
             scaling_factor: None,
             shift_factor: None,
             sample_size: number("sample_size", 1024)?,
@@ -383,12 +447,14 @@ impl Vae {
         Ok((config, prefix.to_owned()))
     }
 
-    fn build(config: DiffusersVaeConfig, vb: VarBuilder, dtype: DType, path: &Path) -> Result<Vae, EngineError> {
+    fn build(config: DiffusersVaeConfig, vb: VarBuilder, with_encoder: bool, dtype: DType, path: &Path) -> Result<Vae, EngineError> {
         let scale_factor = 1usize << config.block_out_channels.len().saturating_sub(1);
-        let model =
-            Decoder::load(&vb, &config).map_err(|e| EngineError::checkpoint(path, format!("weights do not fit the config: {e}")))?;
+        let unfit = |e: candle_core::Error| EngineError::checkpoint(path, format!("weights do not fit the config: {e}"));
+        let model = Decoder::load(&vb, &config).map_err(unfit)?;
+        let encoder = if with_encoder { Some(encoder::Encoder::load(&vb, &config).map_err(unfit)?) } else { None };
         Ok(Vae {
             model,
+            encoder,
             block_out_channels: config.block_out_channels.clone(),
             latent_channels: config.latent_channels,
             scale_factor,
@@ -426,6 +492,45 @@ impl Vae {
     /// counted; they are loaded already.
     pub fn whole_decode_bytes(&self, batch: usize, h: usize, w: usize) -> u64 {
         decode_peak_bytes(&self.block_out_channels, self.dtype.size_in_bytes() as u64, batch, h, w)
+    }
+
+    /// Whether these weights have an encoder.
+    pub fn has_encoder(&self) -> bool {
+        self.encoder.is_some()
+    }
+
+    /// The latent distribution of images (B, 3, H, W) in [-1, 1], sides
+    /// multiples of [`Vae::scale_factor`]: its mean and log-variance
+    /// (clamped to [−30, 20] as the reference does), (B, latent, H/f, W/f)
+    /// each, F32, before SD3's latent format.
+    ///
+    /// # Errors
+    /// [`EngineError::Input`] without an encoder or for sides the encoder
+    /// cannot halve.
+    pub fn encode_distribution(&self, image: &Tensor) -> Result<(Tensor, Tensor), EngineError> {
+        let encoder = self
+            .encoder
+            .as_ref()
+            .ok_or_else(|| EngineError::Input("this VAE was opened without its encoder: open it with Vae::open_autoencoder".into()))?;
+        let (_, _, h, w) = image.dims4()?;
+        let f = self.scale_factor;
+        if h == 0 || w == 0 || h % f != 0 || w % f != 0 {
+            return Err(EngineError::Input(format!("an image of {w}×{h}: sides must be positive multiples of {f} to encode")));
+        }
+        let moments = encoder.forward(&image.to_dtype(self.dtype)?)?.to_dtype(DType::F32)?;
+        let mean = moments.narrow(1, 0, self.latent_channels)?;
+        let logvar = moments.narrow(1, self.latent_channels, self.latent_channels)?.clamp(-30f32, 20f32)?;
+        Ok((mean, logvar))
+    }
+
+    /// Sampler latents of images: the distribution's mean in SD3's latent
+    /// format, (mean − shift_factor)·scaling_factor.
+    ///
+    /// # Errors
+    /// As [`Vae::encode_distribution`].
+    pub fn encode(&self, image: &Tensor) -> Result<Tensor, EngineError> {
+        let (mean, _) = self.encode_distribution(image)?;
+        Ok(((mean - self.shift_factor)? * self.scaling_factor)?)
     }
 
     /// Decodes sampler latents (B, 16, h, w) to images (B, 3, 8h, 8w) in
