@@ -10,6 +10,8 @@
 //!   by global norm, and an exponential moving average of the weights.
 //! - [`trainer`]: one step (sample t and ε, forward, loss, backward,
 //!   update), and checkpoints that resume exactly.
+//! - [`autoencoder`]: the VAE the model's latents come from, trained on
+//!   the same images (reconstruction + KL), its latent format measured.
 //!
 //! Invariant: the model trained is the engine's own [`MmDit`], built from
 //! the variables at every step by the loader that serves it
@@ -19,6 +21,7 @@
 //! [`MmDit`]: flowfarm_engine::MmDit
 //! [`MmDit::load_trainable`]: flowfarm_engine::MmDit::load_trainable
 
+pub mod autoencoder;
 pub mod objective;
 pub mod optim;
 pub mod params;

@@ -11,7 +11,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::{GroupNorm, VarBuilder};
 
-use super::{conv, group_norm, Conv2d, DiffusersVaeConfig, Resnet, SpatialAttention};
+use super::{conv, group_norm, Conv2d, Resnet, SpatialAttention, VaeConfig};
 
 pub(super) struct Encoder {
     conv_in: Conv2d,
@@ -23,7 +23,7 @@ pub(super) struct Encoder {
 }
 
 impl Encoder {
-    pub(super) fn load(vb: &VarBuilder, config: &DiffusersVaeConfig) -> candle_core::Result<Self> {
+    pub(super) fn load(vb: &VarBuilder, config: &VaeConfig) -> candle_core::Result<Self> {
         let groups = config.norm_num_groups;
         let channels = &config.block_out_channels;
         let top = *channels.last().ok_or_else(|| candle_core::Error::Msg("block_out_channels is empty".into()))?;

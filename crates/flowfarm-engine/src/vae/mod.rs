@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{GroupNorm, VarBuilder};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 mod encoder;
 
@@ -35,25 +35,55 @@ use crate::EngineError;
 pub const SD3_SCALING_FACTOR: f64 = 1.5305;
 pub const SD3_SHIFT_FACTOR: f64 = 0.0609;
 
-#[derive(Debug, Deserialize)]
-struct DiffusersVaeConfig {
-    block_out_channels: Vec<usize>,
-    layers_per_block: usize,
-    latent_channels: usize,
-    norm_num_groups: usize,
+/// An AutoencoderKL's shape and latent format, as its diffusers
+/// `config.json` gives them.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct VaeConfig {
+    /// Channels per level, from the image's resolution down.
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub latent_channels: usize,
+    pub norm_num_groups: usize,
     #[serde(default = "yes")]
-    use_post_quant_conv: bool,
+    pub use_post_quant_conv: bool,
     #[serde(default = "yes")]
-    use_quant_conv: bool,
+    pub use_quant_conv: bool,
     #[serde(default = "three")]
-    in_channels: usize,
-    scaling_factor: Option<f64>,
-    shift_factor: Option<f64>,
+    pub in_channels: usize,
+    pub scaling_factor: Option<f64>,
+    pub shift_factor: Option<f64>,
     /// Pixels a side of a decoding tile.
     #[serde(default = "default_sample_size")]
-    sample_size: usize,
+    pub sample_size: usize,
     #[serde(default = "three")]
-    out_channels: usize,
+    pub out_channels: usize,
+}
+
+impl VaeConfig {
+    /// The whole `config.json` diffusers' AutoencoderKL reads (block types,
+    /// activation and the rest at the values this engine implements).
+    pub fn to_diffusers_json(&self) -> serde_json::Value {
+        let levels = self.block_out_channels.len();
+        serde_json::json!({
+            "_class_name": "AutoencoderKL",
+            "act_fn": "silu",
+            "block_out_channels": self.block_out_channels,
+            "down_block_types": vec!["DownEncoderBlock2D"; levels],
+            "up_block_types": vec!["UpDecoderBlock2D"; levels],
+            "force_upcast": true,
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "latent_channels": self.latent_channels,
+            "layers_per_block": self.layers_per_block,
+            "mid_block_add_attention": true,
+            "norm_num_groups": self.norm_num_groups,
+            "sample_size": self.sample_size,
+            "scaling_factor": self.scaling_factor.unwrap_or(SD3_SCALING_FACTOR),
+            "shift_factor": self.shift_factor.unwrap_or(SD3_SHIFT_FACTOR),
+            "use_quant_conv": self.use_quant_conv,
+            "use_post_quant_conv": self.use_post_quant_conv,
+        })
+    }
 }
 
 fn yes() -> bool {
@@ -188,7 +218,9 @@ struct SpatialAttention {
 /// A c×c projection stored as a linear (c, c) or, in LDM files, a 1×1 conv (c, c, 1, 1).
 fn projection(vb: &VarBuilder, name: &str, c: usize) -> candle_core::Result<candle_nn::Linear> {
     let vb = vb.pp(name);
-    let weight = vb.get_unchecked("weight")?.reshape((c, c))?;
+    // What is stored, (c, c) or an LDM 1×1 conv, reshaped; a VarMap (training)
+    // holds nothing yet and makes it at the shape asked.
+    let weight = if vb.contains_tensor("weight") { vb.get_unchecked("weight")?.reshape((c, c))? } else { vb.get((c, c), "weight")? };
     Ok(candle_nn::Linear::new(weight, Some(vb.get(c, "bias")?)))
 }
 
@@ -228,7 +260,7 @@ struct Decoder {
 }
 
 impl Decoder {
-    fn load(vb: &VarBuilder, config: &DiffusersVaeConfig) -> candle_core::Result<Self> {
+    fn load(vb: &VarBuilder, config: &VaeConfig) -> candle_core::Result<Self> {
         let groups = config.norm_num_groups;
         let channels = &config.block_out_channels;
         let top = *channels.last().ok_or_else(|| candle_core::Error::Msg("block_out_channels is empty".into()))?;
@@ -353,12 +385,22 @@ impl Vae {
         let Some(config) = &c.config else {
             return Err(EngineError::checkpoint(path, "a single file's encoder is not read: give a diffusers `vae/` folder"));
         };
-        let config: DiffusersVaeConfig = crate::read_json(config, "a VAE config")?;
+        let config: VaeConfig = crate::read_json(config, "a VAE config")?;
         let vb = FilesBackend::new(c.files.clone(), &c.prefix).into_var_builder(dtype, device);
         if !vb.contains_tensor("encoder.conv_in.weight") {
             return Err(EngineError::checkpoint(path, "these VAE weights have no encoder (encoder.conv_in.weight)"));
         }
         Self::build(config, vb, true, dtype, path)
+    }
+
+    /// An autoencoder (encoder and decoder) of `config` over the tensors
+    /// `vb` gives, for training: built from a `VarMap`, every weight is one
+    /// of its variables or a view of one, and every op has a gradient.
+    ///
+    /// # Errors
+    /// [`EngineError::Checkpoint`] when `vb` lacks a tensor or has it misshapen.
+    pub fn autoencoder(config: VaeConfig, vb: VarBuilder, dtype: DType) -> Result<Vae, EngineError> {
+        Self::build(config, vb, true, dtype, Path::new("(variables)"))
     }
 
     fn component(path: &Path) -> Result<ComponentFiles, EngineError> {
@@ -380,7 +422,7 @@ impl Vae {
         let path = c.files.paths().first().cloned().unwrap_or_default();
         let (config, backend) = match &c.config {
             Some(config) => {
-                let config: DiffusersVaeConfig = crate::read_json(config, "a VAE config")?;
+                let config: VaeConfig = crate::read_json(config, "a VAE config")?;
                 (config, FilesBackend::new(c.files.clone(), &c.prefix))
             }
             None => {
@@ -400,7 +442,7 @@ impl Vae {
     /// `decoder.*`) in LDM names. Channel widths, depth and latent channels
     /// come from the shapes; the group count (32 in SD3) and tile size
     /// (1024) from the file's metadata when it has them.
-    fn single_file_config(files: &TensorFiles, path: &Path) -> Result<(DiffusersVaeConfig, String), EngineError> {
+    fn single_file_config(files: &TensorFiles, path: &Path) -> Result<(VaeConfig, String), EngineError> {
         let prefix = if files.has_prefix("first_stage_model.decoder.") {
             "first_stage_model."
         } else if files.has_prefix("decoder.up.") {
@@ -428,7 +470,7 @@ impl Vae {
                 v.parse().map_err(|_| EngineError::checkpoint(path, format!("metadata {key}={v} is not a number")))
             })
         };
-        let config = DiffusersVaeConfig {
+        let config = VaeConfig {
             latent_channels: shape("decoder.conv_in.weight")?[1],
             out_channels: shape("decoder.conv_out.weight")?[0],
             block_out_channels: widths,
@@ -447,7 +489,7 @@ impl Vae {
         Ok((config, prefix.to_owned()))
     }
 
-    fn build(config: DiffusersVaeConfig, vb: VarBuilder, with_encoder: bool, dtype: DType, path: &Path) -> Result<Vae, EngineError> {
+    fn build(config: VaeConfig, vb: VarBuilder, with_encoder: bool, dtype: DType, path: &Path) -> Result<Vae, EngineError> {
         let scale_factor = 1usize << config.block_out_channels.len().saturating_sub(1);
         let unfit = |e: candle_core::Error| EngineError::checkpoint(path, format!("weights do not fit the config: {e}"));
         let model = Decoder::load(&vb, &config).map_err(unfit)?;
@@ -531,6 +573,20 @@ impl Vae {
     pub fn encode(&self, image: &Tensor) -> Result<Tensor, EngineError> {
         let (mean, _) = self.encode_distribution(image)?;
         Ok(((mean - self.shift_factor)? * self.scaling_factor)?)
+    }
+
+    /// Decodes latents in the VAE's own space (a sample of
+    /// [`Vae::encode_distribution`], before the latent format) to images,
+    /// F32: what training reconstructs with.
+    ///
+    /// # Errors
+    /// [`EngineError::Input`] for a latent of the wrong channel count.
+    pub fn decode_raw(&self, z: &Tensor) -> Result<Tensor, EngineError> {
+        let (_, c, _, _) = z.dims4()?;
+        if c != self.latent_channels {
+            return Err(EngineError::Input(format!("latent has {c} channels; this VAE takes {}", self.latent_channels)));
+        }
+        Ok(self.model.forward(&z.to_dtype(self.dtype)?)?.to_dtype(DType::F32)?)
     }
 
     /// Decodes sampler latents (B, 16, h, w) to images (B, 3, 8h, 8w) in
