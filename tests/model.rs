@@ -425,3 +425,113 @@ fn model_inspect_reports_parameters_and_memory_per_dtype() {
     assert!(transformer.contains("f32 "), "{transformer}");
     assert!(text.contains("model hash: "), "{text}");
 }
+
+/// `flowfarm train` as a user runs it: a few steps write a whole model
+/// folder that `model render` loads (its own trained VAE, the base's frozen
+/// encoders); `--resume` goes on from the last checkpoint to the new step
+/// count; bad settings are refused before anything is written.
+#[test]
+fn train_writes_a_model_that_renders_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("scenes-model");
+    let out_arg = out.to_str().unwrap();
+    let base = bundled();
+    let small = [
+        "--base",
+        base.to_str().unwrap(),
+        "--sizes",
+        "32",
+        "--batch",
+        "2",
+        "--vae-steps",
+        "3",
+        "--vae-batch",
+        "2",
+        "--vae-channels",
+        "16,32",
+        "--warmup",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--t5-length",
+        "16",
+    ];
+    let train = |extra: &[&str]| {
+        let mut args = vec!["train", "--out", out_arg];
+        args.extend_from_slice(&small);
+        args.extend_from_slice(extra);
+        flowfarm(&args)
+    };
+    let first = train(&["--steps", "4"]);
+    assert!(first.status.success(), "{}", String::from_utf8_lossy(&first.stderr));
+    let said = String::from_utf8_lossy(&first.stdout);
+    assert!(said.contains("autoencoder: latent shift") && said.contains("flowfarm model render --model"), "{said}");
+    for part in [
+        "transformer/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "tokenizer_3",
+        "scheduler/scheduler_config.json",
+        "training/trainer.json",
+    ] {
+        assert!(out.join(part).exists(), "{part} is missing");
+    }
+    let step = |path: &Path| -> u64 {
+        let record: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path.join("training/trainer.json")).unwrap()).unwrap();
+        record["step"].as_u64().unwrap()
+    };
+    assert_eq!(step(&out), 4);
+
+    let png = dir.path().join("drawn.png");
+    let rendered = flowfarm(&[
+        "model",
+        "render",
+        "--model",
+        out_arg,
+        "--prompt",
+        "a red circle above a blue square on a yellow background",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--steps",
+        "3",
+        "--t5-length",
+        "16",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(rendered.status.success(), "{}", String::from_utf8_lossy(&rendered.stderr));
+    let params = read_parameters(&std::fs::read(&png).unwrap()).unwrap().expect("parameters");
+    assert_eq!(
+        (params.width, params.height, params.shift),
+        (32, 32, 1.0),
+        "the scheduler's shift: the model trained unshifted at its size"
+    );
+
+    let again = train(&["--steps", "6"]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a training run: pass --resume"));
+    let resumed = train(&["--steps", "6", "--resume"]);
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    assert!(String::from_utf8_lossy(&resumed.stdout).contains("resumed at step 4 of 6"));
+    assert_eq!(step(&out), 6);
+
+    let fresh = dir.path().join("never");
+    for (extra, said) in [
+        (vec!["--sizes", "40"], "--sizes: `40` is not a size"),
+        (vec!["--sampler", "gauss"], "--sampler: `gauss` is not"),
+        (vec!["--text-dropout", "1"], "--text-dropout 1 is outside [0, 1)"),
+        (vec!["--vae-channels", "12"], "--vae-channels: give one or more channel counts, each a multiple of 8"),
+        (vec!["--resume"], "holds no training run"),
+    ] {
+        let mut args = vec!["train", "--out", fresh.to_str().unwrap()];
+        args.extend(extra.iter().copied());
+        let refused = flowfarm(&args);
+        assert!(!refused.status.success());
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(err.contains(said), "{err}");
+        assert!(!fresh.exists(), "a refused run writes nothing");
+    }
+}

@@ -15,6 +15,7 @@ mod dev;
 mod model;
 mod plan;
 mod telemetry;
+mod train;
 
 use std::path::PathBuf;
 
@@ -96,6 +97,10 @@ enum Command {
         #[command(subcommand)]
         command: model::ModelCommand,
     },
+    /// Train a model that draws procedural scenes from their captions: an
+    /// autoencoder, then the MM-DiT on its latents, written as a model
+    /// folder every command loads (the paper's recipe; --resume continues).
+    Train(Box<train::TrainArgs>),
 }
 
 #[derive(Subcommand)]
@@ -215,6 +220,10 @@ async fn main() -> Result<()> {
         Command::Model { command } => {
             telemetry::init(cli.log_format, &Default::default(), "flowfarm", telemetry::SERVICE_LOGS)?;
             model::run(command)
+        }
+        Command::Train(args) => {
+            telemetry::init(cli.log_format, &Default::default(), "flowfarm", telemetry::SERVICE_LOGS)?;
+            train::run(*args)
         }
         Command::Config { command: ConfigCommand::Print { worker: true, worker_config } } => {
             print!("{}", load_worker_config(&worker_config)?.to_masked_toml()?);
@@ -354,7 +363,7 @@ async fn run(command: Command, config: Config) -> Result<()> {
             }
         }
         Command::Config { command: ConfigCommand::Print { .. } } => print!("{}", config.to_masked_toml()?),
-        Command::Model { .. } | Command::Worker { .. } | Command::Dev(_) => unreachable!("handled by main"),
+        Command::Model { .. } | Command::Train(_) | Command::Worker { .. } | Command::Dev(_) => unreachable!("handled by main"),
     }
     Ok(())
 }
