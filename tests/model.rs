@@ -510,6 +510,32 @@ fn train_writes_a_model_that_renders_and_resumes() {
         "the scheduler's shift: the model trained unshifted at its size"
     );
 
+    // Scored on held-out captions by the scenes' detector, with a contact sheet.
+    let sheet = dir.path().join("sheet.png");
+    let scored = flowfarm(&[
+        "model",
+        "score",
+        "--model",
+        out_arg,
+        "--prompts",
+        "2",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--steps",
+        "2",
+        "--t5-length",
+        "16",
+        "--sheet",
+        sheet.to_str().unwrap(),
+    ]);
+    assert!(scored.status.success(), "{}", String::from_utf8_lossy(&scored.stderr));
+    let said = String::from_utf8_lossy(&scored.stdout);
+    assert!(said.contains("2 held-out prompts at 32x32") && said.contains("objects right") && said.contains("positions right"), "{said}");
+    let decoded = png::Decoder::new(std::io::Cursor::new(std::fs::read(&sheet).unwrap())).read_info().unwrap();
+    assert!(decoded.info().width >= 64, "two renders side by side");
+
     let again = train(&["--steps", "6"]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already holds a training run: pass --resume"));

@@ -12,6 +12,8 @@
 //!   update), and checkpoints that resume exactly.
 //! - [`autoencoder`]: the VAE the model's latents come from, trained on
 //!   the same images (reconstruction + KL), its latent format measured.
+//! - [`evaluate`]: a model's renders of grammar captions, scored by the
+//!   scenes' analytic detector.
 //!
 //! Invariant: the model trained is the engine's own [`MmDit`], built from
 //! the variables at every step by the loader that serves it
@@ -22,6 +24,7 @@
 //! [`MmDit::load_trainable`]: flowfarm_engine::MmDit::load_trainable
 
 pub mod autoencoder;
+pub mod evaluate;
 pub mod objective;
 pub mod optim;
 pub mod params;

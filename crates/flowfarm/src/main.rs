@@ -14,6 +14,7 @@
 mod dev;
 mod model;
 mod plan;
+mod score;
 mod telemetry;
 mod train;
 

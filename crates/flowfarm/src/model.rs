@@ -75,6 +75,9 @@ pub enum ModelCommand {
     /// Render one image locally.
     // Boxed: the render flags dwarf every other command's.
     Render(Box<RenderArgs>),
+    /// Score a model on held-out captions of the scene grammar (`flowfarm
+    /// train`'s data): each render read back by an analytic detector.
+    Score(Box<crate::score::ScoreArgs>),
     /// Convert between a diffusers model folder and one SD3-style single
     /// file (transformer, VAE decoder, text encoders).
     Convert {
@@ -172,6 +175,7 @@ pub fn run(command: ModelCommand) -> Result<()> {
         ModelCommand::Verify(args) => verify(&args.source()),
         ModelCommand::Render(args) => render(&args),
         ModelCommand::Plan(args) => crate::plan::run(&args),
+        ModelCommand::Score(args) => crate::score::run(&args),
         ModelCommand::Convert { path, variant, to, out, parts } => {
             if out.exists() {
                 bail!("{} exists; choose another output path or remove it", out.display());

@@ -184,8 +184,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let datasets: Vec<Dataset> = buckets.iter().map(|&(w, h)| Dataset::new(args.seed, w, h, Split::Train)).collect::<Result<_, _>>()?;
     let mut conditioning = ConditioningCache::new(&encoders, config.joint_attention_dim, &device);
     let first = trainer.step_count();
-    let bar = progress(args.steps, "transformer");
-    bar.set_position(first);
+    let bar = Progress::new(args.steps, "transformer");
     let started = Instant::now();
     let mut smoothed: Option<f32> = None;
     while trainer.step_count() < args.steps {
@@ -212,8 +211,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let loss = smoothed.map_or(report.loss, |s| 0.98 * s + 0.02 * report.loss);
         smoothed = Some(loss);
         let rate = (report.step - first) as f64 * args.batch as f64 / started.elapsed().as_secs_f64().max(1e-9);
-        bar.set_message(format!("loss {loss:.4} · {rate:.1} samples/s"));
-        bar.set_position(report.step);
+        bar.update(report.step, format!("loss {loss:.4} · {rate:.1} samples/s"));
         if report.step % args.checkpoint_every.max(1) == 0 || report.step == args.steps {
             trainer.save(&args.out)?;
         }
@@ -230,11 +228,36 @@ pub fn run(args: TrainArgs) -> Result<()> {
     Ok(())
 }
 
-fn progress(steps: u64, what: &str) -> ProgressBar {
-    let bar = ProgressBar::new(steps);
-    let template = format!("{what} {{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}}] {{msg}}");
-    bar.set_style(ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar()));
-    bar
+/// A progress bar on a terminal; elsewhere (a log file, CI) a line every
+/// `LOG_EVERY` steps, so a long run is never silent.
+struct Progress {
+    bar: ProgressBar,
+    what: &'static str,
+    terminal: bool,
+    steps: u64,
+}
+
+const LOG_EVERY: u64 = 50;
+
+impl Progress {
+    fn new(steps: u64, what: &'static str) -> Progress {
+        let bar = ProgressBar::new(steps);
+        let template = format!("{what} {{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}}] {{msg}}");
+        bar.set_style(ProgressStyle::with_template(&template).unwrap_or_else(|_| ProgressStyle::default_bar()));
+        Progress { bar, what, terminal: std::io::IsTerminal::is_terminal(&std::io::stderr()), steps }
+    }
+
+    fn update(&self, step: u64, message: String) {
+        if !self.terminal && (step.is_multiple_of(LOG_EVERY) || step == self.steps) {
+            println!("{} step {step}/{}: {message}", self.what, self.steps);
+        }
+        self.bar.set_message(message);
+        self.bar.set_position(step);
+    }
+
+    fn finish(&self) {
+        self.bar.finish();
+    }
 }
 
 /// The folder's VAE: the trained one it holds, or one trained now on scenes
@@ -265,11 +288,10 @@ fn autoencoder(args: &TrainArgs, size: (usize, usize), device: &Device) -> Resul
         let refs: Vec<&[u8]> = items.iter().map(Vec::as_slice).collect();
         Ok(image_batch(&refs, size.0, size.1, device)?)
     };
-    let bar = progress(args.vae_steps, "autoencoder");
+    let bar = Progress::new(args.vae_steps, "autoencoder");
     for step in 0..args.vae_steps {
         let report = trainer.train_step(&batch_of(step * args.vae_batch as u64, args.vae_batch)?)?;
-        bar.set_message(format!("L1 {:.4} · KL {:.3}", report.reconstruction, report.kl));
-        bar.inc(1);
+        bar.update(report.step, format!("L1 {:.4} · KL {:.3}", report.reconstruction, report.kl));
     }
     bar.finish();
     // The latent format from images the autoencoder did not train on.
