@@ -172,6 +172,26 @@ impl AutoencoderTrainer {
     }
 }
 
+/// A small autoencoder of the engine's VAE architecture for `flowfarm
+/// train`: SD3's 16 latent channels, `block_out_channels` per level (n
+/// levels make latents 2^(n−1) times smaller), one resnet per level, 8
+/// GroupNorm groups, no quant convolutions; `sample_size` pixels a tile.
+pub fn small_config(block_out_channels: Vec<usize>, sample_size: usize) -> VaeConfig {
+    VaeConfig {
+        block_out_channels,
+        layers_per_block: 1,
+        latent_channels: 16,
+        norm_num_groups: 8,
+        use_post_quant_conv: false,
+        use_quant_conv: false,
+        in_channels: 3,
+        scaling_factor: None,
+        shift_factor: None,
+        sample_size,
+        out_channels: 3,
+    }
+}
+
 /// RGB8 images (width × height × 3 bytes each) as a (B, 3, H, W) batch in [-1, 1].
 ///
 /// # Errors

@@ -2,25 +2,9 @@
 //! error falls, and the saved folder is read by the engine as it trained.
 
 use candle_core::{DType, Device, Tensor};
-use flowfarm_engine::vae::{Decoding, Vae, VaeConfig};
+use flowfarm_engine::vae::{Decoding, Vae};
 use flowfarm_scenes::{Dataset, Split};
-use flowfarm_train::autoencoder::{image_batch, AutoencoderSettings, AutoencoderTrainer};
-
-fn config() -> VaeConfig {
-    VaeConfig {
-        block_out_channels: vec![16, 32],
-        layers_per_block: 1,
-        latent_channels: 16,
-        norm_num_groups: 8,
-        use_post_quant_conv: false,
-        use_quant_conv: false,
-        in_channels: 3,
-        scaling_factor: None,
-        shift_factor: None,
-        sample_size: 32,
-        out_channels: 3,
-    }
-}
+use flowfarm_train::autoencoder::{image_batch, small_config, AutoencoderSettings, AutoencoderTrainer};
 
 fn images(data: &Dataset, from: u64, count: u64) -> Tensor {
     let items: Vec<Vec<u8>> = (from..from + count).map(|i| data.item(i).rgb).collect();
@@ -32,7 +16,7 @@ fn images(data: &Dataset, from: u64, count: u64) -> Tensor {
 fn the_autoencoder_learns_the_scenes_and_its_folder_reads_back_as_trained() {
     let data = Dataset::new(4, 32, 32, Split::Train).unwrap();
     let settings = AutoencoderSettings { lr: 6e-3, warmup_steps: 5, seed: 9, ..AutoencoderSettings::default() };
-    let mut trainer = AutoencoderTrainer::new(config(), settings, &Device::Cpu).unwrap();
+    let mut trainer = AutoencoderTrainer::new(small_config(vec![16, 32], 32), settings, &Device::Cpu).unwrap();
     // A few dozen steps on four images: enough to see every weight learn
     // (the whole grammar takes the `flowfarm train` budget).
     let batch = images(&data, 0, 4);

@@ -17,10 +17,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use flowfarm_engine::device::open_device;
 use flowfarm_engine::pipeline::{TextEncoders, DEFAULT_T5_LENGTH};
-use flowfarm_engine::vae::{Vae, VaeConfig};
+use flowfarm_engine::vae::Vae;
 use flowfarm_engine::Checkpoint;
 use flowfarm_scenes::{Dataset, Split};
-use flowfarm_train::autoencoder::{image_batch, AutoencoderSettings, AutoencoderTrainer};
+use flowfarm_train::autoencoder::{image_batch, small_config, AutoencoderSettings, AutoencoderTrainer};
 use flowfarm_train::params::Params;
 use flowfarm_train::{Batch, TimestepSampler, Trainer, TrainerConfig};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -267,19 +267,7 @@ fn autoencoder(args: &TrainArgs, size: (usize, usize), device: &Device) -> Resul
     if folder.join("config.json").exists() {
         return Vae::open_autoencoder(&folder, DType::F32, device).with_context(|| format!("{}: the trained VAE", folder.display()));
     }
-    let config = VaeConfig {
-        block_out_channels: args.vae_channels.clone(),
-        layers_per_block: 1,
-        latent_channels: 16,
-        norm_num_groups: 8,
-        use_post_quant_conv: false,
-        use_quant_conv: false,
-        in_channels: 3,
-        scaling_factor: None,
-        shift_factor: None,
-        sample_size: size.0.max(size.1),
-        out_channels: 3,
-    };
+    let config = small_config(args.vae_channels.clone(), size.0.max(size.1));
     let settings = AutoencoderSettings { lr: args.vae_lr, seed: args.seed, ..AutoencoderSettings::default() };
     let mut trainer = AutoencoderTrainer::new(config, settings, device)?;
     let data = Dataset::new(args.seed ^ 0xae, size.0, size.1, Split::Train)?;
