@@ -104,7 +104,10 @@ const TILE_OVERLAP: f64 = 0.25;
 const NORM_EPS: f64 = 1e-6;
 
 /// A stride-1 convolution with "same" padding (1×1 or 3×3), computed as
-/// im2col (shifted copies of the padded input) and one product per sample.
+/// im2col (shifted copies of the padded input) and one product over the
+/// whole batch: the columns are laid out channels first, (c·k·k, b·h·w).
+/// Each image of a render is decoded on its own, so the batch never
+/// changes a job's pixels; training batches many images per call.
 struct Conv2d {
     /// (out, in·k·k)
     weight: Tensor,
@@ -115,11 +118,12 @@ struct Conv2d {
 impl Conv2d {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
+        let by_channel = x.transpose(0, 1)?; // (c, b, h, w)
         let columns = if self.kernel == 1 {
-            x.reshape((b, c, h * w))?
+            by_channel.contiguous()?.reshape((c, b * h * w))?
         } else {
             let pad = self.kernel / 2;
-            let padded = x.pad_with_zeros(2, pad, pad)?.pad_with_zeros(3, pad, pad)?;
+            let padded = by_channel.pad_with_zeros(2, pad, pad)?.pad_with_zeros(3, pad, pad)?;
             // Order (c, ky, kx) to match the weight's (in, k, k) flattening.
             let mut shifted = Vec::with_capacity(self.kernel * self.kernel);
             for ky in 0..self.kernel {
@@ -127,13 +131,15 @@ impl Conv2d {
                     shifted.push(padded.narrow(2, ky, h)?.narrow(3, kx, w)?);
                 }
             }
-            Tensor::stack(&shifted, 2)?.reshape((b, c * self.kernel * self.kernel, h * w))?
+            Tensor::stack(&shifted, 1)?.reshape((c * self.kernel * self.kernel, b * h * w))?
         };
-        let out = crate::mmdit::layers::matmul(
-            &self.weight.unsqueeze(0)?.broadcast_as((b, self.weight.dim(0)?, self.weight.dim(1)?))?.contiguous()?,
-            &columns,
-        )?;
-        out.broadcast_add(&self.bias.reshape((1, (), 1))?)?.reshape((b, (), h, w))
+        self.product(&columns, b, h, w)
+    }
+
+    /// weight × columns + bias, (out, b·h·w) → (b, out, h, w).
+    fn product(&self, columns: &Tensor, b: usize, h: usize, w: usize) -> candle_core::Result<Tensor> {
+        let out = self.weight.matmul(columns)?.broadcast_add(&self.bias.reshape(((), 1))?)?;
+        out.reshape(((), b, h, w))?.transpose(0, 1)?.contiguous()
     }
 
     /// The 3×3 convolution at stride 2 after one zero row and column at the
@@ -148,20 +154,16 @@ impl Conv2d {
         }
         let (ho, wo) = (h / 2, w / 2);
         // One zero row and column as the reference pads, one more that no kept window reads.
-        let padded = x.pad_with_zeros(2, 0, 2)?.pad_with_zeros(3, 0, 2)?;
+        let padded = x.transpose(0, 1)?.pad_with_zeros(2, 0, 2)?.pad_with_zeros(3, 0, 2)?;
         let mut shifted = Vec::with_capacity(9);
         for ky in 0..3 {
             for kx in 0..3 {
                 let window = padded.narrow(2, ky, 2 * ho)?.narrow(3, kx, 2 * wo)?.contiguous()?;
-                shifted.push(window.reshape((b, c, ho, 2, wo, 2))?.narrow(3, 0, 1)?.narrow(5, 0, 1)?.reshape((b, c, ho, wo))?);
+                shifted.push(window.reshape((c, b, ho, 2, wo, 2))?.narrow(3, 0, 1)?.narrow(5, 0, 1)?.reshape((c, b, ho, wo))?);
             }
         }
-        let columns = Tensor::stack(&shifted, 2)?.reshape((b, c * 9, ho * wo))?;
-        let out = crate::mmdit::layers::matmul(
-            &self.weight.unsqueeze(0)?.broadcast_as((b, self.weight.dim(0)?, self.weight.dim(1)?))?.contiguous()?,
-            &columns,
-        )?;
-        out.broadcast_add(&self.bias.reshape((1, (), 1))?)?.reshape((b, (), ho, wo))
+        let columns = Tensor::stack(&shifted, 1)?.reshape((c * 9, b * ho * wo))?;
+        self.product(&columns, b, ho, wo)
     }
 }
 
