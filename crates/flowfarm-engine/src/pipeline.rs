@@ -81,6 +81,23 @@ pub const SINGLE_FILE_CLIP_L: &str = "text_encoders.clip_l.transformer.";
 pub const SINGLE_FILE_CLIP_G: &str = "text_encoders.clip_g.transformer.";
 pub const SINGLE_FILE_T5: &str = "text_encoders.t5xxl.transformer.";
 
+/// Which encoders' features a conditioning keeps; the others are zeros, as
+/// SD3 trains with each encoder dropped on its own (and as CLIP-only
+/// rendering leaves T5 out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EncoderMask {
+    pub clip_l: bool,
+    pub clip_g: bool,
+    pub t5: bool,
+}
+
+impl EncoderMask {
+    /// Every encoder, T5 as `use_t5` says.
+    pub fn all(use_t5: bool) -> Self {
+        EncoderMask { clip_l: true, clip_g: true, t5: use_t5 }
+    }
+}
+
 /// How many times each encoder actually ran (cache misses included, hits not).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EncodeCounts {
@@ -164,14 +181,32 @@ impl TextEncoders {
     /// # Errors
     /// [`EngineError::Input`] when the widths cannot be assembled, tokenizer errors.
     pub fn encode(&self, prompt: &str, use_t5: bool, joint_width: usize, device: &Device) -> Result<Conditioning, EngineError> {
+        self.encode_masked(prompt, EncoderMask::all(use_t5), joint_width, device)
+    }
+
+    /// [`TextEncoders::encode`] with the encoders `mask` leaves out as
+    /// zeros (their sequence and pooled features alike, at the shapes the
+    /// encoder gives, so a dropped CLIP still runs; a dropped T5 does not).
+    ///
+    /// # Errors
+    /// As [`TextEncoders::encode`].
+    pub fn encode_masked(&self, prompt: &str, mask: EncoderMask, joint_width: usize, device: &Device) -> Result<Conditioning, EngineError> {
         let cache = self.cache.as_deref();
+        let use_t5 = mask.t5;
         let clip = |part: &Part<ClipTextEncoder>| {
             part.run(prompt, self.dtype, cache, device, |e, ids| {
                 let out = e.encode(ids)?;
                 Ok(vec![out.penultimate.to_dtype(DType::F32)?, out.pooled])
             })
         };
-        let (l, g) = (clip(&self.clip_l)?, clip(&self.clip_g)?);
+        let kept = |part: &Part<ClipTextEncoder>, keep: bool| -> Result<Vec<Tensor>, EngineError> {
+            let features = clip(part)?;
+            if keep {
+                return Ok(features);
+            }
+            features.iter().map(|t| Ok(t.zeros_like()?)).collect()
+        };
+        let (l, g) = (kept(&self.clip_l, mask.clip_l)?, kept(&self.clip_g, mask.clip_g)?);
         let clip = Tensor::cat(&[&l[0], &g[0]], 2)?;
         let t5 = match (&self.t5, use_t5) {
             (Some(part), true) => part.run(prompt, self.dtype, cache, device, |e, ids| Ok(vec![e.encode(ids)?]))?.remove(0),

@@ -102,3 +102,47 @@ fn equal_prompts_are_encoded_once_per_encoder() {
     let diff = (&again.context - &out[0].context).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
     assert_eq!(diff, 0.0);
 }
+
+/// Each encoder dropped on its own leaves zeros exactly where its features
+/// go (CLIP-L's and CLIP-G's columns of the first 77 tokens and of the
+/// pooled vector; T5's tokens) and the rest as the full encoding has them.
+#[test]
+fn a_dropped_encoder_leaves_zeros_where_its_features_go() {
+    use flowfarm_engine::pipeline::{EncoderMask, TextEncoders};
+    let encoders = TextEncoders::open(&bundled_model(), 16, DType::F32, &Device::Cpu).unwrap();
+    let width = 48;
+    let full = encoders.encode("a red circle on the left on a green background", true, width, &Device::Cpu).unwrap();
+    let all =
+        encoders.encode_masked("a red circle on the left on a green background", EncoderMask::all(true), width, &Device::Cpu).unwrap();
+    let same =
+        |a: &Tensor, b: &Tensor| a.flatten_all().unwrap().to_vec1::<f32>().unwrap() == b.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert!(same(&full.context, &all.context) && same(&full.pooled, &all.pooled), "every encoder kept is `encode`");
+    // The two CLIPs' widths, from the pooled vector's halves (CLIP-L's projection first).
+    let l_only = encoders
+        .encode_masked(
+            "a red circle on the left on a green background",
+            EncoderMask { clip_l: true, clip_g: false, t5: true },
+            width,
+            &Device::Cpu,
+        )
+        .unwrap();
+    let pooled_l = l_only.pooled.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let pooled_full = full.pooled.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let kept = pooled_l.iter().zip(&pooled_full).take_while(|(a, b)| a == b).count();
+    assert!(kept > 0 && pooled_l[kept..].iter().all(|&v| v == 0.0), "CLIP-G's pooled half is zeros, CLIP-L's as encoded");
+    let none = encoders
+        .encode_masked(
+            "a red circle on the left on a green background",
+            EncoderMask { clip_l: false, clip_g: false, t5: false },
+            width,
+            &Device::Cpu,
+        )
+        .unwrap();
+    assert!(none.context.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() == 0.0);
+    assert!(none.pooled.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() == 0.0);
+    // T5 alone dropped: the first 77 tokens as encoded, the T5 tokens zeros.
+    let no_t5 =
+        encoders.encode_masked("a red circle on the left on a green background", EncoderMask::all(false), width, &Device::Cpu).unwrap();
+    assert!(same(&no_t5.context.narrow(1, 0, 77).unwrap(), &full.context.narrow(1, 0, 77).unwrap()));
+    assert!(no_t5.context.narrow(1, 77, 16).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() == 0.0);
+}

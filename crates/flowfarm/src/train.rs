@@ -6,8 +6,8 @@
 //! scheduler of `--base` are copied; a small AutoencoderKL is trained on
 //! the scenes first (`vae/`, its latent format measured); then the MM-DiT
 //! is trained from scratch on that VAE's latents (`transformer/`, the EMA
-//! weights), with whole-prompt dropout for guidance and T5 dropout for
-//! CLIP-only rendering. `training/` holds what `--resume` continues.
+//! weights), with whole-prompt dropout for guidance and each text encoder
+//! dropped on its own (the paper's 46.3 %), which CLIP-only rendering needs. `training/` holds what `--resume` continues.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,7 +16,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use flowfarm_engine::device::open_device;
-use flowfarm_engine::pipeline::{TextEncoders, DEFAULT_T5_LENGTH};
+use flowfarm_engine::pipeline::{EncoderMask, TextEncoders, DEFAULT_T5_LENGTH};
 use flowfarm_engine::vae::Vae;
 use flowfarm_engine::Checkpoint;
 use flowfarm_scenes::{Dataset, Split};
@@ -61,10 +61,11 @@ pub struct TrainArgs {
     /// classifier-free guidance contrasts with).
     #[arg(long, default_value_t = 0.1)]
     text_dropout: f64,
-    /// Probability of leaving T5 out of a sample's conditioning (so CLIP-only
-    /// rendering works).
-    #[arg(long, default_value_t = 0.3)]
-    t5_dropout: f64,
+    /// Probability of leaving each text encoder (CLIP-L, CLIP-G, T5) out of
+    /// a sample's conditioning, each on its own, as zeros: the paper's 46.3 %.
+    /// Leaving T5 out is what CLIP-only rendering does.
+    #[arg(long, default_value_t = 0.463)]
+    encoder_dropout: f64,
     /// Decay of the weights' moving average, which is what the model serves.
     #[arg(long, default_value_t = 0.999)]
     ema: f64,
@@ -121,7 +122,7 @@ fn parse_size(text: &str) -> Result<(usize, usize)> {
 pub fn run(args: TrainArgs) -> Result<()> {
     let buckets = args.sizes.iter().map(|s| parse_size(s)).collect::<Result<Vec<_>>>()?;
     TimestepSampler::parse(&args.sampler).map_err(|e| anyhow::anyhow!("--sampler: {e}"))?;
-    for (name, p) in [("--text-dropout", args.text_dropout), ("--t5-dropout", args.t5_dropout)] {
+    for (name, p) in [("--text-dropout", args.text_dropout), ("--encoder-dropout", args.encoder_dropout)] {
         if !(0.0..1.0).contains(&p) {
             bail!("{name} {p} is outside [0, 1)");
         }
@@ -201,8 +202,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         let mut pooled = Vec::with_capacity(items.len());
         for item in &items {
             let prompt = if rng.gen_bool(args.text_dropout) { "" } else { item.caption.as_str() };
-            let use_t5 = !rng.gen_bool(args.t5_dropout);
-            let (c, p) = conditioning.get(prompt, use_t5)?;
+            let mut keep = || !rng.gen_bool(args.encoder_dropout);
+            let mask = EncoderMask { clip_l: keep(), clip_g: keep(), t5: keep() };
+            let (c, p) = conditioning.get(prompt, mask)?;
             contexts.push(c);
             pooled.push(p);
         }
@@ -356,12 +358,12 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Each (prompt, T5 or not) encoded once.
+/// Each (prompt, encoders kept) encoded once.
 struct ConditioningCache<'a> {
     encoders: &'a TextEncoders,
     width: usize,
     device: Device,
-    done: HashMap<(String, bool), (Tensor, Tensor)>,
+    done: HashMap<(String, [bool; 3]), (Tensor, Tensor)>,
 }
 
 impl<'a> ConditioningCache<'a> {
@@ -369,12 +371,12 @@ impl<'a> ConditioningCache<'a> {
         ConditioningCache { encoders, width, device: device.clone(), done: HashMap::new() }
     }
 
-    fn get(&mut self, prompt: &str, use_t5: bool) -> Result<(Tensor, Tensor)> {
-        let key = (prompt.to_owned(), use_t5);
+    fn get(&mut self, prompt: &str, mask: EncoderMask) -> Result<(Tensor, Tensor)> {
+        let key = (prompt.to_owned(), [mask.clip_l, mask.clip_g, mask.t5]);
         if let Some(found) = self.done.get(&key) {
             return Ok(found.clone());
         }
-        let c = self.encoders.encode(prompt, use_t5, self.width, &self.device)?;
+        let c = self.encoders.encode_masked(prompt, mask, self.width, &self.device)?;
         let pair = (c.context.detach(), c.pooled.detach());
         self.done.insert(key, pair.clone());
         Ok(pair)
