@@ -247,6 +247,36 @@ impl TextEncoders {
     }
 }
 
+/// Runs `run` on the items whose preparation succeeded (with each one's
+/// index in `prepared`) and puts its outcomes back in their items' places;
+/// the others keep the error they were prepared with. A batch where some
+/// jobs cannot start renders the rest.
+///
+/// # Errors
+/// What `run` says ends every item.
+pub fn run_prepared<T, U>(
+    prepared: Vec<Result<T, EngineError>>,
+    run: impl FnOnce(Vec<T>, &[usize]) -> Result<Vec<Result<U, EngineError>>, EngineError>,
+) -> Result<Vec<Result<U, EngineError>>, EngineError> {
+    let mut outcomes: Vec<Option<Result<U, EngineError>>> = Vec::with_capacity(prepared.len());
+    let (mut places, mut items) = (Vec::new(), Vec::new());
+    for (i, item) in prepared.into_iter().enumerate() {
+        match item {
+            Ok(item) => {
+                places.push(i);
+                items.push(item);
+                outcomes.push(None);
+            }
+            Err(e) => outcomes.push(Some(Err(e))),
+        }
+    }
+    let done = run(items, &places)?;
+    for (&i, outcome) in places.iter().zip(done) {
+        outcomes[i] = Some(outcome);
+    }
+    Ok(outcomes.into_iter().map(|o| o.unwrap_or_else(|| Err(EngineError::Input("no outcome for this item".into())))).collect())
+}
+
 /// What to render.
 #[derive(Debug, Clone)]
 pub struct RenderRequest {
@@ -533,27 +563,21 @@ impl Pipeline {
             }
         };
         let Some(first) = requests.first() else { return Ok(Vec::new()) };
-        let mut outcomes: Vec<Result<Option<SampleJob>, EngineError>> =
-            requests.iter().map(|request| self.sample_job(request, first.initial_latent.dims()).map(Some)).collect();
-        // The requests that sample, and where each one's outcome goes.
-        let sampling: Vec<usize> = (0..requests.len()).filter(|&i| matches!(outcomes[i], Ok(Some(_)))).collect();
-        let jobs: Vec<SampleJob> = sampling.iter().filter_map(|&i| outcomes[i].as_mut().ok().and_then(Option::take)).collect();
+        let prepared = requests.iter().map(|request| self.sample_job(request, first.initial_latent.dims())).collect();
         let scale = self.vae.scale_factor();
         let patch = self.transformer.config().patch_size;
-        let latents = sample_batch(replicas, &jobs, None, &mut |job, step, steps| on_step(sampling[job], step, steps)).map_err(|e| {
-            match e {
-                // The transformer alone assumes SD3's VAE (8 pixels a latent cell); this model's may differ.
-                EngineError::TooLarge { height, width, h_patches, w_patches, max, .. } => {
-                    EngineError::TooLarge { height, width, h_patches, w_patches, max, max_px: max * patch * scale }
+        run_prepared(prepared, |jobs, places| {
+            let latents = sample_batch(replicas, &jobs, None, &mut |job, step, steps| on_step(places[job], step, steps)).map_err(|e| {
+                match e {
+                    // The transformer alone assumes SD3's VAE (8 pixels a latent cell); this model's may differ.
+                    EngineError::TooLarge { height, width, h_patches, w_patches, max, .. } => {
+                        EngineError::TooLarge { height, width, h_patches, w_patches, max, max_px: max * patch * scale }
+                    }
+                    other => other,
                 }
-                other => other,
-            }
-        })?;
-        let mut rendered: Vec<Option<Result<Rendered, EngineError>>> = outcomes.into_iter().map(|o| o.err().map(Err)).collect();
-        for (&i, latent) in sampling.iter().zip(latents) {
-            rendered[i] = Some(latent.and_then(|latent| self.decode(&requests[i], latent)));
-        }
-        Ok(rendered.into_iter().map(|r| r.unwrap_or_else(|| Err(EngineError::Input("the request was not sampled".into())))).collect())
+            })?;
+            Ok(places.iter().zip(latents).map(|(&i, latent)| latent.and_then(|latent| self.decode(&requests[i], latent))).collect())
+        })
     }
 
     /// A request's sampler input: its prompts' conditioning on this

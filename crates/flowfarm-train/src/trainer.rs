@@ -208,7 +208,8 @@ impl Trainer {
     /// # Errors
     /// [`TrainError::Io`] and the engine's write errors.
     pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
-        flowfarm_engine::checkpoint::write_diffusers(self.params.config(), &self.ema_weights()?, dir)?;
+        let served = self.ema_weights()?;
+        flowfarm_engine::checkpoint::write_diffusers(self.params.config(), &served, dir)?;
         let training = dir.join("training");
         std::fs::create_dir_all(&training).map_err(|source| TrainError::Io { path: training.display().to_string(), source })?;
         let mut state: HashMap<String, Tensor> = HashMap::new();
@@ -221,8 +222,7 @@ impl Trainer {
         for (name, tensor) in self.ema.state() {
             state.insert(format!("ema.{name}"), tensor.clone());
         }
-        let snapshot = self.params.snapshot()?;
-        if let Some(grid) = snapshot.get(POSITION_GRID) {
+        if let Some(grid) = served.get(POSITION_GRID) {
             state.insert(format!("frozen.{POSITION_GRID}"), grid.clone());
         }
         let path = training.join("state.safetensors");

@@ -6,7 +6,7 @@ use candle_core::{DType, Device};
 use flowfarm_core::{ResolvedJob, TextEncoderSet};
 use flowfarm_engine::cache::EmbeddingCache;
 use flowfarm_engine::noise::initial_latent;
-use flowfarm_engine::pipeline::{Loading, Pipeline, RenderRequest, Split, VaeTiling};
+use flowfarm_engine::pipeline::{run_prepared, Loading, Pipeline, RenderRequest, Rendered, Split, VaeTiling};
 use flowfarm_engine::png_output::{encode, RenderParameters};
 use flowfarm_engine::sampler::Replica;
 use flowfarm_engine::stages::BlockPipeline;
@@ -191,27 +191,24 @@ impl JobRenderer {
         jobs: &[ResolvedJob],
         on_step: &mut dyn FnMut(usize, usize, usize) -> bool,
     ) -> Result<Vec<Result<Vec<u8>, EngineError>>, EngineError> {
-        let mut outcomes: Vec<Result<Option<RenderRequest>, EngineError>> = jobs.iter().map(|job| self.request(job).map(Some)).collect();
-        let rendering: Vec<usize> = (0..jobs.len()).filter(|&i| matches!(outcomes[i], Ok(Some(_)))).collect();
-        let requests: Vec<RenderRequest> = rendering.iter().filter_map(|&i| outcomes[i].as_mut().ok().and_then(Option::take)).collect();
-        let mut on_step = |job: usize, step, total| on_step(rendering[job], step, total);
-        let rendered = match &self.split {
-            Splitting::Cfg(partner) => {
-                let _turn = partner.one_at_a_time.lock().unwrap_or_else(|p| p.into_inner());
-                let uncond = Replica { model: &partner.model, threads: partner.threads[1].as_ref() };
-                self.pipeline.render_batch(&requests, Split::Cfg { threads: partner.threads[0].as_ref(), uncond }, &mut on_step)?
-            }
-            Splitting::Blocks(blocks) => self.pipeline.render_batch(&requests, Split::Blocks(blocks), &mut on_step)?,
-            Splitting::One => self.pipeline.render_batch(&requests, Split::One, &mut on_step)?,
-        };
-        let mut pngs: Vec<Option<Result<Vec<u8>, EngineError>>> = outcomes.into_iter().map(|o| o.err().map(Err)).collect();
-        for (&i, rendered) in rendering.iter().zip(rendered) {
-            pngs[i] = Some(rendered.and_then(|rendered| {
+        let prepared = jobs.iter().map(|job| self.request(job)).collect();
+        run_prepared(prepared, |requests, places| {
+            let mut on_step = |job: usize, step, total| on_step(places[job], step, total);
+            let rendered = match &self.split {
+                Splitting::Cfg(partner) => {
+                    let _turn = partner.one_at_a_time.lock().unwrap_or_else(|p| p.into_inner());
+                    let uncond = Replica { model: &partner.model, threads: partner.threads[1].as_ref() };
+                    self.pipeline.render_batch(&requests, Split::Cfg { threads: partner.threads[0].as_ref(), uncond }, &mut on_step)?
+                }
+                Splitting::Blocks(blocks) => self.pipeline.render_batch(&requests, Split::Blocks(blocks), &mut on_step)?,
+                Splitting::One => self.pipeline.render_batch(&requests, Split::One, &mut on_step)?,
+            };
+            let png = |i: usize, rendered: Rendered| {
                 let parameters = parameters(&jobs[i], self.pipeline.identity.short(), rendered.decoding);
                 encode(rendered.width as u32, rendered.height as u32, &rendered.rgb, &parameters)
-            }));
-        }
-        Ok(pngs.into_iter().map(|p| p.unwrap_or_else(|| Err(EngineError::Input("the job was not rendered".into())))).collect())
+            };
+            Ok(places.iter().zip(rendered).map(|(&i, rendered)| rendered.and_then(|r| png(i, r))).collect())
+        })
     }
 
     /// What the engine renders for `job`: its size and encoders checked
